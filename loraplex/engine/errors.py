@@ -1,0 +1,39 @@
+"""Exceptions a request can raise before it reaches the step loop; the HTTP layer maps them to 4xx."""
+
+
+class RequestError(ValueError):
+    """Bad input from a client. `status` is the HTTP status it maps to; `param` names the field."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLongError(RequestError):
+    status = 413
+    code = "context_length_exceeded"
+
+
+class UnknownAdapterError(RequestError):
+    status = 404
+    code = "model_not_found"
+
+
+class AdapterUnavailableError(RequestError):
+    """The adapter exists but failed to load; retrying will not help until it is fixed."""
+
+    status = 424
+    code = "adapter_failed"
+
+
+class QueueFullError(RequestError):
+    status = 429
+    code = "queue_full"
+
+
+class EngineNotReadyError(RequestError):
+    status = 503
+    code = "not_ready"

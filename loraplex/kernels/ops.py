@@ -1,0 +1,81 @@
+"""Kernel dispatch: one place decides, per device, which implementation the model calls.
+
+- CPU: the torch references (importing this module never imports triton).
+- CUDA: the Triton kernels where they exist (add_lora, paged decode attention); write_kv and
+  prefill attention stay torch (see docs/kernels.md). If triton does not import, the torch
+  references, with a warning.
+- `LORAPLEX_KERNELS=torch` forces the references everywhere. `LORAPLEX_KERNELS=triton` forces
+  Triton; on a CPU device that means Triton's interpreter, so TRITON_INTERPRET=1 is set for the
+  process if it is unset (it must be set before the kernels are defined), for tests.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from loraplex.kernels import attention_ref, lora_ref
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    add_lora: Callable
+    write_kv: Callable
+    paged_decode_attention: Callable
+    paged_prefill_attention: Callable
+
+
+TORCH_OPS = KernelOps(
+    name="torch",
+    add_lora=lora_ref.add_lora_ref,
+    write_kv=attention_ref.write_kv_ref,
+    paged_decode_attention=attention_ref.paged_decode_attention_ref,
+    paged_prefill_attention=attention_ref.paged_prefill_attention_ref,
+)
+
+_triton_ops_cache: KernelOps | None = None
+
+
+def _triton_ops(device_type: str) -> KernelOps:
+    global _triton_ops_cache
+    if device_type == "cpu":
+        # Triton runs CPU tensors only in its interpreter, chosen when a kernel is defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Imported lazily: importing triton is slow and, without a GPU, needs the interpreter.
+    from loraplex.kernels import triton_attention, triton_lora
+
+    if device_type == "cpu" and type(triton_lora._lora_shrink_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("LORAPLEX_KERNELS=triton on a CPU device needs TRITON_INTERPRET=1 before the "
+                           "Triton kernels are first imported (they were compiled for a GPU)")
+    if _triton_ops_cache is None:
+        _triton_ops_cache = KernelOps(
+            name="triton",
+            add_lora=triton_lora.add_lora_triton,
+            # Two index_copy_ calls: already one memory-bound scatter kernel each on CUDA.
+            write_kv=attention_ref.write_kv_ref,
+            paged_decode_attention=triton_attention.paged_decode_attention_triton,
+            # Per-sequence gather + SDPA (flash/mem-efficient backends on CUDA); no Triton yet.
+            paged_prefill_attention=attention_ref.paged_prefill_attention_ref,
+        )
+    return _triton_ops_cache
+
+
+def get_kernel_ops(device: torch.device | str) -> KernelOps:
+    choice = os.environ.get("LORAPLEX_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"LORAPLEX_KERNELS must be auto, torch or triton, not {choice!r}")
+    device_type = torch.device(device).type
+    if choice == "triton":
+        return _triton_ops(device_type)
+    if choice == "auto" and device_type == "cuda":
+        try:
+            return _triton_ops(device_type)
+        except ImportError as e:  # triton missing or broken: stay correct, lose speed
+            log.warning("triton unavailable (%s); using the torch kernels on CUDA", e)
+    return TORCH_OPS

@@ -1,0 +1,48 @@
+"""Operator tunables, read from the environment (the Helm chart sets them; tests shrink them)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+def _env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from e
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    # Level-triggered resync of every object even when no event arrives.
+    resync_interval: float = 30.0
+    # Poll interval while some pod reports `loading` for an adapter.
+    poll_interval: float = 2.0
+    # Retries of a failing adapter per pod: backoff = min(base * 2**(n-1), max).
+    backoff_base: float = 2.0
+    backoff_max: float = 120.0
+    max_failures: int = 5
+    # Engine HTTP timeouts (seconds).
+    engine_timeout: float = 30.0
+    engine_connect_timeout: float = 3.0
+    # Deletion of a LoraAdapter: unload attempts before giving up on unreachable pods.
+    unload_attempts: int = 3
+    unload_retry_delay: float = 5.0
+    # Autoscaling timer interval.
+    autoscale_interval: float = 15.0
+
+    @classmethod
+    def from_env(cls) -> "OperatorConfig":
+        values = {}
+        for f in fields(cls):
+            env = "LORAPLEX_" + f.name.upper()
+            default = getattr(cls, f.name)
+            v = _env(env, float(default))
+            values[f.name] = int(v) if isinstance(default, int) else v
+        cfg = cls(**values)
+        if cfg.max_failures < 1 or cfg.unload_attempts < 1:
+            raise ValueError("LORAPLEX_MAX_FAILURES and LORAPLEX_UNLOAD_ATTEMPTS must be >= 1")
+        return cfg

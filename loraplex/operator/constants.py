@@ -1,0 +1,66 @@
+"""Names shared by the operator's modules, the CRDs and the Helm chart."""
+from __future__ import annotations
+
+GROUP = "loraplex.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+BMD_PLURAL = "basemodeldeployments"
+BMD_KIND = "BaseModelDeployment"
+LORA_PLURAL = "loraadapters"
+LORA_KIND = "LoraAdapter"
+
+FIELD_MANAGER = "loraplex-operator"
+FINALIZER = "loraplex.dev/operator"
+
+# Labels the operator puts on everything it renders; the engine pods are selected by
+# SELECTOR_LABELS (a Deployment's selector is immutable, so it holds only stable keys).
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_BASE = "loraplex.dev/base-model"
+ENGINE_APP = "loraplex-engine"
+MANAGED_BY = "loraplex-operator"
+
+# Annotations on the objects the operator owns (never on the user's custom resources).
+ANN_LAST_APPLIED = "loraplex.dev/last-applied"
+ANN_SPEC_HASH = "loraplex.dev/spec-hash"
+
+# Inside the engine pod.
+ENGINE_CONTAINER = "engine"
+ENGINE_PORT_NAME = "http"
+DEFAULT_ENGINE_PORT = 8080
+DEFAULT_ENGINE_IMAGE = "ghcr.io/loraplex/loraplex-engine:0.1.0"
+MANIFEST_KEY = "adapters.json"
+MANIFEST_DIR = "/etc/loraplex/adapters"
+MANIFEST_PATH = f"{MANIFEST_DIR}/{MANIFEST_KEY}"
+CACHE_DIR = "/var/cache/loraplex"
+
+# Adapter states reported by the engine (loraplex.manifest.AdapterState) plus one of the
+# operator's own: `unreachable` (the pod is Ready for Kubernetes but its engine did not answer).
+SERVABLE_STATES = frozenset({"registered", "host", "device"})
+STATE_LOADING = "loading"
+STATE_FAILED = "failed"
+STATE_UNREACHABLE = "unreachable"
+
+
+def configmap_name(base: str) -> str:
+    return f"{base}-adapters"
+
+
+def selector_labels(base: str) -> dict[str, str]:
+    return {LABEL_NAME: ENGINE_APP, LABEL_BASE: base}
+
+
+def common_labels(base: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: ENGINE_APP,
+        LABEL_INSTANCE: base,
+        LABEL_COMPONENT: "engine",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_BASE: base,
+    }
+
+
+def selector_string(base: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(base).items()))

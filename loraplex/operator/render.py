@@ -1,0 +1,242 @@
+"""Desired objects from a BaseModelDeployment: pure functions, no I/O.
+
+Everything the operator creates for a base carries the same labels (constants.common_labels) and
+an ownerReference to the BaseModelDeployment (controller=true), so that deleting the base lets the
+garbage collector remove the Deployment, Service, Ingress and the adapters ConfigMap.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from loraplex.manifest import AdapterManifest, dump_manifest_list
+
+from . import constants as C
+
+# The defaults, mirrored from the CRD's OpenAPI `default:` values (a unit test keeps the two
+# equal). They are applied here too because the operator must behave the same when the API
+# server did not default a field (an object created before a CRD upgrade, an emulator).
+BMD_DEFAULTS: dict[str, Any] = {
+    "model": {"dtype": "auto"},
+    "engine": {
+        "image": C.DEFAULT_ENGINE_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "port": C.DEFAULT_ENGINE_PORT,
+    },
+    "replicas": 1,
+    "autoscaling": {
+        "enabled": False,
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "metric": "num_requests_running",
+        "target": 8,
+        "scaleUpStabilizationSeconds": 0,
+        "scaleDownStabilizationSeconds": 300,
+    },
+    "service": {"type": "ClusterIP", "port": 80},
+    "ingress": {"enabled": False, "path": "/"},
+}
+
+
+def _fill(defaults: dict, value: dict) -> dict:
+    out = copy.deepcopy(value)
+    for k, d in defaults.items():
+        if k not in out or out[k] is None:
+            out[k] = copy.deepcopy(d)
+        elif isinstance(d, dict) and isinstance(out[k], dict):
+            out[k] = _fill(d, out[k])
+    return out
+
+
+def with_defaults(spec: dict | None) -> dict:
+    return _fill(BMD_DEFAULTS, dict(spec or {}))
+
+
+def owner_reference(bmd: dict) -> dict:
+    meta = bmd["metadata"]
+    return {
+        "apiVersion": C.API_VERSION,
+        "kind": C.BMD_KIND,
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(bmd: dict, name: str) -> dict:
+    meta = bmd["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": C.common_labels(meta["name"]),
+        "ownerReferences": [owner_reference(bmd)],
+    }
+
+
+# --- ConfigMap ---------------------------------------------------------------------------------
+
+def render_configmap(bmd: dict, manifests: list[AdapterManifest]) -> dict:
+    """The `<base>-adapters` ConfigMap: the manifest list the engine reads and watches."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(bmd, C.configmap_name(bmd["metadata"]["name"])),
+        "data": {C.MANIFEST_KEY: dump_manifest_list(manifests)},
+    }
+
+
+# --- Deployment --------------------------------------------------------------------------------
+
+def engine_args(spec: dict) -> list[str]:
+    """The `loraplex-engine` command line (flag names from ARCHITECTURE.md's engine CLI)."""
+    spec = with_defaults(spec)
+    model, engine = spec["model"], spec["engine"]
+    args = ["--model-id", str(model["id"])]
+    if model.get("revision"):
+        args += ["--revision", str(model["revision"])]
+    args += ["--dtype", str(model["dtype"])]
+    args += ["--host", "0.0.0.0", "--port", str(engine["port"]), "--device", "auto"]
+    for key, flag in (("maxActiveAdapters", "--max-active-adapters"),
+                      ("maxCpuAdapters", "--max-cpu-adapters"),
+                      ("maxLoraRank", "--max-lora-rank")):
+        if engine.get(key) is not None:
+            args += [flag, str(engine[key])]
+    args += ["--adapter-manifest-file", C.MANIFEST_PATH,
+             "--adapter-cache-dir", f"{C.CACHE_DIR}/adapters"]
+    args += [str(a) for a in engine.get("args") or []]
+    return args
+
+
+def _engine_env(engine: dict) -> list[dict]:
+    env = [{"name": "HF_HOME", "value": f"{C.CACHE_DIR}/hf"}]
+    user = list(engine.get("env") or [])
+    names = {e.get("name") for e in user}
+    return [e for e in env if e["name"] not in names] + user
+
+
+def render_deployment(bmd: dict, replicas: int) -> dict:
+    name = bmd["metadata"]["name"]
+    spec = with_defaults(bmd.get("spec"))
+    engine = spec["engine"]
+    port = int(engine["port"])
+    http_get = lambda path: {"path": path, "port": C.ENGINE_PORT_NAME}  # noqa: E731
+    container = {
+        "name": C.ENGINE_CONTAINER,
+        "image": engine["image"],
+        "imagePullPolicy": engine["imagePullPolicy"],
+        "command": ["loraplex-engine"],
+        "args": engine_args(spec),
+        "ports": [{"name": C.ENGINE_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "env": _engine_env(engine),
+        "resources": copy.deepcopy(engine.get("resources") or {}),
+        # A model download can take long: the startup probe holds off liveness until the
+        # process serves; readiness follows /ready (model loaded, preload adapters resident).
+        "startupProbe": {"httpGet": http_get("/health"), "periodSeconds": 10, "failureThreshold": 180},
+        "livenessProbe": {"httpGet": http_get("/health"), "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": http_get("/ready"), "periodSeconds": 5, "failureThreshold": 3},
+        "volumeMounts": [
+            {"name": "adapters-manifest", "mountPath": C.MANIFEST_DIR, "readOnly": True},
+            {"name": "cache", "mountPath": C.CACHE_DIR},
+        ] + list(engine.get("volumeMounts") or []),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [
+            {"name": "adapters-manifest", "configMap": {"name": C.configmap_name(name)}},
+            {"name": "cache", "emptyDir": {}},
+        ] + list(engine.get("volumes") or []),
+    }
+    if engine.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(engine["nodeSelector"])
+    if engine.get("tolerations"):
+        pod_spec["tolerations"] = list(engine["tolerations"])
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(bmd, name),
+        "spec": {
+            "replicas": int(replicas),
+            "selector": {"matchLabels": C.selector_labels(name)},
+            "template": {
+                "metadata": {"labels": C.common_labels(name)},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def deployment_replicas(spec: dict, observed: int | None) -> int:
+    """Replicas to render: the spec's, or under autoscaling the autoscaler's (the observed
+    Deployment's), held inside [minReplicas, maxReplicas]."""
+    spec = with_defaults(spec)
+    auto = spec["autoscaling"]
+    if not auto["enabled"]:
+        return int(spec["replicas"])
+    lo, hi = int(auto["minReplicas"]), int(auto["maxReplicas"])
+    start = observed if observed is not None else int(spec["replicas"])
+    return max(lo, min(hi, int(start)))
+
+
+# --- Service and Ingress -----------------------------------------------------------------------
+
+def render_service(bmd: dict) -> dict:
+    name = bmd["metadata"]["name"]
+    svc = with_defaults(bmd.get("spec"))["service"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(bmd, name),
+        "spec": {
+            "type": svc["type"],
+            "selector": C.selector_labels(name),
+            "ports": [{"name": "http", "port": int(svc["port"]), "targetPort": C.ENGINE_PORT_NAME,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def render_ingress(bmd: dict) -> dict | None:
+    name = bmd["metadata"]["name"]
+    spec = with_defaults(bmd.get("spec"))
+    ing = spec["ingress"]
+    if not ing.get("enabled"):
+        return None
+    if not ing.get("host"):
+        raise ValueError("spec.ingress.host is required when the ingress is enabled")
+    body: dict[str, Any] = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": _metadata(bmd, name),
+        "spec": {
+            "rules": [{
+                "host": ing["host"],
+                "http": {"paths": [{
+                    "path": ing.get("path") or "/",
+                    "pathType": "Prefix",
+                    "backend": {"service": {"name": name, "port": {"number": int(spec["service"]["port"])}}},
+                }]},
+            }],
+        },
+    }
+    if ing.get("className"):
+        body["spec"]["ingressClassName"] = ing["className"]
+    if (ing.get("tls") or {}).get("secretName"):
+        body["spec"]["tls"] = [{"hosts": [ing["host"]], "secretName": ing["tls"]["secretName"]}]
+    if ing.get("annotations"):
+        body["metadata"]["annotations"] = dict(ing["annotations"])
+    return body
+
+
+def endpoint(bmd: dict) -> str:
+    """Where tenants reach the base: the Ingress host when there is one, else the Service."""
+    meta = bmd["metadata"]
+    spec = with_defaults(bmd.get("spec"))
+    ing = spec["ingress"]
+    if ing.get("enabled") and ing.get("host"):
+        scheme = "https" if (ing.get("tls") or {}).get("secretName") else "http"
+        return f"{scheme}://{ing['host']}"
+    port = int(spec["service"]["port"])
+    host = f"{meta['name']}.{meta['namespace']}.svc"
+    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+

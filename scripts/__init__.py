@@ -1,0 +1,1 @@
+"""Developer scripts (demo assets for `make serve`). Not part of the installed `loraplex` package."""
