@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from tests.support.tiny import make_tiny_checkpoint
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    paths = {f: str(make_tiny_checkpoint(root / f, f)) for f in FAMILIES}
+    paths["llama-sharded"] = str(make_tiny_checkpoint(root / "llama-sharded", "llama", max_shard_size="50KB"))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def hf_models(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = AutoModelForCausalLM.from_pretrained(tiny_models[name], dtype=torch.float32).eval()
+        return cache[name]
+
+    return get
+
+
+def make_engine(model_dir: str, **overrides) -> LLMEngine:
+    cfg = dict(model_id=model_dir, device="cpu", num_kv_blocks=256, max_num_batched_tokens=256, max_num_seqs=16,
+               max_active_adapters=4, max_lora_rank=16)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+def hf_greedy(hf, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+PROMPTS = [
+    "The quick brown fox",
+    "Paris is the capital of France. Berlin is",
+    "LoRA adapters share one base model; the KV cache is paged in blocks. Continuous batching admits new requests",
+    "0123456789",
+    "Continuous",
+]
