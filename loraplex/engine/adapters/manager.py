@@ -39,6 +39,7 @@ class AdapterEntry:
     loading: bool = False
     message: str | None = None  # why the last load failed
     removed: bool = False  # unregistered while pinned: its slot frees when the last user leaves
+    wanted: bool = False  # a request waits for it: keep its host copy until it gets a slot
     load_seconds: float | None = None
 
     @property
@@ -199,6 +200,7 @@ class AdapterManager:
         with self.lock:
             entry = self.entries.get(name)
             if entry is not None:
+                entry.wanted = True
                 self._start_load(entry)
 
     def _start_load(self, entry: AdapterEntry) -> None:
@@ -239,13 +241,14 @@ class AdapterManager:
 
     def _evict_host(self) -> None:
         """Keep at most max_cpu_adapters in RAM: drop the least recently used that no slot
-        holds and no preload pins. Their files stay on disk; a later request reloads them."""
+        holds, no preload pins and no waiting request wants (dropping those would make loads
+        chase each other). Their files stay on disk; a later request reloads them."""
         excess = len(self.host_lru) - self.config.max_cpu_adapters
         for name in list(self.host_lru):
             if excess <= 0:
                 break
             e = self.entries[name]
-            if e.slot is None and not e.manifest.preload:
+            if e.slot is None and not e.manifest.preload and not e.wanted:
                 e.weights = None
                 del self.host_lru[name]
                 self.counters.evict("host")
@@ -264,6 +267,7 @@ class AdapterManager:
             if entry is None or entry.removed:
                 return False
             if entry.slot is None:
+                entry.wanted = True
                 if entry.weights is None:
                     self._start_load(entry)
                     return False
@@ -300,6 +304,7 @@ class AdapterManager:
             return False
         self._write_slot(slot, entry.weights)
         self.slot_owner[slot], entry.slot = entry, slot
+        entry.wanted = False
         self.slot_lru.move_to_end(slot)
         self.counters.load("device", "ok")
         return True
