@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 from loraplex.engine.adapters.checkpoint import AdapterFormatError
@@ -78,7 +79,7 @@ def fetch_s3(uri: str, cache_dir: Path | None) -> Path:
     try:
         for name in ADAPTER_FILES:
             key = f"{prefix}/{name}" if prefix else name
-            tmp = target / f".{name}.part"
+            tmp = target / f".{name}.{uuid.uuid4().hex}.part"  # concurrent loads of one prefix
             client.download_file(bucket, key, str(tmp))
             tmp.replace(target / name)
     except (ClientError, BotoCoreError) as exc:
