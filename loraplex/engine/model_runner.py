@@ -47,7 +47,7 @@ class ModelRunner:
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start, ctx = len(input_ids), seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids()[seq.num_computed_tokens:ctx])
+            input_ids.extend(seq.token_slice(seq.num_computed_tokens, ctx))
             pos = range(seq.num_computed_tokens, ctx)
             positions.extend(pos)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)

@@ -87,6 +87,13 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids()[start:end] without copying the whole sequence (decode steps read one token)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - p)]
+
     @property
     def is_finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
