@@ -28,6 +28,38 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def ensure_interpreter_stdlib() -> None:
+    """Make Triton's own @jit library (tl.zeros, tl.sum, tl.max, ...) callable by the interpreter.
+
+    Those functions are defined when `triton` is first imported, for the interpreter only if
+    TRITON_INTERPRET=1 was already set then. torch imports triton on its own (torch._dynamo
+    does), often before a test or `LORAPLEX_KERNELS=triton` on a CPU sets the variable; the
+    interpreter then fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    This redefines them as TRITON_INTERPRET=1 at import would have. A no-op when nothing is
+    left to convert; only ever called while interpreting.
+    """
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    converted: dict[int, InterpretedFunction] = {}
+
+    def convert(owner, name, fn) -> None:
+        if id(fn) not in converted:  # one object per function: the interpreter compares by identity
+            converted[id(fn)] = InterpretedFunction(fn.fn)
+        setattr(owner, name, converted[id(fn)])
+
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is not None and (mod_name == "triton.language" or mod_name.startswith("triton.language.")):
+            for name, obj in list(vars(mod).items()):
+                if type(obj) is JITFunction:
+                    convert(mod, name, obj)
+    for name, obj in list(vars(tl.core.tensor).items()):
+        if type(obj) is JITFunction:
+            convert(tl.core.tensor, name, obj)
+
+
 def _dot_mode(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype) -> tuple[bool, str]:
     """(native 16-bit MMA?, precision of fp32 MMAs).
 
@@ -40,6 +72,10 @@ def _dot_mode(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype) -> tuple
         return False, "ieee"
     native = a.dtype == b.dtype and a.dtype in _16BIT
     return native, ("tf32" if act_dtype in _16BIT else "ieee")
+
+
+if interpreting():
+    ensure_interpreter_stdlib()
 
 
 @triton.jit
