@@ -29,7 +29,10 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending_adds = 0
+        # Adds sent but not yet taken by the loop. Two counters, each written by one thread only
+        # (a shared `+= 1` / `-= 1` from two threads can lose updates and drift for good).
+        self._adds_sent = 0  # caller (event loop) side
+        self._adds_taken = 0  # loop thread side
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
 
@@ -42,6 +45,10 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         self._thread.join(timeout=10)
         self.engine.adapters.shutdown()
+
+    @property
+    def _pending_adds(self) -> int:
+        return self._adds_sent - self._adds_taken
 
     @property
     def is_alive(self) -> bool:
@@ -61,7 +68,7 @@ class AsyncEngine:
         """Queue a validated sequence and yield its outputs until it finishes."""
         q: asyncio.Queue = asyncio.Queue()
         self._streams[seq.request_id] = (asyncio.get_running_loop(), q)
-        self._pending_adds += 1
+        self._adds_sent += 1
         self._commands.put(("add", seq))
         finished = False
         try:
@@ -120,7 +127,7 @@ class AsyncEngine:
     def _handle(self, command: tuple) -> None:
         kind, arg = command
         if kind == "add":
-            self._pending_adds -= 1
+            self._adds_taken += 1
             try:
                 self.engine.add_sequence(arg)
             except Exception as exc:

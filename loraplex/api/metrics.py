@@ -1,0 +1,155 @@
+"""Prometheus metrics (prefix `loraplex_`), one registry per app.
+
+Request metrics are observed by the routes. Engine and adapter state is read at scrape time by
+a collector: `LLMEngine.stats()` (lengths of the scheduler's queues and the block free list:
+plain reads, no mutation) and the adapter manager's counters under its lock. Adapter load
+durations are drained from the manager into a histogram at each scrape.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from loraplex.manifest import AdapterState
+
+PREFIX = "loraplex_"
+OTHER = "other"  # per-adapter label beyond the cap
+UNKNOWN = "unknown"  # the request named no servable model (404, 401, malformed body)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _EngineCollector:
+    def __init__(self, engine_getter: Callable):
+        self.engine_getter = engine_getter
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        async_engine = self.engine_getter()
+        stats = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_ratio": 0.0}
+        tiers = {s.value: 0 for s in AdapterState}
+        loads: dict = {}
+        evictions: dict = {}
+        if async_engine is not None:
+            engine = async_engine.engine
+            stats.update(engine.stats())
+            mgr = engine.adapters
+            tiers = mgr.tier_counts()
+            with mgr.lock:
+                loads = dict(mgr.counters.loads)
+                evictions = dict(mgr.counters.evictions)
+        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch",
+                                value=stats["num_requests_running"])
+        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Sequences queued, not yet running",
+                                value=stats["num_requests_waiting"])
+        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1)",
+                                value=stats["kv_cache_usage_ratio"])
+        g = GaugeMetricFamily(PREFIX + "adapters", "Registered adapters by tier (state)", labels=["tier"])
+        for tier, n in sorted(tiers.items()):
+            g.add_metric([tier], n)
+        yield g
+        c = CounterMetricFamily(PREFIX + "adapter_loads", "Adapter loads by tier and result",
+                                labels=["tier", "result"])
+        for (tier, result), n in sorted(loads.items()):
+            c.add_metric([tier, result], n)
+        yield c
+        c = CounterMetricFamily(PREFIX + "adapter_evictions", "Adapter evictions by tier evicted from",
+                                labels=["tier"])
+        for tier, n in sorted(evictions.items()):
+            c.add_metric([tier], n)
+        yield c
+
+
+class Metrics:
+    def __init__(self, engine_getter: Callable, max_adapter_labels: int = 100):
+        disable_created_metrics()  # no *_created series: they double the output and nothing reads them
+        self.engine_getter = engine_getter
+        self.max_adapter_labels = max_adapter_labels
+        self._labels: set[str] = set()
+        self.base_label: str | None = None
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(PREFIX + "requests", "Requests by model (adapter or base) and status",
+                                ["adapter", "status"], registry=r)
+        self.request_duration = Histogram(PREFIX + "request_duration_seconds", "Request latency, arrival to last token",
+                                          ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Arrival to the first generated token",
+                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Mean time between output tokens of a request",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.adapter_load_seconds = Histogram(PREFIX + "adapter_load_seconds", "Adapter fetch + parse time",
+                                              buckets=LOAD_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine_getter))
+
+    def adapter_label(self, name: str | None) -> str:
+        """The `adapter` label for a model name, cardinality-capped. The base keeps its name."""
+        if name is None:
+            return UNKNOWN
+        if name == self.base_label or name in self._labels:
+            return name
+        if len(self._labels) < self.max_adapter_labels:
+            self._labels.add(name)
+            return name
+        return OTHER
+
+    def drain_adapter_loads(self) -> None:
+        async_engine = self.engine_getter()
+        if async_engine is None:
+            return
+        mgr = async_engine.engine.adapters
+        with mgr.lock:
+            seconds = list(mgr.counters.load_seconds)
+            mgr.counters.load_seconds.clear()
+        for s in seconds:
+            self.adapter_load_seconds.observe(s)
+
+    def render(self) -> bytes:
+        self.drain_adapter_loads()
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Per-request observations; `finish` records everything once, whatever path ends the request."""
+
+    def __init__(self, metrics: Metrics, label: str):
+        self.metrics = metrics
+        self.label = label
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.done = False
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+
+    def finish(self, status: int | str) -> None:
+        if self.done:
+            return
+        self.done = True
+        m, label = self.metrics, self.label
+        m.requests.labels(label, str(status)).inc()
+        if self.prompt_tokens:
+            m.prompt_tokens.labels(label).inc(self.prompt_tokens)
+        if self.completion_tokens:
+            m.generation_tokens.labels(label).inc(self.completion_tokens)
+        if str(status) == "200":
+            m.request_duration.labels(label).observe(time.perf_counter() - self.start)
+            if self.first_token is not None:
+                m.ttft.labels(label).observe(self.first_token - self.start)
+                if self.completion_tokens > 1 and self.last_token is not None:
+                    m.tpot.observe((self.last_token - self.first_token) / (self.completion_tokens - 1))

@@ -1,0 +1,30 @@
+"""Settings of the HTTP layer (what EngineConfig does not hold)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("loraplex")
+    except Exception:  # running from a source tree that is not installed
+        return "0.0.0+unknown"
+
+
+@dataclass
+class ServerSettings:
+    api_keys_file: str | None = None  # JSON {"tenant": ["key", "sha256:<hex>", ...]}; see docs/api.md
+    admin_token_file: str | None = None  # one line: the admin bearer token
+    adapter_manifest_file: str | None = None  # watched; reconciled into the adapter registry
+    max_adapter_metric_labels: int = 100  # distinct per-adapter label values; beyond: "other"
+    max_body_bytes: int = 1 << 20  # request bodies above this get 413 before any parsing
+    watch_interval_seconds: float = 1.0  # manifest and secret file polling
+    adapter_load_wait_seconds: float = 120.0  # POST /v1/load_lora_adapter waits this long for the load
+    max_n: int = 16  # OpenAI `n` cap, and the cap on prompts x n of one request
+    version: str = field(default_factory=package_version)
+    # Called when the engine cannot be brought up (bad checkpoint, bad flag): the CLI stops the
+    # server with exit status 1. Tests leave it None: /health then answers 503.
+    on_fatal: Callable[[BaseException], None] | None = None
