@@ -35,6 +35,9 @@ MANIFEST_KEY = "adapters.json"
 MANIFEST_DIR = "/etc/loraplex/adapters"
 MANIFEST_PATH = f"{MANIFEST_DIR}/{MANIFEST_KEY}"
 CACHE_DIR = "/var/cache/loraplex"
+ADMIN_TOKEN_DIR = "/etc/loraplex/admin"
+ADMIN_TOKEN_PATH = f"{ADMIN_TOKEN_DIR}/token"
+DEFAULT_ADMIN_TOKEN_KEY = "token"
 
 # Adapter states reported by the engine (loraplex.manifest.AdapterState) plus one of the
 # operator's own: `unreachable` (the pod is Ready for Kubernetes but its engine did not answer).

@@ -104,6 +104,8 @@ def engine_args(spec: dict) -> list[str]:
             args += [flag, str(engine[key])]
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
              "--adapter-cache-dir", f"{C.CACHE_DIR}/adapters"]
+    if engine.get("adminTokenSecretRef"):
+        args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]
     args += [str(a) for a in engine.get("args") or []]
     return args
 
@@ -115,7 +117,9 @@ def _engine_env(engine: dict) -> list[dict]:
     return [e for e in env if e["name"] not in names] + user
 
 
-def render_deployment(bmd: dict, replicas: int) -> dict:
+def render_deployment(bmd: dict, replicas: int | None) -> dict:
+    """The engine Deployment. `replicas=None` leaves the replica count out (the autoscaler owns
+    it); the caller then sets it only when creating."""
     name = bmd["metadata"]["name"]
     spec = with_defaults(bmd.get("spec"))
     engine = spec["engine"]
@@ -147,6 +151,13 @@ def render_deployment(bmd: dict, replicas: int) -> dict:
             {"name": "cache", "emptyDir": {}},
         ] + list(engine.get("volumes") or []),
     }
+    token_ref = engine.get("adminTokenSecretRef")
+    if token_ref:
+        # The admin routes (adapter pushes) then need this token; the operator reads the same Secret.
+        pod_spec["volumes"].append({"name": "admin-token", "secret": {
+            "secretName": token_ref["name"],
+            "items": [{"key": token_ref.get("key") or C.DEFAULT_ADMIN_TOKEN_KEY, "path": "token"}]}})
+        container["volumeMounts"].append({"name": "admin-token", "mountPath": C.ADMIN_TOKEN_DIR, "readOnly": True})
     if engine.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(engine["nodeSelector"])
     if engine.get("tolerations"):
@@ -156,7 +167,7 @@ def render_deployment(bmd: dict, replicas: int) -> dict:
         "kind": "Deployment",
         "metadata": _metadata(bmd, name),
         "spec": {
-            "replicas": int(replicas),
+            **({"replicas": int(replicas)} if replicas is not None else {}),
             "selector": {"matchLabels": C.selector_labels(name)},
             "template": {
                 "metadata": {"labels": C.common_labels(name)},

@@ -1,0 +1,142 @@
+"""From a LoraAdapter custom resource to the adapter manifest the engines get: pure functions.
+
+The manifest schema is loraplex.manifest (shared with the engine). API keys are read from
+Secrets by the caller and enter the manifest only as sha256 hashes (manifest.hash_api_key).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from loraplex.manifest import DNS1123_LABEL, AdapterManifest, hash_api_key
+
+DEFAULT_SOURCE_TYPE = "hub"
+
+
+@dataclass(frozen=True)
+class SpecProblem(Exception):
+    """Why a LoraAdapter cannot be accepted. `reason` is a CamelCase condition reason."""
+
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str | None  # None: every entry of the Secret is one API key
+
+
+def api_key_refs(spec: dict) -> list[SecretKeyRef]:
+    refs = ((spec.get("access") or {}).get("apiKeySecretRefs")) or []
+    return [SecretKeyRef(name=str(r["name"]), key=r.get("key")) for r in refs]
+
+
+def _decode(value: str) -> str:
+    return base64.b64decode(value).decode("utf-8").strip()
+
+
+def tenant_hashes(refs: list[SecretKeyRef], secrets: dict[str, dict | None]) -> list[str]:
+    """sha256 hashes of the API keys the refs point at. `secrets` maps name -> Secret body
+    (None when it does not exist). Fails closed: a missing Secret or key is a SpecProblem, never
+    an adapter silently opened to everyone."""
+    hashes: set[str] = set()
+    for ref in refs:
+        secret = secrets.get(ref.name)
+        if secret is None:
+            raise SpecProblem("SecretNotFound", f"API key Secret {ref.name!r} not found")
+        data = secret.get("data") or {}
+        if ref.key is not None:
+            if ref.key not in data:
+                raise SpecProblem("SecretKeyNotFound", f"Secret {ref.name!r} has no key {ref.key!r}")
+            values = [data[ref.key]]
+        else:
+            values = [data[k] for k in sorted(data)]
+            if not values:
+                raise SpecProblem("SecretKeyNotFound", f"Secret {ref.name!r} holds no API keys")
+        for v in values:
+            try:
+                key = _decode(v)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SpecProblem("InvalidSecret", f"Secret {ref.name!r} holds a value that is not "
+                                                   f"base64 UTF-8 text: {e}") from e
+            if not key:
+                raise SpecProblem("InvalidSecret", f"Secret {ref.name!r} holds an empty API key")
+            hashes.add(hash_api_key(key))
+    return sorted(hashes)
+
+
+def admin_token_ref(base_spec: dict | None) -> SecretKeyRef | None:
+    ref = ((base_spec or {}).get("engine") or {}).get("adminTokenSecretRef")
+    if not ref:
+        return None
+    return SecretKeyRef(name=str(ref["name"]), key=ref.get("key") or "token")
+
+
+def admin_token(ref: SecretKeyRef, secret: dict | None) -> str:
+    """The engines' admin token from its Secret (SpecProblem when it cannot be read)."""
+    if secret is None:
+        raise SpecProblem("SecretNotFound", f"admin token Secret {ref.name!r} of the base not found")
+    value = (secret.get("data") or {}).get(ref.key or "token")
+    if value is None:
+        raise SpecProblem("SecretKeyNotFound", f"Secret {ref.name!r} has no key {ref.key!r}")
+    try:
+        token = _decode(value)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecProblem("InvalidSecret", f"Secret {ref.name!r}: {e}") from e
+    if not token:
+        raise SpecProblem("InvalidSecret", f"Secret {ref.name!r} holds an empty admin token")
+    return token
+
+
+def validate(name: str, spec: dict, base_spec: dict | None) -> None:
+    """Checks that need more than the CRD schema could express (or that an API server without
+    CEL would have let through). Raises SpecProblem."""
+    if len(name) > 63 or not DNS1123_LABEL.match(name):
+        raise SpecProblem("InvalidName", f"adapter name {name!r} is not a DNS-1123 label and cannot "
+                                         "be used as a model id")
+    if base_spec is None:
+        raise SpecProblem("BaseNotFound", f"BaseModelDeployment {spec.get('baseModel')!r} not found "
+                                          "in this namespace")
+    rank = spec.get("rank")
+    max_rank = ((base_spec.get("engine") or {}).get("maxLoraRank"))
+    if rank is not None and max_rank is not None and int(rank) > int(max_rank):
+        raise SpecProblem("RankTooLarge", f"adapter rank {rank} exceeds maxLoraRank {max_rank} of "
+                                          f"BaseModelDeployment {spec.get('baseModel')!r}")
+
+
+def build_manifest(name: str, spec: dict, tenants: list[str]) -> AdapterManifest:
+    """The manifest for `name`; a source that does not fit its type is a SpecProblem."""
+    src = spec.get("source") or {}
+    data = {
+        "name": name,
+        "source": src.get("type") or DEFAULT_SOURCE_TYPE,
+        "uri": src.get("uri") or "",
+        "preload": bool(spec.get("preload", False)),
+        "tenants": list(tenants),
+    }
+    if src.get("revision"):
+        data["revision"] = src["revision"]
+    if src.get("sha256"):
+        data["sha256"] = src["sha256"]
+    try:
+        return AdapterManifest.model_validate(data)
+    except ValidationError as e:
+        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise SpecProblem("InvalidSource", msgs) from e
+
+
+def manifest_json(manifest: AdapterManifest) -> dict:
+    return manifest.model_dump(exclude_none=True)
+
+
+def manifest_digest(manifest: AdapterManifest) -> str:
+    blob = json.dumps(manifest_json(manifest), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,136 @@
+"""The operator's side of the engine's admin HTTP API (ARCHITECTURE.md, "Engine HTTP routes").
+
+GET /info (boot_id), GET/PUT/DELETE /v1/adapters/{name}, GET /metrics. Each call targets one pod
+(its IP and the container port the operator rendered) and has its own short timeouts, so that a
+dead or slow pod never holds up the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+
+class EngineError(Exception):
+    """The engine answered with an error (4xx/5xx); `message` is the engine's own text."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        # 503: not ready yet; 429: queue full; 5xx: the server's trouble; 401/403: the engine
+        # refuses the operator's admin token - none of them is the adapter's fault.
+        return self.status in (401, 403, 429) or (self.status >= 500 and self.status != 501)
+
+
+class EngineUnreachable(Exception):
+    """No HTTP answer at all: connection refused, timeout, reset."""
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    state: str
+    message: str
+    raw: dict
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text.strip()[:2000] or resp.reason_phrase
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        for key in ("message", "detail"):
+            if data.get(key):
+                return str(data[key])
+    return resp.text.strip()[:2000]
+
+
+def _report(data: Any) -> AdapterReport:
+    if not isinstance(data, dict):
+        raise EngineError(502, f"unexpected adapter payload: {data!r}"[:500])
+    state = data.get("state")
+    if state is None and isinstance(data.get("adapter"), dict):  # tolerate a wrapped payload
+        data = data["adapter"]
+        state = data.get("state")
+    if not isinstance(state, str):
+        raise EngineError(502, f"adapter payload without a state: {data!r}"[:500])
+    return AdapterReport(state=state, message=str(data.get("message") or ""), raw=data)
+
+
+class EngineClient:
+    def __init__(self, *, timeout: float = 30.0, connect_timeout: float = 3.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
+            headers={"User-Agent": "loraplex-operator"},
+            trust_env=False,  # pod IPs never go through an HTTP proxy
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @staticmethod
+    def base_url(ip: str, port: int) -> str:
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"http://{host}:{port}"
+
+    async def _call(self, method: str, url: str, *, json: Any = None, token: str | None = None,
+                    ok404: bool = False) -> httpx.Response | None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        try:
+            resp = await self._http.request(method, url, json=json, headers=headers)
+        except (httpx.TransportError, OSError) as e:
+            raise EngineUnreachable(f"{method} {url}: {type(e).__name__}: {e}".strip()) from e
+        if resp.status_code == 404 and ok404:
+            return None
+        if resp.status_code >= 400:
+            raise EngineError(resp.status_code, _error_message(resp))
+        return resp
+
+    async def info(self, ip: str, port: int, token: str | None = None) -> dict:
+        resp = await self._call("GET", f"{self.base_url(ip, port)}/info", token=token)
+        assert resp is not None
+        data = resp.json()
+        if not isinstance(data, dict):
+            raise EngineError(502, "GET /info did not return an object")
+        return data
+
+    async def put_adapter(self, ip: str, port: int, manifest: dict, token: str | None = None) -> AdapterReport:
+        resp = await self._call("PUT", f"{self.base_url(ip, port)}/v1/adapters/{manifest['name']}",
+                                json=manifest, token=token)
+        assert resp is not None
+        return _report(resp.json())
+
+    async def get_adapter(self, ip: str, port: int, name: str, token: str | None = None) -> AdapterReport | None:
+        """The adapter's state on that engine, or None when the engine does not know it."""
+        resp = await self._call("GET", f"{self.base_url(ip, port)}/v1/adapters/{name}", token=token, ok404=True)
+        return None if resp is None else _report(resp.json())
+
+    async def delete_adapter(self, ip: str, port: int, name: str, token: str | None = None) -> bool:
+        """True when unloaded, False when the engine did not know it."""
+        resp = await self._call("DELETE", f"{self.base_url(ip, port)}/v1/adapters/{name}", token=token,
+                                ok404=True)
+        return resp is not None
+
+    async def metrics(self, ip: str, port: int) -> str:
+        resp = await self._call("GET", f"{self.base_url(ip, port)}/metrics")
+        assert resp is not None
+        return resp.text
+
+
+def boot_id_of(info: dict) -> str:
+    boot = info.get("boot_id") or info.get("bootId")
+    if not boot:
+        raise EngineError(502, "GET /info has no boot_id")
+    return str(boot)

@@ -1,0 +1,108 @@
+"""The operator's in-memory state, kept in kopf's `memo`: clients, wake-ups, per-pod records.
+
+Nothing here is the source of truth: after a restart everything is rebuilt from the API (kopf's
+indexes) and from the custom resources' status, so memory only saves calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any, Hashable, Iterable
+
+from .adapters_sync import PodRecord
+from .config import OperatorConfig
+from .engine_client import EngineClient
+from .kube import KubeClient, Ref
+
+
+class Wakers:
+    """Events that wake the per-object loops (daemons) early: a pod became ready, an adapter
+    was added, a spec changed. One waiter may listen on several keys."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[Hashable, set[asyncio.Event]] = collections.defaultdict(set)
+
+    def register(self, keys: Iterable[Hashable]) -> asyncio.Event:
+        ev = asyncio.Event()
+        for k in keys:
+            self._by_key[k].add(ev)
+        return ev
+
+    def unregister(self, ev: asyncio.Event) -> None:
+        for k in list(self._by_key):
+            self._by_key[k].discard(ev)
+            if not self._by_key[k]:
+                del self._by_key[k]
+
+    def wake(self, *keys: Hashable) -> None:
+        for k in keys:
+            for ev in self._by_key.get(k, ()):
+                ev.set()
+
+    @staticmethod
+    async def sleep(ev: asyncio.Event, timeout: float) -> bool:
+        """Sleep until woken or `timeout`; True when woken."""
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            ev.clear()
+
+
+class Runtime:
+    def __init__(self, config: OperatorConfig):
+        self.config = config
+        self._kube: KubeClient | None = None
+        self._old_kubes: list[KubeClient] = []
+        self.engine = EngineClient(timeout=config.engine_timeout, connect_timeout=config.engine_connect_timeout)
+        self.wakers = Wakers()
+        self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        # (namespace, adapter) -> pod name -> record
+        self.records: dict[tuple[str, str], dict[str, PodRecord]] = {}
+        # (namespace, adapter) -> digest of the manifest last written into the ConfigMap
+        self.configmap_digests: dict[tuple[str, str], str] = {}
+        # (namespace, base) -> autoscaler recommendation history
+        self.scale_history: dict[tuple[str, str], tuple[tuple[float, int], ...]] = {}
+        # (namespace, base) -> last generation seen (wake the adapters on a spec change only)
+        self.seen_generations: dict[tuple[str, str], Any] = {}
+        # (plural, namespace, name) -> (monotonic time, status last written by this operator)
+        self.written_status: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}
+
+    # --- Kubernetes client, from the credentials kopf logged in with ---------------------------
+    def set_credentials(self, info: Any) -> None:
+        if self._kube is not None:
+            self._old_kubes.append(self._kube)
+        self._kube = KubeClient.from_connection_info(info)
+
+    @property
+    def kube(self) -> KubeClient:
+        if self._kube is None:
+            raise RuntimeError("not logged in to Kubernetes yet")
+        return self._kube
+
+    def lock(self, key: Hashable) -> asyncio.Lock:
+        return self._locks[key]
+
+    async def get_secret(self, namespace: str, name: str) -> dict | None:
+        """A Secret, cached for a few seconds (many adapters may share one)."""
+        ttl = min(5.0, self.config.resync_interval / 2)
+        now = time.monotonic()
+        hit = self._secrets.get((namespace, name))
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        body = await self.kube.get(Ref("v1", "secrets", namespace, name))
+        self._secrets[(namespace, name)] = (now, body)
+        return body
+
+    def forget_secret(self, namespace: str, name: str) -> None:
+        self._secrets.pop((namespace, name), None)
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+        for k in [self._kube, *self._old_kubes]:
+            if k is not None:
+                await k.aclose()

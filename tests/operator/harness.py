@@ -1,0 +1,412 @@
+"""Test harness for the operator's integration tests: kmock's Kubernetes emulator served over HTTP
+from a background thread, the real `loraplex-operator` as a subprocess against it, and helpers
+that play the parts of the Kubernetes controllers kmock does not have (a ReplicaSet creating
+Pods from the operator's Deployment, the kubelet marking them Ready).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+GROUP, VERSION = "loraplex.dev", "v1alpha1"
+
+# Every resource the operator touches must be declared, or kmock answers 404 to discovery.
+RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": dict(namespaced=False, kind="Namespace"),
+    "v1/pods": dict(namespaced=True, kind="Pod", subresources={"status"}),
+    "v1/configmaps": dict(namespaced=True, kind="ConfigMap"),
+    "v1/services": dict(namespaced=True, kind="Service", subresources={"status"}),
+    "v1/secrets": dict(namespaced=True, kind="Secret"),
+    "v1/events": dict(namespaced=True, kind="Event"),
+    "apps/v1/deployments": dict(namespaced=True, kind="Deployment", subresources={"status", "scale"}),
+    "networking.k8s.io/v1/ingresses": dict(namespaced=True, kind="Ingress", subresources={"status"}),
+    f"{GROUP}/{VERSION}/basemodeldeployments": dict(
+        namespaced=True, kind="BaseModelDeployment", singular="basemodeldeployment",
+        shortnames={"bmd"}, subresources={"status", "scale"}),
+    f"{GROUP}/{VERSION}/loraadapters": dict(
+        namespaced=True, kind="LoraAdapter", singular="loraadapter", shortnames={"lora"},
+        subresources={"status"}),
+}
+VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+
+
+def api_path(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
+             sub: str | None = None) -> str:
+    root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    p = root + (f"/namespaces/{namespace}" if namespace else "") + f"/{plural}"
+    if name:
+        p += f"/{name}" + (f"/{sub}" if sub else "")
+    return p
+
+
+class FakeCluster:
+    """kmock.KubernetesEmulator on a local port, run by its own event loop in a thread."""
+
+    def __init__(self) -> None:
+        self.url: str = ""
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.emulator: Any = None
+        self.http = None  # type: httpx.Client | None
+
+    def __enter__(self) -> "FakeCluster":
+        self._thread = threading.Thread(target=self._run, name="kmock", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("kmock did not start")
+        if self._error:
+            raise self._error
+        self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.http:
+            self.http.close()
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        import kmock
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
+                for key, info in RESOURCES.items():
+                    k.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
+                self.emulator = k
+                self.url = str(srv.url).rstrip("/")
+                self._ready.set()
+                await self._stop.wait()
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001 - surfaced to the test thread
+            self._error = e
+            self._ready.set()
+
+    # --- the API, as a client would use it ----------------------------------------------------
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        assert self.http is not None
+        headers = {"Content-Type": content_type} if body is not None else {}
+        resp = self.http.request(method, path, content=json.dumps(body) if body is not None else None,
+                                 headers=headers)
+        if resp.status_code == 404 and method == "GET":
+            return None
+        if resp.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: {resp.status_code} {resp.text[:500]}")
+        return resp.json() if resp.content else None
+
+    def create(self, obj: dict) -> dict:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", "default")
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("resourceVersion", "1")
+        meta.setdefault("generation", 1)
+        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        plural = PLURALS[obj["kind"]]
+        return self._call("POST", api_path(obj["apiVersion"], plural, meta["namespace"]), obj)
+
+    def get(self, api_version: str, plural: str, namespace: str, name: str) -> dict | None:
+        return self._call("GET", api_path(api_version, plural, namespace, name))
+
+    def list(self, api_version: str, plural: str, namespace: str | None = None) -> list[dict]:
+        return (self._call("GET", api_path(api_version, plural, namespace)) or {}).get("items", [])
+
+    def patch(self, api_version: str, plural: str, namespace: str, name: str, patch: dict,
+              sub: str | None = None) -> dict:
+        return self._call("PATCH", api_path(api_version, plural, namespace, name, sub), patch,
+                          "application/merge-patch+json")
+
+    def update_spec(self, api_version: str, plural: str, namespace: str, name: str, spec_patch: dict) -> dict:
+        """A user's spec change: kmock does not bump metadata.generation, the test does."""
+        live = self.get(api_version, plural, namespace, name)
+        assert live is not None
+        gen = int(live["metadata"].get("generation", 1)) + 1
+        return self.patch(api_version, plural, namespace, name, {"metadata": {"generation": gen}, "spec": spec_patch})
+
+    def delete(self, api_version: str, plural: str, namespace: str, name: str) -> Any:
+        return self._call("DELETE", api_path(api_version, plural, namespace, name))
+
+    # --- what was asked of it -------------------------------------------------------------------
+    def requests(self) -> list[Any]:
+        return list(self.emulator._requests)
+
+    def writes(self, since: int = 0) -> list[str]:
+        """Write requests (POST/PATCH/PUT/DELETE) after the `since`-th request, as 'METHOD path'."""
+        out = []
+        for r in self.requests()[since:]:
+            method = str(getattr(r.method, "value", r.method)).upper()
+            if method in ("POST", "PATCH", "PUT", "DELETE"):
+                out.append(f"{method} {r.url.path}")
+        return out
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester",
+                                                        "namespace": "default"}}],
+        }))
+        return path
+
+
+PLURALS = {
+    "Namespace": "namespaces", "Pod": "pods", "ConfigMap": "configmaps", "Service": "services",
+    "Secret": "secrets", "Event": "events", "Deployment": "deployments", "Ingress": "ingresses",
+    "BaseModelDeployment": "basemodeldeployments", "LoraAdapter": "loraadapters",
+}
+
+
+class OperatorProcess:
+    """The real `loraplex-operator` console script, run against the fake cluster."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None):
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OperatorProcess":
+        env = dict(os.environ)
+        env.update({"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "NO_PROXY": "*"})
+        env.update(self.env)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "loraplex-operator"), "-A", "--standalone", "--verbose"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
+             on_timeout: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last one
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    extra = on_timeout() if on_timeout else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{extra}")
+
+
+def pod_from_deployment(deployment: dict, name: str, ip: str, ready: bool = True) -> dict:
+    """A Pod as a ReplicaSet would create it from the operator's Deployment, with the status a
+    kubelet would report (IP, Running, Ready)."""
+    template = copy.deepcopy(deployment["spec"]["template"])
+    meta = template.get("metadata", {})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": deployment["metadata"]["namespace"],
+                     "labels": meta.get("labels", {})},
+        "spec": template["spec"],
+        "status": pod_status(ip, ready),
+    }
+
+
+def pod_status(ip: str, ready: bool) -> dict:
+    return {"phase": "Running", "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+
+
+# --- engine pods: the parts of a ReplicaSet and a kubelet that kmock does not have --------------
+
+def free_port(ips: list[str]) -> int:
+    """A TCP port free on every one of the loopback addresses (each engine binds its own)."""
+    import random
+    import socket
+    for _ in range(200):
+        port = random.randint(20000, 60000)
+        socks = []
+        try:
+            for ip in ips:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((ip, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port")
+
+
+class EnginePod:
+    """One engine pod: a Pod object in the fake cluster, and its container (`loraplex-engine`
+    with the command line the operator rendered) as a local process on its own 127.0.0.x."""
+
+    def __init__(self, kubelet: "Kubelet", name: str, ip: str):
+        self.kubelet, self.name, self.ip = kubelet, name, ip
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+        self.dir = kubelet.workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        dep = self.kubelet.deployment()
+        (c,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "engine"]
+        args = list(c["args"])
+        args[args.index("--host") + 1] = self.ip
+        # The volumes, mounted as the kubelet would: each to its own local folder.
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"].get("volumes", [])}
+        mounts = {}
+        for m in c.get("volumeMounts", []):
+            vol = volumes[m["name"]]
+            local = self.dir / "volumes" / m["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            if "configMap" in vol:
+                # The kubelet has not synced the ConfigMap volume yet (that may take a minute):
+                # it holds an empty list, so what this engine serves came through the operator.
+                (local / "adapters.json").write_text('{"adapters": []}\n')
+            elif "secret" in vol:
+                secret = self.kubelet.cluster.get("v1", "secrets", self.kubelet.namespace, vol["secret"]["secretName"])
+                assert secret is not None, f"Secret {vol['secret']['secretName']} missing"
+                import base64
+                for item in vol["secret"].get("items") or [{"key": k, "path": k} for k in secret["data"]]:
+                    (local / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
+            mounts[m["mountPath"]] = str(local)
+        for i, a in enumerate(args):
+            for src, dst in mounts.items():
+                if a.startswith(src + "/"):
+                    args[i] = dst + a[len(src):]
+        return c["command"] + args
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.dir / f"engine-{self.starts}.log", "wb")
+        cmd = self.argv()
+        cmd[0] = str(BIN / cmd[0])
+        env = dict(os.environ, NO_PROXY="*", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def url(self, path: str = "") -> str:
+        return f"http://{self.ip}:{self.kubelet.port}{path}"
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.dir.glob("engine-*.log")))
+
+
+class Kubelet:
+    """Creates the Pods of a base from the operator's Deployment (as its ReplicaSet would), runs
+    their containers, probes /ready like the readinessProbe and writes each Pod's Ready condition."""
+
+    def __init__(self, cluster: FakeCluster, namespace: str, base: str, port: int, workdir: Path):
+        self.cluster, self.namespace, self.base, self.port, self.workdir = cluster, namespace, base, port, workdir
+        self.pods: dict[str, EnginePod] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._probe_loop, name="kubelet", daemon=True)
+        self._http = httpx.Client(timeout=2, trust_env=False)
+
+    def deployment(self) -> dict:
+        dep = self.cluster.get("apps/v1", "deployments", self.namespace, self.base)
+        assert dep is not None, "the operator has not created the Deployment"
+        return dep
+
+    def add_pod(self, name: str, ip: str) -> EnginePod:
+        pod = EnginePod(self, name, ip)
+        self.pods[name] = pod
+        body = pod_from_deployment(self.deployment(), name, ip, ready=False)
+        self.cluster.create(body)
+        pod.start()
+        if not self._thread.is_alive():
+            self._thread.start()
+        return pod
+
+    def restart(self, name: str) -> None:
+        """The container restarts (same Pod, new engine process): NotReady until /ready again."""
+        pod = self.pods[name]
+        pod.stop()
+        # The kubelet sees the container die: the Pod is NotReady until /ready answers again.
+        self.cluster.patch("v1", "pods", self.namespace, pod.name, {"status": pod_status(pod.ip, False)},
+                           sub="status")
+        pod.ready = False
+        pod.start()
+
+    def _probe_loop(self) -> None:
+        while not self._stop.is_set():
+            for pod in list(self.pods.values()):
+                try:
+                    ok = self._http.get(pod.url("/ready")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok != pod.ready:
+                    try:
+                        self.cluster.patch("v1", "pods", self.namespace, pod.name,
+                                           {"status": pod_status(pod.ip, ok)}, sub="status")
+                        pod.ready = ok
+                    except Exception:  # noqa: BLE001 - the cluster may be going away
+                        pass
+            self._stop.wait(0.4)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        def all_ready() -> bool:
+            for pod in self.pods.values():
+                if pod.proc is not None and pod.proc.poll() is not None:
+                    raise AssertionError(f"engine {pod.name} exited:\n{pod.log()}")
+            return all(p.ready for p in self.pods.values())
+        wait_for(all_ready, timeout, "engine pods Ready",
+                 on_timeout=lambda: "\n".join(p.log() for p in self.pods.values()))
+
+    def close(self) -> None:
+        self._stop.set()
+        for pod in self.pods.values():
+            pod.stop()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._http.close()

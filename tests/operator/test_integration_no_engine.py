@@ -1,0 +1,96 @@
+"""The real operator against kmock where no engine answers: the paths that must not hang.
+
+- an adapter applied before its base (GitOps applies in any order) waits as Pending, then is
+  accepted when the base appears;
+- a Ready pod whose engine does not answer is reported as such, not as servable;
+- deleting an adapter whose pods cannot be reached finishes after a bounded number of tries;
+- kopf keeps its state in status, never in annotations of the users' objects.
+No engine process is needed, so these run even where the engine cannot.
+"""
+from __future__ import annotations
+
+import pytest
+
+from .harness import FakeCluster, OperatorProcess, free_port, pod_from_deployment, wait_for
+
+pytestmark = pytest.mark.slow
+
+NS = "team-b"
+API = "loraplex.dev/v1alpha1"
+ENV = {
+    "LORAPLEX_RESYNC_INTERVAL": "1",
+    "LORAPLEX_POLL_INTERVAL": "0.2",
+    "LORAPLEX_BACKOFF_BASE": "0.2",
+    "LORAPLEX_BACKOFF_MAX": "0.5",
+    "LORAPLEX_ENGINE_CONNECT_TIMEOUT": "0.5",
+    "LORAPLEX_ENGINE_TIMEOUT": "1",
+    "LORAPLEX_UNLOAD_ATTEMPTS": "2",
+    "LORAPLEX_UNLOAD_RETRY_DELAY": "0.3",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("operator-no-engine")
+    with FakeCluster() as c:
+        op = OperatorProcess(c.write_kubeconfig(tmp / "kubeconfig"), tmp / "operator.log", env=ENV).start()
+        c.operator = op  # type: ignore[attr-defined]
+        try:
+            yield c
+        finally:
+            op.stop()
+
+
+def status(c: FakeCluster, plural: str, name: str) -> dict:
+    return ((c.get(API, plural, NS, name) or {}).get("status")) or {}
+
+
+def cond(st: dict, type_: str) -> dict:
+    return next((x for x in st.get("conditions", []) if x["type"] == type_), {})
+
+
+def test_adapter_before_base_then_unreachable_pod_then_bounded_deletion(cluster: FakeCluster):
+    c = cluster
+    log = c.operator.log  # type: ignore[attr-defined]
+    c.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "namespace": NS}})
+    c.create({"apiVersion": API, "kind": "LoraAdapter", "metadata": {"name": "early", "namespace": NS},
+              "spec": {"baseModel": "later", "source": {"type": "hub", "uri": "org/early-lora"}}})
+    st = wait_for(lambda: (s := status(c, "loraadapters", "early")).get("phase") == "Pending" and s, 20,
+                  "Pending without a base", on_timeout=log)
+    assert cond(st, "Accepted")["reason"] == "BaseNotFound" and cond(st, "Accepted")["status"] == "False"
+    wait_for(lambda: [e for e in c.list("v1", "events", NS) if e["reason"] == "BaseNotFound"], 10,
+             "a Warning Event", on_timeout=log)
+
+    port = free_port(["127.0.0.1"])  # nothing listens there
+    c.create({"apiVersion": API, "kind": "BaseModelDeployment", "metadata": {"name": "later", "namespace": NS},
+              "spec": {"model": {"id": "org/model"}, "engine": {"port": port}}})
+    wait_for(lambda: cond(status(c, "loraadapters", "early"), "Accepted").get("status") == "True", 20,
+             "accepted once the base exists", on_timeout=log)
+    cm = wait_for(lambda: c.get("v1", "configmaps", NS, "later-adapters"), 10, "the ConfigMap", on_timeout=log)
+    assert '"early"' in cm["data"]["adapters.json"]
+    st = status(c, "loraadapters", "early")
+    assert st["phase"] == "Pending" and cond(st, "Ready")["reason"] == "NoReadyPods"
+
+    # A pod that Kubernetes calls Ready but whose engine never answers.
+    dep = c.get("apps/v1", "deployments", NS, "later")
+    c.create(pod_from_deployment(dep, "later-0", "127.0.0.1", ready=True))
+    st = wait_for(lambda: (s := status(c, "loraadapters", "early")).get("pods") and s, 20, "the pod tracked",
+                  on_timeout=log)
+    (p,) = st["pods"]
+    assert p["name"] == "later-0" and p["state"] == "unreachable" and p["message"]
+    assert st["phase"] == "Loading" and cond(st, "Ready")["reason"] == "EngineUnreachable"
+    assert st["readyReplicas"] == 0 and st["totalReplicas"] == 1
+
+    # Deleting it cannot unload anything, and still finishes.
+    c.delete(API, "loraadapters", NS, "early")
+    wait_for(lambda: c.get(API, "loraadapters", NS, "early") is None, 30, "deletion not blocked forever",
+             on_timeout=log)
+    assert [e for e in c.list("v1", "events", NS) if e["reason"] == "UnloadIncomplete"]
+    cm = c.get("v1", "configmaps", NS, "later-adapters")
+    assert '"early"' not in cm["data"]["adapters.json"]
+
+    # kopf's bookkeeping is in status.kopf; the users' objects carry no annotation of ours.
+    base = c.get(API, "basemodeldeployments", NS, "later")
+    assert not base["metadata"].get("annotations")
+    assert base["status"]["kopf"]["lastHandledConfiguration"]
+    assert base["metadata"]["finalizers"] == ["loraplex.dev/operator"]
