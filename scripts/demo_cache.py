@@ -77,6 +77,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARK}", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result should read like a normal mkdir
     try:
         yield tmp
         old = None

@@ -55,11 +55,15 @@ class LoRAProjection(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, in_features), persistent=False)
         self.register_buffer("lora_b", torch.zeros(num_slots, out_features, max_rank), persistent=False)
+        # Per slot: does its adapter target this projection? The adapter manager keeps it. When no
+        # segment's adapter does, the LoRA term is skipped: its zero weights would only add 0.
+        self.slot_has_weights = [True] * num_slots
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if ctx.lora is not None and not ctx.lora.empty:
-            ctx.ops.add_lora(y, x, self.lora_a, self.lora_b, ctx.lora)
+        lora = ctx.lora
+        if lora is not None and not lora.empty and any(self.slot_has_weights[seg[2]] for seg in lora.segments):
+            ctx.ops.add_lora(y, x, self.lora_a, self.lora_b, lora)
         return y
 
 

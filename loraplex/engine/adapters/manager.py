@@ -336,6 +336,7 @@ class AdapterManager:
             proj.lora_a[slot].zero_()
             proj.lora_b[slot].zero_()
             pair = weights.weights.get((layer, module))
+            proj.slot_has_weights[slot] = pair is not None
             if pair is not None:
                 a, b = pair
                 proj.lora_a[slot, : a.shape[0]].copy_(a, non_blocking=True)

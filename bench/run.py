@@ -1,0 +1,405 @@
+"""`python -m bench.run`: one run, one machine, every system on the same model, adapters and requests.
+
+    python -m bench.run [--cache-dir ~/.cache/loraplex] [--out bench/results/latest] [--quick]
+
+See bench/README.md for the method and what each number means.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "latest"
+ALL_SYSTEMS = ("loraplex", "http", "peft")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split("-"))
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"a range is LO-HI with 1 <= LO <= HI, got {text}")
+    return lo, hi
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loraplex",
+                   help="where the SmolLM2 demo checkpoint lives (built there if missing); generated models and "
+                        "adapters are kept under <cache-dir>/bench for the next run")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (JSON, Markdown, PNG)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, few requests, seconds")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="subset of loraplex,http,peft")
+    p.add_argument("--random-model", action="store_true", help="use a random Llama of SmolLM2's shape, not the demo checkpoint")
+    w = p.add_argument_group("workload (S-LoRA style)")
+    w.add_argument("--adapter-counts", type=_ints, default=[1, 8, 64, 512])
+    w.add_argument("--alphas", type=_floats, default=[0.1, 0.3, 0.6],
+                   help="popularity sweep (alpha=1 comes from the count sweep)")
+    w.add_argument("--alpha-adapters", type=int, default=64, help="adapter count of the alpha sweep")
+    w.add_argument("--num-requests", type=int, default=48)
+    w.add_argument("--rate", type=float, default=4.0, help="requests per second")
+    w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of inter-arrival times (1: Poisson)")
+    w.add_argument("--input-range", type=_range, default=(8, 32))
+    w.add_argument("--output-range", type=_range, default=(8, 32))
+    w.add_argument("--input-lens", type=_ints, default=None, help="draw input lengths from this list instead")
+    w.add_argument("--output-lens", type=_ints, default=None, help="draw output lengths from this list instead")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--slo-ttft", type=float, default=2.0, help="SLO: time to first token bound, seconds")
+    a = p.add_argument_group("adapters")
+    a.add_argument("--ranks", type=_ints, default=[4, 8, 16], help="adapter i gets ranks[i %% len(ranks)]")
+    a.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    e = p.add_argument_group("engine and baseline")
+    e.add_argument("--max-num-seqs", type=int, default=32, help="loraplex batch cap, and the baseline's")
+    e.add_argument("--max-active-adapters", type=int, default=40, help="loraplex device slots")
+    e.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per process (server and client are separate processes)")
+    e.add_argument("--step-batch", type=int, default=32, help="batch of the controlled decode-step measurements")
+    e.add_argument("--decode-batches", type=_ints, default=[1, 8, 32], help="batches of the decode-efficiency figure")
+    p.add_argument("--skip-decode-efficiency", action="store_true")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = set(args.systems) - set(ALL_SYSTEMS)
+    if bad:
+        p.error(f"unknown systems {sorted(bad)}")
+    if args.quick:
+        args.adapter_counts = [1, 4]
+        args.alphas = [0.5]
+        args.alpha_adapters = 4
+        args.num_requests = 10
+        args.rate = 20.0
+        args.input_range, args.output_range = (4, 12), (2, 6)
+        args.input_lens = args.output_lens = None
+        args.ranks = [2, 4]
+        args.max_num_seqs, args.max_active_adapters = 4, 4
+        args.step_batch = 4
+        args.decode_batches = [1, 4]
+    return args
+
+
+# ---- machine ----------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    info = {"cpu_model": platform.processor() or "unknown", "cores": os.cpu_count(), "memory_gb": 0.0}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        info["cpu_model"] = fields.get("Model name", info["cpu_model"]).strip()
+        info["cores"] = int(fields.get("CPU(s)", info["cores"]).strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    try:
+        info["memory_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        pass
+    return info
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "") if rev else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def decode_bytes(shape: dict) -> int:
+    """fp32 bytes of the weights one decode step reads: every layer, the final norm and the lm_head
+    (the embedding table is only gathered, a few rows, unless it is the tied lm_head)."""
+    from bench.assets import count_params
+
+    params = count_params(shape)
+    if not shape["tie_word_embeddings"]:
+        params -= shape["vocab_size"] * shape["hidden_size"]
+    return 4 * params
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the HTTP server subprocess inherits it
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bench import assets, report, stepbench, systems, workload
+
+    t_start = time.perf_counter()
+    load_before = load_average()
+    out = args.out.expanduser().resolve()
+    tmp_work = None
+    if args.quick:
+        tmp_work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+        work = tmp_work
+    else:
+        work = args.cache_dir.expanduser().resolve() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = _run(args, work, out, torch, assets, report, stepbench, systems, workload)
+    finally:
+        if tmp_work is not None:
+            shutil.rmtree(tmp_work, ignore_errors=True)
+    result["meta"]["load_before"] = load_before
+    result["meta"]["load_after"] = load_average()
+    result["meta"]["wall_s"] = time.perf_counter() - t_start
+    report.write_outputs(result, out)
+    log.info("done in %.0fs: %s", result["meta"]["wall_s"], out)
+    print(report.markdown(result))
+    return 0
+
+
+def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems, workload) -> dict:
+    cache_dir = None if args.random_model else args.cache_dir.expanduser().resolve()
+    model = assets.main_model(cache_dir, work, args.quick)
+    log.info("model: %s (%s) at %s", model.label, model.source, model.path)
+    targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+    n_max = max(args.adapter_counts + ([args.alpha_adapters] if args.alphas else []))
+    tag = "quick" if args.quick else model.path.name
+    adapter_dir = work / f"adapters-{tag}"
+    adapters = assets.make_adapters(model, adapter_dir, n_max, args.ranks, targets, seed=args.seed)
+    names = [a.name for a in adapters]
+    settings = systems.EngineSettings(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(256, args.max_num_seqs * 16),
+        max_model_len=args.input_range[1] + args.output_range[1] + 16 if not (args.input_lens or args.output_lens)
+        else max(args.input_lens or [args.input_range[1]]) + max(args.output_lens or [args.output_range[1]]) + 16,
+        max_active_adapters=args.max_active_adapters, max_cpu_adapters=max(64, n_max + 8),
+        max_lora_rank=max(args.ranks))
+
+    def spec(n: int, alpha: float = 1.0, num: int | None = None, seed: int | None = None) -> workload.WorkloadSpec:
+        return workload.WorkloadSpec(
+            num_requests=num or args.num_requests, rate=args.rate, num_adapters=n, alpha=alpha, cv=args.cv,
+            input_range=args.input_range, output_range=args.output_range,
+            input_lens=tuple(args.input_lens) if args.input_lens else None,
+            output_lens=tuple(args.output_lens) if args.output_lens else None,
+            vocab_size=model.shape["vocab_size"], seed=args.seed if seed is None else seed)
+
+    # Every workload shares the seed: same arrivals, lengths and prompts; only adapter ids differ.
+    runs = [("count", 0, 1.0)] + [("count", n, 1.0) for n in args.adapter_counts] + \
+           [("alpha", args.alpha_adapters, a) for a in args.alphas]
+    loads = {key: workload.generate(spec(key[1], key[2])) for key in runs}
+    warmup = workload.generate(spec(min(4, n_max), 1.0, num=min(8, args.num_requests), seed=args.seed + 1))
+    used = sorted({names[r.adapter] for reqs in loads.values() for r in reqs if r.adapter >= 0} |
+                  {names[r.adapter] for r in warmup if r.adapter >= 0})
+    adapter_mb = sum(a.nbytes for a in adapters) / len(adapters) / 1e6
+    base_bytes = decode_bytes(model.shape)
+
+    entries: list[dict] = []
+    notes: list[str] = []
+    multi_rows: list[dict] = []
+    overhead: dict = {}
+
+    def add(system: str, key, run) -> dict:
+        m = report.run_metrics(run, args.slo_ttft)
+        reqs = loads[key]
+        used_bytes = [adapters[r.adapter].nbytes for r in reqs if r.adapter >= 0]
+        entry = {"system": system, "sweep": key[0], "num_adapters": key[1], "alpha": key[2], "metrics": m,
+                 "workload": workload.summary(reqs), "distinct_per_step": m.get("x_distinct_per_step"),
+                 "adapter_bytes": (sum(used_bytes) / len(used_bytes)) if used_bytes else 0.0}
+        entries.append(entry)
+        log.info("%-16s n=%-4d alpha=%-4g %6.1f tok/s  TTFT p50 %5.0f ms p99 %5.0f ms  batch %.1f  %s", system, key[1],
+                 key[2], m["throughput_tok_s"], 1000 * (m["ttft_p50_s"] or 0), 1000 * (m["ttft_p99_s"] or 0),
+                 m.get("x_mean_batch") or 0, f"{m['errors']} errors: {m['first_error']}" if m["errors"] else "")
+        return entry
+
+    # All systems are up at once and take turns on each workload, so that a slow patch of a
+    # shared machine hits every system rather than one.
+    lp = srv = hf = None
+    base_repeat = None
+    step_names = [a.name for a in adapters[:args.step_batch]]
+    try:
+        if "loraplex" in args.systems:
+            lp = systems.make_engine(model, settings, adapter_dir)
+            warm_s = systems.register_adapters(lp, adapters, used)
+            log.info("loraplex: %d adapters registered, %d loaded into host RAM in %.1fs", len(adapters), len(used), warm_s)
+            systems.run_loraplex_inproc(lp, warmup, names, "warm-up")
+        if "http" in args.systems:
+            if systems.engine_command() is None:
+                notes.append("loraplex over HTTP was skipped: loraplex.api.cli is not importable in this environment.")
+            else:
+                try:
+                    t0 = time.perf_counter()
+                    srv = systems.HttpEngine(model, settings, adapters, adapter_dir, work / "http")
+                    srv.warm(used, model.shape["vocab_size"])
+                    srv.replay(warmup, names, "warm-up")
+                    log.info("loraplex-engine up on %s, %d adapters warm, in %.1fs", srv.url, len(used), time.perf_counter() - t0)
+                except Exception as exc:  # the report says what failed instead of losing the other systems
+                    log.exception("loraplex over HTTP failed to start")
+                    notes.append(f"loraplex over HTTP failed to start: {type(exc).__name__}: {exc}"[:500])
+                    if srv is not None:
+                        srv.close()
+                    srv = None
+        if "peft" in args.systems:
+            peft_names = sorted(set(used) | set(step_names))
+            hf = systems.HFPeftServer(model, adapters, peft_names)
+            log.info("transformers+PEFT: %d adapters loaded into one PeftModel in %.1fs", len(hf.loaded), hf.load_seconds)
+            hf.replay(warmup, names, args.max_num_seqs, "warm-up")
+
+        for key in runs:
+            if lp is not None:
+                add("loraplex", key, systems.run_loraplex_inproc(lp, loads[key], names, "loraplex"))
+            if srv is not None and key[0] == "count":
+                try:
+                    add("loraplex-http", key, srv.replay(loads[key], names, "loraplex-http"))
+                except Exception as exc:
+                    log.exception("loraplex over HTTP failed")
+                    notes.append(f"loraplex over HTTP failed on n={key[1]}: {type(exc).__name__}: {exc}"[:500])
+            if hf is not None and key[1] > 0:
+                add("transformers+peft", key, hf.replay(loads[key], names, args.max_num_seqs, "transformers+peft"))
+
+        if lp is not None:  # the ceiling again, last: how far apart two runs of the same thing land
+            rerun = report.run_metrics(systems.run_loraplex_inproc(lp, loads[("count", 0, 1.0)], names, "loraplex"),
+                                       args.slo_ttft)
+            base_repeat = rerun["throughput_tok_s"]
+            log.info("loraplex base again: %.1f tok/s", base_repeat)
+
+        # controlled decode steps: batch b, d distinct adapters. Each d is measured twice, in the
+        # order 0, 1, 8, 32, 32, 8, 1, 0 (ABBA), and the two medians averaged: a drift in the
+        # machine's speed during the sequence then cancels out of the ratios.
+        b = args.step_batch
+        ds = sorted({0, 1, min(8, b), min(b, len(adapters), args.max_active_adapters)})
+        times: dict[tuple[str, int], list[float]] = {}
+        for d in ds + ds[::-1]:
+            if lp is not None:
+                times.setdefault(("loraplex", d), []).append(stepbench.engine_decode_steps(lp, b, step_names[:d]))
+            if hf is not None:
+                times.setdefault(("transformers+peft", d), []).append(stepbench.peft_decode_steps(hf.model, b, step_names[:d]))
+        for (system, d), ms in times.items():
+            abytes = sum(adapters[i].nbytes for i in range(d)) / d if d else 0.0
+            multi_rows.append({"system": system, "distinct": d, "step_ms": sum(ms) / len(ms), "step_ms_each": ms,
+                               "bound": report.bytes_bound(base_bytes, d, abytes) if d else 1.0})
+    finally:
+        if srv is not None:
+            srv.close()
+        if hf is not None:
+            hf.close()
+        del lp, hf
+        gc.collect()
+
+    # 4. decode efficiency on the larger model ------------------------------------------------------
+    decode_eff = None
+    if not args.skip_decode_efficiency:
+        large = assets.large_model(work, args.quick)
+        s = systems.EngineSettings(max_num_seqs=max(args.decode_batches), max_model_len=64, max_active_adapters=1,
+                                   max_lora_rank=8, max_num_batched_tokens=max(256, 16 * max(args.decode_batches)))
+        eng = systems.make_engine(large, s)
+        rows = []
+        for b in args.decode_batches:
+            step, floor = stepbench.engine_decode_steps(eng, b, [], prompt_len=4, steps=7 if b > 8 else 9,
+                                                        between=stepbench.dense_pass(eng.runner.model, b))
+            rows.append({"batch": b, "step_ms": step, "floor_ms": floor, "efficiency": floor / step})
+            log.info("decode efficiency %s batch %d: step %.1f ms, matmul floor %.1f ms", large.label, b, step, floor)
+        decode_eff = {"model": f"{large.label} params, fp32, no adapters", "rows": rows}
+        del eng
+        gc.collect()
+
+    # ratios ----------------------------------------------------------------------------------------
+    base = next((e for e in entries if e["system"] == "loraplex" and e["num_adapters"] == 0), None)
+    base_tok_s = None
+    if base is not None:
+        first = base["metrics"]["throughput_tok_s"]
+        base_tok_s = (first + base_repeat) / 2 if base_repeat else first
+        if base_repeat:
+            notes.append(f"Noise: the ceiling (loraplex, no adapters) was replayed first and last: {first:.1f} and "
+                         f"{base_repeat:.1f} tok/s ({abs(first - base_repeat) / max(first, base_repeat):.0%} apart); "
+                         f"replay ratios use their mean, {base_tok_s:.1f}. Replay ratios closer than that spread "
+                         "are ties; the controlled decode-step table is the precise comparison.")
+    for e in entries:
+        if base_tok_s:
+            e["ratio_vs_base"] = e["metrics"]["throughput_tok_s"] / base_tok_s
+        if e["num_adapters"] and e["distinct_per_step"] is not None:
+            e["bound"] = report.bytes_bound(base_bytes, e["distinct_per_step"], e["adapter_bytes"])
+    for sysname in {r["system"] for r in multi_rows}:
+        zero = next((r for r in multi_rows if r["system"] == sysname and r["distinct"] == 0), None)
+        for r in multi_rows:
+            if r["system"] == sysname and zero:
+                r["ratio"] = zero["step_ms"] / r["step_ms"]
+    one = next((e for e in entries if e["system"] == "loraplex" and e["num_adapters"] == 1 and e["sweep"] == "count"), None)
+    lp_steps = {r["distinct"]: r for r in multi_rows if r["system"] == "loraplex"}
+    if base and one:
+        overhead = {
+            "base_tok_s": base_tok_s, "one_tok_s": one["metrics"]["throughput_tok_s"],
+            "tok_s_ratio": one["metrics"]["throughput_tok_s"] / base_tok_s,
+            "base_tpot_s": base["metrics"]["tpot_mean_s"], "one_tpot_s": one["metrics"]["tpot_mean_s"],
+            "tpot_ratio": (base["metrics"]["tpot_mean_s"] or 0) / (one["metrics"]["tpot_mean_s"] or 1),
+            "step_batch": args.step_batch,
+            "base_step_ms": lp_steps.get(0, {}).get("step_ms"), "one_step_ms": lp_steps.get(1, {}).get("step_ms"),
+            "step_ratio": lp_steps[1].get("ratio") if 1 in lp_steps else None,
+            "bound": report.bytes_bound(base_bytes, 1, adapters[0].nbytes),
+        }
+    order = {"loraplex": 0, "loraplex-http": 1, "transformers+peft": 2}
+    key = lambda e: (e["num_adapters"], order.get(e["system"], 9), e["alpha"])  # noqa: E731
+    count_sweep = sorted([e for e in entries if e["sweep"] == "count"], key=key)
+    alpha_sweep = sorted([e for e in entries if e["sweep"] == "alpha" or
+                          (e["num_adapters"] == args.alpha_adapters and e["sweep"] == "count" and args.alphas)],
+                         key=lambda e: (order.get(e["system"], 9), e["alpha"]))
+    alpha_sweep = [e for e in alpha_sweep if e["system"] != "loraplex-http"]
+    if args.quick:
+        notes.append("--quick: a tiny random model and a handful of requests; the numbers only prove the pipeline runs.")
+    first_spec = spec(0)
+    return {
+        "meta": {
+            "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if sys.argv[0].endswith("run.py") or "bench" in sys.argv[0] else [])),
+            "machine": machine_info(), "torch": torch.__version__, "threads": args.threads, "git": git_rev(),
+            "python": platform.python_version(), "quick": args.quick, "slo_ttft_s": args.slo_ttft,
+            "model": {"label": model.label, "source": model.source, "path": str(model.path),
+                      "num_params": model.num_params, "bytes": base_bytes, "shape": model.shape},
+            "adapters": {"count": len(adapters), "ranks": args.ranks, "target_modules": targets,
+                         "mean_mb": adapter_mb, "dir": str(adapter_dir)},
+            "engine_settings": settings.__dict__,
+            "workload": {**first_spec.describe(), "input": (f"from {args.input_lens}" if args.input_lens else
+                                                            f"uniform {args.input_range[0]}-{args.input_range[1]}"),
+                         "output": (f"from {args.output_lens}" if args.output_lens else
+                                    f"uniform {args.output_range[0]}-{args.output_range[1]}")},
+            "systems": args.systems,
+        },
+        "count_sweep": count_sweep,
+        "alpha_sweep": alpha_sweep if args.alphas else [],
+        "overhead": overhead,
+        "multi_step": {"batch": args.step_batch, "rows": sorted(multi_rows, key=lambda r: (order.get(r["system"], 9), r["distinct"]))}
+        if multi_rows else None,
+        "decode_efficiency": decode_eff,
+        "notes": notes,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
