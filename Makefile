@@ -34,7 +34,7 @@ serve: demo-assets
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
 
-bench: demo-assets
+bench: setup
 	$(BIN)/python -m bench.run --cache-dir $(CACHE)
 
 clean:
