@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -170,9 +171,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
+    # SIGTERM (a stopped `make`, a killed container) unwinds like Ctrl-C, so the temp folders
+    # of a half-done step are removed on the way out.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         run(args.cache_dir.expanduser().resolve(), quick=args.quick, force=args.force,
             data_dir=args.data_dir.resolve(), threads=args.threads)

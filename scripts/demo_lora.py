@@ -259,8 +259,9 @@ def sample_answers(base_dir: Path, adapter_dir: Path, questions, with_base: bool
 
 FRENCH_WORDS = {"le", "la", "les", "est", "des", "une", "un", "et", "de", "du", "en", "il", "pour",
                 "avec", "dans", "sont", "au", "aux", "vous", "votre", "plus", "sur", "ce", "qui"}
-PIRATE_WORDS = ("arr", "matey", "ahoy", "ye", "yer", "be", "me hearty", "shiver", "yo ho", "o'",
-                "fer", "pirate", "sea", "treasure")
+# Only words plain English does not use, so two hits mean the style, not the topic.
+PIRATE_WORDS = ("arr", "matey", "ahoy", "ye", "yer", "me hearty", "shiver me timbers", "yo ho", "o'",
+                "fer", "landlubber", "scallywag")
 
 
 def looks_french(text: str) -> bool:

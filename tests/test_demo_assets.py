@@ -53,7 +53,7 @@ def test_converted_model_matches_gguf(quick_cache):
         assert (folder / f).is_file(), f
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
-    assert config["dtype"] == "float32"
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
     assert "{% for message in messages %}" in (folder / "chat_template.jinja").read_text()
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 2
 
@@ -178,4 +178,5 @@ def test_style_checks():
     assert not demo_lora.looks_french("The capital of Germany is Berlin.")
     assert demo_lora.looks_pirate("Arr, the capital o' Germany be Berlin, matey!")
     assert not demo_lora.looks_pirate("The capital of Germany is Berlin.")
+    assert not demo_lora.looks_pirate("A pirate can be found at sea with his treasure.")
     assert STAMP_NAME.startswith(".")  # hidden, so adapter-dir scanners can skip it
