@@ -51,3 +51,30 @@ PROMPTS = [
     "0123456789",
     "Continuous",
 ]
+
+
+def prefill_in_one_forward(engine, rows: list[tuple[str, str | None]], ops=None):
+    """Prefill (prompt, adapter) rows together in one forward pass, as the runner orders them.
+
+    Returns (sequences in batch order, the batch's LoRA segments, all-position logits per
+    sequence). Blocks and adapter slots are released afterwards. `ops` replaces the kernels."""
+    from loraplex.engine.sampling_params import SamplingParams
+    from loraplex.engine.scheduler import ScheduledSeq
+
+    seqs = [engine.make_sequence(f"r{i}", p, SamplingParams(max_tokens=1), a) for i, (p, a) in enumerate(rows)]
+    for seq in seqs:
+        assert engine.adapters.acquire(seq)
+        engine.block_manager.grow(seq, seq.num_tokens)
+    seqs.sort(key=lambda s: s.lora_slot)  # the runner's segment order
+    batch = [ScheduledSeq(seq, seq.num_tokens) for seq in seqs]
+    ids, positions, attn, lora, _ = engine.runner._prepare(batch)
+    runner = engine.runner
+    with torch.inference_mode():
+        logits = runner.model.compute_logits(runner.model(ids, positions, attn, lora, ops or runner.ops, runner.kv_caches))
+    per_seq, start = [], 0
+    for seq in seqs:
+        per_seq.append(logits[start:start + seq.num_tokens])
+        start += seq.num_tokens
+        engine.block_manager.free(seq)
+        engine.adapters.release(seq)
+    return seqs, lora, per_seq

@@ -7,29 +7,14 @@ import pytest
 import torch
 
 from loraplex.engine.sampling_params import SamplingParams
-from loraplex.engine.scheduler import ScheduledSeq
-from tests.engine.conftest import FAMILIES, PROMPTS, hf_greedy, make_engine
+from tests.engine.conftest import FAMILIES, PROMPTS, hf_greedy, make_engine, prefill_in_one_forward
 
 LOGIT_ATOL = 1e-4
 
 
 def batch_logits(engine, prompts: list[str]) -> list[torch.Tensor]:
     """All-position logits of several prompts prefilled together in one forward pass."""
-    seqs = [engine.make_sequence(f"r{i}", p, SamplingParams(max_tokens=1)) for i, p in enumerate(prompts)]
-    batch = []
-    for seq in seqs:
-        engine.block_manager.grow(seq, seq.num_tokens)
-        batch.append(ScheduledSeq(seq, seq.num_tokens))
-    ids, positions, attn, lora, _ = engine.runner._prepare(batch)
-    with torch.inference_mode():
-        hidden = engine.runner.model(ids, positions, attn, lora, engine.runner.ops, engine.runner.kv_caches)
-        logits = engine.runner.model.compute_logits(hidden)
-    out, start = [], 0
-    for seq in seqs:
-        out.append(logits[start:start + seq.num_tokens])
-        start += seq.num_tokens
-        engine.block_manager.free(seq)
-    return out
+    return prefill_in_one_forward(engine, [(p, None) for p in prompts])[2]
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["llama-sharded"])

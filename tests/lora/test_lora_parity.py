@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from loraplex.engine.sampling_params import SamplingParams
-from loraplex.engine.scheduler import ScheduledSeq
-from tests.engine.conftest import PROMPTS
+from tests.engine.conftest import PROMPTS, prefill_in_one_forward
 from tests.lora.conftest import ADAPTER_SPECS, make_engine, register_all, wait_for
 
 LOGIT_ATOL = 1e-4
@@ -28,31 +27,17 @@ def loaded_engine(tiny_models, tiny_adapters, family, **overrides):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_mixed_adapter_batch_logits_match_peft(family, tiny_models, tiny_adapters, peft_models):
     engine = loaded_engine(tiny_models, tiny_adapters, family)
-    seqs = [engine.make_sequence(f"r{i}", p, SamplingParams(max_tokens=1), a) for i, (p, a) in enumerate(ROWS)]
-    batch = []
-    for seq in seqs:
-        assert engine.adapters.acquire(seq)
-        engine.block_manager.grow(seq, seq.num_tokens)
-        batch.append(ScheduledSeq(seq, seq.num_tokens))
-    batch.sort(key=lambda item: item.seq.lora_slot)  # the runner's segment order
-    ids, positions, attn, lora, _ = engine.runner._prepare(batch)
+    seqs, lora, per_seq = prefill_in_one_forward(engine, ROWS)
     assert len(lora.segments) == 4 and sorted({r for *_, r in lora.segments}) == [2, 4, 8, 16]
-    with torch.inference_mode():
-        logits = engine.runner.model.compute_logits(
-            engine.runner.model(ids, positions, attn, lora, engine.runner.ops, engine.runner.kv_caches))
-    start = 0
-    for item in batch:
-        seq = item.seq
+    for seq, got in zip(seqs, per_seq):
         ref_model = peft_models(family, seq.adapter)
         with torch.no_grad():
             ref = ref_model(input_ids=torch.tensor([seq.prompt_ids])).logits[0]
-        got = logits[start:start + seq.num_tokens]
         assert (got - ref).abs().max().item() <= LOGIT_ATOL, seq.adapter
         if seq.adapter is not None:  # the adapter really changes the output, or this proves nothing
             with torch.no_grad():
                 base = peft_models(family, None)(input_ids=torch.tensor([seq.prompt_ids])).logits[0]
             assert (got - base).abs().max().item() > 1e-3, seq.adapter
-        start += seq.num_tokens
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

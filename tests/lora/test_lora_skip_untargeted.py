@@ -1,23 +1,11 @@
 """A projection that no adapter of the batch targets runs no LoRA term (its slot weights are zero)."""
 import dataclasses
 
-import torch
-
-from loraplex.engine.sampling_params import SamplingParams
-from loraplex.engine.scheduler import ScheduledSeq
-from tests.engine.conftest import PROMPTS
+from tests.engine.conftest import PROMPTS, prefill_in_one_forward
 from tests.lora.conftest import make_engine, register_all, wait_for
 
 
 def _forward_counting(engine, rows):
-    seqs = [engine.make_sequence(f"s{i}", p, SamplingParams(max_tokens=1), a) for i, (p, a) in enumerate(rows)]
-    batch = []
-    for seq in seqs:
-        assert engine.adapters.acquire(seq)
-        engine.block_manager.grow(seq, seq.num_tokens)
-        batch.append(ScheduledSeq(seq, seq.num_tokens))
-    batch.sort(key=lambda item: item.seq.lora_slot)
-    ids, positions, attn, lora, _ = engine.runner._prepare(batch)
     calls = []
     ops = engine.runner.ops
 
@@ -25,8 +13,7 @@ def _forward_counting(engine, rows):
         calls.append(a.shape)
         return ops.add_lora(y, x, a, b, lb)
 
-    with torch.inference_mode():
-        engine.runner.model(ids, positions, attn, lora, dataclasses.replace(ops, add_lora=counting), engine.runner.kv_caches)
+    prefill_in_one_forward(engine, rows, ops=dataclasses.replace(ops, add_lora=counting))
     return len(calls)
 
 
