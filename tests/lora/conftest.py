@@ -5,7 +5,6 @@ import torch
 
 from loraplex.manifest import AdapterManifest
 from tests.engine.conftest import make_engine  # noqa: F401  (re-exported for the tests here)
-from tests.engine.conftest import tiny_models  # noqa: F401  (session fixture)
 from tests.support.tiny import ALL_MODULES, make_tiny_adapter
 
 # Four adapters that differ in every way PEFT lets them: rank, targets, alpha, rslora,
