@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: last part of --model-id)")
     m.add_argument("--device", default=e["device"], choices=["auto", "cpu", "cuda"])
     m.add_argument("--dtype", default=e["dtype"], choices=["auto", "float32", "float16", "bfloat16"])
+    m.add_argument("--num-threads", type=_positive_int, default=None,
+                   help="torch intra-op CPU threads (default: torch's choice; set it below the pod's CPU limit)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
@@ -99,6 +101,7 @@ def configs_from_args(args: argparse.Namespace):
         adapter_cache_dir=args.adapter_cache_dir, max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
+        num_threads=args.num_threads,
     )
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,

@@ -24,6 +24,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting: int = 1024  # bounded queue: beyond it requests get 429
     seed: int = 0
+    num_threads: int | None = None  # torch CPU threads; oversubscribed cores slow matmuls many-fold
     # adapters
     adapter_source: str = "local"
     adapter_dir: str | None = None

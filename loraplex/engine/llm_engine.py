@@ -42,6 +42,8 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
         self.boot_id = str(uuid.uuid4())
         self.model_dir = resolve_model_dir(config.model_id, config.revision)
         self.model_config = ModelConfig.from_dir(self.model_dir)

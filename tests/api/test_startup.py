@@ -115,10 +115,12 @@ def test_cli_maps_flags_onto_the_configs():
     args = build_parser().parse_args([
         "--model-id", "m", "--served-model-name", "s", "--num-kv-blocks", "12", "--max-waiting", "3",
         "--preload-adapters", "a, b,,c", "--adapter-source", "hub", "--max-lora-rank", "32",
-        "--max-body-bytes", "100", "--max-adapter-metric-labels", "5", "--api-keys-file", "k.json"])
+        "--max-body-bytes", "100", "--max-adapter-metric-labels", "5", "--api-keys-file", "k.json",
+        "--num-threads", "3"])
     config, settings = configs_from_args(args)
     assert (config.model_id, config.served_model_name, config.num_kv_blocks, config.max_waiting) == ("m", "s", 12, 3)
     assert config.preload_adapters == ["a", "b", "c"] and config.adapter_source == "hub" and config.max_lora_rank == 32
     assert (settings.max_body_bytes, settings.max_adapter_metric_labels, settings.api_keys_file) == (100, 5, "k.json")
+    assert config.num_threads == 3
     defaults, _ = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
     assert defaults == EngineConfig(model_id="m")

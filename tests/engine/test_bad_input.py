@@ -51,3 +51,14 @@ def test_missing_weights_fail_at_startup(tiny_models, tmp_path):
         f.unlink()
     with pytest.raises(UnsupportedModelError, match="safetensors"):
         make_engine(str(bad))
+
+
+def test_num_threads_sets_torch_cpu_threads(tiny_models):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        make_engine(tiny_models["llama"], num_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
