@@ -70,9 +70,10 @@ def add_lora_ref(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b:
                  batch: LoRABatch) -> torch.Tensor:
     """y[t] += B_slot(t) @ (A_slot(t) @ x[t]) for every token t inside a segment. In place."""
     for start, end, slot, rank in batch.segments:
-        xs = x[start:end]
-        shrunk = xs @ lora_a[slot, :rank].t()  # [n, rank]
-        y[start:end] += (shrunk @ lora_b[slot, :, :rank].t()).to(y.dtype)
+        shrunk = x[start:end] @ lora_a[slot, :rank].t()  # [n, rank]
+        # addmm_ adds in place without a temporary [n, out] product: 22% less time per
+        # projection at 32 segments on the CPU, 6% off a whole decode step (see the notes).
+        y[start:end].addmm_(shrunk.to(y.dtype), lora_b[slot, :, :rank].t().to(y.dtype))
     return y
 
 
