@@ -252,7 +252,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
             systems.run_loraplex_inproc(lp, warmup, names, "warm-up")
         if "http" in args.systems:
             if systems.engine_command() is None:
-                notes.append("loraplex over HTTP was skipped: loraplex.api.cli is not importable in this environment.")
+                notes.append("loraplex over HTTP was skipped: loraplex.engine.api.cli is not importable in this environment.")
             else:
                 try:
                     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ def engine_decode_steps(engine, batch: int, adapters: list[str], prompt_len: int
     With `between` (a callable), it also runs and times that callable between decode steps and
     returns (step ms, between ms), both medians: the two alternate, so a slow patch of a shared
     machine slows both alike."""
-    from loraplex.engine.sampling_params import SamplingParams
+    from loraplex.engine.core.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
     for i in range(batch):

@@ -72,8 +72,8 @@ def _wait_until(t0: float, when: float) -> None:
 # ---- loraplex, in process -------------------------------------------------------------------
 
 def make_engine(model: ModelInfo, settings: EngineSettings, adapter_dir: Path | None = None):
-    from loraplex.engine.config import EngineConfig
-    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.core.config import EngineConfig
+    from loraplex.engine.core.llm_engine import LLMEngine
 
     cfg = EngineConfig(model_id=str(model.path), device="cpu", dtype="float32", block_size=settings.block_size,
                        num_kv_blocks=settings.num_kv_blocks(), max_num_seqs=settings.max_num_seqs,
@@ -113,7 +113,7 @@ def register_adapters(engine, adapters: list[AdapterInfo], warm: list[str], time
 
 def run_loraplex_inproc(engine, requests: list[Request], adapter_names: list[str], label: str) -> RunResult:
     """Drive LLMEngine.step() from this thread, adding each request at its arrival time."""
-    from loraplex.engine.sampling_params import SamplingParams
+    from loraplex.engine.core.sampling_params import SamplingParams
 
     records = {r.idx: Record(r.idx, r.adapter, r.arrival, len(r.prompt), r.output_len) for r in requests}
     pending = deque(sorted(requests, key=lambda r: r.arrival))
@@ -318,12 +318,12 @@ def engine_command() -> list[str] | None:
     try:
         import importlib.util
 
-        if importlib.util.find_spec("loraplex.api.cli") is None:
+        if importlib.util.find_spec("loraplex.engine.api.cli") is None:
             return None
     except ImportError:
         return None
     exe = Path(sys.executable).with_name("loraplex-engine")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "loraplex.api.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "loraplex.engine.api.cli"]
 
 
 class HttpEngine:
@@ -335,7 +335,7 @@ class HttpEngine:
 
         cmd = engine_command()
         if cmd is None:
-            raise RuntimeError("loraplex.api.cli is not available")
+            raise RuntimeError("loraplex.engine.api.cli is not available")
         work_dir.mkdir(parents=True, exist_ok=True)
         manifest = work_dir / "manifest.json"
         manifest.write_text(dump_manifest_list([AdapterManifest(name=a.name, uri=str(a.path)) for a in adapters]))

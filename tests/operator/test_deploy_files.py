@@ -141,7 +141,7 @@ def test_operator_extra_and_import_carry_no_torch():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert not [d for d in extras["operator"] if d.lower().startswith(("torch", "triton", "transformers"))]
     code = ("import sys, loraplex.operator.handlers, loraplex.operator.cli; "
-            "bad = [m for m in ('torch', 'transformers', 'loraplex.engine', 'loraplex.api') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'transformers', 'loraplex.engine', 'loraplex.engine.api') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

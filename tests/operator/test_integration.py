@@ -47,8 +47,8 @@ OPERATOR_ENV = {
 
 
 def _engine_missing() -> str | None:
-    if importlib.util.find_spec("loraplex.api.cli") is None:
-        return "loraplex.api.cli (the engine's HTTP server) does not exist yet"
+    if importlib.util.find_spec("loraplex.engine.api.cli") is None:
+        return "loraplex.engine.api.cli (the engine's HTTP server) does not exist yet"
     if not (BIN / "loraplex-engine").exists():
         return f"{BIN / 'loraplex-engine'} is not installed"
     for mod in ("torch", "peft", "transformers"):

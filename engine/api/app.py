@@ -1,0 +1,130 @@
+"""The FastAPI app: `create_app(engine_or_factory, settings)`.
+
+Given a factory (what the CLI passes), the app answers /health at once and builds the engine on
+a worker thread; /ready and inference routes answer 503 until it is up. Given an AsyncEngine,
+it is set up before the first request. Set-up = start the step loop, register
+--preload-adapters, reconcile the manifest file once; then a background task polls the
+manifest file and the key/token files about once a second. Shutdown stops that task and the
+engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+
+from loraplex.engine.api import admin_routes, lorax_routes, openai_routes, system_routes
+from loraplex.engine.api.auth import Authenticator
+from loraplex.engine.api.errors import install_error_handlers
+from loraplex.engine.api.manifest_watcher import ManifestWatcher
+from loraplex.engine.api.metrics import UNKNOWN
+from loraplex.engine.api.middleware import BodyLimitMiddleware
+from loraplex.engine.api.serving import ServerState, adapter_name_for
+from loraplex.engine.api.settings import ServerSettings
+from loraplex.engine.core.async_engine import AsyncEngine
+from loraplex.manifest import AdapterManifest
+
+log = logging.getLogger("loraplex.engine.api")
+INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/"})
+
+EngineSource = AsyncEngine | Callable[[], AsyncEngine]
+
+
+def preload_manifests(names: list[str], source: str) -> list[AdapterManifest]:
+    """--preload-adapters a,b: each a path under --adapter-dir (or a Hub repo / S3 uri, per
+    --adapter-source), registered with preload=True under adapter_name_for(name)."""
+    return [AdapterManifest(name=adapter_name_for(n), source=source, uri=n, preload=True) for n in names if n]
+
+
+async def _bring_up(state: ServerState, source: EngineSource) -> None:
+    settings = state.settings
+    try:
+        engine = source if isinstance(source, AsyncEngine) else await asyncio.to_thread(source)
+        if not engine.is_alive:
+            engine.start()
+        cfg = engine.engine.config
+        mgr = engine.engine.adapters
+        for manifest in preload_manifests(cfg.preload_adapters, cfg.adapter_source):
+            mgr.register(manifest)
+        if settings.adapter_manifest_file:
+            state.watcher = ManifestWatcher(settings.adapter_manifest_file, mgr, settings.watch_interval_seconds)
+            await asyncio.to_thread(state.watcher.poll)
+        state.metrics.base_label = engine.engine.served_model_name
+        state.engine = engine
+        log.info("engine ready: %s on %s (boot %s)", engine.engine.served_model_name, engine.engine.device,
+                 engine.engine.boot_id)
+    except Exception as exc:
+        log.exception("the engine could not be started")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        if settings.on_fatal is not None:
+            settings.on_fatal(exc)
+
+
+async def _watch(state: ServerState) -> None:
+    """Poll the manifest file and the key/token files."""
+    while True:
+        await asyncio.sleep(state.settings.watch_interval_seconds)
+        try:
+            await asyncio.to_thread(state.auth.reload)
+            if state.watcher is not None:
+                await asyncio.to_thread(state.watcher.poll)
+        except Exception:  # the watcher must not die
+            log.exception("file watcher error")
+
+
+def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    auth = Authenticator(settings.api_keys_file, settings.admin_token_file)  # bad files: ValueError now
+    state = ServerState(settings, auth)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tasks: list[asyncio.Task] = []
+        bring_up = asyncio.create_task(_bring_up(state, engine))
+        tasks.append(bring_up)
+        if isinstance(engine, AsyncEngine):
+            await bring_up  # nothing slow: be set up before the first request
+
+        async def watch_when_up():
+            await bring_up
+            if state.engine is not None:
+                await _watch(state)
+
+        tasks.append(asyncio.create_task(watch_when_up()))
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="loraplex engine", version=settings.version, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+
+    # Malformed inference requests still count in loraplex_requests_total.
+    validation_handler = app.exception_handlers[RequestValidationError]
+
+    async def counted_validation_error(request: Request, exc: RequestValidationError):
+        response = await validation_handler(request, exc)
+        if request.url.path in INFERENCE_PATHS:
+            state.metrics.requests.labels(UNKNOWN, str(response.status_code)).inc()
+        return response
+
+    app.add_exception_handler(RequestValidationError, counted_validation_error)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(system_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    app.include_router(lorax_routes.router)
+    return app

@@ -1,0 +1,145 @@
+"""`loraplex-engine`: the flags of ARCHITECTURE.md's Engine CLI, plus a few for the HTTP layer.
+
+Flags map one to one onto EngineConfig (engine) and ServerSettings (HTTP). Defaults come from
+those dataclasses so they cannot drift apart. The server starts answering /health while the
+model loads; if the engine cannot start, the process exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from loraplex.engine.api.settings import ServerSettings
+
+log = logging.getLogger("loraplex.engine.api")
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loraplex.engine.core.config import EngineConfig  # light: dataclass + torch dtypes
+
+    e, s = _defaults(EngineConfig), _defaults(ServerSettings)
+    p = argparse.ArgumentParser(prog="loraplex-engine", description="Serve many LoRA adapters on one base model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model-id", required=True, help="local checkpoint folder or Hugging Face repo id")
+    m.add_argument("--revision", default=None, help="Hub revision of --model-id")
+    m.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: last part of --model-id)")
+    m.add_argument("--device", default=e["device"], choices=["auto", "cpu", "cuda"])
+    m.add_argument("--dtype", default=e["dtype"], choices=["auto", "float32", "float16", "bfloat16"])
+    m.add_argument("--num-threads", type=_positive_int, default=None,
+                   help="torch intra-op CPU threads (default: torch's choice; set it below the pod's CPU limit)")
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    kv = p.add_argument_group("KV cache and batching")
+    kv.add_argument("--block-size", type=_positive_int, default=e["block_size"])
+    size = kv.add_mutually_exclusive_group()
+    size.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV cache size in blocks")
+    size.add_argument("--kv-cache-memory-fraction", type=_fraction, default=e["kv_cache_memory_fraction"],
+                      help="CUDA: share of free memory (after the weights) for the KV cache")
+    kv.add_argument("--max-num-seqs", type=_positive_int, default=e["max_num_seqs"])
+    kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=e["max_num_batched_tokens"])
+    kv.add_argument("--max-model-len", type=_positive_int, default=None)
+    kv.add_argument("--max-waiting", type=_non_negative_int, default=e["max_waiting"],
+                    help="bounded request queue: beyond it requests get 429")
+    a = p.add_argument_group("adapters")
+    a.add_argument("--adapter-source", default=e["adapter_source"], choices=["local", "hub", "s3"],
+                   help="source of --preload-adapters")
+    a.add_argument("--adapter-dir", default=None, help="root of local adapters (local uris resolve under it)")
+    a.add_argument("--adapter-cache-dir", default=None, help="download cache for Hub and S3 adapters")
+    a.add_argument("--max-active-adapters", type=_positive_int, default=e["max_active_adapters"], help="device slots")
+    a.add_argument("--max-cpu-adapters", type=_positive_int, default=e["max_cpu_adapters"], help="host-RAM copies")
+    a.add_argument("--max-lora-rank", type=_positive_int, default=e["max_lora_rank"])
+    a.add_argument("--preload-adapters", default="", help="comma-separated adapters resident before /ready")
+    a.add_argument("--adapter-manifest-file", default=None, help="JSON manifest list, watched and reconciled")
+    sec = p.add_argument_group("security and limits")
+    sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "sha256:<hex>"]}; see docs/api.md')
+    sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
+    sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
+    sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
+                     help="distinct per-adapter metric label values; beyond: 'other'")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def configs_from_args(args: argparse.Namespace):
+    from loraplex.engine.core.config import EngineConfig
+
+    config = EngineConfig(
+        model_id=args.model_id, revision=args.revision, served_model_name=args.served_model_name,
+        device=args.device, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting, adapter_source=args.adapter_source, adapter_dir=args.adapter_dir,
+        adapter_cache_dir=args.adapter_cache_dir, max_active_adapters=args.max_active_adapters,
+        max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
+        preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
+        num_threads=args.num_threads,
+    )
+    settings = ServerSettings(
+        api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
+        adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
+        max_body_bytes=args.max_body_bytes,
+    )
+    return config, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from loraplex.engine.api.app import create_app
+    from loraplex.engine.core.async_engine import AsyncEngine
+    from loraplex.engine.core.llm_engine import LLMEngine
+
+    config, settings = configs_from_args(args)
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    settings.on_fatal = on_fatal
+    try:
+        app = create_app(lambda: AsyncEngine(LLMEngine(config)), settings)
+    except ValueError as exc:  # unreadable key/token files
+        print(f"loraplex-engine: {exc}", file=sys.stderr)
+        return 2
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           lifespan="on", timeout_graceful_shutdown=5, access_log=False))
+    server.run()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

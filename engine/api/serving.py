@@ -1,0 +1,253 @@
+"""What the OpenAI and LoRAX routes share: the server state, model resolution with tenant checks,
+running n sequences as one request, and the SSE plumbing that aborts on disconnect."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+
+from loraplex.engine.api.auth import Authenticator, Principal
+from loraplex.engine.api.errors import APIError, ClientGone
+from loraplex.engine.api.metrics import Metrics, RequestTimer
+from loraplex.engine.api.settings import ServerSettings
+from loraplex.engine.core.async_engine import AsyncEngine
+from loraplex.engine.core.errors import RequestError, UnknownAdapterError
+from loraplex.engine.core.sequence import RequestOutput, Sequence, TokenLogprob
+from loraplex.manifest import DNS1123_LABEL
+
+log = logging.getLogger("loraplex.engine.api")
+
+
+class ServerState:
+    """Everything the routes need; one per app (app.state.server)."""
+
+    def __init__(self, settings: ServerSettings, auth: Authenticator):
+        self.settings = settings
+        self.auth = auth
+        self.engine: AsyncEngine | None = None
+        self.load_error: str | None = None
+        self.started = time.time()
+        self.metrics = Metrics(lambda: self.engine, settings.max_adapter_metric_labels)
+        self.watcher = None  # ManifestWatcher, when --adapter-manifest-file is set
+
+    def require_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            if self.load_error:
+                raise APIError(503, f"the engine failed to start: {self.load_error}", code="engine_failed")
+            raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+        if not self.engine.is_alive:
+            raise APIError(503, "the engine's step loop has stopped", code="engine_dead")
+        return self.engine
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@dataclass
+class Target:
+    adapter: str | None  # None: the base model
+    model: str  # the name to echo back in responses
+    label: str  # metrics label
+
+
+def resolve_model(state: ServerState, principal: Principal, model: str | None, param: str = "model") -> Target:
+    """Map a requested model name to the base or an adapter, checking the caller may use it."""
+    engine = state.require_engine().engine
+    base = engine.served_model_name
+    if model is None or model in ("", base, engine.config.model_id):
+        return Target(None, base, state.metrics.adapter_label(base))
+    manifest = engine.adapters.manifest(model)
+    if manifest is None:
+        raise UnknownAdapterError(f"the model {model!r} does not exist", param=param)
+    Authenticator.check_adapter(principal, manifest)
+    return Target(model, model, state.metrics.adapter_label(model))
+
+
+def adapter_name_for(adapter_id: str) -> str:
+    """adapter_id itself when it is a valid adapter name (a DNS-1123 label), else
+    `<slug>-<first 8 hex of its sha256>`: Hub ids like `org/name` get a stable name."""
+    if len(adapter_id) <= 63 and DNS1123_LABEL.match(adapter_id):
+        return adapter_id
+    slug = re.sub(r"[^a-z0-9-]+", "-", adapter_id.lower()).strip("-")[:50].strip("-") or "adapter"
+    return f"{slug}-{hashlib.sha256(adapter_id.encode()).hexdigest()[:8]}"
+
+
+def make_sequences(engine: AsyncEngine, request_id: str, prompts: list[str | list[int]], n: int,
+                   make_params, adapter: str | None) -> list[Sequence]:
+    """prompts x n sequences (choice index = prompt index * n + i). `make_params(i)` gives the
+    i-th choice's SamplingParams. Raises RequestError before anything is queued."""
+    seqs = []
+    for p_idx, prompt in enumerate(prompts):
+        for i in range(n):
+            index = p_idx * n + i
+            seqs.append(engine.make_sequence(prompt, make_params(i), adapter, request_id=f"{request_id}-{index}"))
+    return seqs
+
+
+def seed_for(seed: int | None, i: int) -> int | None:
+    """Choice i of a seeded request uses seed + i, so n choices differ but stay reproducible."""
+    return None if seed is None else seed + i
+
+
+async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Stream several sequences as one: (choice index, output). Closing it aborts them all."""
+    if len(seqs) == 1:
+        agen = engine.stream(seqs[0])
+        try:
+            async for out in agen:
+                yield 0, out
+        finally:
+            await agen.aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, seq: Sequence) -> None:
+        agen = engine.stream(seq)
+        try:
+            async for out in agen:
+                queue.put_nowait((i, out, None))
+            queue.put_nowait((i, None, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, exc))
+        finally:
+            await agen.aclose()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(seqs)]
+    remaining = len(seqs)
+    try:
+        while remaining:
+            i, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                remaining -= 1
+                continue
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class ChoiceResult:
+    """A sequence's outputs, accumulated."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.new_token_ids
+        self.text += out.new_text
+        self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+
+
+def output_error(state: ServerState, adapter: str | None, error: str | None) -> APIError:
+    """The error for a request the engine aborted (RequestOutput.error set)."""
+    engine = state.engine
+    if adapter is not None and engine is not None and engine.engine.adapters.failure(adapter) is not None:
+        return APIError(424, error or f"adapter {adapter!r} failed to load", code="adapter_failed", param="model")
+    return APIError(500, error or "the request was aborted by the engine", code="internal_error")
+
+
+async def collect(state: ServerState, seqs: list[Sequence], timer: RequestTimer,
+                  adapter: str | None) -> list[ChoiceResult]:
+    """Run sequences to the end (non-streamed requests). Raises APIError on engine failures."""
+    engine = state.require_engine()
+    results = [ChoiceResult() for _ in seqs]
+    stream = merge_streams(engine, seqs)
+    try:
+        async for i, out in stream:
+            results[i].add(out)
+            timer.tokens(len(out.new_token_ids))
+    except RequestError as exc:
+        raise APIError.from_request_error(exc) from None
+    finally:
+        await stream.aclose()
+    timer.completion_tokens = sum(r.completion_tokens for r in results)
+    for r in results:
+        if r.finish_reason == "abort" or r.error:
+            raise output_error(state, adapter, r.error)
+    return results
+
+
+def count_prompt_tokens(timer: RequestTimer, seqs: list[Sequence], n: int) -> int:
+    """Each distinct prompt counts once, however many choices share it."""
+    timer.prompt_tokens = sum(seqs[k].num_prompt_tokens for k in range(0, len(seqs), n))
+    return timer.prompt_tokens
+
+
+async def until_disconnect(request: Request, coro):
+    """Await coro; if the client disconnects first, cancel it (which aborts its sequences) and
+    raise ClientGone."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, at once, when the response
+    ends for any reason (a client disconnect included), so the generator's cleanup (aborting
+    the engine sequences, freeing their KV blocks) never waits for garbage collection."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def sse_response(body: AsyncIterator[str]) -> ClosingStreamingResponse:
+    return ClosingStreamingResponse(body, media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)

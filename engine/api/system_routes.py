@@ -1,0 +1,90 @@
+"""Probes and introspection: /health, /ready, /info, /metrics (no auth: kubelet and Prometheus)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from loraplex.engine.api.errors import APIError
+from loraplex.engine.api.serving import get_state
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    """Liveness: 200 while the process serves (the model may still be loading); 503 when the
+    engine failed to start or its step loop died, so that the kubelet restarts the pod."""
+    state = get_state(request)
+    if state.load_error:
+        return JSONResponse(APIError(503, f"the engine failed to start: {state.load_error}",
+                                     code="engine_failed").body(), status_code=503)
+    if state.engine is not None and not state.engine.is_alive:
+        return JSONResponse(APIError(503, "the engine's step loop has stopped", code="engine_dead").body(),
+                            status_code=503)
+    return {"status": "ok", "model_loaded": state.engine is not None}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    """Readiness: 200 once the model is loaded and every preload adapter is on the device."""
+    state = get_state(request)
+    if state.engine is None or not state.engine.is_alive:
+        reason = state.load_error or ("the model is still loading" if state.engine is None else "the step loop stopped")
+        body = APIError(503, f"not ready: {reason}", code="not_ready").body()
+        body.update({"status": "not_ready", "model_loaded": False, "missing_preload_adapters": []})
+        return JSONResponse(body, status_code=503)
+    mgr = state.engine.engine.adapters
+    ok, missing = mgr.preload_ready()
+    if not ok:
+        details = {}
+        for name in missing:
+            d = mgr.get(name)
+            if d is not None:
+                details[name] = {"state": d["state"], "message": d["message"]}
+        body = APIError(503, f"not ready: preload adapters not resident yet: {', '.join(missing)}",
+                        code="not_ready").body()
+        body.update({"status": "not_ready", "model_loaded": True, "missing_preload_adapters": missing,
+                     "adapters": details})
+        return JSONResponse(body, status_code=503)
+    return {"status": "ready", "model_loaded": True, "missing_preload_adapters": []}
+
+
+@router.get("/info")
+async def info(request: Request):
+    state = get_state(request)
+    async_engine = state.require_engine()
+    engine = async_engine.engine
+    cfg = engine.config
+    stats = engine.stats()
+    watcher = state.watcher
+    manifest_file = None if watcher is None else {
+        "path": str(watcher.path), "versions_applied": watcher.generation, "error": watcher.last_error,
+        "adapters": sorted(watcher.names)}
+    return {
+        "model_id": cfg.model_id,
+        "revision": cfg.revision,
+        "served_model_name": engine.served_model_name,
+        "architecture": engine.model_config.architecture,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "block_size": cfg.block_size,
+        "max_lora_rank": cfg.max_lora_rank,
+        "adapter_slots": cfg.max_active_adapters,
+        "max_cpu_adapters": cfg.max_cpu_adapters,
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "num_blocks": stats["num_blocks"],
+        "num_free_blocks": stats["num_free_blocks"],
+        "num_requests_running": stats["num_requests_running"],
+        "num_requests_waiting": stats["num_requests_waiting"],
+        "version": state.settings.version,
+        "boot_id": engine.boot_id,
+        "manifest_file": manifest_file,
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,227 @@
+"""The synchronous engine: owns the model, the KV cache, the scheduler and the adapters.
+
+Only one thread may call `add_sequence`, `abort` and `step` (AsyncEngine's step loop does).
+`make_sequence` (validation, tokenization) is safe to call from any thread: it reads only
+immutable state, so bad requests are refused before they reach the loop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from loraplex.engine.core.adapters.manager import AdapterManager
+from loraplex.engine.core.block_manager import BlockManager
+from loraplex.engine.core.config import EngineConfig
+from loraplex.engine.core.errors import PromptTooLongError, QueueFullError, RequestError
+from loraplex.engine.core.model_runner import ModelRunner
+from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
+from loraplex.engine.core.sequence import RequestOutput, Sequence
+from loraplex.engine.model.config import ModelConfig
+from loraplex.engine.model.loader import load_model
+
+log = logging.getLogger("loraplex.engine")
+
+
+def resolve_model_dir(model_id: str, revision: str | None) -> Path:
+    """A local folder as is; anything else is a Hub repo id, fetched (or found in the cache)."""
+    path = Path(model_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.boot_id = str(uuid.uuid4())
+        self.model_dir = resolve_model_dir(config.model_id, config.revision)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.served_model_name = config.served_model_name or config.model_id.rstrip("/").split("/")[-1]
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device, self.model_config.torch_dtype)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.model_config.sliding_window and self.max_model_len > self.model_config.sliding_window:
+            # Within the window, full attention is exact; beyond it we would need the window.
+            log.warning("max_model_len %d capped to the sliding window %d", self.max_model_len, self.model_config.sliding_window)
+            self.max_model_len = self.model_config.sliding_window
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+
+        model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=config.max_active_adapters,
+                           max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
+        num_blocks = self._num_kv_blocks()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
+                             f"sequence of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.adapters = AdapterManager(config, model, self.model_config)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+                                   self.block_manager, self.adapters)
+        self.requests: dict[str, Sequence] = {}
+        self.num_steps = 0
+        self.last_step_seconds = 0.0
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * cfg.kv_cache_memory_fraction) // per_block)
+        enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        return max(1, min(enough, cfg.cpu_kv_cache_bytes // per_block))
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                      adapter: str | None = None) -> Sequence:
+        """Validate and tokenize a request. Raises RequestError (a 4xx) for bad input."""
+        params.validate()
+        if isinstance(prompt, str) and not prompt:
+            raise RequestError("prompt must not be empty", param="prompt")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("prompt must not be empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; this model's maximum context length is {self.max_model_len} "
+                "(the prompt must leave room for at least one generated token)", param="prompt")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids)} prompt "
+                f"tokens plus max_tokens {params.max_tokens} were requested", param="max_tokens")
+        if adapter is not None:
+            self.adapters.check_servable(adapter)
+        return Sequence(request_id, ids, params, self.max_model_len, self.tokenizer, self.eos_token_ids, adapter)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise RequestError(f"duplicate request id {seq.request_id!r}")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
+        self.requests[seq.request_id] = seq
+        if seq.adapter is not None:
+            self.adapters.request_load(seq.adapter)
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params, adapter)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        seq.finish("abort")
+        self.scheduler.retire(seq)
+        return seq.take_output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward over the mixed batch, sample, and report what changed."""
+        t0 = time.perf_counter()
+        self.adapters.on_step()
+        outputs = self._fail_waiting_on_failed_adapters()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        try:
+            results = self.runner.run(batch)
+        except Exception as exc:  # a bug or device fault must not take the process down
+            log.exception("forward pass failed; aborting the %d requests of this batch", len(batch))
+            for item in batch:
+                item.seq.error = f"internal error during generation: {exc}"
+                item.seq.finish("abort")
+            results = [(item, None) for item in batch]
+        for item, token in results:
+            if token is not None and not item.seq.is_finished:
+                item.seq.append_token(token)
+        self.scheduler.finish_step(batch)
+        for item, token in results:
+            seq = item.seq
+            if token is not None or seq.is_finished:
+                outputs.append(seq.take_output())
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        self.num_steps += 1
+        self.last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _fail_waiting_on_failed_adapters(self) -> list[RequestOutput]:
+        """A waiting request whose adapter failed to load ends with that error instead of hanging."""
+        outputs = []
+        for seq in list(self.scheduler.waiting):
+            message = self.adapters.failure(seq.adapter) if seq.adapter else None
+            if message is not None:
+                seq.error = f"adapter {seq.adapter!r} failed to load: {message}"
+                seq.finish("abort")
+                self.scheduler.retire(seq)
+                self.requests.pop(seq.request_id, None)
+                outputs.append(seq.take_output())
+        return outputs
+
+    # ---- conveniences -----------------------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[dict]:
+        """Run requests to completion (tests, benchmarks): one dict per prompt, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
+        results = {rid: {"token_ids": [], "text": "", "finish_reason": None, "logprobs": [], "prompt_logprobs": None, "error": None}
+                   for rid in ids}
+        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters):
+            self.add_request(rid, prompt, p, a)
+        while any(results[r]["finish_reason"] is None for r in ids):
+            outputs = self.step()
+            if not outputs and not self.scheduler.running:
+                time.sleep(0.005)  # adapters still loading off the loop
+            for out in outputs:
+                if out.request_id not in results:
+                    continue
+                r = results[out.request_id]
+                r["token_ids"] += out.new_token_ids
+                r["text"] += out.new_text
+                r["logprobs"] += out.logprobs
+                r["prompt_logprobs"] = out.prompt_logprobs or r["prompt_logprobs"]
+                if out.finished:
+                    r["finish_reason"], r["error"] = out.finish_reason, out.error
+        return [results[r] for r in ids]
+
+    def stats(self) -> dict:
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage_ratio": self.block_manager.usage,
+            "num_free_blocks": self.block_manager.num_free,
+            "num_blocks": self.block_manager.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

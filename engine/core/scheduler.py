@@ -1,0 +1,135 @@
+"""Continuous batching: every step, pick which sequences run and how many tokens each computes.
+
+Policy, in order:
+1. Running sequences first, oldest first: a decode takes one token, an unfinished (chunked)
+   prefill takes what the budget leaves. When the KV cache is full, the newest running
+   sequence is preempted (its blocks freed, its tokens recomputed later) until the older fits.
+2. Then waiting sequences, oldest first, while the token budget, the sequence cap and the free
+   blocks allow. Long prompts are chunked to the budget. Preempted sequences wait at the front.
+   A waiting sequence whose adapter is not on the device yet is skipped (its load runs off the
+   step loop) and keeps its place; one that cannot get blocks stops admission, so a large
+   request is never overtaken forever by small ones.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from loraplex.engine.core.block_manager import BlockManager
+from loraplex.engine.core.sequence import Sequence, SeqStatus
+
+
+class AdapterGate(Protocol):
+    """How the scheduler asks for a sequence's adapter to be on the device."""
+
+    def acquire(self, seq: Sequence) -> bool: ...  # True: seq.lora_slot/lora_rank set, slot pinned
+
+    def release(self, seq: Sequence) -> None: ...
+
+
+class NoAdapters:
+    def acquire(self, seq: Sequence) -> bool:
+        return seq.adapter is None
+
+    def release(self, seq: Sequence) -> None:
+        pass
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed for seq this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step completes the sequence's known tokens, so a new one is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, adapters: AdapterGate | None = None):
+        self.config = config
+        self.blocks = block_manager
+        self.adapters = adapters or NoAdapters()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+
+        # 1. running sequences, oldest first
+        running = list(self.running)
+        scheduled_ids: set[int] = set()
+        while running and budget > 0:
+            seq = running.pop(0)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_hold(seq, seq.num_computed_tokens + n):
+                victim = running.pop() if running else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq, seq.num_computed_tokens + n)
+                batch.append(ScheduledSeq(seq, n))
+                scheduled_ids.add(id(seq))
+                budget -= n
+
+        # 2. waiting sequences, oldest first
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_hold(seq, seq.num_computed_tokens + n):
+                break
+            if not self.adapters.acquire(seq):
+                skipped.append(self.waiting.popleft())
+                continue
+            self.waiting.popleft()
+            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's KV and requeue it at the front; its tokens are recomputed on readmission."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        self.adapters.release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish_step(self, batch: list[ScheduledSeq]) -> None:
+        """Advance computed counts; retire finished sequences and release their resources."""
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+        for seq in [s for s in self.running if s.is_finished]:
+            self.retire(seq)
+
+    def retire(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        self.adapters.release(seq)
+        seq.status = SeqStatus.FINISHED

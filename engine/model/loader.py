@@ -1,0 +1,70 @@
+"""Load a Hugging Face checkpoint folder into the engine's own model (no transformers model class)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loraplex.engine.model.config import ModelConfig, UnsupportedModelError
+from loraplex.engine.model.llama import LlamaForCausalLM
+
+# Checkpoint keys that carry nothing the engine uses (recomputed buffers).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{model_dir} has no *.safetensors weights (pickled .bin files are refused)")
+    return files
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_lora_slots: int = 0,
+               max_lora_rank: int = 0, max_positions: int | None = None) -> LlamaForCausalLM:
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions)
+    # Materialise on the target device: parameters uninitialised (they are all loaded below),
+    # buffers (LoRA slots, rope tables) recomputed.
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty() makes a separate tensor for each tied parameter
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(IGNORED_KEY_SUFFIXES):
+                    continue
+                if key not in params:
+                    raise UnsupportedModelError(f"unexpected weight {key!r} in {file.name}")
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(params[key].shape):
+                    raise UnsupportedModelError(f"weight {key!r} has shape {tuple(tensor.shape)}, expected {tuple(params[key].shape)}")
+                with torch.no_grad():
+                    params[key].copy_(tensor)
+                loaded.add(key)
+    if cfg.tie_word_embeddings:
+        loaded.add("lm_head.weight")  # shares embed_tokens.weight
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise UnsupportedModelError(f"checkpoint {model_dir} lacks weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model = model.to(dtype)
+    _reset_buffers(model, cfg, max_positions, device)
+    return model.eval().requires_grad_(False)
+
+
+def _reset_buffers(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int | None, device: torch.device) -> None:
+    from loraplex.engine.model.rope import rope_cos_sin
+
+    cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # stay fp32
+    for _, _, proj in model.lora_projections():
+        proj.lora_a.zero_()
+        proj.lora_b.zero_()
