@@ -1,8 +1,9 @@
 """LoRAX-compatible routes: POST /generate, /generate_stream, and POST / (what lorax-client calls).
 
-`parameters.adapter_id` picks the adapter (none: the base). An unknown adapter_id with an
-`adapter_source` is registered on the fly, as LoRAX does, when the caller may administer
-adapters (the admin token, or no admin token configured). Adapter ids that are not DNS-1123
+`parameters.adapter_id` picks the adapter (none: the base). An unregistered adapter_id without
+`adapter_source` is looked up in the default source (--adapter-source), loaded just in time and
+served, as LoRAX does (see `resolve_dynamic`). One with an `adapter_source` is registered on the
+fly when the caller may administer adapters (the admin token, or no admin token configured). Adapter ids that are not DNS-1123
 labels (Hub repos like `org/name`) get a stable derived name (see `adapter_name_for`).
 Errors carry the OpenAI shape plus `error_type`; a failure mid-stream is one
 `data: {"error": ..., "error_type": ...}` event (LoRAX streams have no [DONE]).
@@ -20,7 +21,7 @@ from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finit
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_model, sse, sse_response, token_text,
+                                  merge_streams, output_error, resolve_dynamic, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -83,7 +84,11 @@ class LoraxRun:
             prompt_logprobs=p.decoder_input_details,
         )
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
+        aid = self.p.adapter_id
+        engine = self.state.engine
+        if self.p.adapter_source is None and not (aid and engine and engine.engine.adapters.manifest(adapter_name_for(aid))):
+            await resolve_dynamic(self.state, self.request, self.p.adapter_id, self.timer, param="parameters.adapter_id")
         try:
             principal = self.state.auth.inference(self.request)
             target = resolve_model(self.state, principal, self._adapter(principal), param="parameters.adapter_id")
@@ -135,7 +140,7 @@ class LoraxRun:
     # ---- answers --------------------------------------------------------------------------
 
     async def generate(self) -> dict:
-        self.prepare()
+        await self.prepare()
         try:
             results = await until_disconnect(self.request, collect(self.state, self.seqs, self.timer, self.target.adapter))
         except ClientGone:
@@ -198,8 +203,8 @@ class LoraxRun:
             self.timer.finish(status)
             await stream.aclose()
 
-    def stream_response(self):
-        self.prepare()
+    async def stream_response(self):
+        await self.prepare()
         return sse_response(self.stream())
 
 
@@ -213,7 +218,7 @@ async def generate(body: LoraxRequest, request: Request):
 
 @router.post("/generate_stream")
 async def generate_stream(body: LoraxRequest, request: Request):
-    return LoraxRun(get_state(request), request, body).stream_response()
+    return await LoraxRun(get_state(request), request, body).stream_response()
 
 
 @router.post("/")
@@ -221,7 +226,7 @@ async def compat_generate(body: LoraxRequest, request: Request):
     """lorax-client's endpoint: `stream` picks SSE; otherwise a one-element JSON list."""
     run = LoraxRun(get_state(request), request, body)
     if body.stream:
-        return run.stream_response()
+        return await run.stream_response()
     try:
         return JSONResponse([await run.generate()])
     except ClientGone:

@@ -1,15 +1,11 @@
 """A request aborted while its adapter loads or waits for a slot must not keep that adapter's
 host copy pinned for good (the "wanted" mark leaked: host RAM grew with every such abort)."""
 from loraplex.engine.core.sampling_params import SamplingParams
-from tests.engine.adapters.conftest import make_engine, register_all, wait_for
+from tests.engine.adapters.conftest import make_engine, register_all, states, wait_for
 from tests.engine.core.conftest import PROMPTS
 
 LONG = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-
-
-def states(engine):
-    return {a["name"]: a["state"] for a in engine.adapters.list()}
 
 
 def test_abort_while_waiting_for_a_slot_releases_the_host_copy(tiny_models, tiny_adapters):
