@@ -6,12 +6,10 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
 from loraplex.engine.core.sequence import Sequence
 from tests.engine.core.conftest import PROMPTS, make_engine
-from tests.support.tiny import tiny_tokenizer
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), 4096,
-                    tiny_tokenizer(), (0,))
+    return Sequence(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), 4096, eos_token_ids=(0,))
 
 
 def test_block_manager_allocates_frees_and_counts():
