@@ -37,7 +37,7 @@ def catalog_server(assets, catalog, host_budget):
         "--model-id", str(assets.base), "--adapter-source", "local", "--adapter-dir", str(catalog.root),
         "--device", "cpu", "--num-threads", "1", "--num-kv-blocks", "256", "--max-num-seqs", "8",
         "--max-active-adapters", str(MAX_SLOTS), "--max-cpu-adapters", "1000", "--adapter-host-bytes", str(host_budget),
-        "--max-waiting", "512", "--max-dynamic-adapters", "64",
+        "--max-waiting", "512", "--max-dynamic-adapters", "64", "--adapter-negative-cache-seconds", "600",
     ], assets.root / "catalog_server.log", env={"OMP_NUM_THREADS": "1"})
     try:
         proc.wait_ready()
