@@ -7,13 +7,12 @@ from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.sequence import Sequence
 from tests.engine.core.conftest import PROMPTS, make_engine
-from tests.support.tiny import tiny_tokenizer
 
 LOGPROB_ATOL = 1e-4
 
 
 def seq(rid: str, tokens: list[int], adapter: str | None = None, digest: str | None = None, **params) -> Sequence:
-    s = Sequence(rid, tokens, SamplingParams(max_tokens=4, **params), 4096, tiny_tokenizer(), (0,), adapter)
+    s = Sequence(rid, tokens, SamplingParams(max_tokens=4, **params), 4096, eos_token_ids=(0,), adapter=adapter)
     s.adapter_digest = digest
     return s
 
