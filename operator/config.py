@@ -35,6 +35,9 @@ class OperatorConfig:
     autoscale_interval: float = 15.0
     # Bounded concurrency of one pass: pods worked on at once, adapter pushes in flight at once
     # (over all pods), status writes in flight at once.
+    # Least time between two passes over a base: its own status writes echo back as watch
+    # events that wake it; they are taken together instead of one pass each.
+    min_pass_interval: float = 0.5
     pod_concurrency: int = 16
     push_concurrency: int = 32
     status_concurrency: int = 16

@@ -235,7 +235,9 @@ async def base_loop(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
                 metrics.RECONCILES.labels(kind="BaseModelDeployment", result="error").inc()
                 logger.warning(f"reconcile of {namespace}/{name} failed: {e!r}")
                 delay = min(rt.config.resync_interval, max(rt.config.backoff_base, 1.0))
-            await rt.wakers.sleep(ev, delay)
+            pause = min(rt.config.min_pass_interval, delay)
+            await asyncio.sleep(pause)
+            await rt.wakers.sleep(ev, max(delay - pause, 0.0))
     finally:
         rt.wakers.unregister(ev)
 

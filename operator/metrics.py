@@ -25,6 +25,8 @@ PUSHES = Counter("loraplex_operator_adapter_pushes_total", "Adapter manifest pus
                  ["result"])
 AUTOSCALER = Counter("loraplex_operator_autoscaler_decisions_total", "Autoscaler decisions that changed replicas",
                      ["direction"])
+ENGINE_CALLS = Gauge("loraplex_operator_engine_calls_last_pass", "Engine HTTP calls of the last pass over a base "
+                     "(a settled base costs one adapter listing per pod)", ["namespace", "base"])
 PHASES = ("Pending", "Loading", "Ready", "Degraded", "Failed")
 
 

@@ -377,6 +377,7 @@ async def sync_adapters(rt: Runtime, base: dict, adapters: list[dict], accepted:
         log.info("base %s/%s: pushed %d, removed %d adapter registrations over %d pods (%d engine calls)",
                  ns, bname, pushed, removed, len(passes), calls)
     rt.last_pass[(ns, bname)] = {"engine_calls": calls, "pods": len(passes), "pushed": pushed, "removed": removed}
+    metrics.ENGINE_CALLS.labels(namespace=ns, base=bname).set(calls)
 
     # Statuses: computed for every adapter, written only where they differ.
     now_mono = time.monotonic()
