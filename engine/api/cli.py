@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--max-model-len", type=_positive_int, default=None)
     kv.add_argument("--max-waiting", type=_non_negative_int, default=e["max_waiting"],
                     help="bounded request queue: beyond it requests get 429")
+    kv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=e["enable_prefix_caching"],
+                    help="share the KV blocks of equal prompt prefixes under the same adapter")
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-source", default=e["adapter_source"], choices=["local", "hub", "s3"],
                    help="the default source: of --preload-adapters, and of adapter names nobody registered")
@@ -156,7 +158,7 @@ def configs_from_args(args: argparse.Namespace):
         adapter_memory_fraction=args.adapter_memory_fraction, adapter_host_bytes=args.adapter_host_bytes,
         adapter_disk_bytes=args.adapter_disk_bytes, adapter_fairness_seconds=args.adapter_fairness_seconds,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
-        num_threads=args.num_threads,
+        num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
     )
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,

@@ -310,6 +310,7 @@ class AdapterManager:
                 return
             entry.weights, entry.load_seconds = weights, seconds
             entry.rank, entry.target_modules, entry.nbytes = weights.rank, weights.target_modules, weights.nbytes
+            entry.digest = weights.digest
             self.mean_bytes = weights.nbytes if not self.mean_bytes else (7 * self.mean_bytes + weights.nbytes) // 8
             self.counters.load_seconds.append(seconds)
             self.host.add(entry)
@@ -355,6 +356,7 @@ class AdapterManager:
             self.host.touch(entry)
             entry.waiters.discard(seq.request_id)
             seq.lora_slot, seq.lora_rank = entry.slot, entry.rank
+            seq.adapter_digest = entry.digest
             return True
 
     def waiting_for_slot(self, seq) -> bool:
@@ -373,11 +375,15 @@ class AdapterManager:
             return entry is None or not entry.manifest.preload
 
     def release(self, seq) -> None:
-        """seq left (finished, aborted, preempted): unpin its slot and drop its waiting mark."""
+        """seq gave its slot back: it finished or was aborted (its waiting mark goes too), or it
+        waits again (preempted, or admitted but then short of KV blocks: it is marked again)."""
         with self.lock:
             entry = self.registry.get(seq.adapter) if seq.adapter else None
             if entry is not None:
-                entry.waiters.discard(seq.request_id)
+                if seq.is_finished:
+                    entry.waiters.discard(seq.request_id)
+                else:
+                    entry.waiters.add(seq.request_id)
             if seq.lora_slot >= 0:
                 slot = seq.lora_slot
                 seq.lora_slot = -1

@@ -26,6 +26,7 @@ class AdapterEntry:
     rank: int = 0  # known once loaded; kept while the weights live only in a device slot
     target_modules: tuple[str, ...] = ()
     nbytes: int = 0
+    digest: str = ""  # content hash (AdapterWeights.digest): the prefix cache's adapter identity
     slot: int | None = None
     loading: bool = False
     message: str | None = None  # why the last load failed
