@@ -142,7 +142,8 @@ async def ensure_configmap(rt: Runtime, base: dict, adapters: Adapters,
     async with rt.lock(("configmap", meta["namespace"], meta["name"])):
         current = [a for a in _now(adapters) if a["name"] != exclude]
         manifests = await adapter_manifests(rt, meta["namespace"], base, current, phases)
-        desired = render.render_configmap(base, manifests)
+        # Only preload adapters travel in the ConfigMap (see render.render_configmap).
+        desired = render.render_configmap(base, [m for m in manifests if m.preload])
         result = await apply.ensure(rt.kube, desired)
     for m in manifests:
         rt.configmap_digests[(meta["namespace"], m.name)] = A.manifest_digest(m)

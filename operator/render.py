@@ -77,7 +77,13 @@ def _metadata(bmd: dict, name: str) -> dict:
 # --- ConfigMap ---------------------------------------------------------------------------------
 
 def render_configmap(bmd: dict, manifests: list[AdapterManifest]) -> dict:
-    """The `<base>-adapters` ConfigMap: the manifest list the engine reads and watches."""
+    """The `<base>-adapters` ConfigMap: the manifest list the engine reads and watches.
+
+    It holds the `preload` adapters only: those every pod must have resident before it is Ready,
+    so they must be there when a pod starts, before the operator can push anything. Their
+    number is bounded by the device slots of a pod (the engine refuses more), so the ConfigMap
+    stays far below its 1 MiB limit. Every other adapter is pushed by the operator to the pods
+    it is placed on (docs/operator.md, "Where manifests live")."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
