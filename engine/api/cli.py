@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
                      help="distinct per-adapter metric label values; beyond: 'other'")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tool-call-parser", default=s["tool_call_parser"], choices=["auto", "hermes", "llama3_json"],
+                   help="how tool calls are read from the output; auto: from the chat template")
     return p
 
 
@@ -163,7 +165,7 @@ def configs_from_args(args: argparse.Namespace):
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=args.max_body_bytes, tool_call_parser=args.tool_call_parser,
     )
     return config, settings
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finite, lorax_error_type
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
+from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
                                   merge_streams, output_error, resolve_dynamic, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
@@ -45,6 +46,7 @@ class LoraxRun:
         self.seed = self.p.seed
         if self.sampling and self.seed is None:
             self.seed = secrets.randbelow(2**63)  # reported in details, so the answer can be reproduced
+        self.grammar = None  # CompiledGrammar for parameters.response_format
 
     def _adapter(self, principal) -> str | None:
         aid = self.p.adapter_id
@@ -82,6 +84,7 @@ class LoraxRun:
             ignore_eos=p.ignore_eos_token,
             logprobs=p.return_k_alternatives or 0,  # every LoRAX token carries its logprob
             prompt_logprobs=p.decoder_input_details,
+            grammar=self.grammar.matcher() if self.grammar is not None else None,
         )
 
     async def prepare(self) -> None:
@@ -95,6 +98,7 @@ class LoraxRun:
             self.target = target
             self.timer.label = target.label
             engine = self.state.require_engine()
+            self.grammar = await compile_grammar(self.state, lorax_spec(self.p.response_format))
             self.tokenizer = engine.engine.tokenizer
             self.special = set(self.tokenizer.all_special_ids)
             prompt: str | list[int] = self.body.inputs
