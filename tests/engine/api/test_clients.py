@@ -290,3 +290,68 @@ def test_lorax_client_response_format(tools_server):
     err = assert_error(httpx.post(tools_server.url + "/generate", json={
         "inputs": "x", "parameters": {"response_format": {"type": "json_object", "schema": {"type": "strnig"}}}}), 400)
     assert "strnig" in err["message"] and err["param"] == "parameters.response_format.schema"
+
+
+# ---- the Responses API ------------------------------------------------------------------------
+
+def test_responses_api_matches_chat_and_streams_the_documented_events(oai):
+    kw = dict(model="a1", max_output_tokens=8, temperature=0)
+    resp = oai.responses.create(input="Paris is", instructions="Be brief.", **kw)
+    same = chat(oai, model="a1", max_tokens=8, temperature=0,
+                messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris is"}])
+    assert resp.output_text == same.choices[0].message.content and resp.output_text
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.input_tokens == same.usage.prompt_tokens and resp.usage.output_tokens == 8
+
+    events = list(oai.responses.create(input=[{"role": "user", "content": [{"type": "input_text", "text": "Paris is"}]}],
+                                       instructions="Be brief.", stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
+    assert events[-1].response.output[0].content[0].text == resp.output_text
+
+
+def test_responses_api_json_schema_and_function_tools(oai):
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    resp = oai.responses.create(model="a2", input="A person:", text=fmt, temperature=1.0, max_output_tokens=150)
+    assert resp.status == "completed"
+    jsonschema.validate(json.loads(resp.output_text), PERSON)
+
+    tool = {"type": "function", **WEATHER["function"]}
+    history = [{"role": "user", "content": "Weather in Rome?"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                "arguments": '{"city": "Rome", "unit": "c"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+               {"role": "user", "content": "And in Paris?"}]
+    for stream in (False, True):
+        kw = dict(model="a3", input=history, tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                  temperature=1.0, max_output_tokens=200)
+        if not stream:
+            resp = oai.responses.create(**kw)
+        else:
+            events = list(oai.responses.create(stream=True, **kw))
+            kinds = [e.type for e in events]
+            assert kinds[2:6] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                  "response.function_call_arguments.done", "response.output_item.done"]
+            resp = events[-1].response
+        assert resp.status == "completed"
+        [call] = resp.output
+        assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+
+
+def test_responses_api_refuses_what_it_cannot_do(tools_server):
+    url = tools_server.url + "/v1/responses"
+    err = assert_error(httpx.post(url, json={"input": "hi", "previous_response_id": "resp_1"}), 400)
+    assert "does not store responses" in err["message"] and err["param"] == "previous_response_id"
+    err = assert_error(httpx.post(url, json={"input": "hi", "tools": [{"type": "web_search"}]}), 400)
+    assert "function tools only" in err["message"]
+    err = assert_error(httpx.post(url, json={"input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "strnig"}}}}), 400)
+    assert "strnig" in err["message"]
+    assert_error(httpx.get(url + "/resp_1"), 404)
