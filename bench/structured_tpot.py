@@ -1,6 +1,7 @@
 """Time per output token with and without a JSON-schema grammar, on one engine, in one run.
 
     .venv/bin/python -m bench.structured_tpot --cache-dir ~/.cache/loraplex   # SmolLM2-135M (49k vocab)
+    .venv/bin/python -m bench.structured_tpot --model-dir DIR                 # any checkpoint folder
     .venv/bin/python -m bench.structured_tpot --quick                         # tiny random model, seconds
 
 For each batch size, the same prompts decode --tokens tokens three ways, interleaved over
@@ -32,6 +33,7 @@ SCHEMA = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.structured_tpot", description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", type=Path, default=None, help="where the SmolLM2 demo checkpoint lives (is built)")
+    p.add_argument("--model-dir", type=Path, default=None, help="a checkpoint folder to use as it is (overrides --cache-dir)")
     p.add_argument("--quick", action="store_true", help="tiny random model: a smoke test, not a measurement")
     p.add_argument("--batch-sizes", default="1,8,16")
     p.add_argument("--tokens", type=int, default=32)
@@ -70,7 +72,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="structured-tpot-") as work:
-        model = assets.main_model(args.cache_dir, Path(work), args.quick, allow_build=args.cache_dir is not None)
+        if args.model_dir is not None:
+            cfg = json.loads((args.model_dir / "config.json").read_text())
+            model = assets.ModelInfo(args.model_dir, args.model_dir.name, "--model-dir", 0, cfg)
+        else:
+            model = assets.main_model(args.cache_dir, Path(work), args.quick, allow_build=args.cache_dir is not None)
         engine = LLMEngine(EngineConfig(model_id=str(model.path), device="cpu", num_threads=args.threads,
                                         max_model_len=512, max_num_seqs=max(batch_sizes),
                                         num_kv_blocks=max(batch_sizes) * 512 // 16 + 16))
