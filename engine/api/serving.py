@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
+from loraplex.engine.api import tracing
 from loraplex.engine.api.auth import Authenticator, Principal
 from loraplex.engine.api.errors import APIError, ClientGone
 from loraplex.engine.api.metrics import Metrics, RequestTimer
@@ -100,7 +101,8 @@ def seed_for(seed: int | None, i: int) -> int | None:
 
 
 async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Stream several sequences as one: (choice index, output). Closing it aborts them all."""
+    """Stream several sequences as one: (choice index, output). Closing it aborts them all.
+    When it ends, the sequences' trace spans are recorded (a no-op with tracing off)."""
     if len(seqs) == 1:
         agen = engine.stream(seqs[0])
         try:
@@ -108,6 +110,7 @@ async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncItera
                 yield 0, out
         finally:
             await agen.aclose()
+            tracing.record_sequences(seqs, engine.engine.served_model_name)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -139,6 +142,7 @@ async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncItera
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        tracing.record_sequences(seqs, engine.engine.served_model_name)
 
 
 @dataclass
