@@ -7,9 +7,9 @@ turn it off. When on:
 - spans go out over OTLP/HTTP (protobuf) through a BatchSpanProcessor; endpoint, headers,
   timeout, sampler (`OTEL_TRACES_SAMPLER`), batching (`OTEL_BSP_*`), `OTEL_SERVICE_NAME` (default
   `loraplex-engine`) and `OTEL_RESOURCE_ATTRIBUTES` are read by the SDK itself;
-- the FastAPI instrumentation makes a server span per HTTP request, continuing the caller's trace
-  from its W3C `traceparent` header (probes and /metrics excluded unless
-  `OTEL_PYTHON_FASTAPI_EXCLUDED_URLS` says otherwise);
+- the FastAPI instrumentation makes a server span per HTTP request (none per ASGI message),
+  continuing the caller's trace from its W3C `traceparent` header (probes and /metrics excluded
+  unless `OTEL_PYTHON_FASTAPI_EXCLUDED_URLS` says otherwise);
 - when a request's sequences end, `record_sequences` adds, under that server span, one
   `llm_request` span per sequence with `queue`, `adapter_load`, `prefill` and `decode` children.
 
@@ -71,7 +71,10 @@ def setup(app, version: str, env: Mapping[str, str] = os.environ):
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     excluded = None if env.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS") is not None else DEFAULT_EXCLUDED_URLS
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls=excluded)
+    # No span per ASGI message ("http send" for every streamed token chunk): the request's own
+    # spans say where its time went.
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls=excluded,
+                                       exclude_spans=["receive", "send"])
     _tracer = provider.get_tracer("loraplex.engine", version)
     log.info("tracing on: OTLP/HTTP to %s", env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
              or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))

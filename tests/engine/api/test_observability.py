@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -255,3 +258,26 @@ def test_dashboard_and_alerts_query_exported_metrics(traced_engine):
     for topic in ("requests", "tokens", "time to first token", "latency", "queue", "kv cache", "tier",
                   "loads", "evictions", "replicas"):
         assert topic in titles, topic
+
+
+def test_tracing_off_loads_nothing_of_opentelemetry():
+    """Without an OTLP endpoint, serving never imports the OpenTelemetry SDK, exporter or
+    instrumentation, and the per-request hook returns before touching a sequence."""
+    code = ("import sys\n"
+            "from fastapi import FastAPI\n"
+            "from loraplex.engine.api import app, serving, tracing\n"
+            "assert tracing.setup(FastAPI(), 'v', env={'OTEL_SERVICE_NAME': 'x'}) is None\n"
+            "tracing.record_sequences([object()], 'base')  # an object() would fail any attribute read\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter',"
+            " 'opentelemetry.instrumentation'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    from loraplex.engine.api.tracing import enabled_by
+
+    assert enabled_by({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+    assert enabled_by({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
+    assert not enabled_by({})
+    assert not enabled_by({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"})
+    assert not enabled_by({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"})
