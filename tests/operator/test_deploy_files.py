@@ -108,9 +108,9 @@ def test_chart_rbac_is_least_privilege():
     assert not any("*" in (g, r, v) for _, _, g, r, v, _ in grants), "no wildcards"
     assert not any(v in ("deletecollection", "escalate", "bind", "impersonate") for *_, v, _ in grants)
     updates = {(r, names) for _, _, _, r, v, names in grants if v == "update"}
-    assert updates == {("basemodeldeployments/finalizers", ()), ("leases", ("loraplex-operator",))}, \
-        "the operator never replaces (PUT) an object; finalizers for blockOwnerDeletion, the Lease for election"
-    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get"}
+    assert updates == {("basemodeldeployments/finalizers", ())}, \
+        "the operator never replaces (PUT) an object; finalizers for blockOwnerDeletion"
+    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get", "create"}, "read keys, create admin tokens"
     assert {v for *_, r, v, _ in grants if r == "pods"} == {"list", "watch"}
     assert ("ClusterRole", "", "loraplex.dev", "loraadapters/status", "patch", ()) in grants
     assert not any(r in ("basemodeldeployments", "loraadapters") and v in ("create", "delete")
@@ -120,7 +120,7 @@ def test_chart_rbac_is_least_privilege():
     # (create cannot name its object: it does not exist yet).
     leases = {(kind, ns, v, names) for kind, ns, _, r, v, names in grants if r == "leases"}
     assert leases == {("Role", "loraplex-system", "create", ())} | {
-        ("Role", "loraplex-system", v, ("loraplex-operator",)) for v in ("get", "watch", "update", "patch")}
+        ("Role", "loraplex-system", v, ("loraplex-operator",)) for v in ("get", "patch")}
 
 
 def test_rbac_check_refuses_what_the_chart_does_not_grant():
@@ -136,12 +136,13 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
                ("POST", "/api/v1/namespaces/team-a/events", {}),
                ("GET", "/api/v1/namespaces/team-a/secrets/keys", {}),
                ("POST", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases", {}),
-               ("PUT", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator", {}),
+               ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator", {}),
                ("GET", "/apis", {}), ("GET", "/api/v1", {})]
     assert ungranted(docs, sa, ns, granted) == []
     refused = {("DELETE", "/api/v1/namespaces/team-a/configmaps/b-adapters", ""): "delete core/configmaps b-adapters in team-a",
                ("PUT", "/apis/apps/v1/namespaces/team-a/deployments/b", ""): "update apps/deployments b in team-a",
                ("GET", "/api/v1/namespaces/team-a/secrets", ""): "list core/secrets in team-a",
+               ("PATCH", "/api/v1/namespaces/team-a/secrets/b-admin-token", ""): "patch core/secrets b-admin-token in team-a",
                ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/other", ""):
                    "patch coordination.k8s.io/leases other in loraplex-system",
                ("GET", "/apis/coordination.k8s.io/v1/namespaces/team-a/leases/loraplex-operator", ""):
@@ -181,7 +182,7 @@ def test_watch_namespaces_make_rbac_namespaced():
     assert not can("GET", "/api/v1/namespaces/team-c/secrets/k"), "secrets stay readable only where watched"
     assert not can("GET", "/api/v1/pods", "watch=1") and not can("GET", "/api/v1/namespaces", "watch=1")
     assert can("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", "watch=1")
-    assert can("PUT", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator")
+    assert can("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator")
 
 
 def test_every_optional_feature_renders_and_selects_the_real_pods():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -204,53 +203,23 @@ def test_requests_on_an_adapter_are_traced(traced_engine, receiver):
 
 # --- the chart's dashboard and alerts query only metrics that exist -------------------------------
 
-# The operator's metric names as agreed between the operator and the chart (the operator serves
-# them on port 9090); tests/operator checks the operator side.
-OPERATOR_METRICS = {"loraplex_operator_reconcile_total", "loraplex_operator_reconcile_duration_seconds",
-                    "loraplex_operator_adapters", "loraplex_operator_adapter_pushes_total",
-                    "loraplex_operator_autoscaler_decisions_total"}
-PROMETHEUS_OWN = {"up"}  # made by Prometheus for every scrape target
-METRIC_NAME = re.compile(r"\b(?:loraplex_[a-zA-Z0-9_]+|vllm:[a-zA-Z0-9_:]+|up)\b(?=\s*(?:\{|\[|\)|$|\s|>|==))")
-
-
-def exported_names(text: str) -> set[str]:
-    """Every series name a scrape of this /metrics yields (histograms: _bucket, _sum, _count)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    names = set()
-    for family in text_string_to_metric_families(text):
-        names |= {s.name for s in family.samples}
-        if family.type == "histogram":
-            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
-        elif family.type == "counter":
-            names.add(family.name + "_total")
-        else:
-            names.add(family.name)
-    return names
-
-
-def queried_names(expr: str) -> set[str]:
-    without_strings = re.sub(r'"[^"]*"', '""', expr)
-    without_matchers = re.sub(r"\{[^}]*\}", "{}", without_strings)
-    return set(METRIC_NAME.findall(without_matchers))
-
-
 def test_dashboard_and_alerts_query_exported_metrics(traced_engine):
+    """The engine's side: every non-operator series the dashboard and the alerts query is in a
+    live engine's /metrics (the operator's are checked against a live operator in
+    tests/operator/test_integration.py)."""
     from tests.operator.test_deploy_files import ALL_ON, promql_of, render
+    from tests.support.promql import PROMETHEUS_OWN, exported_names, queried_names
 
     text = httpx.get(traced_engine.url + "/metrics", timeout=10).text
     assert parse_metrics(text)  # a real scrape
     engine_names = exported_names(text)
-    operator_names = set()
-    for name in OPERATOR_METRICS:
-        operator_names |= {name, name + "_bucket", name + "_sum", name + "_count"} if name.endswith("_seconds") else {name}
     exprs = promql_of(render(ALL_ON))
     assert len(exprs) > 20
     queried = set().union(*(queried_names(e) for e in exprs))
     assert {"loraplex_requests_total", "loraplex_time_to_first_token_seconds_bucket", "loraplex_kv_cache_usage_ratio",
             "loraplex_adapters", "loraplex_adapter_evictions_total", "loraplex_operator_adapters", "up"} <= queried
-    unknown = queried - engine_names - operator_names - PROMETHEUS_OWN
-    assert not unknown, f"the dashboard or alerts query metrics nobody exports: {sorted(unknown)}"
+    unknown = {q for q in queried if not q.startswith("loraplex_operator_")} - engine_names - PROMETHEUS_OWN
+    assert not unknown, f"the dashboard or alerts query metrics the engine does not export: {sorted(unknown)}"
     # The check has teeth: a misspelt name is caught.
     assert queried_names('sum(rate(loraplex_request_total{adapter="x"}[5m]))') - engine_names == {"loraplex_request_total"}
     dashboard = json.loads((Path(__file__).resolve().parents[3] / "charts/loraplex/dashboards/loraplex.json").read_text())
