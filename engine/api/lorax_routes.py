@@ -20,7 +20,7 @@ from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finit
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_model, sse, sse_response, token_text,
+                                  merge_streams, off_loop, output_error, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -83,14 +83,18 @@ class LoraxRun:
             prompt_logprobs=p.decoder_input_details,
         )
 
+    @property
+    def tokenizer(self):
+        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+
     def prepare(self) -> None:
+        """Blocking (tokenization, validation, maybe an adapter registration): runs on the prepare pool."""
         try:
             principal = self.state.auth.inference(self.request)
             target = resolve_model(self.state, principal, self._adapter(principal), param="parameters.adapter_id")
             self.target = target
             self.timer.label = target.label
             engine = self.state.require_engine()
-            self.tokenizer = engine.engine.tokenizer
             self.special = set(self.tokenizer.all_special_ids)
             prompt: str | list[int] = self.body.inputs
             if self.p.truncate is not None:
@@ -135,7 +139,7 @@ class LoraxRun:
     # ---- answers --------------------------------------------------------------------------
 
     async def generate(self) -> dict:
-        self.prepare()
+        await off_loop(self.state, self.prepare)
         try:
             results = await until_disconnect(self.request, collect(self.state, self.seqs, self.timer, self.target.adapter))
         except ClientGone:
@@ -198,8 +202,8 @@ class LoraxRun:
             self.timer.finish(status)
             await stream.aclose()
 
-    def stream_response(self):
-        self.prepare()
+    async def stream_response(self):
+        await off_loop(self.state, self.prepare)
         return sse_response(self.stream())
 
 
@@ -213,7 +217,7 @@ async def generate(body: LoraxRequest, request: Request):
 
 @router.post("/generate_stream")
 async def generate_stream(body: LoraxRequest, request: Request):
-    return LoraxRun(get_state(request), request, body).stream_response()
+    return await LoraxRun(get_state(request), request, body).stream_response()
 
 
 @router.post("/")
@@ -221,7 +225,7 @@ async def compat_generate(body: LoraxRequest, request: Request):
     """lorax-client's endpoint: `stream` picks SSE; otherwise a one-element JSON list."""
     run = LoraxRun(get_state(request), request, body)
     if body.stream:
-        return run.stream_response()
+        return await run.stream_response()
     try:
         return JSONResponse([await run.generate()])
     except ClientGone:

@@ -12,7 +12,7 @@ from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finit
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from loraplex.engine.api.serving import (ServerState, Target, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_model, seed_for, sse, sse_response,
+                                  merge_streams, off_loop, output_error, resolve_model, seed_for, sse, sse_response,
                                   token_text, until_disconnect)
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -116,8 +116,13 @@ class _Run:
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
         raise NotImplementedError
 
+    @property
+    def tokenizer(self):
+        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+
     # flow
     def prepare(self) -> None:
+        """Blocking (templates, tokenization, validation): runs on the prepare pool."""
         try:
             principal = self.state.auth.inference(self.request)
             self.target = resolve_model(self.state, principal, self.body.model)
@@ -126,7 +131,6 @@ class _Run:
             prompts = self.prompts(engine.engine)
             if len(prompts) * self.n > self.state.settings.max_n:
                 raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
-            self.tokenizer = engine.engine.tokenizer
             self.seqs = make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
             count_prompt_tokens(self.timer, self.seqs, self.n)
         except (APIError, RequestError) as exc:
@@ -135,7 +139,7 @@ class _Run:
             raise err from None
 
     async def respond(self):
-        self.prepare()
+        await off_loop(self.state, self.prepare)
         if self.body.stream:
             return sse_response(self.stream())
         try:
