@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finite, lorax_error_type
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
+from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
                                   merge_streams, off_loop, output_error, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
@@ -44,6 +45,7 @@ class LoraxRun:
         self.seed = self.p.seed
         if self.sampling and self.seed is None:
             self.seed = secrets.randbelow(2**63)  # reported in details, so the answer can be reproduced
+        self.grammar = None  # CompiledGrammar for parameters.response_format
 
     def _adapter(self, principal) -> str | None:
         aid = self.p.adapter_id
@@ -81,25 +83,23 @@ class LoraxRun:
             ignore_eos=p.ignore_eos_token,
             logprobs=p.return_k_alternatives or 0,  # every LoRAX token carries its logprob
             prompt_logprobs=p.decoder_input_details,
+            grammar=self.grammar.matcher() if self.grammar is not None else None,
         )
 
     @property
     def tokenizer(self):
         return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
 
-    def prepare(self) -> None:
-        """Blocking (tokenization, validation, maybe an adapter registration): runs on the prepare pool."""
+    async def prepare(self) -> None:
         try:
             principal = self.state.auth.inference(self.request)
             target = resolve_model(self.state, principal, self._adapter(principal), param="parameters.adapter_id")
             self.target = target
             self.timer.label = target.label
             engine = self.state.require_engine()
+            self.grammar = await compile_grammar(self.state, lorax_spec(self.p.response_format))
             self.special = set(self.tokenizer.all_special_ids)
-            prompt: str | list[int] = self.body.inputs
-            if self.p.truncate is not None:
-                prompt = engine.engine.tokenize(prompt)[-self.p.truncate:]
-            self.seqs = make_sequences(engine, self.request_id, [prompt], 1, self.params, target.adapter)
+            self.seqs = await off_loop(self.state, self._make_sequences, engine)
             count_prompt_tokens(self.timer, self.seqs, 1)
         except (APIError, RequestError) as exc:
             err = as_api_error(exc)
@@ -107,6 +107,13 @@ class LoraxRun:
                 err.param = ENGINE_PARAMS[err.param]
             self.timer.finish(err.status)
             raise err from None
+
+    def _make_sequences(self, engine) -> list:
+        """Blocking (tokenization, validation): runs on the prepare pool, off the event loop."""
+        prompt: str | list[int] = self.body.inputs
+        if self.p.truncate is not None:
+            prompt = engine.engine.tokenize(prompt)[-self.p.truncate:]
+        return make_sequences(engine, self.request_id, [prompt], 1, self.params, self.target.adapter)
 
     # ---- shapes --------------------------------------------------------------------------
 
@@ -139,7 +146,7 @@ class LoraxRun:
     # ---- answers --------------------------------------------------------------------------
 
     async def generate(self) -> dict:
-        await off_loop(self.state, self.prepare)
+        await self.prepare()
         try:
             results = await until_disconnect(self.request, collect(self.state, self.seqs, self.timer, self.target.adapter))
         except ClientGone:
@@ -203,7 +210,7 @@ class LoraxRun:
             await stream.aclose()
 
     async def stream_response(self):
-        await off_loop(self.state, self.prepare)
+        await self.prepare()
         return sse_response(self.stream())
 
 

@@ -84,7 +84,7 @@ class LLMEngine:
             raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterManager(config, model, self.model_config)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager, self.adapters)
@@ -277,4 +277,6 @@ class LLMEngine:
             "num_free_blocks": self.block_manager.num_free,
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.queries,
+            "prefix_cache_hits": self.block_manager.hits,
         }
