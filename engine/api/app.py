@@ -104,6 +104,8 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            if state.prepare_pool is not None:
+                state.prepare_pool.shutdown(wait=False, cancel_futures=True)
             if state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)
             await asyncio.to_thread(tracing.shutdown, tracer_provider)
