@@ -23,7 +23,7 @@ from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
 from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_model, sse, sse_response, token_text,
+                                  merge_streams, off_loop, output_error, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
 from loraplex.engine.core.adapters.merge import MergeSpec, ensure_merged
 from loraplex.engine.core.errors import RequestError
@@ -103,6 +103,10 @@ class LoraxRun:
             Authenticator.check_adapter(principal, manifest)
         return await asyncio.to_thread(ensure_merged, mgr, spec)
 
+    @property
+    def tokenizer(self):
+        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+
     async def prepare(self) -> None:
         try:
             principal = self.state.auth.inference(self.request)
@@ -112,12 +116,8 @@ class LoraxRun:
             self.timer.label = target.label
             engine = self.state.require_engine()
             self.grammar = await compile_grammar(self.state, lorax_spec(self.p.response_format))
-            self.tokenizer = engine.engine.tokenizer
             self.special = set(self.tokenizer.all_special_ids)
-            prompt: str | list[int] = self.body.inputs
-            if self.p.truncate is not None:
-                prompt = engine.engine.tokenize(prompt)[-self.p.truncate:]
-            self.seqs = make_sequences(engine, self.request_id, [prompt], 1, self.params, target.adapter)
+            self.seqs = await off_loop(self.state, self._make_sequences, engine)
             count_prompt_tokens(self.timer, self.seqs, 1)
         except (APIError, RequestError) as exc:
             err = as_api_error(exc)
@@ -127,6 +127,13 @@ class LoraxRun:
                 err.param = f"parameters.{err.param}"
             self.timer.finish(err.status)
             raise err from None
+
+    def _make_sequences(self, engine) -> list:
+        """Blocking (tokenization, validation): runs on the prepare pool, off the event loop."""
+        prompt: str | list[int] = self.body.inputs
+        if self.p.truncate is not None:
+            prompt = engine.engine.tokenize(prompt)[-self.p.truncate:]
+        return make_sequences(engine, self.request_id, [prompt], 1, self.params, self.target.adapter)
 
     # ---- shapes --------------------------------------------------------------------------
 
