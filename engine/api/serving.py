@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
+from loraplex.engine.api import tracing
 from loraplex.engine.api.auth import Authenticator, Principal
 from loraplex.engine.api.errors import APIError, ClientGone
 from loraplex.engine.api.metrics import Metrics, RequestTimer
@@ -117,7 +118,8 @@ def seed_for(seed: int | None, i: int) -> int | None:
 
 
 async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Stream several sequences as one: (choice index, output). Closing it aborts them all."""
+    """Stream several sequences as one: (choice index, output). Closing it aborts them all.
+    When it ends, the sequences' trace spans are recorded (a no-op with tracing off)."""
     if len(seqs) == 1:
         agen = engine.stream(seqs[0])
         try:
@@ -125,6 +127,7 @@ async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncItera
                 yield 0, out
         finally:
             await agen.aclose()
+            tracing.record_sequences(seqs, engine.engine.served_model_name)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -156,6 +159,7 @@ async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncItera
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        tracing.record_sequences(seqs, engine.engine.served_model_name)
 
 
 @dataclass
