@@ -12,7 +12,7 @@ from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finit
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from loraplex.engine.api.serving import (ServerState, Target, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_dynamic, resolve_model, seed_for, sse, sse_response,
+                                  merge_streams, off_loop, output_error, resolve_dynamic, resolve_model, seed_for, sse, sse_response,
                                   token_text, until_disconnect)
 from loraplex.engine.api.structured import compile_grammar, openai_spec
 from loraplex.engine.api import tools as tool_calls
@@ -141,6 +141,10 @@ class _Run:
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
         raise NotImplementedError
 
+    @property
+    def tokenizer(self):
+        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+
     # flow
     async def prepare(self) -> None:
         try:
@@ -150,16 +154,19 @@ class _Run:
             engine = self.state.require_engine()
             self.bias = logit_bias(self.body, engine.engine.model_config.vocab_size)
             self.grammar = await compile_grammar(self.state, self.grammar_spec())
-            prompts = self.prompts(engine.engine)
-            if len(prompts) * self.n > self.state.settings.max_n:
-                raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
-            self.tokenizer = engine.engine.tokenizer
-            self.seqs = make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
+            self.seqs = await off_loop(self.state, self._make_sequences, engine)
             count_prompt_tokens(self.timer, self.seqs, self.n)
         except (APIError, RequestError) as exc:
             err = as_api_error(exc)
             self.timer.finish(err.status)
             raise err from None
+
+    def _make_sequences(self, engine) -> list:
+        """Blocking (chat template, tokenization, validation): runs on the prepare pool, off the event loop."""
+        prompts = self.prompts(engine.engine)
+        if len(prompts) * self.n > self.state.settings.max_n:
+            raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
+        return make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
 
     async def respond(self):
         await resolve_dynamic(self.state, self.request, self.body.model, self.timer)
@@ -389,7 +396,7 @@ class ChatRun(_Run):
         return {"index": index, "message": message, "logprobs": self.logprobs(r.logprobs),
                 "finish_reason": self._finish(r.finish_reason, calls), "stop_reason": r.stop_reason}
 
-    def _stream_text(self, index: int, out) -> tuple[str, list[tool_calls.ParsedCall]]:
+    def stream_text(self, index: int, out) -> tuple[str, list[tool_calls.ParsedCall]]:
         """(content to send, calls completed) for this output of a streamed choice."""
         if self.constrained:
             self.buffered[index] = self.buffered.get(index, "") + out.new_text
@@ -403,7 +410,7 @@ class ChatRun(_Run):
         return stream.feed(out.new_text, out.finished)
 
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
-        text, calls = self._stream_text(index, out)
+        text, calls = self.stream_text(index, out)
         delta: dict = {}
         if first:
             delta["role"] = "assistant"

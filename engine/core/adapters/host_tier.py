@@ -1,7 +1,8 @@
 """The host-RAM tier: parsed, scaled adapter weights, bounded in bytes (and in count).
 
 An entry's host copy is *pinned* while it is loading into a slot soon: a request waits for it
-(`waiters`) and it has no slot yet, or it is a preload not yet placed. Every other copy may be
+(`waiters`) and it has no slot yet, or it is a preload not yet placed; and always for a merged
+adapter (it has no file). Every other copy may be
 dropped, least recently used first: an adapter that has a device slot keeps serving from the
 slot, and one that has neither goes back to disk (a later request reloads it).
 
@@ -15,7 +16,8 @@ from loraplex.engine.core.adapters.registry import AdapterEntry
 
 
 def pinned_in_host(entry: AdapterEntry) -> bool:
-    return entry.slot is None and (bool(entry.waiters) or entry.manifest.preload)
+    """A merged adapter has no file to reload from: its copy stays (merge.py caps how many)."""
+    return entry.merged or (entry.slot is None and (bool(entry.waiters) or entry.manifest.preload))
 
 
 class HostTier:

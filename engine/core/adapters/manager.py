@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.engine.core.adapters.checkpoint import AdapterFormatError
+from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, AdapterWeights
 from loraplex.engine.core.adapters.device_slots import DeviceSlots
 from loraplex.engine.core.adapters.disk_tier import DiskTier
 from loraplex.engine.core.adapters.host_tier import HostTier
@@ -37,6 +37,7 @@ from loraplex.engine.model.config import ModelConfig
 from loraplex.manifest import AdapterManifest, AdapterState
 
 log = logging.getLogger("loraplex.adapters")
+MAX_MERGED = 16  # merged adapters kept (their weights live only in RAM)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class AdapterManager:
         self.resolver = NameResolver(self.source.locate, self._register_dynamic, config.max_concurrent_adapter_loads,
                                      NegativeCache(config.adapter_negative_cache_seconds,
                                                    config.adapter_negative_cache_size))
+        self.merged_lru: OrderedDict[str, None] = OrderedDict()  # merged adapters, oldest first
+        self.last_sweep = 0.0
 
     # ---- registry (any thread) ------------------------------------------------------------
 
@@ -129,7 +132,34 @@ class AdapterManager:
             if entry is None:
                 return False
             self._drop(entry)
+            self.merged_lru.pop(name, None)
             return True
+
+    def register_merged(self, name: str, weights: AdapterWeights, tenants: list[str]) -> None:
+        """Add a merged adapter (merge.py) whose host weights are given. It stays in RAM (pinned in
+        the host tier: there is no file to reload it from) until MAX_MERGED newer merges push it
+        out; then it is unregistered (its slot frees when its last running request ends) and made
+        again on need."""
+        with self.lock:
+            if self.registry.get(name) is not None:
+                if name in self.merged_lru:
+                    self.merged_lru.move_to_end(name)
+                return
+            manifest = AdapterManifest(name=name, source="local", uri=f"merged/{name}", tenants=tenants)
+            entry = self.registry.add(manifest)
+            entry.merged = True
+            self._set_weights(entry, weights)
+            self.host.add(entry)
+            self.merged_lru[name] = None
+            while len(self.merged_lru) > MAX_MERGED:
+                self.unregister(next(iter(self.merged_lru)))
+            self._evict_host()
+
+    def host_weights(self, name: str) -> AdapterWeights | None:
+        """The adapter's weights if RAM holds them (merges read their sources through this)."""
+        with self.lock:
+            entry = self.registry.get(name)
+            return entry.weights if entry is not None else None
 
     def _drop(self, entry: AdapterEntry) -> None:
         """Forget an entry's weights; its slot frees now, or when its last running user leaves."""
@@ -164,7 +194,11 @@ class AdapterManager:
         """The manifest serving `name`: a registered name, or a name resolved from the default source."""
         with self.lock:
             entry = self._lookup(name)
-            return entry.manifest if entry else None
+            if entry is None:
+                return None
+            if entry.dynamic:  # a request is about to use it: keep it until that request is queued
+                entry.resolved_at = time.monotonic()
+            return entry.manifest
 
     def check_servable(self, name: str) -> None:
         with self.lock:
@@ -213,6 +247,7 @@ class AdapterManager:
             entry = self._lookup(name)
             if entry is not None and not entry.removed:
                 self.registry.touch(entry)
+                entry.resolved_at = time.monotonic()
                 return _done(entry.name)
         if self.dynamic == "off":
             f: Future = Future()
@@ -234,6 +269,7 @@ class AdapterManager:
                                                   f"a registered adapter)", param="model")
                     entry = self.registry.add(manifest, dynamic=True)
                     entry.source_name = requested
+                entry.resolved_at = time.monotonic()
                 self._enqueue(entry)  # start loading now: the request follows at once
                 name = entry.name
             if requested != name:
@@ -308,9 +344,8 @@ class AdapterManager:
                 self._forget_if_done(entry)
                 self._pump()
                 return
-            entry.weights, entry.load_seconds = weights, seconds
-            entry.rank, entry.target_modules, entry.nbytes = weights.rank, weights.target_modules, weights.nbytes
-            entry.digest = weights.digest
+            self._set_weights(entry, weights)
+            entry.load_seconds = seconds
             self.mean_bytes = weights.nbytes if not self.mean_bytes else (7 * self.mean_bytes + weights.nbytes) // 8
             self.counters.load_seconds.append(seconds)
             self.host.add(entry)
@@ -318,6 +353,11 @@ class AdapterManager:
             if entry.manifest.preload:
                 self.pending_placement.add(entry.name)
             self._pump()
+
+    @staticmethod
+    def _set_weights(entry: AdapterEntry, weights: AdapterWeights) -> None:
+        entry.weights, entry.rank, entry.target_modules = weights, weights.rank, weights.target_modules
+        entry.nbytes, entry.digest = weights.nbytes, weights.digest
 
     def _evict_host(self, extra_bytes: int = 0) -> None:
         for dropped in self.host.evict(extra_bytes):
@@ -327,9 +367,11 @@ class AdapterManager:
     def _forget_if_done(self, entry: AdapterEntry) -> None:
         """A dynamic entry that holds nothing is forgotten (the registry stays bounded); one whose
         load failed is remembered as bad in the negative cache for a while."""
-        if not entry.dynamic or not entry.idle:
-            return
-        if self.registry.forget_if_idle(entry) and entry.message is not None and entry.source_name:
+        if entry.dynamic and entry.idle and self.registry.forget_if_idle(entry):
+            self._remember_failure(entry)
+
+    def _remember_failure(self, entry: AdapterEntry) -> None:
+        if entry.message is not None and entry.source_name:
             self.resolver.forget(entry.source_name, InvalidAdapterError(
                 f"{entry.source_name!r} is not a servable LoRA adapter: {entry.message}", param="model"))
 
@@ -394,9 +436,15 @@ class AdapterManager:
                 self._forget_if_done(entry)
 
     def on_step(self) -> None:
-        """Start loads that waited for room; place loaded preload adapters (step thread)."""
+        """Start loads that waited for room; place loaded preload adapters; once a second, forget
+        dynamic entries that hold nothing (step thread)."""
         with self.lock:
             self._pump()
+            now = time.monotonic()
+            if now - self.last_sweep >= 1.0:
+                self.last_sweep = now
+                for entry in self.registry.sweep():
+                    self._remember_failure(entry)
             for name in list(self.pending_placement):
                 entry = self.registry.get(name)
                 if entry is None or entry.weights is None or entry.slot is not None or self._place(entry):

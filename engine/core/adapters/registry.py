@@ -9,11 +9,16 @@ Every method here runs under the manager's lock (the caller holds it).
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from loraplex.engine.core.adapters.checkpoint import AdapterWeights
 from loraplex.manifest import AdapterManifest, AdapterState
+
+# A dynamic entry is kept this long after its name was last resolved, even holding nothing: its
+# request is on its way from the HTTP layer to the step loop (which marks it wanted).
+RESOLVED_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -22,6 +27,7 @@ class AdapterEntry:
     generation: int  # bumped when the manifest's content changes: stale loads are dropped
     dynamic: bool = False  # resolved by name from the default source, not registered
     source_name: str | None = None  # the name a request used, for a dynamic entry
+    merged: bool = False  # a per-request merge (merge.py): weights made in RAM, nothing to fetch
     weights: AdapterWeights | None = None  # the host-RAM copy
     rank: int = 0  # known once loaded; kept while the weights live only in a device slot
     target_modules: tuple[str, ...] = ()
@@ -35,6 +41,7 @@ class AdapterEntry:
     # host copy; each leaves the set when it is admitted, finishes or is aborted.
     waiters: set[str] = field(default_factory=set)
     load_seconds: float | None = None
+    resolved_at: float = 0.0  # time.monotonic() of the last resolution of a dynamic name
 
     @property
     def name(self) -> str:
@@ -86,8 +93,9 @@ class Registry:
         self.entries[manifest.name] = entry
         self.dynamic_lru.pop(manifest.name, None)
         if dynamic:
-            self.dynamic_lru[manifest.name] = None
+            entry.resolved_at = time.monotonic()
             self._trim_dynamic()
+            self.dynamic_lru[manifest.name] = None
         return entry
 
     def pop(self, name: str) -> AdapterEntry | None:
@@ -99,21 +107,32 @@ class Registry:
             self.dynamic_lru.move_to_end(entry.name)
 
     def forget_if_idle(self, entry: AdapterEntry) -> bool:
-        """Drop a dynamic entry that holds nothing; True if it was dropped."""
-        if entry.dynamic and entry.idle and self.entries.get(entry.name) is entry:
+        """Drop a dynamic entry that holds nothing and was not just resolved; True if dropped."""
+        if (entry.dynamic and entry.idle and self.entries.get(entry.name) is entry
+                and time.monotonic() - entry.resolved_at >= RESOLVED_GRACE_SECONDS):
             self.pop(entry.name)
             return True
         return False
 
     def _trim_dynamic(self) -> None:
         """Resolved names whose requests never came (a client gave up in between) hold nothing but
-        a registry row; past the cap, the least recently used idle ones go."""
+        a registry row; past the cap, the least recently used idle ones go (once their grace
+        period is over: the cap may be exceeded by the names resolved in the last 10 s)."""
         excess = len(self.dynamic_lru) - self.max_dynamic
         for name in list(self.dynamic_lru):
             if excess <= 0:
                 break
             if self.forget_if_idle(self.entries[name]):
                 excess -= 1
+
+    def sweep(self) -> list[AdapterEntry]:
+        """Forget every dynamic entry that holds nothing and whose grace period is over."""
+        gone = []
+        for name in list(self.dynamic_lru):
+            entry = self.entries[name]
+            if self.forget_if_idle(entry):
+                gone.append(entry)
+        return gone
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in AdapterState}

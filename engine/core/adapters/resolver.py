@@ -85,7 +85,8 @@ class NameResolver:
             self.in_flight.pop(name, None)
 
     def _resolve(self, name: str) -> str:
-        self.lookups += 1
+        with self.lock:
+            self.lookups += 1
         try:
             manifest = self.locate(name)
         except RequestError as exc:

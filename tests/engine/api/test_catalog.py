@@ -168,3 +168,229 @@ def test_a_burst_of_1000_unknown_names(catalog_server):
     assert len(httpx.get(catalog_server.url + "/v1/adapters").json()["data"]) == registry
     print(f"\nRSS growth over 2,000 requests for 1,000 unknown names: {(rss_after - rss) / 2**20:.2f} MiB")
     assert rss_after - rss < 32 * 2**20
+
+
+# ---- router metrics ----------------------------------------------------------------------------
+
+async def _stream_tokens(client: httpx.AsyncClient, name: str, max_tokens: int, on_token=None) -> int:
+    """Stream a completion; returns the tokens received (a chunk may carry several: its logprobs
+    list them one by one). on_token() is called per token."""
+    n = 0
+    async with client.stream("POST", "/v1/completions", json={
+            "model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "logprobs": 0}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:]).get("choices", []):
+                    for _ in (choice.get("logprobs") or {}).get("tokens", []):
+                        n += 1
+                        if on_token:
+                            on_token(n)
+    return n
+
+
+def test_router_metrics_while_requests_run_and_wait(catalog_server):
+    running_names = ["cat-00100", "cat-00101", "cat-00102"]  # one per slot
+    waiting_name = "cat-00103"
+
+    async def main():
+        async with httpx.AsyncClient(base_url=catalog_server.url, timeout=120) as client:
+            started = {n: asyncio.Event() for n in running_names}
+            long = [asyncio.create_task(_stream_tokens(client, n, 300, lambda _k, n=n: started[n].set()))
+                    for n in running_names]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 60)
+            cold = asyncio.create_task(_stream_tokens(client, waiting_name, 2))
+            t0 = time.time()
+            seen = None
+            while not cold.done():
+                samples = parse_metrics((await client.get("/metrics")).text)
+                info = lora_info(catalog_server)
+                if info["waiting_lora_adapters"] and metric(samples, "vllm:num_requests_waiting", model_name="base") >= 1:
+                    seen = (samples, info)
+                    break
+                await asyncio.sleep(0.02)
+            assert seen is not None, "never saw the fourth adapter waiting while three ran"
+            samples, info = seen
+            assert info["max_lora"] == str(MAX_SLOTS)
+            assert sorted(info["running_lora_adapters"].split(",")) == running_names
+            assert info["waiting_lora_adapters"].split(",") == [waiting_name]
+            assert t0 - 1 <= info["value"] <= time.time() + 1  # the value is the report's timestamp
+            assert metric(samples, "vllm:num_requests_running", model_name="base") == 3
+            assert metric(samples, "vllm:num_requests_waiting", model_name="base") == 1
+            assert 0 < metric(samples, "vllm:kv_cache_usage_perc", model_name="base") <= 1
+            assert await cold == 2 and all(n == 300 for n in await asyncio.gather(*long))
+
+    asyncio.run(main())
+    wait_until(lambda: metric(scrape(catalog_server), "vllm:num_requests_running", model_name="base") == 0, 30, "idle")
+    info = lora_info(catalog_server)
+    assert info["running_lora_adapters"] == "" and info["waiting_lora_adapters"] == ""
+    assert metric(scrape(catalog_server), "vllm:num_requests_waiting", model_name="base") == 0
+
+
+# ---- fairness --------------------------------------------------------------------------------
+
+def test_a_cold_adapter_is_served_within_the_fairness_bound(catalog_server):
+    """Steady traffic keeps every slot pinned by three hot adapters; a request for a fourth must
+    still be admitted within the bound of docs/engine.md "Fairness": other adapter requests
+    generate at most max_num_seqs x max_tokens tokens between its starvation and its admission.
+    Counted in tokens, not seconds (timings do not belong in tests)."""
+    hot, cold, hot_tokens, max_num_seqs = ["cat-00200", "cat-00201", "cat-00202"], "cat-00203", 16, 8
+    bound = max_num_seqs * hot_tokens + max_num_seqs * 10  # + 10 steps for the cold name's resolve and load
+    cap = 3000  # hot tokens after which the hot clients give up (then the cold request would run alone)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=catalog_server.url, timeout=120) as client:
+            hot_total = 0
+            cold_sent_at = cold_first_at = None
+            stop = asyncio.Event()
+
+            def count(_n):
+                nonlocal hot_total
+                hot_total += 1
+
+            async def hot_client(name):
+                while not stop.is_set() and hot_total < cap:
+                    await _stream_tokens(client, name, hot_tokens, count)
+
+            def cold_token(_n):
+                nonlocal cold_first_at
+                if cold_first_at is None:
+                    cold_first_at = hot_total
+
+            clients = [asyncio.create_task(hot_client(n)) for n in hot for _ in range(2)]
+            while hot_total < 100:  # the slots are pinned and the traffic is steady
+                await asyncio.sleep(0.01)
+            cold_sent_at = hot_total
+            await _stream_tokens(client, cold, 2, cold_token)
+            stop.set()
+            await asyncio.gather(*clients)
+            return cold_first_at - cold_sent_at
+
+    between = asyncio.run(main())
+    print(f"\nhot tokens generated between the cold request's arrival and its first token: {between} (bound {bound})")
+    assert between <= bound
+
+
+# ---- catalog soak ------------------------------------------------------------------------------
+
+SOAK_REQUESTS = 1200
+SOAK_CLIENTS = 24
+
+
+def soak_jobs(catalog, rng: random.Random) -> list[tuple[str, str]]:
+    """(kind, name): Zipf-like popularity over the whole catalog (rank k has weight 1/k^1.1, the
+    ranks shuffled over the names), plus unknown names, path escapes and disconnects."""
+    names = list(catalog.names)
+    rng.shuffle(names)
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(names))]
+    jobs = []
+    for i in range(SOAK_REQUESTS):
+        r = rng.random()
+        if r < 0.05:
+            jobs.append(("unknown", f"ghost-{i}"))
+        elif r < 0.07:
+            jobs.append(("escape", rng.choice(["../classes/class-0", "/etc", "escape-link"])))
+        elif r < 0.12:
+            jobs.append(("disconnect", rng.choices(names, weights)[0]))
+        else:
+            jobs.append((rng.choice(["lorax", "openai", "chat-stream"]), rng.choices(names, weights)[0]))
+    return jobs
+
+
+@pytest.mark.slow
+def test_catalog_soak(catalog_server, catalog, reference, host_budget):
+    rng = random.Random(7)
+    jobs = soak_jobs(catalog, rng)
+    statuses: dict[tuple[str, int], int] = {}
+    wrong: list[str] = []
+    peaks = {"host": 0, "device": 0}
+    budgets = {}
+
+    async def run(client, kind, name):
+        if kind in ("unknown", "escape", "openai"):
+            r = await client.post("/v1/completions", json={"model": name, "prompt": PROMPT, "max_tokens": 4,
+                                                           "temperature": 0, "ignore_eos": True})
+            if r.status_code == 200 and r.json()["usage"]["completion_tokens"] != 4:
+                wrong.append(f"{name}: {r.text[:200]}")
+            return r.status_code
+        if kind == "lorax":
+            r = await client.post("/generate", json={"inputs": PROMPT, "parameters": {
+                "adapter_id": name, "max_new_tokens": 4, "details": True, "ignore_eos_token": True}})
+            if r.status_code == 200:
+                ids = [t["id"] for t in r.json()["details"]["tokens"]]
+                if ids != reference[catalog.weights_class(name)][:4]:
+                    wrong.append(f"{name}: {ids}")
+            return r.status_code
+        body = {"model": name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4 if kind != "disconnect" else 200,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            status = r.status_code
+            async for line in r.aiter_lines():
+                if kind == "disconnect" and line.startswith("data: {"):
+                    return 499  # leave mid-stream: the server aborts the request
+        return status
+
+    async def sample_tiers(client, stop):
+        while not stop.is_set():
+            s = parse_metrics((await client.get("/metrics")).text)
+            for tier in peaks:
+                peaks[tier] = max(peaks[tier], metric(s, "loraplex_adapter_bytes", tier=tier))
+                budgets[tier] = metric(s, "loraplex_adapter_budget_bytes", tier=tier)
+            await asyncio.sleep(0.2)
+
+    async def main(job_list):
+        queue = asyncio.Queue()
+        for job in job_list:
+            queue.put_nowait(job)
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(base_url=catalog_server.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=SOAK_CLIENTS + 4)) as client:
+            sampler = asyncio.create_task(sample_tiers(client, stop))
+
+            async def worker():
+                while not queue.empty():
+                    kind, name = queue.get_nowait()
+                    status = await run(client, kind, name)
+                    statuses[(kind, status)] = statuses.get((kind, status), 0) + 1
+
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(SOAK_CLIENTS))), 600)  # nothing hangs
+            stop.set()
+            await sampler
+
+    asyncio.run(main(jobs[:100]))  # warm-up: threads, pools, the first loads
+    rss_before = rss_bytes(catalog_server.proc.pid)
+    started = time.monotonic()
+    asyncio.run(main(jobs[100:]))
+    seconds = time.monotonic() - started
+    wait_until(lambda: metric(scrape(catalog_server), "vllm:num_requests_running", model_name="base") == 0, 60, "idle")
+    rss_after = rss_bytes(catalog_server.proc.pid)
+    distinct = len({n for k, n in jobs if k in ("lorax", "openai", "chat-stream", "disconnect")})
+    print(f"\ncatalog soak: {len(jobs)} requests over {distinct} distinct adapters ({len(catalog.names)} on disk) in "
+          f"{seconds:.1f} s after warm-up; statuses {dict(sorted(statuses.items()))}; RSS growth "
+          f"{(rss_after - rss_before) / 2**20:.1f} MiB; peak host tier {peaks['host']:.0f} of {budgets['host']:.0f} "
+          f"bytes; peak device tier {peaks['device']:.0f} of {budgets['device']:.0f} bytes")
+
+    assert not [s for _, s in statuses if s >= 500], statuses
+    expected = {"unknown": 404, "escape": 400, "disconnect": 499, "lorax": 200, "openai": 200, "chat-stream": 200}
+    assert all(status == expected[kind] for kind, status in statuses), statuses
+    assert not wrong, wrong[:5]
+    largest = max((c / "adapter_model.safetensors").stat().st_size for c in catalog.classes)
+    assert peaks["host"] <= host_budget + 2 * largest  # + the loads in flight (--adapter-load-workers 2)
+    assert peaks["device"] <= budgets["device"]
+    assert rss_after - rss_before < 64 * 2**20
+    final = scrape(catalog_server)
+    assert metric(final, "vllm:num_requests_waiting", model_name="base") == 0
+    assert metric(final, "loraplex_num_requests_running") == 0
+    info = lora_info(catalog_server)
+    assert info["running_lora_adapters"] == "" and info["waiting_lora_adapters"] == ""
+
+    # The registry is bounded by the tiers, not by the catalog: once the names resolved in the
+    # last 10 s are past their grace period, it holds what the host and device tiers hold plus at
+    # most --max-dynamic-adapters (64) rows that hold nothing.
+    def idle_rows():
+        rows = httpx.get(catalog_server.url + "/v1/adapters").json()["data"]
+        return len([a for a in rows if a["dynamic"] and a["state"] in ("registered", "failed")]), len(rows)
+
+    wait_until(lambda: idle_rows()[0] <= 64, 30, "idle dynamic rows within --max-dynamic-adapters")
+    print(f"registry after the soak: {idle_rows()[1]} rows")
