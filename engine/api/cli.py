@@ -85,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "sha256:<hex>"]}; see docs/api.md')
     sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
+    sec.add_argument("--prepare-workers", type=_non_negative_int, default=s["prepare_workers"],
+                     help="threads that template, tokenize and validate requests (0: on the event loop)")
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
                      help="distinct per-adapter metric label values; beyond: 'other'")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tool-call-parser", default=s["tool_call_parser"], choices=["auto", "hermes", "llama3_json"],
+                   help="how tool calls are read from the output; auto: from the chat template")
     return p
 
 
@@ -108,7 +112,8 @@ def configs_from_args(args: argparse.Namespace):
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=args.max_body_bytes, prepare_workers=args.prepare_workers,
+        tool_call_parser=args.tool_call_parser,
     )
     return config, settings
 

@@ -13,7 +13,9 @@ they read only immutable state, so bad requests are refused before they reach th
 """
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -61,15 +63,16 @@ class LLMEngine:
         self.dtype = config.resolve_dtype(self.device, self.model_config.torch_dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         # Sliding windows are honoured by the attention (model/attention.py): no cap needed.
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._thread_tokenizers = threading.local()
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"{self.model_dir} has no fast (tokenizers) tokenizer; the engine decodes with tokenizers")
         # The output processor decodes with an instance of its own: Rust tokenizers must not be
         # shared across threads (huggingface/tokenizers#537).
         self.output_processor = OutputProcessor(Tokenizer.from_str(backend.to_str()))
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
-            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+            (self._tokenizer.eos_token_id,) if self._tokenizer.eos_token_id is not None else ())
 
         model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=config.max_active_adapters,
                            max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
@@ -98,6 +101,16 @@ class LLMEngine:
         return max(1, min(enough, cfg.cpu_kv_cache_bytes // per_block))
 
     # ---- requests -------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The calling thread's own copy of the HF tokenizer. Prompts are encoded on a thread
+        pool, token texts decoded on the event loop, and a Rust tokenizer must not be used from
+        two threads at once (huggingface/tokenizers#537). One copy per thread, made on first use."""
+        tok = getattr(self._thread_tokenizers, "tokenizer", None)
+        if tok is None:
+            tok = self._thread_tokenizers.tokenizer = copy.deepcopy(self._tokenizer)
+        return tok
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from loraplex.engine.core.logits_processors import apply_logits_processors
 from loraplex.engine.core.sequence import Sequence, TokenLogprob
 
 
@@ -34,6 +35,7 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator) -> list[int]:
     """logits: [B, V] float32, one row per sequence. Records logprobs on the sequences that ask."""
+    apply_logits_processors(logits, seqs)
     apply_repetition_penalty(logits, seqs)
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
