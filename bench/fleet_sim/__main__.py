@@ -8,6 +8,7 @@ See bench/README.md ("Fleet simulator") for the model, its fit and its validatio
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             log.info("%3d replicas %-12s ttft p50 %.2fs p99 %.2fs  warm-hit %.1f%%  cold %.2f/s  tok/s %.0f  (%.1fs)",
                      n, name, m["ttft_p50_s"], m["ttft_p99_s"], 100 * m["warm_hit_rate"], m["cold_loads_per_s"],
                      m["throughput_tok_s"], m["sim_wall_s"])
-    data = __import__("json").loads(Path(args.costs).read_text())
+    data = json.loads(Path(args.costs).read_text())
     cols = data["columns"]
     samples = [(s[cols.index("seconds")], costs.step_seconds(s[cols.index("rows")], s[cols.index("prefill_tokens")],
                                                              s[cols.index("distinct_adapters")])) for s in data["step_samples"]]
