@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,9 @@ class AdapterWeights:
     target_modules: tuple[str, ...]
     nbytes: int
     digest: str = ""  # sha256 of adapter_config.json + the weights file: the prefix cache's adapter identity
+    # (layer, module) -> the LoRA scaling folded into B (alpha / r, or alpha / sqrt(r) with rslora);
+    # merges (merge.py) need the unscaled B back.
+    scales: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
 def _pattern_value(patterns: dict, module_key: str, default):
@@ -108,6 +111,7 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    scales: dict[tuple[int, str], float] = {}
     for (layer, module), ab in sorted(pairs.items()):
         name = f"layer {layer} {module}"
         if set(ab) != {"A", "B"}:
@@ -132,10 +136,12 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterFormatError(f"{name}: weights contain NaN or infinity")
         weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        scales[(layer, module)] = scale
     return AdapterWeights(
         weights=weights,
         rank=max(a.shape[0] for a, _ in weights.values()),
         target_modules=tuple(sorted({m for _, m in weights})),
         nbytes=sum(a.nbytes + b.nbytes for a, b in weights.values()),
         digest=digest.hexdigest(),
+        scales=scales,
     )
