@@ -156,6 +156,9 @@ def test_cost_fit_recovers_known_coefficients():
                         "step_samples": rows, "disk_to_host_seconds": [0.01, 0.02], "host_to_device_seconds": [0.001]})
     assert (c.c0, c.c_row, c.c_token, c.c_adapter) == pytest.approx((0.02, 0.003, 0.0004, 0.005), rel=1e-6)
     assert c.fit["r2"] == pytest.approx(1.0)
+    slow = c.with_disk_loads_scaled(20)
+    assert slow.disk_load_s == pytest.approx((0.2, 0.4)) and slow.c0 == c.c0
+    assert c.scaled(2).step_seconds(4, 10, 2) == pytest.approx(2 * c.step_seconds(4, 10, 2))
 
 
 def test_committed_cost_data_fits_the_engine(costs):
