@@ -8,6 +8,7 @@ See bench/README.md ("Fleet simulator") for the model, its fit and its validatio
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds between the router's scrapes (the EPP's --refresh-metrics-interval default: 50 ms)")
     p.add_argument("--gie-weights", type=_floats, default=(2.0, 2.0, 1.0), help="queue,kv,lora-affinity scorer weights")
     p.add_argument("--costs", type=Path, default=cost_model.DEFAULT_DATA, help="measured engine costs (JSON)")
+    p.add_argument("--disk-load-scale", type=float, default=1.0,
+                   help="multiply the measured disk -> host load times (e.g. 20: ~1 s, a fetch from an object store)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="check the cache and conservation invariants while running")
     p.add_argument("--quick", action="store_true", help="a small fleet for seconds; implies --strict")
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     costs = cost_model.load(args.costs)
+    if args.disk_load_scale != 1.0:
+        costs = costs.with_disk_loads_scaled(args.disk_load_scale)
     rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs)
     t0 = time.perf_counter()
     runs, workloads = [], {}
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
             log.info("%3d replicas %-12s ttft p50 %.2fs p99 %.2fs  warm-hit %.1f%%  cold %.2f/s  tok/s %.0f  (%.1fs)",
                      n, name, m["ttft_p50_s"], m["ttft_p99_s"], 100 * m["warm_hit_rate"], m["cold_loads_per_s"],
                      m["throughput_tok_s"], m["sim_wall_s"])
-    data = __import__("json").loads(Path(args.costs).read_text())
+    data = json.loads(Path(args.costs).read_text())
     cols = data["columns"]
     samples = [(s[cols.index("seconds")], costs.step_seconds(s[cols.index("rows")], s[cols.index("prefill_tokens")],
                                                              s[cols.index("distinct_adapters")])) for s in data["step_samples"]]
@@ -121,6 +126,7 @@ def main(argv=None) -> int:
         "meta": {"command": "python -m bench.fleet_sim " + shlex.join(sys.argv[1:] if argv is None else argv),
                  "seed": args.seed, "wall_s": time.perf_counter() - t0, "rate_per_replica": args.rate_per_replica,
                  "warmup_s": args.warmup, "scrape_interval_s": args.scrape_interval, "gie_weights": list(args.gie_weights),
+                 "disk_load_scale": args.disk_load_scale,
                  "replica": rcfg.__dict__, "quick": args.quick, "strict": args.strict},
         "workload": spec.describe() | {"rate": "rate_per_replica x replicas"},
         "workload_summary": workloads,

@@ -18,7 +18,7 @@ off the step), and a host -> device copy adds the measured median to the step th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,18 @@ class StepCost:
 
     def draw_disk_load(self, rng: np.random.Generator) -> float:
         return float(self.disk_load_s[int(rng.integers(len(self.disk_load_s)))])
+
+    def scaled(self, factor: float) -> "StepCost":
+        """Every cost times `factor`: the same engine on a CPU `factor` times slower (the
+        validation's speed-calibrated what-if)."""
+        return replace(self, c0=self.c0 * factor, c_row=self.c_row * factor, c_token=self.c_token * factor,
+                       c_adapter=self.c_adapter * factor, disk_load_s=tuple(s * factor for s in self.disk_load_s),
+                       h2d_s=self.h2d_s * factor)
+
+    def with_disk_loads_scaled(self, factor: float) -> "StepCost":
+        """Disk -> host loads `factor` times slower (an object store or the Hub instead of the
+        page cache); the steps unchanged."""
+        return replace(self, disk_load_s=tuple(s * factor for s in self.disk_load_s))
 
     def coefficients(self) -> dict:
         return {"c0_s": self.c0, "c_row_s": self.c_row, "c_token_s": self.c_token, "c_adapter_s": self.c_adapter}

@@ -34,13 +34,15 @@ RANK = 8
 log = logging.getLogger("bench.fleet_sim")
 
 
-def assets(cache_dir: Path, num_adapters: int):
-    """The SmolLM2-shaped random Llama and `num_adapters` rank-8 PEFT adapters (built once, reused)."""
-    from bench.assets import SMOLLM2_SHAPE, ModelInfo, count_params, make_adapters, random_llama
+def assets(cache_dir: Path, num_adapters: int, tiny: bool = False):
+    """The SmolLM2-shaped random Llama (or, `tiny`, the tests' tiny one) and `num_adapters`
+    rank-8 PEFT adapters for it (built once, reused)."""
+    from bench.assets import SMOLLM2_SHAPE, TINY_SHAPE, ModelInfo, count_params, make_adapters, random_llama
 
-    work = cache_dir / "bench" / "fleet_sim"
-    path = random_llama(work / "smollm2-shape-random", SMOLLM2_SHAPE)
-    model = ModelInfo(path, "random Llama, SmolLM2-135M shape", "random", count_params(SMOLLM2_SHAPE), SMOLLM2_SHAPE)
+    work = cache_dir / "bench" / "fleet_sim" / ("tiny" if tiny else "")
+    shape, label = (TINY_SHAPE, "tiny random Llama") if tiny else (SMOLLM2_SHAPE, "random Llama, SmolLM2-135M shape")
+    path = random_llama(work / ("tiny-llama" if tiny else "smollm2-shape-random"), shape)
+    model = ModelInfo(path, label, "random", count_params(shape), shape)
     adapters = make_adapters(model, work / "adapters", num_adapters, [RANK], TARGETS)
     return model, adapters, work / "adapters"
 

@@ -12,7 +12,8 @@ arrive in it, loads that happen in it. Definitions (the real loopback run uses t
 - TTFT: first token time minus arrival, for requests that arrive in the window;
 - cold loads/s: disk -> host adapter loads per second in the window, all replicas;
 - warm-hit rate: 1 - (host -> device placements in the window) / (requests arriving in it):
-  the share of requests that did not need their adapter copied into a device slot.
+  the share of requests that did not need their adapter copied into a device slot;
+- TPOT: (last token - first token) / (tokens - 1), averaged: the step time running requests see.
 """
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ def window_metrics(arrivals, first, finish, out_tokens, replica, disk_loads, dev
     done = (finish >= lo) & (finish < hi)
     ttft = (first - arrivals)[inside]
     ttft = ttft[np.isfinite(ttft)]
+    multi = inside & (out_tokens > 1) & np.isfinite(finish) & np.isfinite(first)
+    tpot = (finish - first)[multi] / (out_tokens[multi] - 1)  # the step time a running request sees
     n_in = int(inside.sum())
     device = int(((device_loads >= lo) & (device_loads < hi)).sum())
     per_replica = np.bincount(replica[inside], minlength=num_replicas) if n_in else np.zeros(num_replicas)
@@ -153,6 +156,7 @@ def window_metrics(arrivals, first, finish, out_tokens, replica, disk_loads, dev
         "ttft_p50_s": float(np.quantile(ttft, 0.5)) if len(ttft) else float("nan"),
         "ttft_p99_s": float(np.quantile(ttft, 0.99)) if len(ttft) else float("nan"),
         "ttft_mean_s": float(ttft.mean()) if len(ttft) else float("nan"),
+        "tpot_mean_s": float(tpot.mean()) if len(tpot) else float("nan"),
         "cold_loads_per_s": float(((disk_loads >= lo) & (disk_loads < hi)).sum() / span),
         "device_loads_per_s": float(device / span),
         "warm_hit_rate": float(1 - device / n_in) if n_in else float("nan"),

@@ -156,6 +156,9 @@ def test_cost_fit_recovers_known_coefficients():
                         "step_samples": rows, "disk_to_host_seconds": [0.01, 0.02], "host_to_device_seconds": [0.001]})
     assert (c.c0, c.c_row, c.c_token, c.c_adapter) == pytest.approx((0.02, 0.003, 0.0004, 0.005), rel=1e-6)
     assert c.fit["r2"] == pytest.approx(1.0)
+    slow = c.with_disk_loads_scaled(20)
+    assert slow.disk_load_s == pytest.approx((0.2, 0.4)) and slow.c0 == c.c0
+    assert c.scaled(2).step_seconds(4, 10, 2) == pytest.approx(2 * c.step_seconds(4, 10, 2))
 
 
 def test_committed_cost_data_fits_the_engine(costs):
@@ -178,3 +181,26 @@ def test_router_reads_engine_metrics():
     m = parse_metrics(text)
     assert (m["waiting"], m["kv_usage"], m["disk_loads"], m["device_loads"]) == (3, 0.25, 7, 9)
     assert m["lora_info"][1:] == (frozenset({"a", "b"}), frozenset(), 4)
+
+
+@pytest.mark.slow
+def test_loopback_validation_runs_real_engines_with_the_sim_policy(tmp_path):
+    """The validation pipeline end to end on the tiny model: two real engines on 127.0.0.2/.3,
+    routed by the simulator's policy code from their /metrics and /v1/adapters, then simulated."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fleet_sim.validate", "--tiny", "--engines", "2", "--adapters", "6",
+         "--device-slots", "2", "--host-slots", "3", "--rate", "4", "--duration", "8", "--warmup", "2",
+         "--scrape-interval", "0.1", "--policies", "gie-resident", "--cache-dir", str(tmp_path / "cache"),
+         "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "validation.json").read_text())
+    run = result["runs"][0]
+    assert run["policy"] == "gie-resident" and result["meta"]["tiny"] is True
+    real, sim = run["real"], run["sim"]
+    assert real["errors"] == 0 and real["requests_in_window"] == sim["requests_in_window"] > 0
+    # six adapters on engines of two slots: loads happened, and the scrapes saw them
+    assert real["cold_loads_per_s"] > 0 and 0 <= real["warm_hit_rate"] < 1
+    assert set(run["error"]) >= {"ttft_p50_s", "ttft_p99_s", "throughput_req_s", "warm_hit_rate"}
+    assert "| gie-resident | real |" in (out / "validation.md").read_text()
