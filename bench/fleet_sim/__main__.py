@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-slots", type=int, default=8)
     p.add_argument("--host-slots", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--adapter-fairness-seconds", type=float, default=None,
+                   help="model the engine's slot-fairness rule with this aging time (default: off, as main's engine)")
     p.add_argument("--scrape-interval", type=float, default=0.05,
                    help="seconds between the router's scrapes (the EPP's --refresh-metrics-interval default: 50 ms)")
     p.add_argument("--gie-weights", type=_floats, default=(2.0, 2.0, 1.0), help="queue,kv,lora-affinity scorer weights")
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
     costs = cost_model.load(args.costs)
     if args.disk_load_scale != 1.0:
         costs = costs.with_disk_loads_scaled(args.disk_load_scale)
-    rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs)
+    rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs,
+                         adapter_fairness_s=args.adapter_fairness_seconds)
     t0 = time.perf_counter()
     runs, workloads = [], {}
     for n in args.replicas:
