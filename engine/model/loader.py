@@ -65,6 +65,6 @@ def _reset_buffers(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int
 
     cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # stay fp32
-    for _, _, proj in model.lora_projections():
-        proj.lora_a.zero_()
-        proj.lora_b.zero_()
+    for group in model.lora_groups():
+        for buf in group.buffers():
+            buf.zero_()
