@@ -28,53 +28,34 @@ import torch
 class LoRABatch:
     """The adapter segments of one forward pass, built once per step for every layer."""
 
-    seg_indptr: torch.Tensor  # int64 [S+1], segment starts + the last end (cannot express gaps)
-    seg_slot: torch.Tensor  # int64 [S], device slot of each segment
-    seg_rank: torch.Tensor  # int64 [S], rank each segment computes at
     segments: list[tuple[int, int, int, int]]  # (start, end, slot, rank) as Python ints: no syncs
-    max_rank: int  # largest seg_rank, bounds the kernels' rank loop
-    # Explicit token range of each segment: tokens between one segment's end and the next one's
-    # start have no adapter. The Triton kernels read these (not seg_indptr). Filled from
-    # `segments` when not given, so the older constructor call keeps working.
-    seg_start: torch.Tensor | None = None  # int64 [S]
-    seg_end: torch.Tensor | None = None  # int64 [S]
-    max_seg_len: int = -1  # longest end - start, sizes the kernels' token-tile grid axis
+    # The same as int64 device tensors, row views of one [4, S] tensor (one host-to-device copy).
+    # Tokens between one segment's end and the next one's start have no adapter.
+    seg_start: torch.Tensor
+    seg_end: torch.Tensor
+    seg_slot: torch.Tensor
+    seg_rank: torch.Tensor
+    max_rank: int  # largest rank, bounds the kernels' rank loop and the shrink scratch width
+    max_seg_len: int  # longest end - start, sizes the kernels' token-tile grid axis
     # Bit s set when some segment uses slot s: a group tests "does any adapter of this batch
-    # target me?" with one AND against its own mask (see `SlotFlags`).
-    slot_mask: int = -1
-
-    def __post_init__(self) -> None:
-        if self.seg_start is None or self.seg_end is None:
-            dev = self.seg_slot.device
-            self.seg_start = torch.tensor([s for s, _, _, _ in self.segments], dtype=torch.int64, device=dev)
-            self.seg_end = torch.tensor([e for _, e, _, _ in self.segments], dtype=torch.int64, device=dev)
-        if self.max_seg_len < 0:
-            self.max_seg_len = max((e - s for s, e, _, _ in self.segments), default=0)
-        if self.slot_mask < 0:
-            self.slot_mask = 0
-            for _, _, slot, _ in self.segments:
-                self.slot_mask |= 1 << slot
+    # target me?" with one AND against its own mask (see `SlotFlags`). -1: every slot.
+    slot_mask: int
 
     @classmethod
-    def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device) -> "LoRABatch":
+    def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device,
+              meta: torch.Tensor | None = None) -> "LoRABatch":
+        """`meta`: the segments already staged on the device as int64 [4, S] (start, end, slot,
+        rank rows), as the model runner's persistent buffers do; otherwise copied here."""
         segments = [(int(s), int(e), int(sl), int(r)) for s, e, sl, r in segments]
-        starts = [s for s, _, _, _ in segments]
-        indptr = starts + [segments[-1][1]] if segments else [0]
-        # Gaps (no-adapter tokens) between segments are allowed, so the kernels read explicit
-        # (start, end) pairs. start/end/slot/rank travel to the device as one [4, S] tensor (one
-        # host-to-device copy); the per-field tensors are row views of it.
-        meta = torch.tensor([starts, [e for _, e, _, _ in segments], [sl for _, _, sl, _ in segments],
-                             [r for _, _, _, r in segments]], dtype=torch.int64, device=device).reshape(4, -1)
-        return cls(
-            seg_indptr=torch.tensor(indptr, dtype=torch.int64, device=device),
-            seg_slot=meta[2],
-            seg_rank=meta[3],
-            segments=segments,
-            max_rank=max((r for _, _, _, r in segments), default=0),
-            seg_start=meta[0],
-            seg_end=meta[1],
-            max_seg_len=max((e - s for s, e, _, _ in segments), default=0),
-        )
+        if meta is None:
+            meta = torch.tensor([[seg[i] for seg in segments] for i in range(4)], dtype=torch.int64,
+                                device=device).reshape(4, -1)
+        mask = 0
+        for _, _, slot, _ in segments:
+            mask |= 1 << slot
+        return cls(segments, meta[0], meta[1], meta[2], meta[3],
+                   max_rank=max((r for _, _, _, r in segments), default=0),
+                   max_seg_len=max((e - s for s, e, _, _ in segments), default=0), slot_mask=mask)
 
     @property
     def empty(self) -> bool:

@@ -79,7 +79,10 @@ class LoRAGroup(nn.Module):
         lora = ctx.lora
         if lora is None or lora.empty:
             return
-        targeted = [y if flags.mask & lora.slot_mask else None for y, flags in zip(ys, self.slot_flags)]
+        if lora.slot_mask < 0:  # a CUDA graph capture: every expand, whatever the adapters
+            targeted = list(ys)
+        else:
+            targeted = [y if flags.mask & lora.slot_mask else None for y, flags in zip(ys, self.slot_flags)]
         if any(y is not None for y in targeted):
             ctx.ops.add_lora(targeted, x, self.slots, lora)
 

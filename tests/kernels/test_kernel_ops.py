@@ -57,7 +57,7 @@ def test_forced_triton_runs_the_kernels(monkeypatch, device):
     assert k.add_lora is triton_lora.add_lora_triton
     assert k.paged_decode_attention is triton_attention.paged_decode_attention_triton
     assert k.write_kv is attention_ref.write_kv_ref
-    assert k.paged_prefill_attention is attention_ref.paged_prefill_attention_ref
+    assert k.paged_prefill_attention is attention_ref.paged_prefill_attention_sdpa
 
     torch.manual_seed(0)
     x = torch.randn(6, 32, device=device)
