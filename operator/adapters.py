@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -73,10 +74,11 @@ def tenant_hashes(refs: list[SecretKeyRef], secrets: dict[str, dict | None]) -> 
     return sorted(hashes)
 
 
-def admin_token_ref(base_spec: dict | None) -> SecretKeyRef | None:
+def admin_token_ref(base_spec: dict | None, base_name: str) -> SecretKeyRef:
+    """The base's admin token Secret: the one its spec names, else the one the operator creates."""
     ref = ((base_spec or {}).get("engine") or {}).get("adminTokenSecretRef")
     if not ref:
-        return None
+        return SecretKeyRef(name=f"{base_name}-admin-token", key="token")
     return SecretKeyRef(name=str(ref["name"]), key=ref.get("key") or "token")
 
 
@@ -140,3 +142,21 @@ def manifest_json(manifest: AdapterManifest) -> dict:
 def manifest_digest(manifest: AdapterManifest) -> str:
     blob = json.dumps(manifest_json(manifest), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Engine load errors that are not the adapter's fault: the source (Hub, S3) answered with a
+# server error, or did not answer. The engine words them "could not fetch ... : <cause>".
+_FETCH = re.compile(r"could not fetch", re.I)
+_FETCH_PERMANENT = re.compile(r"\b(401|403|404)\b|not found|does not exist|NoSuchKey|NoSuchBucket|AccessDenied"
+                              r"|RepositoryNotFound|RevisionNotFound|EntryNotFound|GatedRepo", re.I)
+_TRANSPORT = re.compile(r"timed? ?out|timeout|temporar|connection (reset|refused|aborted)|\b5\d\d\b"
+                        r"|service unavailable|slow down|throttl", re.I)
+
+
+def is_transient(message: str) -> bool:
+    """Whether a failed load should be retried without end (transient) or counts towards
+    giving up (permanent: a bad checkpoint, a sha256 mismatch, an adapter for another base,
+    a source that does not exist)."""
+    if _FETCH.search(message):
+        return not _FETCH_PERMANENT.search(message)
+    return bool(_TRANSPORT.search(message)) and not re.search(r"sha256|safetensors|adapter_config", message)

@@ -1,17 +1,24 @@
 """Create-or-patch of the objects the operator owns, writing only when something differs.
 
-Each owned object carries the operator's last applied body in an annotation (as `kubectl apply`
-does). A write happens only when the desired body differs from that record, or when the live
-object drifted from the desired one (someone edited it); the write is a JSON merge patch that
-also nulls the keys the operator set before and no longer wants. No PUT anywhere.
+Each owned object carries a record of what the operator last applied, in one annotation. The
+record is the body's *shape*: every key, with each long string value (a ConfigMap's data, a long
+command line) replaced by its sha256. So it stays a few KiB whatever the object holds (a copy of
+the whole body would hit the API server's 256 KiB cap on annotations), yet still says which keys
+the operator set (so a patch can remove the ones it no longer wants) and whether a value changed
+(fields the API server normalises, like resource quantities, are compared through it).
+A write happens only when the desired body differs from that record, or when the live object
+drifted from the desired one (someone edited it); the write is a JSON merge patch. No PUT.
+Every body is checked against the API server's size limits (limits.py) before it is sent.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from typing import Any
 
 from . import constants as C
+from . import limits
 from .kube import ApiError, KubeClient, Ref
 
 # Keys whose values the API server normalises (resource quantities: "1000m" -> "1"), so that
@@ -33,10 +40,26 @@ def _strip_record(desired: dict) -> dict:
     return body
 
 
+# Strings longer than this enter the record as their digest only.
+RECORD_INLINE_MAX = 128
+DIGEST_PREFIX = "sha256:"
+
+
+def skeleton(obj: Any) -> Any:
+    """The record of a body: its keys and short values, long strings replaced by a digest."""
+    if isinstance(obj, dict):
+        return {k: skeleton(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [skeleton(v) for v in obj]
+    if isinstance(obj, str) and len(obj) > RECORD_INLINE_MAX:
+        return DIGEST_PREFIX + hashlib.sha256(obj.encode()).hexdigest()
+    return obj
+
+
 def with_record(desired: dict) -> dict:
-    """The desired body with its own last-applied record annotated on it."""
+    """The desired body with its own last-applied record (its skeleton) annotated on it."""
     body = _strip_record(desired)
-    record = canonical(body)
+    record = canonical(skeleton(body))
     body.setdefault("metadata", {}).setdefault("annotations", {})[C.ANN_LAST_APPLIED] = record
     return body
 
@@ -118,7 +141,7 @@ def plan(observed: dict | None, desired: dict, on_create: dict | None = None,
 def ref_of(body: dict) -> Ref:
     api_version = body["apiVersion"]
     plural = {"ConfigMap": "configmaps", "Service": "services", "Deployment": "deployments",
-              "Ingress": "ingresses"}[body["kind"]]
+              "Ingress": "ingresses", "InferencePool": "inferencepools", "Secret": "secrets"}[body["kind"]]
     return Ref(api_version, plural, body["metadata"]["namespace"], body["metadata"]["name"])
 
 
@@ -127,6 +150,7 @@ async def ensure(kube: KubeClient, desired: dict, observed: dict | None | bool =
     """Make the live object match `desired`. Returns 'created', 'patched' or 'unchanged'.
     Pass `observed` when already fetched (None = known absent)."""
     ref = ref_of(desired)
+    limits.check(with_record(desired))
     live = await kube.get(ref) if observed is False else observed
     action, body = plan(live, desired, on_create, keep)  # type: ignore[arg-type]
     if action == "create":

@@ -33,6 +33,18 @@ class OperatorConfig:
     unload_retry_delay: float = 5.0
     # Autoscaling timer interval.
     autoscale_interval: float = 15.0
+    # Bounded concurrency of one pass: pods worked on at once, adapter pushes in flight at once
+    # (over all pods), status writes in flight at once.
+    # Least time between two passes over a base: its own status writes echo back as watch
+    # events that wake it; they are taken together instead of one pass each.
+    min_pass_interval: float = 0.5
+    pod_concurrency: int = 16
+    push_concurrency: int = 32
+    status_concurrency: int = 16
+    # Leader election (a coordination.k8s.io/v1 Lease `loraplex-operator` in POD_NAMESPACE).
+    lease_duration: float = 15.0
+    lease_renew_deadline: float = 10.0
+    lease_retry_period: float = 2.0
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -45,4 +57,6 @@ class OperatorConfig:
         cfg = cls(**values)
         if cfg.max_failures < 1 or cfg.unload_attempts < 1:
             raise ValueError("LORAPLEX_MAX_FAILURES and LORAPLEX_UNLOAD_ATTEMPTS must be >= 1")
+        if min(cfg.pod_concurrency, cfg.push_concurrency, cfg.status_concurrency) < 1:
+            raise ValueError("LORAPLEX_*_CONCURRENCY must be >= 1")
         return cfg

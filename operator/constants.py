@@ -42,9 +42,16 @@ DEFAULT_ADMIN_TOKEN_KEY = "token"
 # Adapter states reported by the engine (loraplex.manifest.AdapterState) plus one of the
 # operator's own: `unreachable` (the pod is Ready for Kubernetes but its engine did not answer).
 SERVABLE_STATES = frozenset({"registered", "host", "device"})
+STATE_REGISTERED = "registered"
+STATE_HOST = "host"
+STATE_DEVICE = "device"
 STATE_LOADING = "loading"
 STATE_FAILED = "failed"
 STATE_UNREACHABLE = "unreachable"
+
+
+def admin_secret_name(base: str) -> str:
+    return f"{base}-admin-token"
 
 
 def configmap_name(base: str) -> str:

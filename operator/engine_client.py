@@ -69,9 +69,12 @@ def _report(data: Any) -> AdapterReport:
 
 class EngineClient:
     def __init__(self, *, timeout: float = 30.0, connect_timeout: float = 3.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 64):
+        # The pool is larger than the passes' own concurrency bounds, so that no request ever
+        # waits for a pooled connection (a pool timeout would read as an unreachable engine).
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=None),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
             headers={"User-Agent": "loraplex-operator"},
             trust_env=False,  # pod IPs never go through an HTTP proxy
@@ -111,6 +114,16 @@ class EngineClient:
                                 json=manifest, token=token)
         assert resp is not None
         return _report(resp.json())
+
+    async def list_adapters(self, ip: str, port: int, token: str | None = None) -> list[dict]:
+        """Every adapter the engine knows, each `{name, state, message, manifest, ...}`."""
+        resp = await self._call("GET", f"{self.base_url(ip, port)}/v1/adapters", token=token)
+        assert resp is not None
+        data = resp.json()
+        items = data.get("data") if isinstance(data, dict) else data
+        if not isinstance(items, list) or not all(isinstance(a, dict) and "name" in a for a in items):
+            raise EngineError(502, "GET /v1/adapters did not return a list of adapters")
+        return items
 
     async def get_adapter(self, ip: str, port: int, name: str, token: str | None = None) -> AdapterReport | None:
         """The adapter's state on that engine, or None when the engine does not know it."""

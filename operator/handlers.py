@@ -1,28 +1,37 @@
 """kopf handlers: thin, one per concern. The work is in reconcile.py (and the pure modules).
 
+- leader election: kopf's startup blocks until this process holds the Lease (lease.py), so
+  exactly one operator watches and acts;
 - indexes: engine pods, BaseModelDeployments and LoraAdapters by (namespace, base), in memory;
-- BaseModelDeployment: create/update handlers apply each owned object (ConfigMap, Deployment,
-  Service, Ingress); a daemon re-reconciles them and writes status, woken by pod, Deployment and
-  adapter events or every resync interval; a timer autoscales when autoscaling is enabled;
-- LoraAdapter: create/update handlers put the manifest into the base's ConfigMap; a daemon per
-  adapter pushes it to every ready engine pod and tracks each pod; on deletion a finalizer
-  handler unloads it (bounded retries, never stuck when the pods or the base are gone).
+- BaseModelDeployment: create/update handlers apply each owned object; one daemon per base is
+  THE reconciler of the base and of all its adapters: each pass applies the owned objects,
+  places the adapters, brings every pod to its placed set (one listing per pod, pushes only
+  for the difference) and writes the statuses that changed. Pod, Deployment and adapter events
+  wake it; a timer autoscales when autoscaling is enabled;
+- LoraAdapter: no daemon (10,000 of them would be 10,000 loops): an event wakes its base's
+  loop; an adapter without a base is marked Pending at once; on deletion a finalizer handler
+  unloads it from the pods (bounded retries, never stuck when the pods or the base are gone).
 
 kopf keeps its own bookkeeping (handler progress, the diff base) in `status.kopf` of the custom
 resources, never in annotations: the operator writes only `status` and its finalizer.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from . import constants as C
+from . import lease
+from . import metrics
 from . import reconcile as R
 from . import status as S
 from .config import OperatorConfig
+from .kube import KubeClient
 from .runtime import Runtime
 
 CONFIG = OperatorConfig.from_env()
@@ -73,7 +82,35 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
-    runtime(memo)
+    rt = runtime(memo)
+    if getattr(memo, "metrics_port", None) is None:
+        memo.metrics_port = metrics.serve() or 0
+
+
+@kopf.on.startup()
+async def elect_leader(memo: kopf.Memo, logger: logging.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Block kopf's start until this process holds the Lease: before that it watches nothing
+    and changes nothing. Losing the Lease later ends the process (its pod restarts as a
+    candidate), as client-go's leader election does."""
+    who = lease.identity_from_env()
+    if who is None:
+        logger.warning("leader election off (no POD_NAMESPACE): run one operator only")
+        return
+    info = (kopf.login_with_service_account(logger=logger, settings=settings)
+            or kopf.login_with_kubeconfig(logger=logger, settings=settings))
+    if info is None:
+        raise kopf.PermanentError("leader election: no credentials")
+    cfg = runtime(memo).config
+    election = lease.Election(KubeClient.from_connection_info(info), who[0], who[1], cfg.lease_duration,
+                              cfg.lease_renew_deadline, cfg.lease_retry_period)
+    await election.acquire()
+    memo.election = election
+
+    def lost() -> None:
+        logger.error("leader election: lost the Lease; exiting so that exactly one operator acts")
+        logging.shutdown()
+        os._exit(1)
+    memo.election_task = asyncio.get_running_loop().create_task(election.keep(lost))
 
 
 @kopf.on.login()
@@ -87,6 +124,11 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    election = getattr(memo, "election", None)
+    if election is not None:
+        memo.election_task.cancel()
+        await election.release()
+        await election.kube.aclose()
     await runtime(memo).aclose()
 
 
@@ -105,13 +147,14 @@ def base_models(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 
 @kopf.index(**LORA)
 def lora_adapters(namespace: str, name: str, spec: Mapping, meta: Mapping, status: Mapping, **_: Any) -> dict:
+    st = {k: plain(v) for k, v in status.items() if k != "kopf"}
     return {(namespace, spec.get("baseModel")): {
         "name": name,
+        "uid": meta.get("uid"),
         "spec": plain(spec),
         "deleting": bool(meta.get("deletionTimestamp")),
         "generation": meta.get("generation"),
-        "phase": status.get("phase"),
-        "observedGeneration": status.get("observedGeneration"),
+        "status": st,
     }}
 
 
@@ -128,28 +171,30 @@ def engine_deployment_changed(namespace: str, labels: Mapping, memo: kopf.Memo, 
 
 
 @kopf.on.event(**LORA)
-def adapter_changed(namespace: str, spec: Mapping, memo: kopf.Memo, **_: Any) -> None:
-    runtime(memo).wakers.wake(("base", namespace, spec.get("baseModel")))
+async def adapter_changed(event: Mapping, body: kopf.Body, namespace: str, spec: Mapping, memo: kopf.Memo,
+                          base_models: kopf.Index, **_: Any) -> None:
+    rt = runtime(memo)
+    base = spec.get("baseModel")
+    rt.wakers.wake(("base", namespace, base))
+    if event.get("type") != "DELETED" and _base(base_models, namespace, base) is None:
+        await R.reconcile_orphan(rt, plain(body))
 
 
 @kopf.on.event(**BMD)
-def base_changed(event: Mapping, namespace: str, name: str, meta: Mapping, memo: kopf.Memo, **_: Any) -> None:
-    # A base that appears, goes, or changes its spec: its adapters re-validate now.
+async def base_changed(event: Mapping, namespace: str, name: str, memo: kopf.Memo,
+                       lora_adapters: kopf.Index, **_: Any) -> None:
     rt = runtime(memo)
-    generation = meta.get("generation")
-    if event.get("type") != "MODIFIED" or rt.seen_generations.get((namespace, name)) != generation:
-        rt.seen_generations[(namespace, name)] = generation
-        rt.wakers.wake(("adapters-of", namespace, name))
+    rt.wakers.wake(("base", namespace, name))
+    if event.get("type") == "DELETED":
+        # Its adapters wait for a base again (GitOps may re-create it).
+        for a in _store(lora_adapters, (namespace, name)):
+            if not a.get("deleting"):
+                await R.reconcile_orphan(rt, R.adapter_body(namespace, a) | {"spec": a["spec"]}
+                                         | {"metadata": {"name": a["name"], "namespace": namespace,
+                                                         "uid": a.get("uid"), "generation": a.get("generation")}})
 
 
 # --- BaseModelDeployment -----------------------------------------------------------------------
-
-@kopf.on.create(**BMD)
-@kopf.on.update(**BMD)
-async def apply_configmap(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                          lora_adapters: kopf.Index, **_: Any) -> None:
-    await R.ensure_configmap(runtime(memo), plain(body), lambda: _store(lora_adapters, (namespace, name)))
-
 
 @kopf.on.create(**BMD)
 @kopf.on.update(**BMD)
@@ -181,12 +226,18 @@ async def base_loop(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
     ev = rt.wakers.register([("base", namespace, name), ("pods", namespace, name)])
     try:
         while True:
+            delay = rt.config.resync_interval
             try:
-                await R.reconcile_base(rt, plain(body), _store(engine_pods, (namespace, name)),
-                                       lambda: _store(lora_adapters, (namespace, name)))
+                delay = await R.reconcile_base(rt, plain(body), _store(engine_pods, (namespace, name)),
+                                               _store(lora_adapters, (namespace, name)))
+                metrics.RECONCILES.labels(kind="BaseModelDeployment", result="ok").inc()
             except Exception as e:  # noqa: BLE001 - keep the loop alive; the next pass retries
+                metrics.RECONCILES.labels(kind="BaseModelDeployment", result="error").inc()
                 logger.warning(f"reconcile of {namespace}/{name} failed: {e!r}")
-            await rt.wakers.sleep(ev, rt.config.resync_interval)
+                delay = min(rt.config.resync_interval, max(rt.config.backoff_base, 1.0))
+            pause = min(rt.config.min_pass_interval, delay)
+            await asyncio.sleep(pause)
+            await rt.wakers.sleep(ev, max(delay - pause, 0.0))
     finally:
         rt.wakers.unregister(ev)
 
@@ -203,62 +254,21 @@ async def autoscale(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
 
 # --- LoraAdapter -------------------------------------------------------------------------------
 
-@kopf.on.create(**LORA)
-@kopf.on.update(**LORA)
-async def register_manifest(spec: kopf.Spec, namespace: str, name: str, memo: kopf.Memo,
-                            base_models: kopf.Index, lora_adapters: kopf.Index, **_: Any) -> None:
-    rt = runtime(memo)
-    base = _base(base_models, namespace, spec.get("baseModel"))
-    if base is not None:
-        await R.ensure_configmap(rt, base, lambda: _store(lora_adapters, (namespace, spec.get("baseModel"))))
-    rt.wakers.wake(("lora", namespace, name))
-
-
-@kopf.daemon(**LORA, id="sync", cancellation_timeout=5.0)
-async def adapter_loop(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
-                       base_models: kopf.Index, engine_pods: kopf.Index, lora_adapters: kopf.Index,
-                       **_: Any) -> None:
-    rt = runtime(memo)
-    ev, keys = None, None
-    try:
-        while True:
-            snapshot = plain(body)
-            base_name = (snapshot.get("spec") or {}).get("baseModel")
-            wanted = [("lora", namespace, name), ("pods", namespace, base_name), ("adapters-of", namespace, base_name)]
-            if wanted != keys:
-                if ev is not None:
-                    rt.wakers.unregister(ev)
-                ev, keys = rt.wakers.register(wanted), wanted
-            delay = rt.config.resync_interval
-            try:
-                delay = await R.reconcile_adapter(
-                    rt, snapshot, _base(base_models, namespace, base_name),
-                    lambda: _store(lora_adapters, (namespace, base_name)), _store(engine_pods, (namespace, base_name)))
-            except Exception as e:  # noqa: BLE001 - keep the loop alive; the next pass retries
-                logger.warning(f"sync of adapter {namespace}/{name} failed: {e!r}")
-                delay = min(rt.config.resync_interval, max(rt.config.backoff_base, 1.0))
-            await rt.wakers.sleep(ev, delay)
-    finally:
-        if ev is not None:
-            rt.wakers.unregister(ev)
-
-
 @kopf.on.delete(**LORA)
 async def unload(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, retry: int, memo: kopf.Memo,
-                 base_models: kopf.Index, engine_pods: kopf.Index, lora_adapters: kopf.Index,
-                 logger: logging.Logger, **_: Any) -> None:
+                 base_models: kopf.Index, engine_pods: kopf.Index, logger: logging.Logger, **_: Any) -> None:
     rt = runtime(memo)
     base_name = spec.get("baseModel")
     snapshot = plain(body)
     failed = await R.unload_adapter(rt, snapshot, _base(base_models, namespace, base_name),
-                                    lambda: _store(lora_adapters, (namespace, base_name)),
                                     _store(engine_pods, (namespace, base_name)))
     rt.wakers.wake(("base", namespace, base_name))
+    metrics.RECONCILES.labels(kind="LoraAdapter", result="error" if failed else "ok").inc()
     if failed and retry + 1 < rt.config.unload_attempts:
         raise kopf.TemporaryError(f"could not unload from {failed}", delay=rt.config.unload_retry_delay)
     if failed:
-        # Never block the deletion forever: a pod that cannot be reached now re-reads the
-        # ConfigMap (which no longer lists the adapter) when its engine restarts.
+        # Never block the deletion forever: a pod that cannot be reached now has the adapter
+        # until its engine restarts (the ConfigMap and the operator no longer list it).
         await R.post_events(rt, snapshot, [("Warning", "UnloadIncomplete",
                                             f"gave up after {retry + 1} attempts: {'; '.join(failed)}")])
         logger.warning(f"adapter {namespace}/{name}: unload incomplete on {failed}")

@@ -6,10 +6,12 @@ nothing the operator does can clobber fields that others (users, GitOps, the API
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
 import os
+import random
 import ssl
 import tempfile
 import uuid
@@ -100,6 +102,18 @@ class KubeClient:
         self._http = httpx.AsyncClient(base_url=server.rstrip("/"), headers=headers, verify=verify,
                                        auth=auth, timeout=timeout)
 
+    RETRIES = 4
+    RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+    BACKOFF_BASE, BACKOFF_MAX = 0.2, 10.0
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(max(float(retry_after), 0.0), 60.0)
+            except ValueError:
+                pass
+        return min(self.BACKOFF_BASE * 2 ** attempt, self.BACKOFF_MAX) * (0.5 + random.random() / 2)
+
     @classmethod
     def from_connection_info(cls, info: Any) -> "KubeClient":
         return cls(info.server, token=getattr(info, "token", None), verify=_tls_context(info),
@@ -115,7 +129,20 @@ class KubeClient:
         if body is not None:
             content = json.dumps(body).encode()
             headers["Content-Type"] = content_type or "application/json"
-        resp = await self._http.request(method, path, content=content, headers=headers, params=params)
+        # The API server's own transient trouble (429 throttling, 5xx, a dropped connection) is
+        # retried here with backoff, honouring Retry-After; anything else is the caller's.
+        for attempt in range(self.RETRIES + 1):
+            try:
+                resp = await self._http.request(method, path, content=content, headers=headers, params=params)
+            except httpx.TransportError as e:
+                if attempt == self.RETRIES:
+                    raise ApiError(503, f"{method} {path}: {type(e).__name__}: {e}", "Unreachable") from e
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
+            if resp.status_code in self.RETRY_STATUSES and attempt < self.RETRIES:
+                await asyncio.sleep(self._backoff(attempt, resp.headers.get("Retry-After")))
+                continue
+            break
         if resp.status_code >= 400:
             try:
                 payload = resp.json()
@@ -140,6 +167,17 @@ class KubeClient:
         params = {"labelSelector": label_selector} if label_selector else None
         data = await self._request("GET", ref.path(), params=params)
         return list((data or {}).get("items") or [])
+
+    async def has_resource(self, api_version: str, plural: str) -> bool:
+        """API discovery: whether the server serves `plural` in `api_version` (a CRD installed)."""
+        root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        try:
+            data = await self._request("GET", root)
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in (data or {}).get("resources") or [])
 
     async def create(self, ref: Ref, body: dict) -> dict:
         collection = Ref(ref.api_version, ref.plural, ref.namespace)

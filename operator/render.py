@@ -12,6 +12,7 @@ from typing import Any
 from loraplex.manifest import AdapterManifest, dump_manifest_list
 
 from . import constants as C
+from .adapters import admin_token_ref
 
 # The defaults, mirrored from the CRD's OpenAPI `default:` values (a unit test keeps the two
 # equal). They are applied here too because the operator must behave the same when the API
@@ -35,6 +36,8 @@ BMD_DEFAULTS: dict[str, Any] = {
     },
     "service": {"type": "ClusterIP", "port": 80},
     "ingress": {"enabled": False, "path": "/"},
+    "placement": {"replicas": 2, "policy": "spread"},
+    "inferencePool": {"enabled": True},
 }
 
 
@@ -77,7 +80,13 @@ def _metadata(bmd: dict, name: str) -> dict:
 # --- ConfigMap ---------------------------------------------------------------------------------
 
 def render_configmap(bmd: dict, manifests: list[AdapterManifest]) -> dict:
-    """The `<base>-adapters` ConfigMap: the manifest list the engine reads and watches."""
+    """The `<base>-adapters` ConfigMap: the manifest list the engine reads and watches.
+
+    It holds the `preload` adapters only: those every pod must have resident before it is Ready,
+    so they must be there when a pod starts, before the operator can push anything. Their
+    number is bounded by the device slots of a pod (the engine refuses more), so the ConfigMap
+    stays far below its 1 MiB limit. Every other adapter is pushed by the operator to the pods
+    it is placed on (docs/operator.md, "Where manifests live")."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -87,6 +96,19 @@ def render_configmap(bmd: dict, manifests: list[AdapterManifest]) -> dict:
 
 
 # --- Deployment --------------------------------------------------------------------------------
+
+def render_admin_secret(bmd: dict, token: str) -> dict:
+    """The admin-token Secret the operator creates when the base names none (created once,
+    never rewritten: the token stays stable for the engines that mounted it)."""
+    import base64
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(bmd, C.admin_secret_name(bmd["metadata"]["name"])),
+        "data": {C.DEFAULT_ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
 
 def engine_args(spec: dict) -> list[str]:
     """The `loraplex-engine` command line (flag names from ARCHITECTURE.md's engine CLI)."""
@@ -104,8 +126,7 @@ def engine_args(spec: dict) -> list[str]:
             args += [flag, str(engine[key])]
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
              "--adapter-cache-dir", f"{C.CACHE_DIR}/adapters"]
-    if engine.get("adminTokenSecretRef"):
-        args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]
+    args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]  # always: the admin routes are never open
     args += [str(a) for a in engine.get("args") or []]
     return args
 
@@ -151,13 +172,11 @@ def render_deployment(bmd: dict, replicas: int | None) -> dict:
             {"name": "cache", "emptyDir": {}},
         ] + list(engine.get("volumes") or []),
     }
-    token_ref = engine.get("adminTokenSecretRef")
-    if token_ref:
-        # The admin routes (adapter pushes) then need this token; the operator reads the same Secret.
-        pod_spec["volumes"].append({"name": "admin-token", "secret": {
-            "secretName": token_ref["name"],
-            "items": [{"key": token_ref.get("key") or C.DEFAULT_ADMIN_TOKEN_KEY, "path": "token"}]}})
-        container["volumeMounts"].append({"name": "admin-token", "mountPath": C.ADMIN_TOKEN_DIR, "readOnly": True})
+    # The admin routes (adapter pushes) need this token; the operator reads the same Secret.
+    token_ref = admin_token_ref(spec, name)
+    pod_spec["volumes"].append({"name": "admin-token", "secret": {
+        "secretName": token_ref.name, "items": [{"key": token_ref.key, "path": "token"}]}})
+    container["volumeMounts"].append({"name": "admin-token", "mountPath": C.ADMIN_TOKEN_DIR, "readOnly": True})
     if engine.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(engine["nodeSelector"])
     if engine.get("tolerations"):
@@ -237,6 +256,36 @@ def render_ingress(bmd: dict) -> dict | None:
     if ing.get("annotations"):
         body["metadata"]["annotations"] = dict(ing["annotations"])
     return body
+
+
+INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
+DEFAULT_EPP_PORT = 9002
+
+
+def render_inference_pool(bmd: dict) -> dict | None:
+    """The InferencePool (Gateway API Inference Extension v1) over the base's engine pods, for
+    an inference gateway whose endpoint picker routes by queue, KV usage and LoRA affinity.
+    None when the spec turns it off."""
+    name = bmd["metadata"]["name"]
+    spec = with_defaults(bmd.get("spec"))
+    pool = spec["inferencePool"]
+    if not pool.get("enabled", True):
+        return None
+    epp = pool.get("endpointPickerRef") or {}
+    ref: dict[str, Any] = {"kind": "Service", "name": epp.get("name") or f"{name}-epp",
+                           "port": {"number": int(epp.get("port") or DEFAULT_EPP_PORT)}}
+    if epp.get("failureMode"):
+        ref["failureMode"] = epp["failureMode"]
+    return {
+        "apiVersion": INFERENCE_POOL_API,
+        "kind": "InferencePool",
+        "metadata": _metadata(bmd, name),
+        "spec": {
+            "selector": {"matchLabels": C.selector_labels(name)},
+            "targetPorts": [{"number": int(spec["engine"]["port"])}],
+            "endpointPickerRef": ref,
+        },
+    }
 
 
 def endpoint(bmd: dict) -> str:

@@ -10,7 +10,7 @@ import collections
 import time
 from typing import Any, Hashable, Iterable
 
-from .adapters_sync import PodRecord
+from .fleet import PodMemory, PodRecord
 from .config import OperatorConfig
 from .engine_client import EngineClient
 from .kube import KubeClient, Ref
@@ -57,19 +57,29 @@ class Runtime:
         self.config = config
         self._kube: KubeClient | None = None
         self._old_kubes: list[KubeClient] = []
-        self.engine = EngineClient(timeout=config.engine_timeout, connect_timeout=config.engine_connect_timeout)
+        self.engine = EngineClient(timeout=config.engine_timeout, connect_timeout=config.engine_connect_timeout,
+                                   max_connections=config.push_concurrency + config.pod_concurrency + 16)
         self.wakers = Wakers()
         self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         # (namespace, adapter) -> pod name -> record
         self.records: dict[tuple[str, str], dict[str, PodRecord]] = {}
-        # (namespace, adapter) -> digest of the manifest last written into the ConfigMap
-        self.configmap_digests: dict[tuple[str, str], str] = {}
+        # (namespace, adapter) -> pods it is placed on
+        self.placements: dict[tuple[str, str], list[str]] = {}
+        # (namespace, adapter) -> (spec stamp, manifest or SpecProblem): rebuilt on a spec change
+        self.manifests: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # (namespace, pod) -> boot id and backoff of that pod's engine
+        self.pod_memory: dict[tuple[str, str], PodMemory] = {}
+        # (namespace, base) -> what the last pass did, and the adapters by phase
+        self.last_pass: dict[tuple[str, str], dict] = {}
+        self.phase_counts: dict[tuple[str, str], dict[str, int]] = {}
         # (namespace, base) -> autoscaler recommendation history
         self.scale_history: dict[tuple[str, str], tuple[tuple[float, int], ...]] = {}
         # (namespace, base) -> last generation seen (wake the adapters on a spec change only)
         self.seen_generations: dict[tuple[str, str], Any] = {}
         # (plural, namespace, name) -> (monotonic time, status last written by this operator)
         self.written_status: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        # (monotonic time, whether the InferencePool CRD is installed)
+        self.pool_discovery: tuple[float, bool] | None = None
         self._secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}
 
     # --- Kubernetes client, from the credentials kopf logged in with ---------------------------
@@ -89,7 +99,7 @@ class Runtime:
 
     async def get_secret(self, namespace: str, name: str) -> dict | None:
         """A Secret, cached for a few seconds (many adapters may share one)."""
-        ttl = min(5.0, self.config.resync_interval / 2)
+        ttl = self.secret_ttl
         now = time.monotonic()
         hit = self._secrets.get((namespace, name))
         if hit is not None and now - hit[0] < ttl:
@@ -97,6 +107,12 @@ class Runtime:
         body = await self.kube.get(Ref("v1", "secrets", namespace, name))
         self._secrets[(namespace, name)] = (now, body)
         return body
+
+    @property
+    def secret_ttl(self) -> float:
+        # Many adapters share few Secrets: each is read at most once per resync interval (a
+        # rotated key reaches the engines within one interval).
+        return max(self.config.resync_interval, 1.0)
 
     def forget_secret(self, namespace: str, name: str) -> None:
         self._secrets.pop((namespace, name), None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import constants as C
+from .adapters import is_transient
 
 # --- conditions --------------------------------------------------------------------------------
 
@@ -98,9 +99,14 @@ def adapter_verdict(pods: list[dict], max_failures: int) -> AdapterVerdict:
     total = len(pods)
     if total == 0:
         return AdapterVerdict("Pending", 0, 0, "NoReadyPods", "no ready engine pod of the base yet")
-    servable = [p for p in pods if p.get("state") in C.SERVABLE_STATES]
-    final = [p for p in pods if p.get("state") == C.STATE_FAILED and int(p.get("failures") or 0) >= max_failures]
-    failing = [p for p in pods if p.get("state") == C.STATE_FAILED and p not in final]
+    # `registered` counts as servable only while no load of it has failed there: after a failure
+    # (even one seen at a request's first use) only a successful load makes it servable again.
+    servable = [p for p in pods if p.get("state") in (C.STATE_HOST, C.STATE_DEVICE)
+                or (p.get("state") == C.STATE_REGISTERED and not int(p.get("failures") or 0))]
+    final = [p for p in pods if p.get("state") == C.STATE_FAILED and int(p.get("failures") or 0) >= max_failures
+             and not is_transient(p.get("message") or "")]
+    failing = [p for p in pods if p not in servable and p not in final
+               and (p.get("state") == C.STATE_FAILED or int(p.get("failures") or 0))]
     unreachable = [p for p in pods if p.get("state") == C.STATE_UNREACHABLE]
 
     def problems(items: list[dict]) -> str:
@@ -151,6 +157,14 @@ def adapter_status(*, generation: int | None, accepted: tuple[bool, str, str], p
     return status
 
 
+def adapter_warnings(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
+    """The Events a LoraAdapter gets about itself: its own failures (LoadFailed per counted
+    attempt, a spec problem, entering Failed). Everything that concerns many adapters at once
+    (a pod unreachable or restarted, adapters becoming Ready) goes to the base, aggregated."""
+    return [e for e in adapter_events(old, new)
+            if e[1] not in ("EngineUnreachable", "Ready", "Loading", "Pending", "Degraded")]
+
+
 def adapter_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
     """(type, reason, message) Events for the transitions between two LoraAdapter statuses.
     (An engine restart is reported where it is detected, in reconcile: a restarting pod leaves
@@ -185,7 +199,8 @@ def adapter_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
 
 def base_status(*, bmd: dict, pods: list[PodView], desired_replicas: int, adapters: int,
                 endpoint: str, selector: str, deployment: dict | None, render_error: str | None,
-                old: dict | None, now: str | None = None) -> dict:
+                old: dict | None, now: str | None = None, extra_conditions: Iterable[dict] = (),
+                admin_secret: str | None = None) -> dict:
     generation = bmd.get("metadata", {}).get("generation")
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.target)
@@ -222,8 +237,9 @@ def base_status(*, bmd: dict, pods: list[PodView], desired_replicas: int, adapte
                   "Degraded" if phase in ("Degraded", "Failed") else "AsExpected",
                   render_error or (f"only {ready}/{desired_replicas} engine pods ready"
                                    if phase in ("Degraded", "Failed") else "")),
+        *extra_conditions,
     ]
-    return {
+    out = {
         "phase": phase,
         "replicas": len(live),
         "readyReplicas": ready,
@@ -234,6 +250,9 @@ def base_status(*, bmd: dict, pods: list[PodView], desired_replicas: int, adapte
         "observedGeneration": generation,
         "conditions": merge_conditions((old or {}).get("conditions"), conds, generation, now),
     }
+    if admin_secret:
+        out["adminTokenSecret"] = admin_secret
+    return out
 
 
 def base_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:

@@ -77,6 +77,7 @@ async def info(request: Request):
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "num_blocks": stats["num_blocks"],
         "num_free_blocks": stats["num_free_blocks"],
+        "enable_prefix_caching": cfg.enable_prefix_caching,
         "num_requests_running": stats["num_requests_running"],
         "num_requests_waiting": stats["num_requests_waiting"],
         "version": state.settings.version,

@@ -1,12 +1,21 @@
 """The synchronous engine: owns the model, the KV cache, the scheduler and the adapters.
 
-Only one thread may call `add_sequence`, `abort` and `step` (AsyncEngine's step loop does).
-`make_sequence` (validation, tokenization) is safe to call from any thread: it reads only
-immutable state, so bad requests are refused before they reach the loop.
+Two halves, as in vLLM v1:
+- the core: `add_sequence`, `abort_core` and `step_core` (schedule, forward, sample, engine-side
+  stops), which hands over one `CoreOutput` batch per step. Only one thread may call these
+  (AsyncEngine's step loop does).
+- text: the `OutputProcessor` turns those batches into RequestOutputs (detokenization, stop
+  strings). AsyncEngine runs it on a thread of its own; `step()`, `abort()`, `add_request()`
+  and `generate()` run both halves in the caller's thread for tests, benchmarks and scripts.
+
+`prompt_ids` and `make_sequence` (validation, tokenization) are safe to call from any thread:
+they read only immutable state, so bad requests are refused before they reach the loop.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,9 +27,10 @@ from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.errors import PromptTooLongError, QueueFullError, RequestError
 from loraplex.engine.core.model_runner import ModelRunner, profile_kv_blocks
+from loraplex.engine.core.output_processor import OutputProcessor
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
-from loraplex.engine.core.sequence import RequestOutput, Sequence
+from loraplex.engine.core.sequence import CoreOutput, RequestOutput, Sequence
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.loader import load_model
 
@@ -39,6 +49,7 @@ def resolve_model_dir(model_id: str, revision: str | None) -> Path:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
         self.config = config
@@ -55,9 +66,16 @@ class LLMEngine:
             # Within the window, full attention is exact; beyond it we would need the window.
             log.warning("max_model_len %d capped to the sliding window %d", self.max_model_len, self.model_config.sliding_window)
             self.max_model_len = self.model_config.sliding_window
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._thread_tokenizers = threading.local()
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{self.model_dir} has no fast (tokenizers) tokenizer; the engine decodes with tokenizers")
+        # The output processor decodes with an instance of its own: Rust tokenizers must not be
+        # shared across threads (huggingface/tokenizers#537).
+        self.output_processor = OutputProcessor(Tokenizer.from_str(backend.to_str()))
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
-            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+            (self._tokenizer.eos_token_id,) if self._tokenizer.eos_token_id is not None else ())
 
         model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=config.max_active_adapters,
                            max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
@@ -67,7 +85,7 @@ class LLMEngine:
                              f"sequence of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed,
                                   max_num_seqs=config.max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterManager(config, model, self.model_config)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager, self.adapters)
@@ -88,15 +106,23 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
 
+    @property
+    def tokenizer(self):
+        """The calling thread's own copy of the HF tokenizer. Prompts are encoded on a thread
+        pool, token texts decoded on the event loop, and a Rust tokenizer must not be used from
+        two threads at once (huggingface/tokenizers#537). One copy per thread, made on first use."""
+        tok = getattr(self._thread_tokenizers, "tokenizer", None)
+        if tok is None:
+            tok = self._thread_tokenizers.tokenizer = copy.deepcopy(self._tokenizer)
+        return tok
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
-    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      adapter: str | None = None) -> Sequence:
-        """Validate and tokenize a request. Raises RequestError (a 4xx) for bad input."""
-        params.validate()
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Tokenize and validate a prompt (once, however many choices share it). Raises RequestError."""
         if isinstance(prompt, str) and not prompt:
             raise RequestError("prompt must not be empty", param="prompt")
         ids = self.tokenize(prompt)
@@ -109,13 +135,21 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens; this model's maximum context length is {self.max_model_len} "
                 "(the prompt must leave room for at least one generated token)", param="prompt")
+        return ids
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                      adapter: str | None = None, *, validated_ids: list[int] | None = None) -> Sequence:
+        """Validate and tokenize a request. Raises RequestError (a 4xx) for bad input.
+        `validated_ids`: the prompt's ids from `prompt_ids`, to skip doing that again."""
+        params.validate()
+        ids = validated_ids if validated_ids is not None else self.prompt_ids(prompt)
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids)} prompt "
                 f"tokens plus max_tokens {params.max_tokens} were requested", param="max_tokens")
         if adapter is not None:
             self.adapters.check_servable(adapter)
-        return Sequence(request_id, ids, params, self.max_model_len, self.tokenizer, self.eos_token_ids, adapter)
+        return Sequence(request_id, ids, params, self.max_model_len, eos_token_ids=self.eos_token_ids, adapter=adapter)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -127,19 +161,27 @@ class LLMEngine:
             self.adapters.request_load(seq.adapter)
         self.scheduler.add(seq)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    adapter: str | None = None) -> Sequence:
-        seq = self.make_sequence(request_id, prompt, params, adapter)
-        self.add_sequence(seq)
-        return seq
-
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort_core(self, request_id: str) -> CoreOutput | None:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
         seq.finish("abort")
         self.scheduler.retire(seq)
-        return seq.take_output()
+        return seq.take_update()
+
+    # both halves in the caller's thread (tests, benchmarks, scripts; not with AsyncEngine)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params, adapter)
+        self.add_sequence(seq)
+        self.output_processor.add_request(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        core = self.abort_core(request_id)
+        outputs = self.output_processor.process([core]).outputs if core is not None else []
+        return outputs[0] if outputs else None
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -147,6 +189,13 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One core step, then its text; requests that ended on the text side are aborted."""
+        result = self.output_processor.process(self.step_core())
+        for request_id in result.finished_early:
+            self.abort_core(request_id)
+        return result.outputs
+
+    def step_core(self) -> list[CoreOutput]:
         """Schedule, run one forward over the mixed batch, sample, and report what changed."""
         t0 = time.perf_counter()
         self.adapters.on_step()
@@ -154,6 +203,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        now = time.monotonic()
+        for item in batch:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
         try:
             results = self.runner.run(batch)
         except Exception as exc:  # a bug or device fault must not take the process down
@@ -169,14 +222,14 @@ class LLMEngine:
         for item, token in results:
             seq = item.seq
             if token is not None or seq.is_finished:
-                outputs.append(seq.take_output())
+                outputs.append(seq.take_update())
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         self.num_steps += 1
         self.last_step_seconds = time.perf_counter() - t0
         return outputs
 
-    def _fail_waiting_on_failed_adapters(self) -> list[RequestOutput]:
+    def _fail_waiting_on_failed_adapters(self) -> list[CoreOutput]:
         """A waiting request whose adapter failed to load ends with that error instead of hanging."""
         outputs = []
         for seq in list(self.scheduler.waiting):
@@ -186,7 +239,7 @@ class LLMEngine:
                 seq.finish("abort")
                 self.scheduler.retire(seq)
                 self.requests.pop(seq.request_id, None)
-                outputs.append(seq.take_output())
+                outputs.append(seq.take_update())
         return outputs
 
     # ---- conveniences -----------------------------------------------------------------------
@@ -225,4 +278,6 @@ class LLMEngine:
             "num_free_blocks": self.block_manager.num_free,
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.queries,
+            "prefix_cache_hits": self.block_manager.hits,
         }

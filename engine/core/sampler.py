@@ -1,9 +1,9 @@
 """Sampling over one batch of logits, vectorized: every row has its own settings.
 
-`sample()` is the entry point: [B, V] fp32 logits, one row per sequence. Logits processors
-(penalties, logit bias, grammar masks) run before it, on the same [B, V] tensor, in place or
-returning a new one (`LogitsProcessor`): the hook `sample(..., processors=[...])` applies them
-in order, after the repetition penalty and before temperature.
+`sample()` is the entry point: [B, V] fp32 logits, one row per sequence. The logits
+processors (`logits_processors.py`: min_tokens, logit bias, presence/frequency penalties,
+grammar masks) run first on the same [B, V] tensor, in place; then the repetition penalty,
+temperature, top-k/top-p and the draw.
 
 What stays off the hot path:
 - per-row settings travel to the device as one tensor per field (`SamplingTensors`), built from
@@ -17,15 +17,12 @@ What stays off the hot path:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence as Seq
+from typing import Sequence as Seq
 
 import torch
 
+from loraplex.engine.core.logits_processors import apply_logits_processors
 from loraplex.engine.core.sequence import Sequence, TokenLogprob
-
-# A logits processor: (logits [B, V] fp32, the batch's sequences) -> logits. It may edit in place.
-LogitsProcessor = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]
-
 
 @dataclass
 class SamplingTensors:
@@ -103,15 +100,13 @@ def exponential_noise(shape: torch.Size, seqs: Seq[Sequence], seeded_rows: list[
     return q
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None,
-           processors: Seq[LogitsProcessor] = ()) -> list[int]:
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None) -> list[int]:
     """logits: [B, V] float32, one row per sequence. Records logprobs on the sequences that ask.
 
     `generator` draws for unseeded rows; it must live on logits' device (the model runner owns
     one per device, seeded from the engine's seed)."""
+    apply_logits_processors(logits, seqs)
     apply_repetition_penalty(logits, seqs)
-    for process in processors:
-        logits = process(logits, seqs)
     want_logprobs = [s.params.logprobs for s in seqs]
     logprobs = logits.log_softmax(-1) if any(k is not None for k in want_logprobs) else None
 

@@ -6,12 +6,19 @@ Policy, in order:
    sequence is preempted (its blocks freed, its tokens recomputed later) until the older fits.
 2. Then waiting sequences, oldest first, while the token budget, the sequence cap and the free
    blocks allow. Long prompts are chunked to the budget. Preempted sequences wait at the front.
+   A step that preempted admits nobody (as vLLM does): the blocks it just freed are what the
+   running sequences needed. A preempted sequence comes back only when the free blocks hold
+   every token it had, and takes them all at once: readmitted for its first chunk alone, its
+   next chunk would preempt it again, a lap every step that recomputes and counts for nothing.
    A waiting sequence whose adapter is not on the device yet is skipped (its load runs off the
    step loop) and keeps its place; one that cannot get blocks stops admission, so a large
-   request is never overtaken forever by small ones.
+   request is never overtaken forever by small ones. With prefix caching, an admitted
+   sequence shares the cached blocks of its longest cached prefix (same tokens, same adapter)
+   and its prefill starts after them.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,33 +81,41 @@ class Scheduler:
 
         # 1. running sequences, oldest first
         running = list(self.running)
-        scheduled_ids: set[int] = set()
+        preempted = False
         while running and budget > 0:
             seq = running.pop(0)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_hold(seq, seq.num_computed_tokens + n):
                 victim = running.pop() if running else seq
                 self._preempt(victim)
+                preempted = True
                 if victim is seq:
                     break
             else:
                 self.blocks.grow(seq, seq.num_computed_tokens + n)
                 batch.append(ScheduledSeq(seq, n))
-                scheduled_ids.add(id(seq))
                 budget -= n
 
         # 2. waiting sequences, oldest first
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_hold(seq, seq.num_computed_tokens + n):
-                break
+            # The adapter first: its identity is part of the prefix cache's hashes.
             if not self.adapters.acquire(seq):
+                if seq.adapter_wait_time is None:
+                    seq.adapter_wait_time = time.monotonic()
                 skipped.append(self.waiting.popleft())
                 continue
+            hits = self.blocks.cached_prefix(seq)  # a waiting sequence holds no blocks
+            start = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            reserve = seq.num_tokens if seq.num_preemptions else start + n
+            if not self.blocks.can_admit(seq, hits, reserve):
+                self.adapters.release(seq)
+                break
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            self.blocks.admit(seq, hits)  # prefill starts after the cached prefix
+            self.blocks.grow(seq, reserve)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
@@ -122,6 +137,8 @@ class Scheduler:
         """Advance computed counts; retire finished sequences and release their resources."""
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
+            if item.seq.error is None:  # a failed forward leaves no KV worth sharing
+                self.blocks.cache_full_blocks(item.seq)
         for seq in [s for s in self.running if s.is_finished]:
             self.retire(seq)
 

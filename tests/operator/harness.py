@@ -36,6 +36,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": dict(namespaced=True, kind="Event"),
     "apps/v1/deployments": dict(namespaced=True, kind="Deployment", subresources={"status", "scale"}),
     "networking.k8s.io/v1/ingresses": dict(namespaced=True, kind="Ingress", subresources={"status"}),
+    "coordination.k8s.io/v1/leases": dict(namespaced=True, kind="Lease"),
     f"{GROUP}/{VERSION}/basemodeldeployments": dict(
         namespaced=True, kind="BaseModelDeployment", singular="basemodeldeployment",
         shortnames={"bmd"}, subresources={"status", "scale"}),
@@ -58,7 +59,12 @@ def api_path(api_version: str, plural: str, namespace: str | None = None, name: 
 class FakeCluster:
     """kmock.KubernetesEmulator on a local port, run by its own event loop in a thread."""
 
-    def __init__(self) -> None:
+    # The Gateway API Inference Extension's pool, for clusters that have its CRD installed.
+    INFERENCE_POOL = {"inference.networking.k8s.io/v1/inferencepools": dict(
+        namespaced=True, kind="InferencePool", singular="inferencepool", subresources={"status"})}
+
+    def __init__(self, extra_resources: dict[str, dict[str, Any]] | None = None) -> None:
+        self.extra_resources = dict(extra_resources or {})
         self.url: str = ""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,7 +99,7 @@ class FakeCluster:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
-                for key, info in RESOURCES.items():
+                for key, info in {**RESOURCES, **self.extra_resources}.items():
                     k.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
                 self.emulator = k
                 self.url = str(srv.url).rstrip("/")
@@ -177,22 +183,31 @@ class FakeCluster:
 PLURALS = {
     "Namespace": "namespaces", "Pod": "pods", "ConfigMap": "configmaps", "Service": "services",
     "Secret": "secrets", "Event": "events", "Deployment": "deployments", "Ingress": "ingresses",
-    "BaseModelDeployment": "basemodeldeployments", "LoraAdapter": "loraadapters",
+    "BaseModelDeployment": "basemodeldeployments", "LoraAdapter": "loraadapters", "Lease": "leases",
+    "InferencePool": "inferencepools",
 }
 
 
 class OperatorProcess:
     """The real `loraplex-operator` console script, run against the fake cluster."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None,
+                 name: str = "loraplex-operator-0", namespace: str = "loraplex-system"):
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.env = env or {}
+        self.name, self.namespace = name, namespace
+        self.metrics_port = free_port(["127.0.0.1"])
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "OperatorProcess":
         env = dict(os.environ)
-        env.update({"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "NO_PROXY": "*"})
+        env.update({"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "NO_PROXY": "*",
+                    # as the chart's downward API sets them: leader election is on
+                    "POD_NAME": self.name, "POD_NAMESPACE": self.namespace,
+                    "LORAPLEX_METRICS_PORT": str(self.metrics_port), "LORAPLEX_METRICS_ADDR": "127.0.0.1",
+                    "LORAPLEX_LEASE_DURATION": "4", "LORAPLEX_LEASE_RENEW_DEADLINE": "3",
+                    "LORAPLEX_LEASE_RETRY_PERIOD": "0.5"})
         env.update(self.env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -216,6 +231,25 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, the Lease is not released (a crashed or partitioned leader)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5, trust_env=False).text
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the operator process (Linux /proc)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
 
 def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,

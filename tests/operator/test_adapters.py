@@ -9,13 +9,7 @@ import pytest
 from loraplex.manifest import hash_api_key
 from loraplex.operator import adapters as A
 from loraplex.operator import constants as C
-from loraplex.operator.adapters_sync import (Action, PodRecord, after_error, after_report, backoff, decide,
-                                             fresh, next_wakeup)
-from loraplex.operator.config import OperatorConfig
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable, boot_id_of
-
-CFG = OperatorConfig(backoff_base=1.0, backoff_max=8.0, max_failures=3, resync_interval=30, poll_interval=2)
-
 
 def secret(**data: str) -> dict:
     return {"data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
@@ -86,79 +80,6 @@ def test_digest_changes_with_the_manifest_only():
     assert A.manifest_digest(m1) == A.manifest_digest(m2) != A.manifest_digest(m3)
 
 
-# --- per-pod decisions -------------------------------------------------------------------------
-
-def test_decide_push_on_new_process_or_new_manifest():
-    assert decide(None, "boot-1", "d1", 0, CFG) is Action.PUSH
-    rec = PodRecord(pod="p", boot_id="boot-1", digest="d1", state="device")
-    assert decide(rec, "boot-1", "d1", 0, CFG) is Action.POLL
-    assert decide(rec, "boot-2", "d1", 0, CFG) is Action.PUSH, "engine restarted: push again"
-    assert decide(rec, "boot-1", "d2", 0, CFG) is Action.PUSH, "manifest changed: push again"
-
-
-def test_failures_back_off_then_give_up():
-    rec = fresh(None, "p", "boot", "d")
-    rec = after_report(rec, "failed", "bad adapter_config", now=100, cfg=CFG, attempted=True)
-    assert (rec.state, rec.failures, rec.next_attempt) == ("failed", 1, 101.0)
-    assert decide(rec, "boot", "d", 100.5, CFG) is Action.WAIT
-    assert decide(rec, "boot", "d", 101.0, CFG) is Action.RETRY
-    rec = after_report(rec, "failed", "bad adapter_config", now=101, cfg=CFG, attempted=True)
-    assert (rec.failures, rec.next_attempt) == (2, 103.0)
-    rec = after_report(rec, "failed", "bad adapter_config", now=103, cfg=CFG, attempted=True)
-    assert rec.failures == CFG.max_failures
-    assert decide(rec, "boot", "d", 10_000, CFG) is Action.WAIT, "given up: no more attempts"
-    # ...until the engine restarts or the manifest changes, which starts the count afresh
-    assert decide(rec, "boot-2", "d", 10_000, CFG) is Action.PUSH
-    assert fresh(rec, "p", "boot-2", "d").failures == 0
-    assert fresh(rec, "p", "boot", "d").failures == CFG.max_failures
-
-
-def test_loading_then_failed_counts_once():
-    rec = after_report(fresh(None, "p", "b", "d"), "loading", "", now=0, cfg=CFG, attempted=True)
-    assert rec.awaiting and rec.failures == 0
-    rec = after_report(rec, "failed", "oom", now=1, cfg=CFG, attempted=False)
-    assert rec.failures == 1 and not rec.awaiting
-    same = after_report(rec, "failed", "oom", now=2, cfg=CFG, attempted=False)
-    assert same.failures == 1, "seeing the same failure again is not a new attempt"
-
-
-def test_success_resets_the_count():
-    rec = after_report(fresh(None, "p", "b", "d"), "failed", "x", now=0, cfg=CFG, attempted=True)
-    rec = after_report(rec, "device", "", now=5, cfg=CFG, attempted=True)
-    assert (rec.state, rec.failures, rec.next_attempt) == ("device", 0, 0.0)
-
-
-def test_errors_refusal_vs_unreachable():
-    rec = fresh(None, "p", "b", "d")
-    refused = after_error(rec, EngineError(422, "rank 128 > --max-lora-rank 64"), now=0, cfg=CFG)
-    assert (refused.state, refused.failures, refused.message) == ("failed", 1, "rank 128 > --max-lora-rank 64")
-    down = after_error(rec, EngineUnreachable("connection refused"), now=0, cfg=CFG)
-    assert (down.state, down.failures, down.streak) == (C.STATE_UNREACHABLE, 0, 1)
-    busy = after_error(rec, EngineError(503, "not ready"), now=0, cfg=CFG)
-    assert busy.state == C.STATE_UNREACHABLE and busy.failures == 0
-    assert decide(down, "b", "d", 100, CFG) is Action.PUSH
-
-
-def test_backoff_is_capped():
-    assert [backoff(n, CFG) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 8, 8]
-
-
-def test_status_entry_roundtrip():
-    rec = PodRecord(pod="p", boot_id="b", digest="d", state="loading", message="m", failures=2)
-    again = PodRecord.from_entry(rec.entry(), "d")
-    assert (again.pod, again.boot_id, again.state, again.failures, again.awaiting) == ("p", "b", "loading", 2, True)
-
-
-def test_next_wakeup():
-    assert next_wakeup({}, CFG, 0) == 30
-    loading = {"p": PodRecord(pod="p", state="loading", awaiting=True)}
-    assert next_wakeup(loading, CFG, 0) == 2
-    retry = {"p": PodRecord(pod="p", state="failed", failures=1, next_attempt=10.5)}
-    assert next_wakeup(retry, CFG, 10) == pytest.approx(0.5)
-    given_up = {"p": PodRecord(pod="p", state="failed", failures=3, next_attempt=10.5)}
-    assert next_wakeup(given_up, CFG, 10) == 30
-
-
 # --- the engine client's reading of the contract's shapes --------------------------------------
 
 @pytest.mark.asyncio
@@ -172,6 +93,8 @@ async def test_engine_client_reads_states_and_openai_errors():
                                                        "param": None, "code": None}})
         if request.method == "PUT":
             return httpx.Response(200, json={"name": "good", "state": "loading", "message": ""})
+        if request.method == "GET" and path == "/v1/adapters":
+            return httpx.Response(200, json={"object": "list", "data": [{"name": "good", "state": "host"}]})
         if request.method == "GET" and path == "/v1/adapters/gone":
             return httpx.Response(404, json={"error": {"message": "unknown adapter"}})
         if request.method == "DELETE":
@@ -187,6 +110,7 @@ async def test_engine_client_reads_states_and_openai_errors():
             await client.put_adapter("10.0.0.1", 8080, {"name": "bad", "source": "hub", "uri": "o/r"})
         assert (e.value.status, e.value.message, e.value.transient) == (422, "use_dora is not supported", False)
         assert await client.get_adapter("10.0.0.1", 8080, "gone") is None
+        assert [a["name"] for a in await client.list_adapters("10.0.0.1", 8080)] == ["good"]
         assert await client.delete_adapter("10.0.0.1", 8080, "gone") is False
         with pytest.raises(EngineError) as e:
             await client.metrics("10.0.0.1", 8080)
@@ -206,8 +130,9 @@ async def test_engine_client_unreachable():
 
 
 def test_admin_token():
-    assert A.admin_token_ref({"engine": {}}) is None
-    ref = A.admin_token_ref({"engine": {"adminTokenSecretRef": {"name": "adm"}}})
+    assert A.admin_token_ref({"engine": {}}, "llama") == A.SecretKeyRef("llama-admin-token", "token"), \
+        "without a named Secret the engines use the one the operator creates: never open"
+    ref = A.admin_token_ref({"engine": {"adminTokenSecretRef": {"name": "adm"}}}, "llama")
     assert ref == A.SecretKeyRef("adm", "token")
     assert A.admin_token(ref, secret(token="s3cret\n")) == "s3cret"
     with pytest.raises(A.SpecProblem) as e:

@@ -67,7 +67,7 @@ def test_adapter_before_base_then_unreachable_pod_then_bounded_deletion(cluster:
     wait_for(lambda: cond(status(c, "loraadapters", "early"), "Accepted").get("status") == "True", 20,
              "accepted once the base exists", on_timeout=log)
     cm = wait_for(lambda: c.get("v1", "configmaps", NS, "later-adapters"), 10, "the ConfigMap", on_timeout=log)
-    assert '"early"' in cm["data"]["adapters.json"]
+    assert '"early"' not in cm["data"]["adapters.json"], "only preload adapters travel in the ConfigMap"
     st = status(c, "loraadapters", "early")
     assert st["phase"] == "Pending" and cond(st, "Ready")["reason"] == "NoReadyPods"
 

@@ -1,6 +1,7 @@
 """Rendering of the owned objects and the create-or-patch planning (pure functions)."""
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -177,7 +178,30 @@ def test_admin_token_is_mounted_and_passed():
     assert vol["secret"] == {"secretName": "engine-admin", "items": [{"key": "token", "path": "token"}]}
     mount = [m for m in c["volumeMounts"] if m["name"] == "admin-token"][0]
     assert C.ADMIN_TOKEN_PATH == mount["mountPath"] + "/token" and mount["readOnly"]
-    assert "--admin-token-file" not in render.engine_args({"model": {"id": "m"}})
+    # Secure by default: without a named Secret, the operator's own one (created by it).
+    dflt = render.render_deployment(bmd(), 1)["spec"]["template"]["spec"]
+    assert "--admin-token-file" in dflt["containers"][0]["args"]
+    vol = [v for v in dflt["volumes"] if v["name"] == "admin-token"][0]
+    assert vol["secret"]["secretName"] == "llama-admin-token"
+    secret = render.render_admin_secret(bmd(), "t0k3n")
+    assert secret["metadata"]["name"] == "llama-admin-token" and secret["metadata"]["ownerReferences"]
+    assert base64.b64decode(secret["data"]["token"]) == b"t0k3n"
+
+
+def test_inference_pool_v1():
+    pool = render.render_inference_pool(bmd({"engine": {"port": 9000}}))
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1" and pool["kind"] == "InferencePool"
+    assert pool["spec"] == {
+        "selector": {"matchLabels": C.selector_labels("llama")},
+        "targetPorts": [{"number": 9000}],
+        "endpointPickerRef": {"kind": "Service", "name": "llama-epp", "port": {"number": 9002}},
+    }
+    assert pool["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    custom = render.render_inference_pool(bmd({"inferencePool": {"endpointPickerRef": {
+        "name": "shared-epp", "port": 9100, "failureMode": "FailOpen"}}}))
+    assert custom["spec"]["endpointPickerRef"] == {"kind": "Service", "name": "shared-epp",
+                                                   "port": {"number": 9100}, "failureMode": "FailOpen"}
+    assert render.render_inference_pool(bmd({"inferencePool": {"enabled": False}})) is None
 
 
 def test_cli_passes_flags_through_to_kopf_run():

@@ -64,37 +64,73 @@ def test_wheel_maps_every_component_under_one_namespace(full_wheel):
     assert "operator" not in top_level, "a top-level `operator` would shadow the standard library"
 
 
+def dockerfile_copies(dockerfile: Path) -> list[tuple[str, str]]:
+    """(source, destination) of every COPY from the build context (not --from a stage)."""
+    out = []
+    for line in dockerfile.read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
+            *sources, dest = [p for p in parts[1:] if not p.startswith("--")]
+            out += [(src, dest) for src in sources]
+    return out
+
+
+def image_context(dockerfile: Path, ctx: Path) -> Path:
+    """What the Dockerfile's COPY instructions put under its WORKDIR, and nothing else."""
+    for src, dest in dockerfile_copies(dockerfile):
+        target = ctx / dest if dest not in ("./", ".") else ctx
+        if (REPO / src).is_dir():
+            shutil.copytree(REPO / src, target if dest not in ("./", ".") else ctx / src,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / src, target / Path(src).name)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def operator_image_wheel(tmp_path_factory) -> Path:
+    """The wheel `pip install ".[operator]"` builds inside Dockerfile.operator, from exactly what it copies."""
+    ctx = image_context(REPO / "Dockerfile.operator", tmp_path_factory.mktemp("ctx"))
+    return build_wheel(ctx, tmp_path_factory.mktemp("out"))
+
+
 @pytest.mark.slow
-def test_operator_image_context_builds_without_engine_or_kernels(tmp_path):
+def test_operator_image_context_builds_without_engine_or_kernels(operator_image_wheel):
     """Dockerfile.operator copies only the schema and operator/: the build must work from that alone."""
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    for f in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(REPO / f, ctx / f)
-    for d in ("loraplex", "operator"):
-        shutil.copytree(REPO / d, ctx / d, ignore=shutil.ignore_patterns("__pycache__"))
-    mods = wheel_modules(build_wheel(ctx, tmp_path / "out"))
+    mods = wheel_modules(operator_image_wheel)
     assert source_modules("loraplex.operator", COMPONENTS["loraplex.operator"]) <= mods
     assert not [m for m in mods if m.startswith(("loraplex.engine", "loraplex.kernels"))]
-    docker = (REPO / "Dockerfile.operator").read_text()
-    copied = {line.split()[1] for line in docker.splitlines() if line.startswith("COPY")}
+    copied = {src for src, _ in dockerfile_copies(REPO / "Dockerfile.operator")}
     assert {"loraplex", "operator"} <= copied and not copied & {"engine", "kernels", "."}, copied
 
 
 @pytest.mark.slow
-def test_operator_extra_installs_and_imports_without_torch(full_wheel, tmp_path):
+def test_operator_image_python_path_holds_nothing_of_the_engine(operator_image_wheel, tmp_path):
+    """Install what the operator image installs (its wheel with the operator extra) into a fresh
+    venv, import every operator module, then search every sys.path entry: no torch, Triton or
+    transformers, and no loraplex.engine / loraplex.kernels file anywhere."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{full_wheel}[operator]"],
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{operator_image_wheel}[operator]"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     mods = sorted(source_modules("loraplex.operator", COMPONENTS["loraplex.operator"]))
-    code = ("import importlib, importlib.util, sys\n"
+    code = ("import importlib, importlib.util, os, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
-            "assert importlib.util.find_spec('torch') is None, 'torch was installed'\n"
             "bad = [m for m in ('torch', 'triton', 'transformers', 'loraplex.engine') if m in sys.modules]\n"
             "assert not bad, bad\n"
+            "for m in ('torch', 'triton', 'transformers', 'loraplex.engine', 'loraplex.kernels'):\n"
+            "    assert importlib.util.find_spec(m) is None, m + ' is importable'\n"
+            "found = []\n"
+            "for entry in sys.path:\n"
+            "    for root, dirs, files in os.walk(entry or '.'):\n"
+            "        rel = os.path.relpath(root, entry or '.').replace(os.sep, '/')\n"
+            "        if rel.split('/')[0] in ('torch', 'triton', 'transformers') or rel.startswith(('loraplex/engine', 'loraplex/kernels')):\n"
+            "            found.append(os.path.join(entry, rel))\n"
+            "            dirs[:] = []\n"
+            "assert not found, found\n"
             "import operator; operator.itemgetter\n"
             "print('imported', len(" + repr(mods) + "))\n")
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)

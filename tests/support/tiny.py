@@ -118,3 +118,45 @@ def make_tiny_adapter(base_dir: str | Path, out_dir: str | Path, rank: int = 8, 
                 p.normal_(0, scale_b)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+
+def _byte_spelling() -> dict[int, str]:
+    """GPT-2's byte-to-unicode map: how a byte-level BPE vocabulary spells each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def with_token_text(checkpoint: str | Path, out_dir: str | Path, token_id: int, raw: bytes) -> Path:
+    """A copy of a tiny checkpoint whose tokenizer decodes `token_id` to the bytes `raw`.
+
+    Crafted tokens reproduce text-handling defects that a random model only hits by chance:
+    a token holding a long whitespace run, or a lone lead byte of a multi-byte character.
+    The merges are dropped (prompts then encode byte by byte, which the model does not mind);
+    pass prompts as token ids to keep them identical to the original tokenizer's."""
+    import json
+    import shutil
+
+    out_dir = Path(out_dir)
+    shutil.copytree(checkpoint, out_dir)
+    path = out_dir / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    table = _byte_spelling()
+    spelled = "".join(table[b] for b in raw)
+    old = next(s for s, i in vocab.items() if i == token_id)
+    if spelled in vocab:  # swap the two entries so that every id keeps a spelling
+        vocab[old], vocab[spelled] = vocab[spelled], token_id
+    else:
+        del vocab[old]
+        vocab[spelled] = token_id
+    spec["model"]["merges"] = []
+    path.write_text(json.dumps(spec))
+    return out_dir

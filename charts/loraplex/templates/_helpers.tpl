@@ -26,3 +26,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The namespaces engine pods run in: engineNamespaces, else watchNamespaces (a JSON list). */}}
+{{- define "loraplex.engineNamespaces" -}}
+{{- $ns := .Values.engineNamespaces | default .Values.watchNamespaces | default list -}}
+{{- toJson $ns -}}
+{{- end -}}
+
+{{/* A selector of namespaces for prometheus-operator monitors. */}}
+{{- define "loraplex.engineNamespaceSelector" -}}
+{{- $ns := include "loraplex.engineNamespaces" . | fromJsonArray -}}
+{{- if $ns -}}
+matchNames:
+  {{- toYaml $ns | nindent 2 }}
+{{- else -}}
+any: true
+{{- end }}
+{{- end -}}
+
+{{- define "loraplex.engineSelectorLabels" -}}
+app.kubernetes.io/name: loraplex-engine
+{{- end -}}

@@ -5,6 +5,7 @@ a B [out, r] with the LoRA scaling already folded into B.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -33,6 +34,7 @@ class AdapterWeights:
     rank: int  # the largest rank over the modules: what the kernels compute at
     target_modules: tuple[str, ...]
     nbytes: int
+    digest: str = ""  # sha256 of adapter_config.json + the weights file: the prefix cache's adapter identity
 
 
 def _pattern_value(patterns: dict, module_key: str, default):
@@ -81,6 +83,9 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         raise AdapterFormatError(f"missing adapter_model.safetensors in {adapter_dir.name}")
     try:
         tensors = load_file(str(file))
+        digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"adapter_model.safetensors is unreadable: {exc}") from None
 
@@ -132,4 +137,5 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         rank=max(a.shape[0] for a, _ in weights.values()),
         target_modules=tuple(sorted({m for _, m in weights})),
         nbytes=sum(a.nbytes + b.nbytes for a, b in weights.values()),
+        digest=digest.hexdigest(),
     )

@@ -277,6 +277,7 @@ class AdapterManager:
             self.slot_lru.move_to_end(entry.slot)
             self.host_lru.move_to_end(entry.manifest.name)
             seq.lora_slot, seq.lora_rank = entry.slot, entry.weights.rank if entry.weights else 0
+            seq.adapter_digest = entry.weights.digest if entry.weights else None
             return True
 
     def release(self, seq) -> None:

@@ -6,12 +6,10 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
 from loraplex.engine.core.sequence import Sequence
 from tests.engine.core.conftest import PROMPTS, make_engine
-from tests.support.tiny import tiny_tokenizer
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), 4096,
-                    tiny_tokenizer(), (0,))
+    return Sequence(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), 4096, eos_token_ids=(0,))
 
 
 def test_block_manager_allocates_frees_and_counts():
@@ -96,3 +94,40 @@ def test_waiting_queue_is_bounded(tiny_models):
     engine.add_request("b", "y", SamplingParams())
     with pytest.raises(QueueFullError):
         engine.add_request("c", "z", SamplingParams())
+
+
+def run_to_completion(sched: Scheduler, seqs: list[Sequence], max_steps: int = 200) -> list[dict]:
+    """Drive the scheduler as the engine does (a sampled token is 7); one record per step:
+    which sequences ran, and which were preempted during that step's scheduling."""
+    for s in seqs:
+        sched.add(s)
+    steps = []
+    while sched.has_work():
+        before = {s.request_id: s.num_preemptions for s in seqs}
+        batch = sched.schedule()
+        preempted = {s.request_id for s in seqs if s.num_preemptions > before[s.request_id]}
+        steps.append({"ran": [item.seq.request_id for item in batch], "preempted": preempted})
+        sampled = [item.seq for item in batch if item.samples]
+        for s in sampled:
+            s.output_ids.append(7)
+            if len(s.output_ids) >= s.params.max_tokens:
+                s.finish("length")
+        sched.finish_step(batch)
+        assert len(steps) < max_steps, "the scheduler made no progress"
+    return steps
+
+
+def test_a_preempted_sequence_waits_until_it_can_get_back_where_it_was():
+    # Four blocks of 4 tokens, 5 tokens a step. "a" (older) decodes and grows; "b" is preempted
+    # to make room. b's first chunk would fit in what is left, its second would not: readmitting
+    # it at once (or for a first chunk only) preempts it again every step, a lap per step.
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=5), blocks)
+    a, b = seq("a", 7, max_tokens=6), seq("b", 4, max_tokens=6)
+    steps = run_to_completion(sched, [a, b])
+    for i, step in enumerate(steps):
+        assert not step["preempted"] & set(step["ran"]), f"step {i} readmitted what it preempted: {step}"
+    assert b.num_preemptions == 1 and a.num_preemptions == 0, [s for s in steps if s["preempted"]]
+    assert sched.num_preemptions == 1
+    assert len(a.output_ids) == 6 and len(b.output_ids) == 6
+    assert blocks.num_free == blocks.num_blocks

@@ -1,0 +1,165 @@
+"""One pass over one pod (fleet.py): the pure decisions, and the diff against a fake engine
+speaking the engine's admin API over httpx's MockTransport."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from loraplex.operator import constants as C
+from loraplex.operator.adapters import is_transient
+from loraplex.operator.config import OperatorConfig
+from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable
+from loraplex.operator.fleet import Op, PodMemory, PodRecord, backoff, fold_error, fold_report, plan_adapter, sync_pod
+from loraplex.operator.reconcile import next_wakeup
+from loraplex.operator.status import PodView
+
+CFG = OperatorConfig(backoff_base=1.0, backoff_max=8.0, max_failures=3, resync_interval=30, poll_interval=2)
+SHA_MSG = "sha256 mismatch for adapter_model.safetensors: expected 00, got 11"
+
+
+def manifest(name: str, uri: str = "org/x") -> dict:
+    return {"name": name, "source": "hub", "uri": uri, "preload": False, "tenants": []}
+
+
+def listed(name: str, state: str = "registered", message: str | None = None, uri: str = "org/x") -> dict:
+    return {"name": name, "state": state, "message": message, "manifest": manifest(name, uri)}
+
+
+def test_transient_or_permanent_load_failures():
+    assert is_transient("could not fetch org/x@main from the Hugging Face Hub: 503 Server Error")
+    assert is_transient("could not fetch s3://b/p from S3: Read timeout on endpoint URL")
+    assert not is_transient("could not fetch org/x@main from the Hugging Face Hub: 404 Client Error: Repository Not Found")
+    assert not is_transient(SHA_MSG)
+    assert not is_transient("DoRA adapters (use_dora: true) are not supported")
+    assert not is_transient("weight 'x' is for layer 40, but the base model has 2 layers: adapter built for another base")
+
+
+def test_plan_pushes_what_is_missing_or_different_and_leaves_the_rest():
+    rec = PodRecord(pod="p", boot_id="b", digest="d")
+    assert plan_adapter(rec, None, manifest("a"), 0, CFG)[0] is Op.PUSH
+    op, rec2 = plan_adapter(rec, listed("a", "host"), manifest("a"), 0, CFG)
+    assert op is Op.NONE and rec2.state == "host" and rec2.servable
+    changed_behind_our_back = {**listed("a"), "manifest": {**manifest("a"), "tenants": []}}
+    changed_behind_our_back["manifest"]["uri"] = "evil/x"
+    assert plan_adapter(rec, changed_behind_our_back, manifest("a"), 0, CFG)[0] is Op.PUSH
+
+
+def test_first_use_failure_counts_retries_and_never_reads_servable_until_a_load_succeeds():
+    rec = PodRecord(pod="p", boot_id="b", digest="d", state="registered")
+    op, rec = plan_adapter(rec, listed("a", "failed", SHA_MSG), manifest("a"), 100, CFG)
+    assert (op, rec.failures, rec.permanent) == (Op.WAIT, 1, True) and rec.next_attempt == 101
+    op, _ = plan_adapter(rec, listed("a", "failed", SHA_MSG), manifest("a"), 101, CFG)
+    assert op is Op.RETRY
+    rec = fold_report(rec, "registered", "", 101, CFG, new_attempt=True)  # the retry's PUT answer
+    assert rec.state == "registered" and not rec.servable and "retrying" in rec.message
+    for n, t in ((2, 110), (3, 120)):
+        op, rec = plan_adapter(rec, listed("a", "failed", SHA_MSG), manifest("a"), t, CFG)
+        assert rec.failures == n
+        if n < 3:
+            rec = fold_report(rec, "registered", "", t + 5, CFG, new_attempt=True)
+    assert op is Op.WAIT and rec.failures == CFG.max_failures, "given up on a permanent cause"
+    assert plan_adapter(rec, listed("a", "failed", SHA_MSG), manifest("a"), 10_000, CFG)[0] is Op.WAIT
+    ok = fold_report(rec, "host", "", 1, CFG, new_attempt=True)
+    assert ok.servable and ok.failures == 0
+
+
+def test_transient_failures_retry_without_end():
+    rec = PodRecord(pod="p", boot_id="b", digest="d")
+    msg = "could not fetch org/x@main from the Hugging Face Hub: 502 Bad Gateway"
+    for i in range(10):
+        op, rec = plan_adapter(rec, listed("a", "failed", msg), manifest("a"), 1000.0 * i, CFG)
+        assert op is Op.WAIT, i  # the failure is counted, then backed off
+        op, rec = plan_adapter(rec, listed("a", "failed", msg), manifest("a"), 1000.0 * i + 500, CFG)
+        assert op is Op.RETRY, i
+        rec = fold_report(rec, "registered", "", 1000.0 * i + 500, CFG, new_attempt=True)
+    assert rec.failures == 10 and not rec.permanent
+
+
+def test_errors_refusal_vs_unreachable_and_backoff():
+    rec = PodRecord(pod="p")
+    refused = fold_error(rec, EngineError(422, "rank 128 > --max-lora-rank 64"), 0, CFG)
+    assert (refused.state, refused.failures, refused.permanent) == ("failed", 1, True)
+    down = fold_error(rec, EngineUnreachable("connection refused"), 0, CFG)
+    assert (down.state, down.failures, down.streak) == (C.STATE_UNREACHABLE, 0, 1)
+    assert fold_error(rec, EngineError(503, "busy"), 0, CFG).state == C.STATE_UNREACHABLE
+    assert [backoff(n, CFG) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 8, 8]
+
+
+def test_status_entry_roundtrip_and_wakeup():
+    rec = PodRecord(pod="p", boot_id="b", digest="d", state="failed", message=SHA_MSG, failures=2)
+    again = PodRecord.from_entry(rec.entry(), "d")
+    assert (again.boot_id, again.state, again.failures, again.permanent, again.verified) == ("b", "failed", 2, True, False)
+    assert next_wakeup([], CFG, 0) == 30
+    assert next_wakeup([PodRecord(pod="p", state="loading")], CFG, 0) == 2
+    assert next_wakeup([PodRecord(pod="p", state="failed", failures=1, next_attempt=10.5)], CFG, 10) == pytest.approx(0.5)
+
+
+class FakeEngine:
+    """The engine's admin routes over MockTransport, counting calls."""
+
+    def __init__(self, boot: str = "boot-1"):
+        self.boot = boot
+        self.adapters: dict[str, dict] = {}
+        self.calls: list[str] = []
+        self.down = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(f"{request.method} {request.url.path}")
+        if self.down:
+            raise httpx.ConnectError("connection refused")
+        path = request.url.path
+        if path == "/info":
+            return httpx.Response(200, json={"boot_id": self.boot})
+        if path == "/v1/adapters":
+            return httpx.Response(200, json={"object": "list", "data": list(self.adapters.values())})
+        name = path.rsplit("/", 1)[1]
+        if request.method == "PUT":
+            import json
+            m = json.loads(request.content)
+            self.adapters[name] = {"name": name, "state": "registered", "message": None, "manifest": m}
+            return httpx.Response(200, json=self.adapters[name])
+        if request.method == "DELETE":
+            return httpx.Response(200 if self.adapters.pop(name, None) else 404, json={})
+        return httpx.Response(405)
+
+
+def run_pass(engine: FakeEngine, mem: PodMemory, placed: dict, records: dict, managed: set):
+    client = EngineClient(transport=httpx.MockTransport(engine))
+    pod = PodView(name="p0", uid="u", ip="10.0.0.1", port=8080, ready=True)
+
+    async def go():
+        try:
+            return await sync_pod(client, pod, mem, placed, records, managed, CFG, "tok", asyncio.Semaphore(4))
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
+
+
+def test_sync_pod_pushes_only_the_difference():
+    engine = FakeEngine()
+    engine.adapters["jit-loaded"] = listed("jit-loaded")        # not ours: left alone
+    engine.adapters["moved-off"] = listed("moved-off")          # ours, placed elsewhere now
+    placed = {f"a{i}": (manifest(f"a{i}"), f"d{i}") for i in range(50)}
+    mem = PodMemory()
+    first = run_pass(engine, mem, placed, {}, set(placed) | {"moved-off"})
+    assert sorted(first.pushed) == sorted(placed) and first.removed == ["moved-off"]
+    assert set(engine.adapters) == set(placed) | {"jit-loaded"}
+    assert first.calls == 2 + 50 + 1
+    # The next pass over a settled pod: one listing, nothing else (the boot id is cached).
+    engine.calls.clear()
+    second = run_pass(engine, mem, placed, first.records, set(placed))
+    assert engine.calls == ["GET /v1/adapters"] and second.calls == 1 and not second.pushed
+    assert all(r.state == "registered" and r.servable for r in second.records.values())
+    # Changed behind our back: repaired. Engine restarted (it lost them all): noticed, pushed again.
+    engine.adapters["a3"]["manifest"] = {**manifest("a3"), "tenants": []} | {"uri": "evil/x"}
+    third = run_pass(engine, mem, placed, second.records, set(placed))
+    assert third.pushed == ["a3"]
+    engine.adapters.clear()
+    engine.boot = "boot-2"
+    fourth = run_pass(engine, mem, placed, third.records, set(placed))
+    assert fourth.restarted and fourth.boot_id == "boot-2" and len(fourth.pushed) == 50
+    engine.down = True
+    fifth = run_pass(engine, mem, placed, fourth.records, set(placed))
+    assert fifth.error and all(r.state == C.STATE_UNREACHABLE for r in fifth.records.values())
