@@ -66,6 +66,15 @@ def _triton_ops(device_type: str) -> KernelOps:
     return _triton_ops_cache
 
 
+def attention_for(ops: KernelOps, sliding_window: int | None, softcap: float | None) -> tuple[Callable, Callable]:
+    """(prefill, decode) attention for a layer. The kernels take no sliding window or logit
+    soft-cap; the layers that need them (Gemma 2/3, Mistral-style windows, Phi-3) run the torch
+    references, which take both, on every device."""
+    if sliding_window is None and softcap is None:
+        return ops.paged_prefill_attention, ops.paged_decode_attention
+    return attention_ref.paged_prefill_attention_ref, attention_ref.paged_decode_attention_ref
+
+
 def get_kernel_ops(device: torch.device | str) -> KernelOps:
     choice = os.environ.get("LORAPLEX_KERNELS", "auto").strip().lower() or "auto"
     if choice not in ("auto", "torch", "triton"):

@@ -9,6 +9,7 @@ Errors carry the OpenAI shape plus `error_type`; a failure mid-stream is one
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finite, lorax_error_type
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
@@ -23,6 +25,7 @@ from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
                                   merge_streams, off_loop, output_error, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
+from loraplex.engine.core.adapters.merge import MergeSpec, ensure_merged
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.manifest import AdapterManifest
@@ -86,6 +89,20 @@ class LoraxRun:
             grammar=self.grammar.matcher() if self.grammar is not None else None,
         )
 
+    async def _merged(self, principal) -> str:
+        """The adapter name of parameters.merged_adapters, merged now or found in the cache."""
+        m = self.p.merged_adapters
+        spec = MergeSpec(tuple(m.ids), tuple(m.weights), m.merge_strategy or "linear", m.density,
+                         m.majority_sign_method or "total").validate()
+        mgr = self.state.require_engine().engine.adapters
+        for adapter in spec.ids:
+            manifest = mgr.manifest(adapter)
+            if manifest is None:
+                raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
+                                   param="merged_adapters.ids")
+            Authenticator.check_adapter(principal, manifest)
+        return await asyncio.to_thread(ensure_merged, mgr, spec)
+
     @property
     def tokenizer(self):
         return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
@@ -93,7 +110,8 @@ class LoraxRun:
     async def prepare(self) -> None:
         try:
             principal = self.state.auth.inference(self.request)
-            target = resolve_model(self.state, principal, self._adapter(principal), param="parameters.adapter_id")
+            adapter = await self._merged(principal) if self.p.merged_adapters else self._adapter(principal)
+            target = resolve_model(self.state, principal, adapter, param="parameters.adapter_id")
             self.target = target
             self.timer.label = target.label
             engine = self.state.require_engine()
@@ -105,6 +123,8 @@ class LoraxRun:
             err = as_api_error(exc)
             if err.param in ENGINE_PARAMS:  # the engine names its fields; LoRAX callers know these
                 err.param = ENGINE_PARAMS[err.param]
+            elif err.param and err.param.startswith("merged_adapters"):
+                err.param = f"parameters.{err.param}"
             self.timer.finish(err.status)
             raise err from None
 

@@ -395,7 +395,7 @@ class ChatRun(_Run):
         return {"index": index, "message": message, "logprobs": self.logprobs(r.logprobs),
                 "finish_reason": self._finish(r.finish_reason, calls), "stop_reason": r.stop_reason}
 
-    def _stream_text(self, index: int, out) -> tuple[str, list[tool_calls.ParsedCall]]:
+    def stream_text(self, index: int, out) -> tuple[str, list[tool_calls.ParsedCall]]:
         """(content to send, calls completed) for this output of a streamed choice."""
         if self.constrained:
             self.buffered[index] = self.buffered.get(index, "") + out.new_text
@@ -409,7 +409,7 @@ class ChatRun(_Run):
         return stream.feed(out.new_text, out.finished)
 
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
-        text, calls = self._stream_text(index, out)
+        text, calls = self.stream_text(index, out)
         delta: dict = {}
         if first:
             delta["role"] = "assistant"

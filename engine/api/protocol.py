@@ -219,10 +219,20 @@ class LoraxResponseFormat(_Body):
     schema_: dict[str, Any] | None = Field(None, alias="schema")
 
 
+class MergedAdapters(_Body):
+    """LoRAX: merge these adapters for this request (engine/core/adapters/merge.py)."""
+
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str | None = None  # linear (default), ties, dare_linear, dare_ties
+    density: float = 1.0
+    majority_sign_method: str | None = None  # total (default), frequency
+
+
 class LoraxParameters(_Body):
     adapter_id: str | None = None
     adapter_source: str | None = None
-    merged_adapters: Any = None
+    merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     do_sample: bool = False
     max_new_tokens: int | None = None
@@ -252,8 +262,8 @@ class LoraxParameters(_Body):
 
     @model_validator(mode="after")
     def _unsupported_fields(self):
-        if self.merged_adapters is not None:
-            raise _unsupported("merged_adapters")
+        if self.merged_adapters is not None and self.adapter_id:
+            raise ValueError("give adapter_id or merged_adapters, not both")
         if self.best_of not in (None, 1):
             raise _unsupported("best_of > 1")
         if self.typical_p is not None:

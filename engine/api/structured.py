@@ -11,6 +11,7 @@ Sources, at most one per request:
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 from loraplex.engine.api.errors import APIError
@@ -20,10 +21,13 @@ from loraplex.engine.core.structured_output import CompiledGrammar, GrammarCompi
 def compiler_for(state) -> GrammarCompiler:
     """The server's grammar compiler (one per engine: it holds the tokenizer's token trie)."""
     engine = state.require_engine().engine
-    compiler = getattr(state, "grammar_compiler", None)
-    if compiler is None or compiler.hf_tokenizer is not engine.tokenizer:
-        compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
-        state.grammar_compiler = compiler
+    owner, compiler = getattr(state, "grammar_compiler", (None, None))
+    if owner is not engine:
+        # A copy of its own: the compiler reads it on worker threads (Rust tokenizers must not be
+        # shared across threads, huggingface/tokenizers#537).
+        compiler = GrammarCompiler(copy.deepcopy(engine.tokenizer), engine.model_config.vocab_size,
+                                   engine.eos_token_ids)
+        state.grammar_compiler = (engine, compiler)
     return compiler
 
 

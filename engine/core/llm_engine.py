@@ -62,10 +62,7 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device, self.model_config.torch_dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.model_config.sliding_window and self.max_model_len > self.model_config.sliding_window:
-            # Within the window, full attention is exact; beyond it we would need the window.
-            log.warning("max_model_len %d capped to the sliding window %d", self.max_model_len, self.model_config.sliding_window)
-            self.max_model_len = self.model_config.sliding_window
+        # Sliding windows are honoured by the attention (model/attention.py): no cap needed.
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._thread_tokenizers = threading.local()
         backend = getattr(self._tokenizer, "backend_tokenizer", None)

@@ -1,8 +1,15 @@
-"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2) as plain PyTorch.
+"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Gemma 2/3, Phi-3) as
+plain PyTorch.
 
 One forward runs a flattened mixed batch: prefill chunks and decode tokens of many sequences,
 each row with its own LoRA adapter (or none). Module names mirror Hugging Face's so that
-checkpoint keys load one to one.
+checkpoint keys load one to one (Phi-3's fused qkv_proj / gate_up_proj are split by the loader).
+
+The families share this one block; their quirks are the named fields of ModelConfig's second
+half, each read in one place here: `qk_norm` (Attention), `norm_weight_offset` (RMSNorm),
+`embed_scale` and `final_logit_softcap` (LlamaForCausalLM), `sandwich_norms` (DecoderLayer),
+`attn_scale`, `attn_logit_softcap`, per-layer windows and the sliding layers' RoPE (Attention),
+`hidden_act` (MLP).
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ from loraplex.engine.model.attention import AttentionMetadata, paged_attention
 from loraplex.engine.model.config import LORA_MODULES, ModelConfig
 from loraplex.engine.model.rope import apply_rope, rope_cos_sin
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
 
 @dataclass
 class ForwardContext:
@@ -28,17 +37,24 @@ class ForwardContext:
     ops: KernelOps
     cos: torch.Tensor  # [T, head_dim] at each token's position
     sin: torch.Tensor
+    local_cos: torch.Tensor | None = None  # Gemma 3: the sliding layers' own RoPE, else None
+    local_sin: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`offset` 1 is Gemma's variant: it scales by (1 + weight), in fp32, then casts."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -123,11 +139,19 @@ class LoRAProjection(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int):
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, layer: int):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.scale = d ** -0.5
+        self.scale = cfg.attn_scale or d ** -0.5
+        self.softcap = cfg.attn_logit_softcap
+        self.sliding_window = cfg.layer_windows[layer] if cfg.layer_windows else None
+        self.local_rope = self.sliding_window is not None and cfg.local_rope_theta is not None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_offset)
+        else:
+            self.q_norm = self.k_norm = None
         q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
         self.q_proj = LoRAProjection(h, q, cfg.qkv_bias)
         self.k_proj = LoRAProjection(h, kv, cfg.qkv_bias)
@@ -143,9 +167,14 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         self.qkv_lora.add((q, k, v), x, ctx)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
-        out = paged_attention(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, ctx.attn, ctx.ops, self.scale)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = (ctx.local_cos, ctx.local_sin) if self.local_rope else (ctx.cos, ctx.sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(q, k, v, kv_cache, ctx.attn, ctx.ops, self.scale, self.sliding_window, self.softcap)
         out = out.reshape(t, -1)
         y = self.o_proj(out)
         self.o_lora.add((y,), out, ctx)
@@ -164,27 +193,40 @@ class MLP(nn.Module):
         self.gate_proj.bind(self.gate_up_lora, 0)
         self.up_proj.bind(self.gate_up_lora, 1)
         self.down_proj.bind(self.down_lora, 0)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         self.gate_up_lora.add((gate, up), x, ctx)
-        act = F.silu(gate) * up
+        act = self.act(gate) * up
         y = self.down_proj(act)
         self.down_lora.add((y,), act, ctx)
         return y
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int):
+    """Pre-norm residual block. With `sandwich_norms` (Gemma 2/3) `post_attention_layernorm`
+    normalises the attention output, and the MLP sits between `pre_feedforward_layernorm` and
+    `post_feedforward_layernorm` (HF's names)."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, layer: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg, num_slots, max_rank)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset)  # noqa: E731
+        self.self_attn = Attention(cfg, num_slots, max_rank, layer)
         self.mlp = MLP(cfg, num_slots, max_rank)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), ctx, kv_cache)
+            return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, kv_cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx))
 
 
 class DecoderStack(nn.Module):
@@ -193,8 +235,8 @@ class DecoderStack(nn.Module):
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, num_slots, max_rank) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, num_slots, max_rank, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -204,9 +246,22 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderStack(cfg, num_lora_slots, max_lora_rank)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        self.reset_rope()
+
+    def reset_rope(self, device: torch.device | None = None) -> None:
+        """(Re)compute the RoPE tables in fp32: one per layer kind (Gemma 3's sliding layers have
+        their own base)."""
+        cfg = self.config
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.max_positions)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        local = (None, None)
+        if cfg.local_rope_theta is not None:
+            local = rope_cos_sin(cfg.head_dim, cfg.local_rope_theta, cfg.local_rope_scaling, self.max_positions)
+            local = tuple(t.to(device) for t in local)
+        self.register_buffer("local_rope_cos", local[0], persistent=False)
+        self.register_buffer("local_rope_sin", local[1], persistent=False)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -227,10 +282,16 @@ class LlamaForCausalLM(nn.Module):
                 lora: LoRABatch | None, ops: KernelOps, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Flattened tokens [T] -> final hidden states [T, hidden]."""
         ctx = ForwardContext(attn=attn, lora=lora, ops=ops, cos=self.rope_cos[positions], sin=self.rope_sin[positions])
+        if self.local_rope_cos is not None:
+            ctx.local_cos, ctx.local_sin = self.local_rope_cos[positions], self.local_rope_sin[positions]
         x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:  # Gemma; HF rounds the scale to the weights' dtype first
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, ctx, kv_cache)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -240,8 +240,29 @@ def promql_of(docs: list[dict]) -> list[str]:
     for d in of_kind(docs, "ConfigMap"):
         for text in d["data"].values():
             exprs += [t["expr"] for p in json.loads(text)["panels"] for t in p.get("targets", [])]
-            exprs += [v["definition"] for v in json.loads(text)["templating"]["list"] if v.get("definition")]
+            # Grafana's label_values(<series selector>, <label>): the selector is PromQL.
+            exprs += [re.fullmatch(r"label_values\((.+),\s*\w+\)", v["definition"]).group(1)
+                      for v in json.loads(text)["templating"]["list"] if v.get("definition")]
     return exprs
+
+
+def test_dashboard_and_alerts_are_valid_promql():
+    """Every expression parses with Prometheus' grammar (promql-parser) and names its metrics;
+    tests/engine/api/test_observability.py and tests/operator/test_integration.py check the
+    names against a live engine's and a live operator's /metrics."""
+    pytest.importorskip("promql_parser", reason="promql-parser is not installed (test extra)")
+    from tests.support.promql import queried_names
+
+    docs = render(ALL_ON)
+    exprs = promql_of(docs)
+    names = set().union(*(queried_names(e) for e in exprs))
+    assert all(n.startswith("loraplex_") or n == "up" for n in names), names
+    dashboard = json.loads(of_kind(docs, "ConfigMap")[0]["data"]["loraplex.json"])
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for p in dashboard["panels"]:
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), p["title"]
 
 
 def test_alerts_cover_what_the_issue_asks_for():

@@ -57,3 +57,30 @@ def hermes_checkpoint(base: Path, dst: Path) -> Path:
     tok.chat_template = HERMES_TEMPLATE
     tok.save_pretrained(dst)
     return dst
+
+
+MERGE_SOURCES = {"h13m1": dict(rank=8, alpha=32, seed=41, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj"]),
+                 "h13m2": dict(rank=8, alpha=8, seed=42, target_modules=["q_proj", "v_proj"])}
+MERGE_WEIGHTS = [0.6, 1.4]
+
+
+def merge_adapters_with_peft(base: Path, adapter_dir: Path) -> list[str]:
+    """Two rank-8 adapters, and `h13ref`: their linear merge made by PEFT's add_weighted_adapter
+    and saved as an ordinary adapter. Returns the names to preload."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.tiny import make_tiny_adapter
+
+    for name, spec in MERGE_SOURCES.items():
+        make_tiny_adapter(base, adapter_dir / name, **spec)
+    names = list(MERGE_SOURCES)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      adapter_dir / names[0], adapter_name=names[0])
+    model.load_adapter(adapter_dir / names[1], adapter_name=names[1])
+    model.add_weighted_adapter(names, MERGE_WEIGHTS, "h13ref", combination_type="linear")
+    model.save_pretrained(adapter_dir / "peft-merge", selected_adapters=["h13ref"])
+    shutil.copytree(adapter_dir / "peft-merge" / "h13ref", adapter_dir / "h13ref", dirs_exist_ok=True)
+    return [*names, "h13ref"]

@@ -11,7 +11,8 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.engine.api.clients_support import PERSON, TIME, WEATHER, hermes_checkpoint
+from tests.engine.api.clients_support import (MERGE_WEIGHTS, PERSON, TIME, WEATHER, hermes_checkpoint,
+                                              merge_adapters_with_peft)
 from tests.engine.api.conftest import EngineProcess, assert_error
 
 pytestmark = pytest.mark.slow
@@ -20,9 +21,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tools_server(assets):
     base = hermes_checkpoint(assets.base, assets.root / "hermes-base")
+    merge_names = merge_adapters_with_peft(assets.base, assets.adapter_dir)
     proc = EngineProcess("tools_server", [
         "--model-id", str(base), "--served-model-name", "tiny", "--device", "cpu", "--num-kv-blocks", "512",
-        "--adapter-dir", str(assets.adapter_dir), "--preload-adapters", "a1,a2,a3", "--max-num-seqs", "32",
+        "--adapter-dir", str(assets.adapter_dir), "--preload-adapters", ",".join(["a1", "a2", "a3", *merge_names]),
+        "--max-active-adapters", "10", "--max-num-seqs", "32",
         "--num-threads", "1"], assets.root / "tools.log")
     try:
         proc.wait_ready()
@@ -290,3 +293,118 @@ def test_lorax_client_response_format(tools_server):
     err = assert_error(httpx.post(tools_server.url + "/generate", json={
         "inputs": "x", "parameters": {"response_format": {"type": "json_object", "schema": {"type": "strnig"}}}}), 400)
     assert "strnig" in err["message"] and err["param"] == "parameters.response_format.schema"
+
+
+# ---- the Responses API ------------------------------------------------------------------------
+
+def test_responses_api_matches_chat_and_streams_the_documented_events(oai):
+    kw = dict(model="a1", max_output_tokens=8, temperature=0)
+    resp = oai.responses.create(input="Paris is", instructions="Be brief.", **kw)
+    same = chat(oai, model="a1", max_tokens=8, temperature=0,
+                messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris is"}])
+    assert resp.output_text == same.choices[0].message.content and resp.output_text
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.input_tokens == same.usage.prompt_tokens and resp.usage.output_tokens == 8
+
+    events = list(oai.responses.create(input=[{"role": "user", "content": [{"type": "input_text", "text": "Paris is"}]}],
+                                       instructions="Be brief.", stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
+    assert events[-1].response.output[0].content[0].text == resp.output_text
+
+
+def test_responses_api_json_schema_and_function_tools(oai):
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    resp = oai.responses.create(model="a2", input="A person:", text=fmt, temperature=1.0, max_output_tokens=150)
+    assert resp.status == "completed"
+    jsonschema.validate(json.loads(resp.output_text), PERSON)
+
+    tool = {"type": "function", **WEATHER["function"]}
+    history = [{"role": "user", "content": "Weather in Rome?"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                "arguments": '{"city": "Rome", "unit": "c"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+               {"role": "user", "content": "And in Paris?"}]
+    for stream in (False, True):
+        kw = dict(model="a3", input=history, tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                  temperature=1.0, max_output_tokens=200)
+        if not stream:
+            resp = oai.responses.create(**kw)
+        else:
+            events = list(oai.responses.create(stream=True, **kw))
+            kinds = [e.type for e in events]
+            assert kinds[2:6] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                  "response.function_call_arguments.done", "response.output_item.done"]
+            resp = events[-1].response
+        assert resp.status == "completed"
+        [call] = resp.output
+        assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+
+
+def test_responses_api_refuses_what_it_cannot_do(tools_server):
+    url = tools_server.url + "/v1/responses"
+    err = assert_error(httpx.post(url, json={"input": "hi", "previous_response_id": "resp_1"}), 400)
+    assert "does not store responses" in err["message"] and err["param"] == "previous_response_id"
+    err = assert_error(httpx.post(url, json={"input": "hi", "tools": [{"type": "web_search"}]}), 400)
+    assert "function tools only" in err["message"]
+    err = assert_error(httpx.post(url, json={"input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "strnig"}}}}), 400)
+    assert "strnig" in err["message"]
+    assert_error(httpx.get(url + "/resp_1"), 404)
+
+
+# ---- per-request adapter merging ---------------------------------------------------------------
+
+def test_lorax_merged_adapters_equal_the_peft_merge_and_are_cached(tools_server):
+    from lorax import Client
+    from lorax.types import MergedAdapters
+
+    client = Client(tools_server.url, timeout=120)
+    merged = MergedAdapters(ids=["h13m1", "h13m2"], weights=MERGE_WEIGHTS, merge_strategy="linear", density=1.0)
+    kw = dict(max_new_tokens=12, decoder_input_details=True)
+    ours = client.generate("Paris is the capital", merged_adapters=merged, **kw)
+    peft = client.generate("Paris is the capital", adapter_id="h13ref", **kw)
+    base = client.generate("Paris is the capital", **kw)
+    assert [t.id for t in ours.details.tokens] == [t.id for t in peft.details.tokens]
+    for a, b in zip(ours.details.tokens + ours.details.prefill[1:], peft.details.tokens + peft.details.prefill[1:]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    assert [t.logprob for t in ours.details.prefill[1:]] != pytest.approx([t.logprob for t in base.details.prefill[1:]],
+                                                                          abs=1e-3)
+    again = client.generate("Paris is the capital", merged_adapters=merged, **kw)
+    assert again.generated_text == ours.generated_text
+    ties = MergedAdapters(ids=["h13m1", "h13m2"], weights=MERGE_WEIGHTS, merge_strategy="dare_ties", density=0.5,
+                          majority_sign_method="frequency")
+    text = "".join(ev.token.text for ev in client.generate_stream("Paris is the capital", merged_adapters=ties,
+                                                                   max_new_tokens=8))
+    assert text
+    models = [m["id"] for m in httpx.get(tools_server.url + "/v1/models").json()["data"]]
+    assert len([m for m in models if m.startswith("merged-")]) == 2  # one per distinct merge, however often used
+
+
+def test_bad_merges_get_400_with_the_reason(tools_server):
+    url = tools_server.url + "/generate"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, url, json={"inputs": "x", "parameters": {
+            "adapter_id": "a1", "max_new_tokens": 40, "ignore_eos_token": True}}, timeout=120)
+        for merged, reason, param in [
+            ({"ids": ["h13m1", "nope"], "weights": [1, 1], "density": 1}, "'nope' does not exist",
+             "parameters.merged_adapters.ids"),
+            ({"ids": ["h13m1", "h13m2"], "weights": [1], "density": 1}, "2 ids but 1 weights",
+             "parameters.merged_adapters.weights"),
+            ({"ids": ["h13m1", "a1"], "weights": [1, 1], "density": 1}, "same rank", "parameters.merged_adapters.ids"),
+            ({"ids": ["h13m1"], "weights": [1], "density": 1, "merge_strategy": "svd"}, "merge_strategy",
+             "parameters.merged_adapters.merge_strategy"),
+        ]:
+            r = httpx.post(url, json={"inputs": "x", "parameters": {"merged_adapters": merged}}, timeout=60)
+            err = assert_error(r, 400)
+            assert reason in err["message"] and err["param"] == param, err
+            assert r.json()["error_type"] == "validation"
+        done = running.result(timeout=120)
+    assert done.status_code == 200 and done.json()["generated_text"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.engine.api.conftest import EngineProcess, parse_metrics, wait_until
+from tests.engine.api.conftest import engine_process, parse_metrics, wait_until
 
 ST = Path(sys.executable).with_name("st")
 SEED = 20261130  # fixed: CI reruns the same cases; change it to explore others
@@ -23,16 +23,12 @@ SEED = 20261130  # fixed: CI reruns the same cases; change it to explore others
 
 @pytest.fixture(scope="module")
 def fuzz_server(assets):
-    proc = EngineProcess("schemathesis", [
+    with engine_process("schemathesis", [
         "--model-id", str(assets.base), "--device", "cpu", "--num-threads", "1", "--num-kv-blocks", "128",
         "--max-model-len", "64", "--max-waiting", "32", "--adapter-dir", str(assets.adapter_dir),
         "--adapter-cache-dir", str(assets.cache_dir),
-    ], assets.root / "schemathesis.log")
-    try:
-        proc.wait_ready()
+    ], assets.root / "schemathesis.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import re
 import httpx
 import pytest
 
-from tests.engine.api.conftest import EngineProcess, parse_metrics, wait_until, write_manifest_file
+from tests.engine.api.conftest import engine_process, parse_metrics, wait_until, write_manifest_file
 
 REQUESTS = 240
 CONCURRENCY = 16
@@ -26,17 +26,13 @@ def soak_server(assets):
     manifest = assets.root / "soak-manifest.json"
     write_manifest_file(manifest, [{"name": "a2", "source": "local", "uri": "a2"},
                                    {"name": "a3", "source": "local", "uri": "a3"}])
-    proc = EngineProcess("soak", [
+    with engine_process("soak", [
         "--model-id", str(assets.base), "--device", "cpu", "--num-threads", "1", "--num-kv-blocks", "96",
         "--block-size", "8", "--max-num-seqs", "8", "--max-model-len", "256", "--max-waiting", "64",
         "--adapter-dir", str(assets.adapter_dir), "--adapter-manifest-file", str(manifest),
         "--preload-adapters", "a1", "--max-active-adapters", "3",
-    ], assets.root / "soak.log")
-    try:
-        proc.wait_ready()
+    ], assets.root / "soak.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def good_request(rng: random.Random) -> tuple[str, dict, bool]:
