@@ -10,7 +10,7 @@ from pathlib import Path
 # the other families have a few quirks each, named by the `ModelConfig` fields below the line
 # and set by the family's entry in FAMILY_QUIRKS.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM")
 ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
@@ -54,6 +54,8 @@ class ModelConfig:
     local_rope_theta: float | None = None  # Gemma 3: the sliding layers' own RoPE (None: as the others)
     local_rope_scaling: dict | None = None
     fused_projections: bool = False  # Phi-3: the checkpoint holds qkv_proj and gate_up_proj
+    num_experts: int = 0  # Mixtral: the MLP is a sparse mixture of this many SwiGLU experts
+    experts_per_token: int = 0  # ... of which the router picks this many per token
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -118,10 +120,10 @@ class ModelConfig:
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-targetable projection."""
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
-        return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }
+        attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        if self.num_experts:  # Mixtral: LoRA on attention only (the experts are not LoRA targets)
+            return attention
+        return {**attention, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     def fused_modules(self) -> dict[str, tuple[str, ...]]:
         """Checkpoint modules that hold several of the engine's projections, stacked by rows in
@@ -170,6 +172,7 @@ FAMILY_QUIRKS = {
     "Gemma2ForCausalLM": _gemma,
     "Gemma3ForCausalLM": lambda cfg: dict(_gemma(cfg), qk_norm=True),
     "Phi3ForCausalLM": lambda cfg: dict(fused_projections=True),
+    "MixtralForCausalLM": lambda cfg: dict(num_experts=cfg["num_local_experts"], experts_per_token=cfg["num_experts_per_tok"]),
 }
 
 

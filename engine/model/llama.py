@@ -204,6 +204,41 @@ class MLP(nn.Module):
         return y
 
 
+class Expert(nn.Module):
+    """One of Mixtral's SwiGLU experts, with HF's names: w1 gate, w3 up, w2 down."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.w1, self.w3, self.w2 = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's MLP (HF's `block_sparse_moe`): the router's softmax (fp32) picks the top
+    `experts_per_token` experts of each token, their weights renormalised to sum to 1; each
+    chosen expert runs once over all of its tokens, experts in index order as in transformers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_experts))
+        self.top_k = cfg.experts_per_token
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        weights, chosen = F.softmax(self.gate(x).float(), dim=-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, k = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts[e](x[token]) * weights[token, k, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block. With `sandwich_norms` (Gemma 2/3) `post_attention_layernorm`
     normalises the attention output, and the MLP sits between `pre_feedforward_layernorm` and
@@ -213,7 +248,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset)  # noqa: E731
         self.self_attn = Attention(cfg, num_slots, max_rank, layer)
-        self.mlp = MLP(cfg, num_slots, max_rank)
+        if cfg.num_experts:
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = MLP(cfg, num_slots, max_rank)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.sandwich = cfg.sandwich_norms
@@ -224,9 +262,12 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv_cache) -> torch.Tensor:
         if not self.sandwich:
             x = x + self.self_attn(self.input_layernorm(x), ctx, kv_cache)
-            return x + self.mlp(self.post_attention_layernorm(x), ctx)
+            return x + self.feed_forward(self.post_attention_layernorm(x), ctx)
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, kv_cache))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx))
+        return x + self.post_feedforward_layernorm(self.feed_forward(self.pre_feedforward_layernorm(x), ctx))
+
+    def feed_forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.mlp(x, ctx) if hasattr(self, "mlp") else self.block_sparse_moe(x, ctx)
 
 
 class DecoderStack(nn.Module):
@@ -273,10 +314,12 @@ class LlamaForCausalLM(nn.Module):
 
     def lora_projections(self):
         """(layer index, module name, projection) for every LoRA-targetable projection."""
+        targets = self.config.projection_shapes()  # Mixtral: attention only
         for i, layer in enumerate(self.model.layers):
             for name in LORA_MODULES:
-                parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
-                yield i, name, getattr(parent, name)
+                if name in targets:
+                    parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+                    yield i, name, getattr(parent, name)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 lora: LoRABatch | None, ops: KernelOps, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

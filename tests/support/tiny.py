@@ -44,8 +44,8 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str = "llama", **overrides):
-    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     tok = tiny_tokenizer()
     common = dict(
@@ -76,6 +76,9 @@ def tiny_config(family: str = "llama", **overrides):
         cfg = Phi3Config(**common, pad_token_id=tok.pad_token_id, original_max_position_embeddings=128, sliding_window=24,
                          rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
                                        "long_factor": [1.0 + 0.9 * i for i in range(half)]})
+    elif family == "mixtral":  # sparse MoE MLP: 4 experts, top 2
+        cfg = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
+                            tie_word_embeddings=False)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -108,7 +111,7 @@ def make_tiny_checkpoint(path: str | Path, family: str = "llama", seed: int = 0,
     return path
 
 
-NEW_FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3")
+NEW_FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3", "mixtral")
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loraplex.engine.model.config import LORA_MODULES, ModelConfig
+from loraplex.engine.model.config import ModelConfig
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -104,10 +104,10 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         m = KEY.match(key)
         if not m:
             what = "embeddings/lm_head" if ("embed" in key or "lm_head" in key) else "this module"
-            raise AdapterFormatError(f"weight {key!r}: LoRA on {what} is not supported; targets must be among {', '.join(LORA_MODULES)}")
+            raise AdapterFormatError(f"weight {key!r}: LoRA on {what} is not supported; targets must be among {', '.join(shapes)}")
         layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
         if module not in shapes or PARENT[module] != parent:
-            raise AdapterFormatError(f"weight {key!r} targets {parent}.{module}; targets must be among {', '.join(LORA_MODULES)}")
+            raise AdapterFormatError(f"weight {key!r} targets {parent}.{module}; targets must be among {', '.join(shapes)}")
         if layer >= base.num_layers:
             raise AdapterFormatError(f"weight {key!r} is for layer {layer}, but the base model has {base.num_layers} layers: adapter built for another base")
         pairs.setdefault((layer, module), {})[ab] = t

@@ -2,7 +2,8 @@
 norm), Gemma 2 (soft-capping, sliding/full layers, (1 + w) norms, sandwich norms, embedding
 scale, query_pre_attn_scalar), Gemma 3 (the same plus q/k norm and per-layer-type RoPE) and
 Phi-3 (fused qkv_proj / gate_up_proj weights and a PEFT adapter on the fused names, LongRoPE,
-a window on every layer). Tiny random checkpoints from tests/support/tiny.py.
+a window on every layer), Mixtral (sparse MoE MLP, LoRA on attention). Tiny random checkpoints
+from tests/support/tiny.py.
 
 For the base and for an adapter, through LoRAX's /generate (token ids and logprobs): greedy
 tokens equal transformers' / PeftModel's token for token (past the 8-token windows; Phi-3's
@@ -21,11 +22,12 @@ from tests.engine.api.conftest import EngineProcess
 from tests.engine.core.conftest import PROMPTS
 from tests.support.tiny import ALL_MODULES, NEW_FAMILIES, make_tiny_adapter
 
-pytestmark = pytest.mark.slow  # four engine processes
+pytestmark = pytest.mark.slow  # five engine processes
 
 LOGPROB_ATOL = 1e-4
 MAX_NEW = 24
-TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}  # Phi-3's fused names
+TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # Phi-3's fused names
+           "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # LoRA on attention, the experts as they are
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,8 @@ def test_family_matches_transformers_and_peft_over_http(family, family_servers, 
     server = family_servers[family]
     info = httpx.get(server.url + "/info").json()
     assert info["architecture"] == {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                                    "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}[family]
+                                    "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                                    "mixtral": "MixtralForCausalLM"}[family]
     adapter_dir = server.log_path.parent / family / "lora"
     outputs = {}
     for adapter in (None, "lora"):

@@ -51,3 +51,21 @@ def test_windows_and_softcaps_run_the_torch_reference_on_every_kernel_set():
     reference = (attention_ref.paged_prefill_attention_ref, attention_ref.paged_decode_attention_ref)
     assert attention_for(triton_like, 8, None) == reference and attention_for(triton_like, None, 30.0) == reference
     assert attention_for(TORCH_OPS, None, None) == reference
+
+
+def test_mixtral_adapters_target_attention_only(tiny_models, tmp_path):
+    """Mixtral's LoRA targets are the attention projections; an adapter on the router (`gate`)
+    is refused, and the message names the targets this base has."""
+    import pytest
+
+    from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, load_adapter
+    from tests.support.tiny import make_tiny_adapter
+
+    cfg = ModelConfig.from_dir(tiny_models["mixtral"])
+    assert set(cfg.projection_shapes()) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    ok = load_adapter(make_tiny_adapter(tiny_models["mixtral"], tmp_path / "attn", target_modules=["q_proj", "o_proj"]),
+                      cfg, 16, torch.float32)
+    assert ok.target_modules == ("o_proj", "q_proj")
+    router = make_tiny_adapter(tiny_models["mixtral"], tmp_path / "router", target_modules=["gate"])
+    with pytest.raises(AdapterFormatError, match=r"targets mlp\.gate; targets must be among q_proj, k_proj, v_proj, o_proj$"):
+        load_adapter(router, cfg, 16, torch.float32)
