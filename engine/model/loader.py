@@ -30,9 +30,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions)
-    # Materialise on the target device: parameters uninitialised (they are all loaded below),
-    # buffers (LoRA slots, rope tables) recomputed.
+        model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions).to(dtype)
+    # Materialise straight on the target device in the target dtype: parameters uninitialised
+    # (each is filled once below, cast on the way), buffers (LoRA slots, rope tables)
+    # recomputed. No full-precision copy of the model ever exists: on a GPU the peak is the
+    # model in its dtype plus one checkpoint tensor on the host.
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty() makes a separate tensor for each tied parameter
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -48,14 +50,13 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
                     if tuple(tensor.shape) != tuple(params[key].shape):
                         raise UnsupportedModelError(f"weight {key!r} has shape {tuple(tensor.shape)}, expected {tuple(params[key].shape)}")
                     with torch.no_grad():
-                        params[key].copy_(tensor)
+                        params[key].copy_(tensor)  # casts to the model's dtype; host to device
                     loaded.add(key)
     if cfg.tie_word_embeddings:
         loaded.add("lm_head.weight")  # shares embed_tokens.weight
     missing = sorted(set(params) - loaded)
     if missing:
         raise UnsupportedModelError(f"checkpoint {model_dir} lacks weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    model = model.to(dtype)
     _reset_buffers(model, cfg, max_positions, device)
     return model.eval().requires_grad_(False)
 
@@ -78,6 +79,6 @@ def split_fused(key: str, get_tensor, cfg: ModelConfig):
 
 def _reset_buffers(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int | None, device: torch.device) -> None:
     model.reset_rope(device)  # stays fp32
-    for _, _, proj in model.lora_projections():
-        proj.lora_a.zero_()
-        proj.lora_b.zero_()
+    for group in model.lora_groups():
+        for buf in group.buffers():
+            buf.zero_()
