@@ -79,3 +79,25 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         mask &= k_pos > q_pos - sliding_window
     out = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask[None, None], scale, softcap)
     return out[0].transpose(0, 1).to(q.dtype)
+
+
+def paged_prefill_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    """The CUDA prefill path: `paged_prefill_attention_ref`'s semantics, in the cache's own dtype.
+
+    The reference upcasts to fp32 and always passes a mask, which rules out the fused SDPA
+    backends. Here the gathered K/V stay 16-bit and a chunk with no earlier context (the common
+    first chunk) is plain causal attention (`is_causal=True`: flash attention on a GPU); a later
+    chunk passes its [n, L] causal-with-offset mask (the memory-efficient backend).
+    """
+    n = q.shape[0]
+    k = gather_kv_ref(k_cache, block_table[None])[0, :context_len].to(q.dtype)  # [L, kvh, d]
+    v = gather_kv_ref(v_cache, block_table[None])[0, :context_len].to(q.dtype)
+    if n == context_len:
+        mask, causal = None, True
+    else:
+        q_pos = torch.arange(context_len - n, context_len, device=q.device)
+        mask, causal = (torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None])[None], False
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels.lora_ref import LoRABatch
+from loraplex.kernels.lora_ref import LoRABatch, LoRASlots, SlotFlags
 from loraplex.kernels.ops import KernelOps
 from loraplex.engine.model.attention import AttentionMetadata, paged_attention
 from loraplex.engine.model.config import LORA_MODULES, ModelConfig
@@ -58,29 +58,84 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class LoRAProjection(nn.Module):
-    """A linear layer plus stacked LoRA slots: y = W x + b + B_slot A_slot x per token.
+class LoRAGroup(nn.Module):
+    """The LoRA slot buffers of the projections that read one input (q/k/v, gate/up, o, down).
 
-    `lora_a[num_slots, max_rank, in]` and `lora_b[num_slots, out, max_rank]` are filled by the
-    adapter manager; the scaling is folded into B, so the hook is one add.
+    Layout (see `kernels/lora_ref.py`): `lora_a[num_slots, in, max_rank * P]`, pre-transposed and
+    interleaved rank-major, and per projection `lora_b{p}[num_slots, max_rank, out_p]`,
+    pre-transposed, scaling folded in. `add` runs one shrink for the group and one expand per
+    output slice that some adapter of the batch targets.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, num_slots: int, max_rank: int):
+    def __init__(self, in_features: int, out_features: list[int], num_slots: int, max_rank: int):
+        super().__init__()
+        self.num_proj = len(out_features)
+        self.register_buffer("lora_a", torch.zeros(num_slots, in_features, max_rank * self.num_proj), persistent=False)
+        for p, out in enumerate(out_features):
+            self.register_buffer(f"lora_b{p}", torch.zeros(num_slots, max_rank, out), persistent=False)
+        # Per projection and slot: does the adapter in that slot target it? (kept by the adapter
+        # manager). When no segment's adapter targets a projection its expand is skipped: its
+        # zero weights would only add 0.
+        self.slot_flags = [SlotFlags(num_slots) for _ in out_features]
+        self._slots: LoRASlots | None = None
+
+    @property
+    def slots(self) -> LoRASlots:
+        """The kernels' view of the buffers (with cached per-slot views for the torch reference)."""
+        if self._slots is None:
+            self._slots = LoRASlots(self.lora_a, [getattr(self, f"lora_b{p}") for p in range(self.num_proj)])
+        return self._slots
+
+    def _apply(self, fn, *args, **kwargs):
+        self._slots = None  # .to() / to_empty() replace the buffers: cached views would be stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def add(self, ys: tuple[torch.Tensor, ...], x: torch.Tensor, ctx: "ForwardContext") -> None:
+        """ys[p] += the LoRA term of projection p for every token in an adapter segment. In place."""
+        lora = ctx.lora
+        if lora is None or lora.empty:
+            return
+        if lora.slot_mask < 0:  # a CUDA graph capture: every expand, whatever the adapters
+            targeted = list(ys)
+        else:
+            targeted = [y if flags.mask & lora.slot_mask else None for y, flags in zip(ys, self.slot_flags)]
+        if any(y is not None for y in targeted):
+            ctx.ops.add_lora(targeted, x, self.slots, lora)
+
+
+class LoRAProjection(nn.Module):
+    """A linear layer y = W x + b whose LoRA slots live in the `LoRAGroup` it shares with the
+    projections that read the same input (the group adds the LoRA term for all of them).
+
+    `lora_a[num_slots, max_rank, in]` and `lora_b[num_slots, out, max_rank]` are this
+    projection's slots in PEFT's orientation, views into the group's buffers, so the adapter
+    manager writes an adapter's A and B as they are stored; `slot_has_weights` is its flags.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, in_features), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(num_slots, out_features, max_rank), persistent=False)
-        # Per slot: does its adapter target this projection? The adapter manager keeps it. When no
-        # segment's adapter does, the LoRA term is skipped: its zero weights would only add 0.
-        self.slot_has_weights = [True] * num_slots
+        self._group: list[LoRAGroup] = []  # a plain list: the group is the parent's submodule, not ours
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        lora = ctx.lora
-        if lora is not None and not lora.empty and any(self.slot_has_weights[seg[2]] for seg in lora.segments):
-            ctx.ops.add_lora(y, x, self.lora_a, self.lora_b, lora)
-        return y
+    def bind(self, group: LoRAGroup, index: int) -> "LoRAProjection":
+        self._group, self._index = [group], index
+        return self
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        return self._group[0].slots.peft_a(self._index)
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        return self._group[0].slots.peft_b(self._index)
+
+    @property
+    def slot_has_weights(self) -> SlotFlags:
+        return self._group[0].slot_flags[self._index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -97,36 +152,56 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_offset)
         else:
             self.q_norm = self.k_norm = None
-        proj = lambda i, o, b: LoRAProjection(i, o, b, num_slots, max_rank)  # noqa: E731
-        self.q_proj = proj(h, cfg.num_heads * d, cfg.qkv_bias)
-        self.k_proj = proj(h, cfg.num_kv_heads * d, cfg.qkv_bias)
-        self.v_proj = proj(h, cfg.num_kv_heads * d, cfg.qkv_bias)
-        self.o_proj = proj(cfg.num_heads * d, h, cfg.o_bias)
+        q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.q_proj = LoRAProjection(h, q, cfg.qkv_bias)
+        self.k_proj = LoRAProjection(h, kv, cfg.qkv_bias)
+        self.v_proj = LoRAProjection(h, kv, cfg.qkv_bias)
+        self.o_proj = LoRAProjection(q, h, cfg.o_bias)
+        self.qkv_lora = LoRAGroup(h, [q, kv, kv], num_slots, max_rank)  # one shrink for q, k and v
+        self.o_lora = LoRAGroup(q, [h], num_slots, max_rank)
+        for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            proj.bind(self.qkv_lora, i)
+        self.o_proj.bind(self.o_lora, 0)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x, ctx).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ctx).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        self.qkv_lora.add((q, k, v), x, ctx)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (ctx.local_cos, ctx.local_sin) if self.local_rope else (ctx.cos, ctx.sin)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, ctx.attn, ctx.ops, self.scale, self.sliding_window, self.softcap)
-        return self.o_proj(out.reshape(t, -1), ctx)
+        out = out.reshape(t, -1)
+        y = self.o_proj(out)
+        self.o_lora.add((y,), out, ctx)
+        return y
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = LoRAProjection(h, i, b, num_slots, max_rank)
-        self.up_proj = LoRAProjection(h, i, b, num_slots, max_rank)
-        self.down_proj = LoRAProjection(i, h, b, num_slots, max_rank)
+        self.gate_proj = LoRAProjection(h, i, b)
+        self.up_proj = LoRAProjection(h, i, b)
+        self.down_proj = LoRAProjection(i, h, b)
+        self.gate_up_lora = LoRAGroup(h, [i, i], num_slots, max_rank)  # one shrink for gate and up
+        self.down_lora = LoRAGroup(i, [h], num_slots, max_rank)
+        self.gate_proj.bind(self.gate_up_lora, 0)
+        self.up_proj.bind(self.gate_up_lora, 1)
+        self.down_proj.bind(self.down_lora, 0)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        self.gate_up_lora.add((gate, up), x, ctx)
+        act = self.act(gate) * up
+        y = self.down_proj(act)
+        self.down_lora.add((y,), act, ctx)
+        return y
 
 
 class Expert(nn.Module):
@@ -232,6 +307,10 @@ class LlamaForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def lora_groups(self):
+        """Every LoRAGroup (slot buffers) of the model."""
+        return [m for m in self.modules() if isinstance(m, LoRAGroup)]
 
     def lora_projections(self):
         """(layer index, module name, projection) for every LoRA-targetable projection."""

@@ -31,9 +31,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions)
-    # Materialise on the target device: parameters uninitialised (they are all loaded below),
-    # buffers (LoRA slots, rope tables) recomputed.
+        model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions).to(dtype)
+    # Materialise straight on the target device in the target dtype: parameters uninitialised
+    # (each is filled once below, cast on the way), buffers (LoRA slots, rope tables)
+    # recomputed. No full-precision copy of the model ever exists: on a GPU the peak is the
+    # model in its dtype plus one checkpoint tensor on the host.
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty() makes a separate tensor for each tied parameter
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -59,15 +61,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
                         loaded.add(key)
                         continue
                     with torch.no_grad():
-                        params[key].copy_(tensor)
+                        params[key].copy_(tensor)  # casts to the model's dtype; host to device
                     loaded.add(key)
     if cfg.tie_word_embeddings:
         loaded.add("lm_head.weight")  # shares embed_tokens.weight
     missing = sorted(set(params) - loaded)
     if missing:
         raise UnsupportedModelError(f"checkpoint {model_dir} lacks weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    model = model.to(dtype)
-    for name, parts in fp8.items():  # after .to(dtype), which would widen them
+    for name, parts in fp8.items():
         _quantize(model, name, parts, cfg, dtype, device)
     model.weight_bytes, model.weight_bytes_unquantized = weight_bytes(model, dtype)
     _reset_buffers(model, cfg, max_positions, device)
@@ -104,6 +105,6 @@ def _quantize(model: LlamaForCausalLM, name: str, parts: dict, cfg: ModelConfig,
 
 def _reset_buffers(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int | None, device: torch.device) -> None:
     model.reset_rope(device)  # stays fp32
-    for _, _, proj in model.lora_projections():
-        proj.lora_a.zero_()
-        proj.lora_b.zero_()
+    for group in model.lora_groups():
+        for buf in group.buffers():
+            buf.zero_()
