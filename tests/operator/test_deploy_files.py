@@ -279,7 +279,7 @@ def test_alerts_cover_what_the_issue_asks_for():
 
 def test_chart_lints_clean_and_ships_the_crds():
     for values in (None, ALL_ON):
-        report = helm.lint(str(CHART), values, strict=False)
+        report = helm.lint(str(CHART), values, strict=True)
         assert report["errors"] == [], values
         assert not [m for m in report["messages"] if m["severity"] >= 2], report["messages"]
     with helm.Chart.load(str(CHART)) as chart:
