@@ -18,6 +18,10 @@ What makes a forward capturable here:
   expand (the per-batch "no adapter targets this projection" skip is a Python decision that a
   graph would freeze).
 Sampling runs outside the graph, on the replay's output rows.
+
+With `capture=False` (LORAPLEX_CUDA_GRAPHS=eager) the same static-buffer forward runs eagerly
+at replay time, on any device: the CPU tests prove the padding, the scratch slot and the
+worst-case grids with the Triton interpreter that way (tests/kernels/test_decode_graphs.py).
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: "ModelRunner", max_num_seqs: int, scratch_slot: int):
+    def __init__(self, runner: "ModelRunner", max_num_seqs: int, scratch_slot: int, capture: bool = True):
         self.runner = runner
+        self.capture = capture
+        self.replays = 0
         model, dev = runner.model, runner.device
         self.sizes = capture_sizes(max_num_seqs)
         self.max_size = self.sizes[-1]
@@ -60,7 +66,8 @@ class DecodeGraphs:
         self.max_rank = groups[0].slots.max_rank if groups and groups[0].lora_a.shape[0] else 0
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self._capture()
+        if capture:
+            self._capture()
 
     def _meta(self, n: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:n], prefills=[], decode_rows=self.rows[:n],
@@ -114,6 +121,9 @@ class DecodeGraphs:
             self.lora_meta[:, :s].copy_(torch.stack([step.lora.seg_start, step.lora.seg_end,
                                                       step.lora.seg_slot, step.lora.seg_rank]))
             self.lora_meta[:, s:size].zero_()  # empty segments: start = end = 0
+        self.replays += 1
+        if not self.capture:
+            return self._forward(size, step.lora is not None)[:n]
         graph, out = self.graphs[(size, step.lora is not None)]
         graph.replay()
         return out[:n]

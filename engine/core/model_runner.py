@@ -107,8 +107,10 @@ class ModelRunner:
         # Unseeded rows draw on the device, from one generator seeded from the engine's seed.
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.graphs = None
-        use_graphs = (device.type == "cuda" and self.ops.name == "triton"
-                      and os.environ.get("LORAPLEX_CUDA_GRAPHS", "1") != "0")
+        # LORAPLEX_CUDA_GRAPHS: "1" (default) graphs on CUDA with the Triton kernels, "0" off,
+        # "eager" the same static-buffer decode path without capture on any device (tests).
+        mode = os.environ.get("LORAPLEX_CUDA_GRAPHS", "1")
+        use_graphs = self.ops.name == "triton" and ((device.type == "cuda" and mode != "0") or mode == "eager")
         # CUDA graphs pad a decode batch up to a captured size; the padded rows write their K/V
         # into one extra block that the block manager never hands out.
         cfg = model.config
@@ -118,7 +120,8 @@ class ModelRunner:
         if use_graphs:
             from loraplex.engine.core.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, max_num_seqs, scratch_slot=num_blocks * block_size)
+            self.graphs = DecodeGraphs(self, max_num_seqs, scratch_slot=num_blocks * block_size,
+                                       capture=device.type == "cuda" and mode != "eager")
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
