@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 CACHE ?= $(HOME)/.cache/loraplex
 
-.PHONY: setup serve test e2e bench demo-assets clean
+.PHONY: setup serve test e2e bench gpu-check demo-assets clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ e2e: setup
 
 bench: setup
 	$(BIN)/python -m bench.run --cache-dir $(CACHE)
+
+# On a machine with one NVIDIA GPU (torch + triton installed, no network): kernels, parity, sweep.
+GPU_CHECK_OUT ?= bench/results/gpu-check
+gpu-check:
+	$(BIN)/python -m bench.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -54,10 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-slots", type=int, default=8)
     p.add_argument("--host-slots", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--adapter-fairness-seconds", type=float, default=None,
+                   help="model the engine's slot-fairness rule with this aging time (default: off, as main's engine)")
     p.add_argument("--scrape-interval", type=float, default=0.05,
                    help="seconds between the router's scrapes (the EPP's --refresh-metrics-interval default: 50 ms)")
     p.add_argument("--gie-weights", type=_floats, default=(2.0, 2.0, 1.0), help="queue,kv,lora-affinity scorer weights")
     p.add_argument("--costs", type=Path, default=cost_model.DEFAULT_DATA, help="measured engine costs (JSON)")
+    p.add_argument("--disk-load-scale", type=float, default=1.0,
+                   help="multiply the measured disk -> host load times (e.g. 20: ~1 s, a fetch from an object store)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="check the cache and conservation invariants while running")
     p.add_argument("--quick", action="store_true", help="a small fleet for seconds; implies --strict")
@@ -96,7 +100,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     costs = cost_model.load(args.costs)
-    rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs)
+    if args.disk_load_scale != 1.0:
+        costs = costs.with_disk_loads_scaled(args.disk_load_scale)
+    rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs,
+                         adapter_fairness_s=args.adapter_fairness_seconds)
     t0 = time.perf_counter()
     runs, workloads = [], {}
     for n in args.replicas:
@@ -122,6 +129,7 @@ def main(argv=None) -> int:
         "meta": {"command": "python -m bench.fleet_sim " + shlex.join(sys.argv[1:] if argv is None else argv),
                  "seed": args.seed, "wall_s": time.perf_counter() - t0, "rate_per_replica": args.rate_per_replica,
                  "warmup_s": args.warmup, "scrape_interval_s": args.scrape_interval, "gie_weights": list(args.gie_weights),
+                 "disk_load_scale": args.disk_load_scale,
                  "replica": rcfg.__dict__, "quick": args.quick, "strict": args.strict},
         "workload": spec.describe() | {"rate": "rate_per_replica x replicas"},
         "workload_summary": workloads,

@@ -50,6 +50,11 @@ class StepCost:
                        c_adapter=self.c_adapter * factor, disk_load_s=tuple(s * factor for s in self.disk_load_s),
                        h2d_s=self.h2d_s * factor)
 
+    def with_disk_loads_scaled(self, factor: float) -> "StepCost":
+        """Disk -> host loads `factor` times slower (an object store or the Hub instead of the
+        page cache); the steps unchanged."""
+        return replace(self, disk_load_s=tuple(s * factor for s in self.disk_load_s))
+
     def coefficients(self) -> dict:
         return {"c0_s": self.c0, "c_row_s": self.c_row, "c_token_s": self.c_token, "c_adapter_s": self.c_adapter}
 

@@ -155,9 +155,23 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
             "trials": trials, "seed": seed, "measure_seconds": round(elapsed, 1),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": _git_rev(),
         },
     }
+
+
+def _git_rev() -> str:
+    """The engine code the costs were measured on (they go stale when the hot path changes)."""
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parents[2]
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "engine", "kernels"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main(argv=None) -> None:

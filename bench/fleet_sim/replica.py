@@ -40,6 +40,10 @@ class ReplicaConfig:
     block_size: int = 16
     num_kv_blocks: int = 32 * 32  # max_num_seqs * (512 tokens / 16): no preemption
     idle_poll_s: float = 0.05
+    # The fairness rule of the engine issue (--adapter-fairness-seconds; not on main when this was
+    # written): once the oldest waiting request whose adapter is loaded but finds every slot
+    # pinned has waited this long, no younger adapter request may pin a slot. None: no such rule.
+    adapter_fairness_s: float | None = None
 
 
 class SimRequest:
@@ -194,10 +198,15 @@ class Replica:
             batch.append((seq, n))
             budget -= n
         skipped = []
+        starved = False  # an older request waits for a slot: younger ones may not pin one
+        fairness = self.cfg.adapter_fairness_s
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.computed, budget)
-            if not self._acquire(seq, now):
+            if starved or not self._acquire(seq, now):
+                if (not starved and fairness is not None and now - seq.arrival >= fairness
+                        and seq.adapter in self.host and seq.adapter not in self.slot_of):
+                    starved = True
                 skipped.append(self.waiting.popleft())
                 continue
             self.waiting.popleft()

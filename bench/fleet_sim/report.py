@@ -41,8 +41,9 @@ def markdown(result: dict) -> str:
         f"1 torch thread): step = {fit['c0_s'] * 1e3:.1f} ms + {fit['c_row_s'] * 1e3:.2f} ms/row + "
         f"{fit['c_token_s'] * 1e3:.3f} ms/prefill token + {fit['c_adapter_s'] * 1e3:.2f} ms/distinct adapter; "
         f"R² {fit['r2']:.3f}, median relative error {fit['median_rel_error']:.1%} (p90 {fit['p90_rel_error']:.1%}). "
-        f"Disk -> host load median {fit['disk_load_median_s'] * 1e3:.0f} ms, host -> device copy median "
-        f"{fit['h2d_median_s'] * 1e3:.1f} ms.",
+        f"Disk -> host load median {fit['disk_load_median_s'] * 1e3:.0f} ms"
+        + (f" measured, scaled x{meta['disk_load_scale']:g} here" if meta.get("disk_load_scale", 1.0) != 1.0 else "")
+        + f", host -> device copy median {fit['h2d_median_s'] * 1e3:.1f} ms.",
         "",
     ]
     for n in sorted({r["replicas"] for r in result["runs"]}):

@@ -193,13 +193,14 @@ def run_policy(args, policy_name: str, model, adapters, adapter_dir: Path, spec:
     c0, c1 = router.counters["start"], router.counters["end"]
     span = c1[0] - c0[0]
     errors = sum(1 for r in records if r.error)
-    f = lambda v: np.nan if v is None else v  # noqa: E731
-    # load counters were read at the window's two ends: spread them evenly so the shared metric code counts them
+    # The load counters were read at the window's two ends; spread their increase over the window
+    # so that the metric code shared with the simulator counts them.
     disk = np.linspace(args.warmup, spec.duration_s, int(c1[1] - c0[1]), endpoint=False)
     device = np.linspace(args.warmup, spec.duration_s, int(c1[2] - c0[2]), endpoint=False)
     real = window_metrics(
-        arrivals=np.array([r.arrival for r in records]), first=np.array([f(r.first_token) for r in records], dtype=float),
-        finish=np.array([f(r.finish) if not r.error else np.nan for r in records], dtype=float),
+        arrivals=np.array([r.arrival for r in records]),
+        first=np.array([np.nan if r.first_token is None else r.first_token for r in records], dtype=float),
+        finish=np.array([np.nan if r.finish is None or r.error else r.finish for r in records], dtype=float),
         out_tokens=np.array([r.tokens for r in records]), replica=np.array([max(0, r.replica) for r in records]),
         disk_loads=disk, device_loads=device, lo=args.warmup, hi=spec.duration_s, num_replicas=args.engines, errors=errors)
     real["counter_window_s"] = span

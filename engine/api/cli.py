@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = kv.add_mutually_exclusive_group()
     size.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV cache size in blocks")
     size.add_argument("--kv-cache-memory-fraction", type=_fraction, default=e["kv_cache_memory_fraction"],
-                      help="CUDA: share of free memory (after the weights) for the KV cache")
+                      help="CUDA: share of the GPU memory for weights, activations (measured) and the KV cache")
     kv.add_argument("--max-num-seqs", type=_positive_int, default=e["max_num_seqs"])
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=e["max_num_batched_tokens"])
     kv.add_argument("--max-model-len", type=_positive_int, default=None)

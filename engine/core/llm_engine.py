@@ -27,7 +27,7 @@ from loraplex.engine.core.adapters.manager import AdapterManager
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.errors import PromptTooLongError, QueueFullError, RequestError
-from loraplex.engine.core.model_runner import ModelRunner
+from loraplex.engine.core.model_runner import ModelRunner, profile_kv_blocks
 from loraplex.engine.core.output_processor import OutputProcessor
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
@@ -63,10 +63,7 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device, self.model_config.torch_dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.model_config.sliding_window and self.max_model_len > self.model_config.sliding_window:
-            # Within the window, full attention is exact; beyond it we would need the window.
-            log.warning("max_model_len %d capped to the sliding window %d", self.max_model_len, self.model_config.sliding_window)
-            self.max_model_len = self.model_config.sliding_window
+        # Sliding windows are honoured by the attention (model/attention.py): no cap needed.
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._thread_tokenizers = threading.local()
         backend = getattr(self._tokenizer, "backend_tokenizer", None)
@@ -81,11 +78,12 @@ class LLMEngine:
         slots = num_slots(config, self.model_config, self.dtype, self.device)  # device tier: bytes -> slots
         model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
                            max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
-        num_blocks = self._num_kv_blocks()
+        num_blocks = self._num_kv_blocks(model)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed,
+                                  max_num_seqs=config.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterManager(config, model, self.model_config)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -95,14 +93,14 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_seconds = 0.0
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, model) -> int:
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * cfg.kv_cache_memory_fraction) // per_block)
+        if self.device.type == "cuda":  # measured: one profiling forward at the largest step
+            return profile_kv_blocks(model, self.device, self.dtype, cfg.block_size, cfg.kv_cache_memory_fraction,
+                                     cfg.max_num_batched_tokens, cfg.max_num_seqs)
         enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         return max(1, min(enough, cfg.cpu_kv_cache_bytes // per_block))
 

@@ -36,7 +36,8 @@ def _min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
                 rows.append(i)
                 cols.append(t)
     if rows:
-        logits[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        dev = logits.device
+        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
 
 
 def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -49,8 +50,9 @@ def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
                 cols.append(t)
                 vals.append(v)
     if rows:
-        logits.index_put_((torch.tensor(rows), torch.tensor(cols)),
-                          torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
+        dev = logits.device
+        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                          torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
 
 
 def _penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:

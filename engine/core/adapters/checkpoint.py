@@ -16,12 +16,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loraplex.engine.model.config import LORA_MODULES, ModelConfig
+from loraplex.engine.model.config import ModelConfig
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+          "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # the last two: fused bases (Phi-3)
 
 
 class AdapterFormatError(ValueError):
@@ -104,15 +105,20 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         raise AdapterFormatError(f"adapter_model.safetensors is unreadable: {exc}") from None
 
     shapes = base.projection_shapes()
+    # A fused module's LoRA (Phi-3's qkv_proj, gate_up_proj): delta W = B A over the stacked
+    # rows, so each part gets the same A and its own rows of B.
+    fused = base.fused_modules()
+    for name, parts in fused.items():
+        shapes[name] = (shapes[parts[0]][0], sum(shapes[p][1] for p in parts))
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = KEY.match(key)
         if not m:
             what = "embeddings/lm_head" if ("embed" in key or "lm_head" in key) else "this module"
-            raise AdapterFormatError(f"weight {key!r}: LoRA on {what} is not supported; targets must be among {', '.join(LORA_MODULES)}")
+            raise AdapterFormatError(f"weight {key!r}: LoRA on {what} is not supported; targets must be among {', '.join(shapes)}")
         layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
         if module not in shapes or PARENT[module] != parent:
-            raise AdapterFormatError(f"weight {key!r} targets {parent}.{module}; targets must be among {', '.join(LORA_MODULES)}")
+            raise AdapterFormatError(f"weight {key!r} targets {parent}.{module}; targets must be among {', '.join(shapes)}")
         if layer >= base.num_layers:
             raise AdapterFormatError(f"weight {key!r} is for layer {layer}, but the base model has {base.num_layers} layers: adapter built for another base")
         pairs.setdefault((layer, module), {})[ab] = t
@@ -146,8 +152,14 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterFormatError(f"{name}: weights contain NaN or infinity")
-        weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
-        scales[(layer, module)] = scale
+        a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype)
+        if module in fused:
+            for part, rows in zip(fused[module], b.split([shapes[p][1] for p in fused[module]])):
+                weights[(layer, part)] = (a, rows.contiguous())
+                scales[(layer, part)] = scale
+        else:
+            weights[(layer, module)] = (a, b.contiguous())
+            scales[(layer, module)] = scale
     return AdapterWeights(
         weights=weights,
         rank=max(a.shape[0] for a, _ in weights.values()),

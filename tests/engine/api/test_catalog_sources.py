@@ -35,10 +35,10 @@ def two_adapters(assets) -> list:
 
 @pytest.fixture(scope="module")
 def reference_server(assets):
-    """Serves a1 and a2 registered by manifest (the reference outputs)."""
+    """Serves a1 (preloaded) and a2 (by name from --adapter-dir): the reference outputs."""
     proc = EngineProcess("reference", ["--model-id", str(assets.base), "--device", "cpu", "--num-threads", "1",
                                        "--num-kv-blocks", "64", "--adapter-dir", str(assets.adapter_dir),
-                                       "--preload-adapters", "a1", "--dynamic-adapters", "off"],
+                                       "--preload-adapters", "a1"],
                          assets.root / "reference.log", env={"OMP_NUM_THREADS": "1"})
     try:
         proc.wait_ready()

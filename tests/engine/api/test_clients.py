@@ -170,6 +170,8 @@ def test_tool_choice_auto_parses_hermes_calls_and_none_does_not(oai, stream):
         assert content == "Sure. " and finish == "tool_calls"
         assert len(calls) == 1 and calls[0]["name"] == "get_weather"
         assert json.loads(calls[0]["arguments"]) == {"city": "Rome", "unit": "c"}
+        content, calls, finish = _collect_stream(chat(oai, stream=True, tool_choice="none", **kw))
+        assert content == "Sure. " + HERMES_CALL and calls == [] and finish == "stop"
 
 
 def test_tool_history_renders_through_the_template(oai, assets):

@@ -222,6 +222,8 @@ def test_dashboard_and_alerts_query_exported_metrics(traced_engine):
     assert not unknown, f"the dashboard or alerts query metrics the engine does not export: {sorted(unknown)}"
     # The check has teeth: a misspelt name is caught.
     assert queried_names('sum(rate(loraplex_request_total{adapter="x"}[5m]))') - engine_names == {"loraplex_request_total"}
+    with pytest.raises(ValueError, match="not valid PromQL"):
+        queried_names("sum(rate(loraplex_requests_total[5m])")
     dashboard = json.loads((Path(__file__).resolve().parents[3] / "charts/loraplex/dashboards/loraplex.json").read_text())
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("requests", "tokens", "time to first token", "latency", "queue", "kv cache", "tier",

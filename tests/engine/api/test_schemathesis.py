@@ -38,7 +38,8 @@ def test_no_server_errors_over_the_openapi_schema(fuzz_server, tmp_path):
     cmd = [str(ST), "run", f"{fuzz_server.url}/openapi.json", "--checks", "not_a_server_error",
            "--phases", "coverage,fuzzing", "--max-examples", "10", "--workers", "1", "--request-timeout", "20",
            "--seed", str(SEED), "--report", "junit", "--report-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"},
+                          cwd=tmp_path)  # schemathesis keeps a .schemathesis/ cache in its working directory
     out = proc.stdout + proc.stderr
     summary = out[out.rfind("SUMMARY"):] if "SUMMARY" in out else out[-3000:]
     print(summary)
