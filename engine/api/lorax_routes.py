@@ -34,7 +34,7 @@ from loraplex.manifest import AdapterManifest
 router = APIRouter()
 DEFAULT_MAX_NEW_TOKENS = 20
 ENGINE_PARAMS = {"prompt": "inputs", "max_tokens": "parameters.max_new_tokens", "model": "parameters.adapter_id",
-                 **{f: f"parameters.{f}" for f in ("temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                 **{f: f"parameters.{f}" for f in ("temperature", "top_p", "top_k", "typical_p", "repetition_penalty", "seed",
                                                     "stop", "logprobs")}}
 
 
@@ -45,7 +45,8 @@ class LoraxRun:
         self.timer = RequestTimer(state.metrics, UNKNOWN)
         self.request_id = f"gen-{uuid.uuid4().hex}"
         self.sampling = bool(self.p.do_sample or self.p.temperature not in (None, 1.0)
-                             or self.p.top_k not in (None, 0) or self.p.top_p not in (None, 1.0))
+                             or self.p.top_k not in (None, 0) or self.p.top_p not in (None, 1.0)
+                             or self.p.typical_p not in (None, 1.0))
         self.seed = self.p.seed
         if self.sampling and self.seed is None:
             self.seed = secrets.randbelow(2**63)  # reported in details, so the answer can be reproduced
@@ -81,6 +82,7 @@ class LoraxRun:
             temperature=(1.0 if p.temperature is None else p.temperature) if self.sampling else 0.0,
             top_p=1.0 if p.top_p is None else p.top_p,
             top_k=0 if p.top_k is None else p.top_k,
+            typical_p=1.0 if p.typical_p is None else p.typical_p,
             repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
             seed=self.seed,
             stop=list(p.stop),
