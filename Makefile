@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 CACHE ?= $(HOME)/.cache/loraplex
 
-.PHONY: setup serve test bench demo-assets clean
+.PHONY: setup serve test e2e bench gpu-check demo-assets clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,17 @@ serve: demo-assets
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
 
+# kind end-to-end (tests/e2e): needs a Docker engine, kind, helm and kubectl; skips, saying why, without.
+e2e: setup
+	$(BIN)/python -m pytest -v -s -ra tests/e2e
+
 bench: setup
 	$(BIN)/python -m bench.run --cache-dir $(CACHE)
+
+# On a machine with one NVIDIA GPU (torch + triton installed, no network): kernels, parity, sweep.
+GPU_CHECK_OUT ?= bench/results/gpu-check
+gpu-check:
+	$(BIN)/python -m bench.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

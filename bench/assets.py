@@ -145,13 +145,13 @@ def adapter_nbytes(shape: dict, rank: int, target_modules: list[str], elem: int 
 
 
 def make_adapters(model: ModelInfo, out_dir: Path, count: int, ranks: list[int], target_modules: list[str],
-                  seed: int = 0) -> list[AdapterInfo]:
+                  seed: int = 0, prefix: str = "lora") -> list[AdapterInfo]:
     """`count` PEFT LoRA adapters for `model`, rank ranks[i % len(ranks)], random non-zero weights,
     each written by PeftModel.save_pretrained. Reused when a previous run wrote the same set."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [(f"lora-{i:04d}", ranks[i % len(ranks)]) for i in range(count)]
+    specs = [(f"{prefix}-{i:04d}", ranks[i % len(ranks)]) for i in range(count)]
     key = json.dumps({"model": str(model.path), "ranks": ranks, "targets": target_modules, "seed": seed,
                       "mtime": os.path.getmtime(model.path / "config.json")}, sort_keys=True)
     infos = [AdapterInfo(n, out_dir / n, r, adapter_nbytes(model.shape, r, target_modules)) for n, r in specs]

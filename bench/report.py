@@ -128,8 +128,14 @@ def markdown(result: dict) -> str:
                       ["replay TPOT ms", _ms(ov["base_tpot_s"]), _ms(ov["one_tpot_s"]), _f(ov["tpot_ratio"])],
                       [f"decode step ms (batch {ov['step_batch']})", _f(ov["base_step_ms"], "{:.1f}"),
                        _f(ov["one_step_ms"], "{:.1f}"), _f(ov["step_ratio"])],
-                  ]),
-                  f"\nBound for one adapter: {_f(ov['bound'], '{:.3f}')} (bytes).", ""]
+                  ] + ([[f"decode step ms (batch {ov['step_batch']}, all-linear adapter)",
+                         _f(ov.get("all_linear_base_step_ms"), "{:.1f}"), _f(ov["all_linear_one_step_ms"], "{:.1f}"),
+                         _f(ov.get("all_linear_step_ratio"))]] if ov.get("all_linear_one_step_ms") else [])),
+                  f"\nBound for one adapter: {_f(ov['bound'], '{:.3f}')} (bytes)"
+                  + (f"; all-linear: {_f(ov['all_linear_bound'], '{:.3f}')}" if ov.get("all_linear_bound") else "")
+                  + ". Of the bound: " + _f(ov["step_ratio"] / ov["bound"] if ov.get("step_ratio") else None, "{:.2f}")
+                  + (f" (q,k,v,o), {_f(ov['all_linear_step_ratio'] / ov['all_linear_bound'], '{:.2f}')} (all-linear)"
+                     if ov.get("all_linear_step_ratio") else "") + ".", ""]
     ms = result.get("multi_step")
     if ms:
         lines += [f"## Multi-adapter decode step (batch {ms['batch']}, {meta['model']['label']})", "",

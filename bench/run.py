@@ -25,6 +25,9 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "latest"
 ALL_SYSTEMS = ("loraplex", "http", "peft")
 
 
+# The seven projections: the "all-linear" adapters of the decode-step measurement.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -75,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--step-batch", type=int, default=32, help="batch of the controlled decode-step measurements")
     e.add_argument("--decode-batches", type=_ints, default=[1, 8, 32], help="batches of the decode-efficiency figure")
     p.add_argument("--skip-decode-efficiency", action="store_true")
+    p.add_argument("--skip-all-linear", action="store_true",
+                   help="skip the decode-step measurement with adapters on all seven projections")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -244,10 +249,16 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
     lp = srv = hf = None
     base_repeat = None
     step_names = [a.name for a in adapters[:args.step_batch]]
+    # The same decode-step measurement with adapters on all seven projections ("all-linear", the
+    # default of many training recipes), in a subfolder of the adapter dir (the engine serves
+    # only from there).
+    all_linear = [] if args.skip_all_linear or "loraplex" not in args.systems else assets.make_adapters(
+        model, adapter_dir / "all-linear", min(args.step_batch, args.max_active_adapters), args.ranks,
+        list(ALL_LINEAR), seed=args.seed, prefix="all")
     try:
         if "loraplex" in args.systems:
             lp = systems.make_engine(model, settings, adapter_dir)
-            warm_s = systems.register_adapters(lp, adapters, used)
+            warm_s = systems.register_adapters(lp, adapters + all_linear, used + [a.name for a in all_linear])
             log.info("loraplex: %d adapters registered, %d loaded into host RAM in %.1fs", len(adapters), len(used), warm_s)
             systems.run_loraplex_inproc(lp, warmup, names, "warm-up")
         if "http" in args.systems:
@@ -299,10 +310,14 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         for d in ds + ds[::-1]:
             if lp is not None:
                 times.setdefault(("loraplex", d), []).append(stepbench.engine_decode_steps(lp, b, step_names[:d]))
+                if all_linear and d <= len(all_linear):
+                    times.setdefault(("loraplex (all-linear)", d), []).append(
+                        stepbench.engine_decode_steps(lp, b, [a.name for a in all_linear[:d]]))
             if hf is not None:
                 times.setdefault(("transformers+peft", d), []).append(stepbench.peft_decode_steps(hf.model, b, step_names[:d]))
         for (system, d), ms in times.items():
-            abytes = sum(adapters[i].nbytes for i in range(d)) / d if d else 0.0
+            used_set = all_linear if system.endswith("(all-linear)") else adapters
+            abytes = sum(used_set[i].nbytes for i in range(d)) / d if d else 0.0
             multi_rows.append({"system": system, "distinct": d, "step_ms": sum(ms) / len(ms), "step_ms_each": ms,
                                "bound": report.bytes_bound(base_bytes, d, abytes) if d else 1.0})
     finally:
@@ -364,7 +379,13 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
             "step_ratio": lp_steps[1].get("ratio") if 1 in lp_steps else None,
             "bound": report.bytes_bound(base_bytes, 1, adapters[0].nbytes),
         }
-    order = {"loraplex": 0, "loraplex-http": 1, "transformers+peft": 2}
+        al_steps = {r["distinct"]: r for r in multi_rows if r["system"] == "loraplex (all-linear)"}
+        if 1 in al_steps:
+            overhead.update({"all_linear_base_step_ms": al_steps.get(0, {}).get("step_ms"),
+                             "all_linear_one_step_ms": al_steps[1]["step_ms"],
+                             "all_linear_step_ratio": al_steps[1].get("ratio"),
+                             "all_linear_bound": report.bytes_bound(base_bytes, 1, all_linear[0].nbytes)})
+    order = {"loraplex": 0, "loraplex (all-linear)": 0.5, "loraplex-http": 1, "transformers+peft": 2}
     key = lambda e: (e["num_adapters"], order.get(e["system"], 9), e["alpha"])  # noqa: E731
     count_sweep = sorted([e for e in entries if e["sweep"] == "count"], key=key)
     alpha_sweep = sorted([e for e in entries if e["sweep"] == "alpha" or

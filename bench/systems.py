@@ -307,9 +307,9 @@ class HFPeftServer:
 
 # ---- loraplex over HTTP ---------------------------------------------------------------------
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -327,10 +327,12 @@ def engine_command() -> list[str] | None:
 
 
 class HttpEngine:
-    """`loraplex-engine` as a subprocess on 127.0.0.1, adapters registered by a manifest file."""
+    """`loraplex-engine` as a subprocess on a loopback address (127.0.0.1 unless `host` says
+    another, e.g. one per replica of a loopback fleet), adapters registered by a manifest file."""
 
     def __init__(self, model: ModelInfo, settings: EngineSettings, adapters: list[AdapterInfo], adapter_dir: Path,
-                 work_dir: Path, startup_timeout: float = 300.0):
+                 work_dir: Path, startup_timeout: float = 300.0, host: str = "127.0.0.1",
+                 extra_args: tuple[str, ...] = ()):
         from loraplex.manifest import AdapterManifest, dump_manifest_list
 
         cmd = engine_command()
@@ -339,17 +341,17 @@ class HttpEngine:
         work_dir.mkdir(parents=True, exist_ok=True)
         manifest = work_dir / "manifest.json"
         manifest.write_text(dump_manifest_list([AdapterManifest(name=a.name, uri=str(a.path)) for a in adapters]))
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = _free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.served = "base"
         args = cmd + [
-            "--model-id", str(model.path), "--served-model-name", self.served, "--host", "127.0.0.1",
+            "--model-id", str(model.path), "--served-model-name", self.served, "--host", host,
             "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--block-size", str(settings.block_size),
             "--num-kv-blocks", str(settings.num_kv_blocks()), "--max-num-seqs", str(settings.max_num_seqs),
             "--max-num-batched-tokens", str(settings.max_num_batched_tokens), "--max-model-len", str(settings.max_model_len),
             "--max-waiting", "100000", "--max-active-adapters", str(settings.max_active_adapters),
             "--max-cpu-adapters", str(settings.max_cpu_adapters), "--max-lora-rank", str(settings.max_lora_rank),
-            "--adapter-dir", str(adapter_dir), "--adapter-manifest-file", str(manifest), "--log-level", "warning",
+            "--adapter-dir", str(adapter_dir), "--adapter-manifest-file", str(manifest), "--log-level", "warning", *extra_args,
         ]
         self.log_path = work_dir / "engine.log"
         self._log = open(self.log_path, "w")

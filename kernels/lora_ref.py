@@ -1,92 +1,163 @@
 """Torch reference for heterogeneous multi-LoRA (the SGMV shrink/expand pair of Punica/S-LoRA).
 
-Layout, shared with the Triton kernels:
+Layout, shared with the Triton kernels (docs/kernels.md has the why):
 - The batch's tokens are flattened to `x[T, in]` and ordered so that all tokens of one adapter
   form one contiguous segment. `LoRABatch` lists the segments; tokens with no adapter belong to
   no segment and get no LoRA term.
-- For each (layer, module) the device-resident adapters live in stacked slot buffers:
-  `lora_a[num_slots, max_rank, in]` and `lora_b[num_slots, out, max_rank]`, with the adapter's
-  scaling (alpha/r or alpha/sqrt(r)) already folded into B. Rows beyond an adapter's rank are zero.
+- Projections that read the same input share one set of slot buffers, a `LoRASlots` group:
+  q/k/v (P = 3), gate/up (P = 2), o and down alone (P = 1). One shrink serves the group; the
+  expand runs once per output slice.
+  - `a[num_slots, in, max_rank * P]`: the group's A matrices, pre-transposed (`x @ a`, no
+    transpose in the hot loop) and interleaved rank-major: column `j * P + p` holds row j of
+    projection p's A. The first r ranks of all P projections are then the first `r * P`
+    columns, so a rank-r segment's shrink reads and computes exactly its `r * P` columns:
+    `h[t, j * P + p]`, and projection p's part is the strided view `h[:, p::P]`.
+  - `b[p][num_slots, max_rank, out_p]`: projection p's B, pre-transposed (`h @ b`), with the
+    adapter's scaling (alpha/r or alpha/sqrt(r)) folded in.
+  - Rows/columns beyond an adapter's rank are zero.
 - Compute is not padded to `max_rank`: each segment runs at its own rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class LoRABatch:
-    """The adapter segments of one forward pass."""
+    """The adapter segments of one forward pass, built once per step for every layer."""
 
-    seg_indptr: torch.Tensor  # int64 [S+1], segment starts + the last end (cannot express gaps)
-    seg_slot: torch.Tensor  # int64 [S], device slot of each segment
-    seg_rank: torch.Tensor  # int64 [S], rank each segment computes at
     segments: list[tuple[int, int, int, int]]  # (start, end, slot, rank) as Python ints: no syncs
-    max_rank: int  # largest seg_rank, bounds the kernels' rank loop
-    # Explicit token range of each segment: tokens between one segment's end and the next one's
-    # start have no adapter. The Triton kernels read these (not seg_indptr). Filled from
-    # `segments` when not given, so the older constructor call keeps working.
-    seg_start: torch.Tensor | None = None  # int64 [S]
-    seg_end: torch.Tensor | None = None  # int64 [S]
-    max_seg_len: int = -1  # longest end - start, sizes the kernels' token-tile grid axis
-
-    def __post_init__(self) -> None:
-        if self.seg_start is None or self.seg_end is None:
-            dev = self.seg_slot.device
-            self.seg_start = torch.tensor([s for s, _, _, _ in self.segments], dtype=torch.int64, device=dev)
-            self.seg_end = torch.tensor([e for _, e, _, _ in self.segments], dtype=torch.int64, device=dev)
-        if self.max_seg_len < 0:
-            self.max_seg_len = max((e - s for s, e, _, _ in self.segments), default=0)
+    # The same as int64 device tensors, row views of one [4, S] tensor (one host-to-device copy).
+    # Tokens between one segment's end and the next one's start have no adapter.
+    seg_start: torch.Tensor
+    seg_end: torch.Tensor
+    seg_slot: torch.Tensor
+    seg_rank: torch.Tensor
+    max_rank: int  # largest rank, bounds the kernels' rank loop and the shrink scratch width
+    max_seg_len: int  # longest end - start, sizes the kernels' token-tile grid axis
+    # Bit s set when some segment uses slot s: a group tests "does any adapter of this batch
+    # target me?" with one AND against its own mask (see `SlotFlags`). -1: every slot.
+    slot_mask: int
 
     @classmethod
-    def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device) -> "LoRABatch":
+    def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device,
+              meta: torch.Tensor | None = None) -> "LoRABatch":
+        """`meta`: the segments already staged on the device as int64 [4, S] (start, end, slot,
+        rank rows), as the model runner's persistent buffers do; otherwise copied here."""
         segments = [(int(s), int(e), int(sl), int(r)) for s, e, sl, r in segments]
-        starts = [s for s, _, _, _ in segments]
-        indptr = starts + [segments[-1][1]] if segments else [0]
-        # Gaps (no-adapter tokens) between segments are allowed, so the kernels read explicit
-        # (start, end) pairs. start/end/slot/rank travel to the device as one [4, S] tensor (one
-        # host-to-device copy); the per-field tensors are row views of it.
-        meta = torch.tensor([starts, [e for _, e, _, _ in segments], [sl for _, _, sl, _ in segments],
-                             [r for _, _, _, r in segments]], dtype=torch.int64, device=device).reshape(4, -1)
-        return cls(
-            seg_indptr=torch.tensor(indptr, dtype=torch.int64, device=device),
-            seg_slot=meta[2],
-            seg_rank=meta[3],
-            segments=segments,
-            max_rank=max((r for _, _, _, r in segments), default=0),
-            seg_start=meta[0],
-            seg_end=meta[1],
-            max_seg_len=max((e - s for s, e, _, _ in segments), default=0),
-        )
+        if meta is None:
+            meta = torch.tensor([[seg[i] for seg in segments] for i in range(4)], dtype=torch.int64,
+                                device=device).reshape(4, -1)
+        mask = 0
+        for _, _, slot, _ in segments:
+            mask |= 1 << slot
+        return cls(segments, meta[0], meta[1], meta[2], meta[3],
+                   max_rank=max((r for _, _, _, r in segments), default=0),
+                   max_seg_len=max((e - s for s, e, _, _ in segments), default=0), slot_mask=mask)
 
     @property
     def empty(self) -> bool:
         return not self.segments
 
 
-def add_lora_ref(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 batch: LoRABatch) -> torch.Tensor:
-    """y[t] += B_slot(t) @ (A_slot(t) @ x[t]) for every token t inside a segment. In place."""
-    for start, end, slot, rank in batch.segments:
-        shrunk = x[start:end] @ lora_a[slot, :rank].t()  # [n, rank]
-        # addmm_ adds in place without a temporary [n, out] product: 22% less time per
-        # projection at 32 segments on the CPU, 6% off a whole decode step (see the notes).
-        y[start:end].addmm_(shrunk.to(y.dtype), lora_b[slot, :, :rank].t().to(y.dtype))
-    return y
+class SlotFlags(list):
+    """Per slot: does the adapter there target this projection? (The adapter manager writes it.)
+
+    A bitmask mirrors the list so that a forward asks "does any segment's adapter target this
+    projection?" with one AND against `LoRABatch.slot_mask`, not a loop over segments.
+    """
+
+    def __init__(self, num_slots: int):
+        super().__init__([True] * num_slots)
+        self.mask = (1 << num_slots) - 1
+
+    def __setitem__(self, slot, value) -> None:
+        super().__setitem__(slot, bool(value))
+        bit = 1 << slot
+        self.mask = (self.mask | bit) if value else (self.mask & ~bit)
 
 
-def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """h[T, max_rank] = A_slot(t) @ x[t] (fp32), zero outside segments and beyond each rank."""
-    out = torch.zeros(x.shape[0], max(batch.max_rank, 1), dtype=torch.float32, device=x.device)
+@dataclass(eq=False)
+class LoRASlots:
+    """The slot buffers of one group of projections that share an input (layout: module doc)."""
+
+    a: torch.Tensor  # [num_slots, in, max_rank * P]
+    b: list[torch.Tensor]  # P x [num_slots, max_rank, out_p]
+    _views: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_proj(self) -> int:
+        return len(self.b)
+
+    @property
+    def max_rank(self) -> int:
+        return self.b[0].shape[1]
+
+    def segment_weights(self, slot: int, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(a[slot, :, :rank*P], [b_p[slot, :rank]]): views, cached because the buffers never move
+        (the owning module drops this object when its buffers are replaced)."""
+        key = (slot, rank)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = (self.a[slot, :, :rank * self.num_proj], [b[slot, :rank] for b in self.b])
+        return views
+
+    def peft_a(self, p: int) -> torch.Tensor:
+        """Projection p's A as [num_slots, max_rank, in] (PEFT's orientation): a view to write into."""
+        s, k, c = self.a.shape
+        return self.a.view(s, k, c // self.num_proj, self.num_proj)[..., p].transpose(1, 2)
+
+    def peft_b(self, p: int) -> torch.Tensor:
+        """Projection p's B as [num_slots, out, max_rank] (PEFT's orientation): a view to write into."""
+        return self.b[p].transpose(1, 2)
+
+    @classmethod
+    def from_peft(cls, a: list[torch.Tensor], b: list[torch.Tensor]) -> "LoRASlots":
+        """Build the layout from PEFT-oriented stacks a_p[num_slots, R, in], b_p[num_slots, out_p, R]
+        (tests and tools; the engine writes slots through `peft_a`/`peft_b`)."""
+        s, r, k = a[0].shape
+        slots = cls(torch.empty(s, k, r * len(a), dtype=a[0].dtype, device=a[0].device),
+                    [torch.empty(s, r, bp.shape[1], dtype=bp.dtype, device=bp.device) for bp in b])
+        for p, (ap, bp) in enumerate(zip(a, b)):
+            slots.peft_a(p).copy_(ap)
+            slots.peft_b(p).copy_(bp)
+        return slots
+
+
+def add_lora_ref(ys: list[torch.Tensor | None], x: torch.Tensor, slots: LoRASlots,
+                 batch: LoRABatch) -> list[torch.Tensor | None]:
+    """ys[p][t] += B_p,slot(t) @ (A_p,slot(t) @ x[t]) for every token t inside a segment, for each
+    projection p of the group whose `ys[p]` is not None. In place.
+
+    x, ys and the slot buffers share one dtype (the model's). Per segment: one shrink GEMM for
+    the whole group, then one addmm_ per output slice.
+    """
+    P, T = slots.num_proj, x.shape[0]
     for start, end, slot, rank in batch.segments:
-        out[start:end, :rank] = x[start:end].float() @ lora_a[slot, :rank].float().t()
+        a, bs = slots.segment_weights(slot, rank)
+        whole = end - start == T  # one adapter on the whole batch: no row slicing at all
+        h = torch.mm(x if whole else x[start:end], a)  # [n, rank * P]
+        for p, (y, b) in enumerate(zip(ys, bs)):
+            if y is not None:
+                # addmm_ adds in place without a temporary [n, out] product.
+                (y if whole else y[start:end]).addmm_(h[:, p::P] if P > 1 else h, b)
+    return ys
+
+
+def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, batch: LoRABatch, num_proj: int = 1) -> torch.Tensor:
+    """h[T, max_rank * P] (fp32) = x[t] @ a[slot(t), :, :rank*P]; zero outside segments and beyond
+    each segment's rank * P columns. `a` is a group's `[num_slots, in, max_rank * P]` buffer."""
+    out = torch.zeros(x.shape[0], max(batch.max_rank * num_proj, 1), dtype=torch.float32, device=x.device)
+    for start, end, slot, rank in batch.segments:
+        out[start:end, :rank * num_proj] = x[start:end].float() @ a[slot, :, :rank * num_proj].float()
     return out
 
 
-def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """y[t] += B_slot(t) @ h[t, :rank]. In place."""
+def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+    """y[t] += h[t, :rank] @ b[slot(t), :rank]. In place. `h` is one projection's part of the
+    shrink output (for a group, the strided view `h[:, p::P]`); `b` is `[num_slots, max_rank, out]`."""
     for start, end, slot, rank in batch.segments:
-        y[start:end] += (h[start:end, :rank] @ lora_b[slot, :, :rank].float().t()).to(y.dtype)
+        y[start:end] += (h[start:end, :rank].float() @ b[slot, :rank].float()).to(y.dtype)
     return y

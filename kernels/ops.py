@@ -1,8 +1,8 @@
 """Kernel dispatch: one place decides, per device, which implementation the model calls.
 
 - CPU: the torch references (importing this module never imports triton).
-- CUDA: the Triton kernels where they exist (add_lora, paged decode attention); write_kv and
-  prefill attention stay torch (see docs/kernels.md). If triton does not import, the torch
+- CUDA: the Triton kernels where they exist (add_lora, paged decode attention); write_kv stays
+  torch and prefill attention is the fused-SDPA path in the cache dtype (see docs/kernels.md). If triton does not import, the torch
   references, with a warning.
 - `LORAPLEX_KERNELS=torch` forces the references everywhere. `LORAPLEX_KERNELS=triton` forces
   Triton; on a CPU device that means Triton's interpreter, so TRITON_INTERPRET=1 is set for the
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from loraplex.kernels import attention_ref, lora_ref
+from loraplex.kernels import attention_ref, fp8_ref, lora_ref
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,29 @@ def _triton_ops(device_type: str) -> KernelOps:
             # Two index_copy_ calls: already one memory-bound scatter kernel each on CUDA.
             write_kv=attention_ref.write_kv_ref,
             paged_decode_attention=triton_attention.paged_decode_attention_triton,
-            # Per-sequence gather + SDPA (flash/mem-efficient backends on CUDA); no Triton yet.
-            paged_prefill_attention=attention_ref.paged_prefill_attention_ref,
+            # Per-sequence gather + SDPA in the cache dtype (flash / memory-efficient backends).
+            paged_prefill_attention=attention_ref.paged_prefill_attention_sdpa,
         )
     return _triton_ops_cache
+
+
+def attention_for(ops: KernelOps, sliding_window: int | None, softcap: float | None) -> tuple[Callable, Callable]:
+    """(prefill, decode) attention for a layer. The kernels take no sliding window or logit
+    soft-cap; the layers that need them (Gemma 2/3, Mistral-style windows, Phi-3) run the torch
+    references, which take both, on every device."""
+    if sliding_window is None and softcap is None:
+        return ops.paged_prefill_attention, ops.paged_decode_attention
+    return attention_ref.paged_prefill_attention_ref, attention_ref.paged_decode_attention_ref
+
+
+def fp8_dequantizer(device: torch.device | str) -> Callable:
+    """Block-wise fp8 -> compute dtype: (weight, scale_inv, block, dtype) -> tensor. The Triton
+    kernel wherever the Triton kernels run (CUDA; LORAPLEX_KERNELS=triton), else the reference."""
+    if get_kernel_ops(device).name == "triton":
+        from loraplex.kernels.triton_fp8 import dequantize_fp8_blockwise_triton
+
+        return dequantize_fp8_blockwise_triton
+    return fp8_ref.dequantize_fp8_blockwise_ref
 
 
 def get_kernel_ops(device: torch.device | str) -> KernelOps:

@@ -3,10 +3,13 @@
 Same layout and semantics as `lora_ref` (see its docstring and docs/kernels.md):
 - `x[T, in]`, `y[T, out]`: the batch's tokens; each `LoRABatch` segment is a contiguous run of
   tokens using one adapter slot at one rank; tokens outside every segment get no LoRA term.
-- `lora_a[num_slots, max_rank, in]`, `lora_b[num_slots, out, max_rank]`: stacked slot buffers,
-  scaling folded into B.
+- A group of P projections sharing an input (`LoRASlots`): `a[num_slots, in, max_rank * P]`
+  (pre-transposed, rank-major interleaved: a rank-r segment uses the first r * P columns) and
+  per projection `b_p[num_slots, max_rank, out_p]` (pre-transposed, scaling folded in). Both
+  are read along their contiguous last axis (coalesced loads).
 
-One launch per op for the whole mixed batch. The grid is (segment, token tile, output tile); a
+One shrink launch per group and one expand launch per output slice, each for the whole mixed
+batch. The grid is (segment, token tile, output tile); a
 program reads its segment's (start, end, slot, rank) from the batch tensors, exits at once when
 its tiles are past the segment's end or its rank, and otherwise loops over the rank only up to
 the segment's own rank (masks handle the tail). Everything accumulates in fp32; fp16 and bf16
@@ -18,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.lora_ref import LoRABatch
+from loraplex.kernels.lora_ref import LoRABatch, LoRASlots
 
 _16BIT = (torch.float16, torch.bfloat16)
 
@@ -84,18 +87,19 @@ def _lora_shrink_kernel(
     seg_start_ptr, seg_end_ptr, seg_slot_ptr, seg_rank_ptr,
     K,
     stride_xm, stride_xk,
-    stride_as, stride_ar, stride_ak,
+    stride_as, stride_ak, stride_ar,
     stride_hm, stride_hr,
+    NUM_PROJ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """h[t, r] = sum_k x[t, k] * A[slot, r, k] for the segment's tokens t and r < rank."""
+    """h[t, c] = sum_k x[t, k] * a[slot, k, c] for the segment's tokens t and c < rank * NUM_PROJ."""
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2)
     start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_end_ptr + seg)
-    rank = tl.load(seg_rank_ptr + seg)
+    rank = tl.load(seg_rank_ptr + seg) * NUM_PROJ  # the group's columns for this segment
     m0 = start + pid_m * BLOCK_M
     r0 = pid_r * BLOCK_R
     # Past this segment's tokens or its rank: nothing to do (no compute padded to max_rank).
@@ -107,7 +111,7 @@ def _lora_shrink_kernel(
         m_mask = offs_m < end
         r_mask = offs_r < rank
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [M, K]
-        a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # [K, R]
+        a_ptrs = a_ptr + slot * stride_as + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # [K, R]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + offs_k) < K
@@ -129,12 +133,12 @@ def _lora_expand_kernel(
     seg_start_ptr, seg_end_ptr, seg_slot_ptr, seg_rank_ptr,
     N,
     stride_hm, stride_hr,
-    stride_bs, stride_bn, stride_br,
+    stride_bs, stride_br, stride_bn,
     stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """y[t, n] += sum_{r < rank} h[t, r] * B[slot, n, r] for the segment's tokens t. In place."""
+    """y[t, n] += sum_{r < rank} h[t, r] * b[slot, r, n] for the segment's tokens t. In place."""
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -150,7 +154,7 @@ def _lora_expand_kernel(
         m_mask = offs_m < end
         n_mask = offs_n < N
         h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr  # [M, R]
-        b_ptrs = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br  # [R, N]
+        b_ptrs = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # [R, N]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # The rank loop stops at this segment's rank, not at the batch's max_rank.
         for r0 in range(0, rank, BLOCK_R):
@@ -175,27 +179,30 @@ def _block_m(batch: LoRABatch) -> int:
     return _pow2(batch.max_seg_len, 16, 64 if interpreting() else 32)
 
 
-def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, *,
+def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, num_proj: int = 1, *,
                        out: torch.Tensor | None = None, block_m: int | None = None,
                        block_r: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """h[T, max(max_rank, 1)] fp32 = A_slot(t) @ x[t]; zero outside segments and beyond ranks.
+    """h[T, max(max_rank * P, 1)] fp32 = x[t] @ a[slot(t), :, :rank*P]; zero outside segments and
+    beyond each segment's columns. `lora_a` is a group's `[num_slots, in, max_rank * P]` buffer.
 
-    With `out` given (an fp32 [T, >= max_rank] buffer), only the segments' [rows, :rank] are
-    written and the rest of `out` is left as it was (add_lora uses this to skip a memset).
+    With `out` given (an fp32 [T, >= max_rank * P] buffer), only the segments' [rows, :rank*P]
+    are written and the rest of `out` is left as it was (add_lora uses this to skip a memset).
     """
     T, K = x.shape
+    cols = batch.max_rank * num_proj
     if out is None:
-        out = torch.zeros(T, max(batch.max_rank, 1), dtype=torch.float32, device=x.device)
+        out = torch.zeros(T, max(cols, 1), dtype=torch.float32, device=x.device)
     if batch.empty or batch.max_rank == 0 or T == 0:
         return out
-    assert lora_a.shape[-1] == K and lora_a.shape[1] >= batch.max_rank
+    assert lora_a.shape[1] == K and lora_a.shape[2] >= cols
     bm = block_m or _block_m(batch)
-    # Rank tiles of 16 (the smallest MMA width): a rank-4 segment runs one 16-wide tile, a
-    # rank-64 one four tiles; programs whose tile starts past their segment's rank exit.
+    # Column tiles of 16 (the smallest MMA width): a rank-4 segment of a single projection runs
+    # one 16-wide tile, a rank-64 one four tiles; programs whose tile starts past their
+    # segment's columns exit.
     br = block_r or 16
     bk = block_k or _pow2(K, 16, 256 if interpreting() else 64)
     native, prec = _dot_mode(x, lora_a, x.dtype)
-    grid = (len(batch.segments), triton.cdiv(batch.max_seg_len, bm), triton.cdiv(batch.max_rank, br))
+    grid = (len(batch.segments), triton.cdiv(batch.max_seg_len, bm), triton.cdiv(cols, br))
     _lora_shrink_kernel[grid](
         x, lora_a, out,
         batch.seg_start, batch.seg_end, batch.seg_slot, batch.seg_rank,
@@ -203,7 +210,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, 
         x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, NATIVE_DOT=native, PRECISION=prec,
+        NUM_PROJ=num_proj, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, NATIVE_DOT=native, PRECISION=prec,
     )
     return out
 
@@ -211,11 +218,13 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, 
 def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch, *,
                        block_m: int | None = None, block_n: int | None = None,
                        block_r: int | None = None) -> torch.Tensor:
-    """y[t] += B_slot(t) @ h[t, :rank] for every token t inside a segment. In place; returns y."""
+    """y[t] += h[t, :rank] @ b[slot(t), :rank] for every token t inside a segment. In place;
+    returns y. `h` is this projection's part of the shrink output (for a group of P, the strided
+    view `h[:, p::P]`); `lora_b` is `[num_slots, max_rank, out]`."""
     T, N = y.shape
     if batch.empty or batch.max_rank == 0 or T == 0:
         return y
-    assert lora_b.shape[1] == N and lora_b.shape[2] >= batch.max_rank and h.shape[1] >= batch.max_rank
+    assert lora_b.shape[2] == N and lora_b.shape[1] >= batch.max_rank and h.shape[1] >= batch.max_rank
     bm = block_m or _block_m(batch)
     bn = block_n or _pow2(N, 16, 256 if interpreting() else 64)
     br = block_r or _pow2(batch.max_rank, 16, 64 if interpreting() else 32)
@@ -233,15 +242,21 @@ def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, b
     return y
 
 
-def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    batch: LoRABatch) -> torch.Tensor:
-    """y[t] += B_slot(t) @ (A_slot(t) @ x[t]) for every token t inside a segment. In place.
+def add_lora_triton(ys: list[torch.Tensor | None], x: torch.Tensor, slots: LoRASlots,
+                    batch: LoRABatch) -> list[torch.Tensor | None]:
+    """ys[p][t] += B_p,slot(t) @ (A_p,slot(t) @ x[t]) for every token t inside a segment, for each
+    projection p whose `ys[p]` is not None. In place.
 
-    Two launches (shrink, expand) through an fp32 h[T, max_rank] scratch buffer; h is not
-    zeroed because expand reads only what shrink wrote.
+    One shrink launch for the whole group into an fp32 scratch h[T, max_rank * P] (not zeroed:
+    each expand reads only what shrink wrote), then one expand launch per output slice reading
+    its strided view h[:, p::P].
     """
     if batch.empty or batch.max_rank == 0 or x.shape[0] == 0:
-        return y
-    h = torch.empty(x.shape[0], batch.max_rank, dtype=torch.float32, device=x.device)
-    lora_shrink_triton(x, lora_a, batch, out=h)
-    return lora_expand_triton(y, h, lora_b, batch)
+        return ys
+    P = slots.num_proj
+    h = torch.empty(x.shape[0], batch.max_rank * P, dtype=torch.float32, device=x.device)
+    lora_shrink_triton(x, slots.a, batch, P, out=h)
+    for p, (y, b) in enumerate(zip(ys, slots.b)):
+        if y is not None:
+            lora_expand_triton(y, h[:, p::P], b, batch)
+    return ys

@@ -4,7 +4,7 @@ import torch
 
 from tests.support.tiny import make_tiny_checkpoint
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
 
 
 @pytest.fixture(scope="session")

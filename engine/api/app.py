@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
-from loraplex.engine.api import admin_routes, lorax_routes, openai_routes, system_routes
+from loraplex.engine.api import admin_routes, lorax_routes, openai_routes, responses_routes, system_routes, tracing
 from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import install_error_handlers
 from loraplex.engine.api.manifest_watcher import ManifestWatcher
@@ -30,7 +30,8 @@ from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.manifest import AdapterManifest
 
 log = logging.getLogger("loraplex.engine.api")
-INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/"})
+INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate",
+                             "/generate_stream", "/"})
 
 EngineSource = AsyncEngine | Callable[[], AsyncEngine]
 
@@ -104,8 +105,11 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            if state.prepare_pool is not None:
+                state.prepare_pool.shutdown(wait=False, cancel_futures=True)
             if state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)
+            await asyncio.to_thread(tracing.shutdown, tracer_provider)
 
     app = FastAPI(title="loraplex engine", version=settings.version, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -125,6 +129,9 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(system_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(lorax_routes.router)
+    # OTEL_* environment variables turn tracing on (docs/api.md, "Tracing").
+    tracer_provider = tracing.setup(app, settings.version)
     return app

@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     size = kv.add_mutually_exclusive_group()
     size.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV cache size in blocks")
     size.add_argument("--kv-cache-memory-fraction", type=_fraction, default=e["kv_cache_memory_fraction"],
-                      help="CUDA: share of free memory (after the weights) for the KV cache")
+                      help="CUDA: share of the GPU memory for weights, activations (measured) and the KV cache")
     kv.add_argument("--max-num-seqs", type=_positive_int, default=e["max_num_seqs"])
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=e["max_num_batched_tokens"])
     kv.add_argument("--max-model-len", type=_positive_int, default=None)
     kv.add_argument("--max-waiting", type=_non_negative_int, default=e["max_waiting"],
                     help="bounded request queue: beyond it requests get 429")
+    kv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=e["enable_prefix_caching"],
+                    help="share the KV blocks of equal prompt prefixes under the same adapter")
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-source", default=e["adapter_source"], choices=["local", "hub", "s3"],
                    help="source of --preload-adapters")
@@ -83,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "sha256:<hex>"]}; see docs/api.md')
     sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
+    sec.add_argument("--prepare-workers", type=_non_negative_int, default=s["prepare_workers"],
+                     help="threads that template, tokenize and validate requests (0: on the event loop)")
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
                      help="distinct per-adapter metric label values; beyond: 'other'")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tool-call-parser", default=s["tool_call_parser"], choices=["auto", "hermes", "llama3_json"],
+                   help="how tool calls are read from the output; auto: from the chat template")
     return p
 
 
@@ -101,12 +107,13 @@ def configs_from_args(args: argparse.Namespace):
         adapter_cache_dir=args.adapter_cache_dir, max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
-        num_threads=args.num_threads,
+        num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
     )
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=args.max_body_bytes, prepare_workers=args.prepare_workers,
+        tool_call_parser=args.tool_call_parser,
     )
     return config, settings
 

@@ -9,6 +9,7 @@ Errors carry the OpenAI shape plus `error_type`; a failure mid-stream is one
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 
@@ -16,12 +17,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finite, lorax_error_type
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
+from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_model, sse, sse_response, token_text,
+                                  merge_streams, off_loop, output_error, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
+from loraplex.engine.core.adapters.merge import MergeSpec, ensure_merged
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.manifest import AdapterManifest
@@ -44,6 +48,7 @@ class LoraxRun:
         self.seed = self.p.seed
         if self.sampling and self.seed is None:
             self.seed = secrets.randbelow(2**63)  # reported in details, so the answer can be reproduced
+        self.grammar = None  # CompiledGrammar for parameters.response_format
 
     def _adapter(self, principal) -> str | None:
         aid = self.p.adapter_id
@@ -81,28 +86,54 @@ class LoraxRun:
             ignore_eos=p.ignore_eos_token,
             logprobs=p.return_k_alternatives or 0,  # every LoRAX token carries its logprob
             prompt_logprobs=p.decoder_input_details,
+            grammar=self.grammar.matcher() if self.grammar is not None else None,
         )
 
-    def prepare(self) -> None:
+    async def _merged(self, principal) -> str:
+        """The adapter name of parameters.merged_adapters, merged now or found in the cache."""
+        m = self.p.merged_adapters
+        spec = MergeSpec(tuple(m.ids), tuple(m.weights), m.merge_strategy or "linear", m.density,
+                         m.majority_sign_method or "total").validate()
+        mgr = self.state.require_engine().engine.adapters
+        for adapter in spec.ids:
+            manifest = mgr.manifest(adapter)
+            if manifest is None:
+                raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
+                                   param="merged_adapters.ids")
+            Authenticator.check_adapter(principal, manifest)
+        return await asyncio.to_thread(ensure_merged, mgr, spec)
+
+    @property
+    def tokenizer(self):
+        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+
+    async def prepare(self) -> None:
         try:
             principal = self.state.auth.inference(self.request)
-            target = resolve_model(self.state, principal, self._adapter(principal), param="parameters.adapter_id")
+            adapter = await self._merged(principal) if self.p.merged_adapters else self._adapter(principal)
+            target = resolve_model(self.state, principal, adapter, param="parameters.adapter_id")
             self.target = target
             self.timer.label = target.label
             engine = self.state.require_engine()
-            self.tokenizer = engine.engine.tokenizer
+            self.grammar = await compile_grammar(self.state, lorax_spec(self.p.response_format))
             self.special = set(self.tokenizer.all_special_ids)
-            prompt: str | list[int] = self.body.inputs
-            if self.p.truncate is not None:
-                prompt = engine.engine.tokenize(prompt)[-self.p.truncate:]
-            self.seqs = make_sequences(engine, self.request_id, [prompt], 1, self.params, target.adapter)
+            self.seqs = await off_loop(self.state, self._make_sequences, engine)
             count_prompt_tokens(self.timer, self.seqs, 1)
         except (APIError, RequestError) as exc:
             err = as_api_error(exc)
             if err.param in ENGINE_PARAMS:  # the engine names its fields; LoRAX callers know these
                 err.param = ENGINE_PARAMS[err.param]
+            elif err.param and err.param.startswith("merged_adapters"):
+                err.param = f"parameters.{err.param}"
             self.timer.finish(err.status)
             raise err from None
+
+    def _make_sequences(self, engine) -> list:
+        """Blocking (tokenization, validation): runs on the prepare pool, off the event loop."""
+        prompt: str | list[int] = self.body.inputs
+        if self.p.truncate is not None:
+            prompt = engine.engine.tokenize(prompt)[-self.p.truncate:]
+        return make_sequences(engine, self.request_id, [prompt], 1, self.params, self.target.adapter)
 
     # ---- shapes --------------------------------------------------------------------------
 
@@ -135,7 +166,7 @@ class LoraxRun:
     # ---- answers --------------------------------------------------------------------------
 
     async def generate(self) -> dict:
-        self.prepare()
+        await self.prepare()
         try:
             results = await until_disconnect(self.request, collect(self.state, self.seqs, self.timer, self.target.adapter))
         except ClientGone:
@@ -198,8 +229,8 @@ class LoraxRun:
             self.timer.finish(status)
             await stream.aclose()
 
-    def stream_response(self):
-        self.prepare()
+    async def stream_response(self):
+        await self.prepare()
         return sse_response(self.stream())
 
 
@@ -213,7 +244,7 @@ async def generate(body: LoraxRequest, request: Request):
 
 @router.post("/generate_stream")
 async def generate_stream(body: LoraxRequest, request: Request):
-    return LoraxRun(get_state(request), request, body).stream_response()
+    return await LoraxRun(get_state(request), request, body).stream_response()
 
 
 @router.post("/")
@@ -221,7 +252,7 @@ async def compat_generate(body: LoraxRequest, request: Request):
     """lorax-client's endpoint: `stream` picks SSE; otherwise a one-element JSON list."""
     run = LoraxRun(get_state(request), request, body)
     if body.stream:
-        return run.stream_response()
+        return await run.stream_response()
     try:
         return JSONResponse([await run.generate()])
     except ClientGone:

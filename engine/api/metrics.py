@@ -65,6 +65,14 @@ class _EngineCollector:
         for tier, n in sorted(evictions.items()):
             c.add_metric([tier], n)
         yield c
+        # Prefix cache, in prompt tokens: looked up at admission, and found in cached KV blocks.
+        # The vllm:* twins are what routers and vLLM dashboards read.
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        for prefix in (PREFIX, "vllm:"):
+            yield CounterMetricFamily(prefix + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      value=queries)
+            yield CounterMetricFamily(prefix + "prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                      value=hits)
 
 
 class Metrics:

@@ -12,8 +12,10 @@ from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finit
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from loraplex.engine.api.serving import (ServerState, Target, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, output_error, resolve_model, seed_for, sse, sse_response,
+                                  merge_streams, off_loop, output_error, resolve_model, seed_for, sse, sse_response,
                                   token_text, until_disconnect)
+from loraplex.engine.api.structured import compile_grammar, openai_spec
+from loraplex.engine.api import tools as tool_calls
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.sequence import TokenLogprob
@@ -62,7 +64,19 @@ async def get_model(model: str, request: Request):
 
 # ---- shared -----------------------------------------------------------------------------------
 
-def sampling_params(body: _OpenAISampling, max_tokens: int | None, logprobs: int | None, i: int) -> SamplingParams:
+def logit_bias(body: _OpenAISampling, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias}, checked against the vocabulary."""
+    if not body.logit_bias:
+        return None
+    bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+    bad = [t for t in bias if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias token ids must be in [0, {vocab_size}), got {bad[0]}", param="logit_bias")
+    return bias
+
+
+def sampling_params(body: _OpenAISampling, max_tokens: int | None, logprobs: int | None, i: int,
+                    bias: dict[int, float] | None = None, grammar=None, prompt_logprobs: bool = False) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -75,6 +89,12 @@ def sampling_params(body: _OpenAISampling, max_tokens: int | None, logprobs: int
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias,
+        min_tokens=body.min_tokens,
+        grammar=grammar.matcher() if grammar is not None else None,
     )
 
 
@@ -84,7 +104,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def finish_reason(reason: str | None) -> str | None:
-    return reason if reason in (None, "stop", "length") else "stop"
+    return reason if reason in (None, "stop", "length", "tool_calls") else "stop"
 
 
 class _Run:
@@ -102,6 +122,11 @@ class _Run:
         self.target: Target | None = None
         self.seqs = []
         self.n = body.n
+        self.grammar = None  # CompiledGrammar of the request's structured output, if any
+        self.bias = None
+
+    def grammar_spec(self):
+        return openai_spec(self.body)
 
     # subclass hooks
     def prompts(self, engine) -> list[str | list[int]]:
@@ -116,26 +141,35 @@ class _Run:
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
         raise NotImplementedError
 
+    @property
+    def tokenizer(self):
+        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+
     # flow
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         try:
             principal = self.state.auth.inference(self.request)
             self.target = resolve_model(self.state, principal, self.body.model)
             self.timer.label = self.target.label
             engine = self.state.require_engine()
-            prompts = self.prompts(engine.engine)
-            if len(prompts) * self.n > self.state.settings.max_n:
-                raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
-            self.tokenizer = engine.engine.tokenizer
-            self.seqs = make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
+            self.bias = logit_bias(self.body, engine.engine.model_config.vocab_size)
+            self.grammar = await compile_grammar(self.state, self.grammar_spec())
+            self.seqs = await off_loop(self.state, self._make_sequences, engine)
             count_prompt_tokens(self.timer, self.seqs, self.n)
         except (APIError, RequestError) as exc:
             err = as_api_error(exc)
             self.timer.finish(err.status)
             raise err from None
 
+    def _make_sequences(self, engine) -> list:
+        """Blocking (chat template, tokenization, validation): runs on the prepare pool, off the event loop."""
+        prompts = self.prompts(engine.engine)
+        if len(prompts) * self.n > self.state.settings.max_n:
+            raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
+        return make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
+
     async def respond(self):
-        self.prepare()
+        await self.prepare()
         if self.body.stream:
             return sse_response(self.stream())
         try:
@@ -202,21 +236,41 @@ class CompletionRun(_Run):
     def __init__(self, *args):
         super().__init__(*args)
         self.offsets: dict[int, int] = {}
+        self.prompt_list: list[str | list[int]] = []
 
     def prompts(self, engine):
         try:
-            return self.body.prompts()
+            self.prompt_list = self.body.prompts()
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
+        return self.prompt_list
+
+    @property
+    def echo_logprobs(self) -> bool:
+        return self.body.echo and self.body.logprobs is not None
 
     def params(self, i: int) -> SamplingParams:
-        return sampling_params(self.body, self.body.max_tokens, self.body.logprobs, i)
+        return sampling_params(self.body, self.body.max_tokens, self.body.logprobs, i, self.bias, self.grammar,
+                               prompt_logprobs=self.echo_logprobs)
 
-    def logprobs(self, index: int, lps: list[TokenLogprob]) -> dict | None:
+    def prompt_text(self, index: int) -> str:
+        """echo: the prompt as the client sent it (token ids decoded)."""
+        prompt = self.prompt_list[index // self.n]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
+
+    def logprobs(self, index: int, lps: list[TokenLogprob], prompt_lps: list[float | None] | None = None) -> dict | None:
         if self.body.logprobs is None:
             return None
         tokens, values, tops, offsets = [], [], [], []
         offset = self.offsets.get(index, 0)
+        if prompt_lps is not None:  # echo: the prompt's tokens first (the first has no logprob)
+            for token_id, value in zip(self.seqs[index].prompt_ids, prompt_lps):
+                text = token_text(self.tokenizer, token_id)
+                tokens.append(text)
+                values.append(None if value is None else finite(value))
+                tops.append(None if value is None else {text: finite(value)})
+                offsets.append(offset)
+                offset += len(text)
         for lp in lps:
             text = token_text(self.tokenizer, lp.token_id)
             top = {token_text(self.tokenizer, t): finite(v) for t, v in lp.top}
@@ -230,13 +284,19 @@ class CompletionRun(_Run):
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def choice(self, index: int, r) -> dict:
-        return {"index": index, "text": r.text, "logprobs": self.logprobs(index, r.logprobs),
+        text = self.prompt_text(index) + r.text if self.body.echo else r.text
+        prompt_lps = r.prompt_logprobs if self.echo_logprobs else None
+        return {"index": index, "text": text, "logprobs": self.logprobs(index, r.logprobs, prompt_lps),
                 "finish_reason": finish_reason(r.finish_reason), "stop_reason": r.stop_reason}
 
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
-        if not out.new_text and not out.finished and not (self.body.logprobs is not None and out.logprobs):
+        text = out.new_text
+        if first and self.body.echo:
+            text = self.prompt_text(index) + text
+        prompt_lps = out.prompt_logprobs if self.echo_logprobs else None
+        if not text and not out.finished and not (self.body.logprobs is not None and (out.logprobs or prompt_lps)):
             return None
-        return {"index": index, "text": out.new_text, "logprobs": self.logprobs(index, out.logprobs),
+        return {"index": index, "text": text, "logprobs": self.logprobs(index, out.logprobs, prompt_lps),
                 "finish_reason": finish_reason(out.finish_reason) if out.finished else None,
                 "stop_reason": out.stop_reason if out.finished else None}
 
@@ -249,18 +309,17 @@ async def completions(body: CompletionRequest, request: Request):
 # ---- chat ---------------------------------------------------------------------------------------
 
 def render_chat(tokenizer, body: ChatCompletionRequest) -> list[int]:
-    """The prompt token ids from the tokenizer's chat template (add_generation_prompt)."""
+    """The prompt token ids from the tokenizer's chat template (add_generation_prompt), with the
+    request's tools, assistant tool calls and tool results rendered by the template itself."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    messages = []
-    for m in body.messages:
-        msg = {"role": m.role, "content": m.text()}
-        if m.name:
-            msg["name"] = m.name
-        messages.append(msg)
+    messages = tool_calls.template_messages(body.messages)
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.tools:
+        kwargs["tools"] = tool_calls.template_tools(body.tools)
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
-                                             **(body.chat_template_kwargs or {}))
+                                             **kwargs)
     except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
         raise APIError(400, f"the chat template could not render these messages: {exc}", param="messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
@@ -272,14 +331,37 @@ class ChatRun(_Run):
     id_prefix = "chatcmpl"
     body: ChatCompletionRequest
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.tool_choice: str | None = None  # none | auto | required | named | None (no tools)
+        self.parser = None  # the family's tool call parser when tool_choice is auto
+        self.streams: dict[int, tool_calls.StreamingToolParser] = {}
+        self.buffered: dict[int, str] = {}  # constrained tool calls: the output until it ends
+        self.calls_sent: dict[int, int] = {}  # streamed tool calls per choice (their delta index)
+
+    def grammar_spec(self):
+        self.tool_choice = tool_calls.tool_choice_of(self.body)
+        spec = openai_spec(self.body)
+        constrained = tool_calls.constrained_spec(self.body, self.tool_choice)
+        if spec is not None and constrained is not None:
+            raise APIError(400, f"tool_choice {self.tool_choice!r} cannot be combined with {spec.param}",
+                           param="tool_choice")
+        return spec or constrained
+
+    @property
+    def constrained(self) -> bool:
+        return self.tool_choice in ("required", "named")
+
     def prompts(self, engine):
+        if self.tool_choice == "auto":
+            self.parser = tool_calls.parser_for(self.state.settings.tool_call_parser, engine.tokenizer.chat_template)
         return [render_chat(engine.tokenizer, self.body)]
 
     def params(self, i: int) -> SamplingParams:
         k = None
         if self.body.logprobs:
             k = self.body.top_logprobs or 0
-        return sampling_params(self.body, self.body.max_new_tokens, k, i)
+        return sampling_params(self.body, self.body.max_new_tokens, k, i, self.bias, self.grammar)
 
     def logprobs(self, lps: list[TokenLogprob]) -> dict | None:
         if not self.body.logprobs:
@@ -292,22 +374,59 @@ class ChatRun(_Run):
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in lps]}
 
+    def calls_in(self, text: str, reason: str | None) -> tuple[str | None, list[tool_calls.ParsedCall]]:
+        """(content, tool calls) of a finished output."""
+        if self.constrained:
+            calls = tool_calls.constrained_calls(self.body, self.tool_choice, text) if reason == "stop" else []
+            return (None, calls) if calls else (text, [])
+        if self.parser is not None:
+            return self.parser.parse(text)
+        return text, []
+
+    @staticmethod
+    def _finish(reason: str | None, calls) -> str | None:
+        return "tool_calls" if calls and reason == "stop" else finish_reason(reason)
+
     def choice(self, index: int, r) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": r.text},
-                "logprobs": self.logprobs(r.logprobs), "finish_reason": finish_reason(r.finish_reason),
-                "stop_reason": r.stop_reason}
+        content, calls = self.calls_in(r.text, r.finish_reason)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
+        return {"index": index, "message": message, "logprobs": self.logprobs(r.logprobs),
+                "finish_reason": self._finish(r.finish_reason, calls), "stop_reason": r.stop_reason}
+
+    def stream_text(self, index: int, out) -> tuple[str, list[tool_calls.ParsedCall]]:
+        """(content to send, calls completed) for this output of a streamed choice."""
+        if self.constrained:
+            self.buffered[index] = self.buffered.get(index, "") + out.new_text
+            if not out.finished:
+                return "", []
+            content, calls = self.calls_in(self.buffered.pop(index), out.finish_reason)
+            return content or "", calls
+        if self.parser is None:
+            return out.new_text, []
+        stream = self.streams.setdefault(index, tool_calls.StreamingToolParser(self.parser))
+        return stream.feed(out.new_text, out.finished)
 
     def chunk_choices(self, index: int, out, first: bool) -> dict | None:
+        text, calls = self.stream_text(index, out)
         delta: dict = {}
         if first:
             delta["role"] = "assistant"
-        if out.new_text or first:
-            delta["content"] = out.new_text
+        if text or first:
+            delta["content"] = text
+        if calls:
+            sent = self.calls_sent.get(index, 0)
+            delta["tool_calls"] = [c.openai(sent + k) for k, c in enumerate(calls)]
+            self.calls_sent[index] = sent + len(calls)
         has_lp = bool(self.body.logprobs and out.logprobs)
         if not delta and not out.finished and not has_lp:
             return None
+        reason = None
+        if out.finished:
+            reason = self._finish(out.finish_reason, self.calls_sent.get(index, 0))
         return {"index": index, "delta": delta, "logprobs": self.logprobs(out.logprobs) if has_lp else None,
-                "finish_reason": finish_reason(out.finish_reason) if out.finished else None}
+                "finish_reason": reason}
 
 
 @router.post("/v1/chat/completions")

@@ -46,18 +46,21 @@ class _OpenAISampling(_Body):
     include_stop_str_in_output: bool = False
     stop_token_ids: list[int] | None = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _zero_penalty(cls, v, info):
-        if v not in (None, 0, 0.0):
-            raise _unsupported(info.field_name, "use repetition_penalty")
-        return v
+    min_tokens: int = 0
+    # vLLM guided decoding (structured output); see structured.py
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v):
+    def _token_ids(cls, v):
+        # OpenAI keys are token ids as strings; checked against the vocabulary by the route.
         if v:
-            raise _unsupported("logit_bias")
+            for key in v:
+                if not key.lstrip("-").isdigit():
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return v
 
     @property
@@ -81,13 +84,6 @@ class CompletionRequest(_OpenAISampling):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise _unsupported("echo")
-        return v
 
     @field_validator("suffix")
     @classmethod
@@ -124,10 +120,23 @@ class ContentPart(_Body):
         return self
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call they answer
 
     def text(self) -> str:
         if self.content is None:
@@ -137,8 +146,44 @@ class ChatMessage(_Body):
         return "".join(part.text or "" for part in self.content)
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    # `schema` shadows a pydantic BaseModel attribute, hence the alias
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return self
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedToolChoiceFunction
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -147,25 +192,12 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise _unsupported("tools")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, v):
-        if v is not None and v.type != "text":
-            raise _unsupported(f"response_format {v.type!r}")
-        return v
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -180,10 +212,27 @@ class ChatCompletionRequest(_OpenAISampling):
 
 # ---- LoRAX ----------------------------------------------------------------------------------
 
+class LoraxResponseFormat(_Body):
+    """LoRAX: {"type": "json_object", "schema": {...}}; no schema means any JSON object."""
+
+    type: Literal["json_object", "json_schema"] = "json_object"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class MergedAdapters(_Body):
+    """LoRAX: merge these adapters for this request (engine/core/adapters/merge.py)."""
+
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str | None = None  # linear (default), ties, dare_linear, dare_ties
+    density: float = 1.0
+    majority_sign_method: str | None = None  # total (default), frequency
+
+
 class LoraxParameters(_Body):
     adapter_id: str | None = None
     adapter_source: str | None = None
-    merged_adapters: Any = None
+    merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     do_sample: bool = False
     max_new_tokens: int | None = None
@@ -202,7 +251,7 @@ class LoraxParameters(_Body):
     details: bool = False
     decoder_input_details: bool = False
     return_k_alternatives: int | None = None
-    response_format: Any = None
+    response_format: LoraxResponseFormat | None = None
 
     @field_validator("adapter_source")
     @classmethod
@@ -213,16 +262,14 @@ class LoraxParameters(_Body):
 
     @model_validator(mode="after")
     def _unsupported_fields(self):
-        if self.merged_adapters is not None:
-            raise _unsupported("merged_adapters")
+        if self.merged_adapters is not None and self.adapter_id:
+            raise ValueError("give adapter_id or merged_adapters, not both")
         if self.best_of not in (None, 1):
             raise _unsupported("best_of > 1")
         if self.typical_p is not None:
             raise _unsupported("typical_p")
         if self.watermark:
             raise _unsupported("watermark")
-        if self.response_format is not None:
-            raise _unsupported("response_format")
         if self.truncate is not None and self.truncate < 1:
             raise ValueError("truncate must be a positive integer")
         if self.return_k_alternatives is not None and not 1 <= self.return_k_alternatives <= 20:

@@ -3,6 +3,7 @@ running n sequences as one request, and the SSE plumbing that aborts on disconne
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
+from loraplex.engine.api import tracing
 from loraplex.engine.api.auth import Authenticator, Principal
 from loraplex.engine.api.errors import APIError, ClientGone
 from loraplex.engine.api.metrics import Metrics, RequestTimer
@@ -38,6 +40,10 @@ class ServerState:
         self.started = time.time()
         self.metrics = Metrics(lambda: self.engine, settings.max_adapter_metric_labels)
         self.watcher = None  # ManifestWatcher, when --adapter-manifest-file is set
+        # Request preparation (chat templates, tokenization, validation) runs here, not on the
+        # event loop: a 100k-character prompt takes ~100 ms to tokenize, and every stream waits.
+        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.prepare_workers, thread_name_prefix="loraplex-prepare") if settings.prepare_workers else None
 
     def require_engine(self) -> AsyncEngine:
         if self.engine is None:
@@ -82,15 +88,27 @@ def adapter_name_for(adapter_id: str) -> str:
     return f"{slug}-{hashlib.sha256(adapter_id.encode()).hexdigest()[:8]}"
 
 
+async def off_loop(state: ServerState, fn, *args):
+    """Run blocking request preparation on the prepare pool (or inline with --prepare-workers 0,
+    the baseline bench/http_prep.py compares against); exceptions come back as raised."""
+    if state.prepare_pool is None:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, fn, *args)
+
+
 def make_sequences(engine: AsyncEngine, request_id: str, prompts: list[str | list[int]], n: int,
                    make_params, adapter: str | None) -> list[Sequence]:
     """prompts x n sequences (choice index = prompt index * n + i). `make_params(i)` gives the
-    i-th choice's SamplingParams. Raises RequestError before anything is queued."""
+    i-th choice's SamplingParams. Each prompt is tokenized and validated once, however many
+    choices share it. Blocking: call it off the event loop. Raises RequestError before anything
+    is queued."""
     seqs = []
     for p_idx, prompt in enumerate(prompts):
+        ids = engine.engine.prompt_ids(prompt)
         for i in range(n):
             index = p_idx * n + i
-            seqs.append(engine.make_sequence(prompt, make_params(i), adapter, request_id=f"{request_id}-{index}"))
+            seqs.append(engine.make_sequence(prompt, make_params(i), adapter, request_id=f"{request_id}-{index}",
+                                             validated_ids=ids))
     return seqs
 
 
@@ -100,7 +118,8 @@ def seed_for(seed: int | None, i: int) -> int | None:
 
 
 async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Stream several sequences as one: (choice index, output). Closing it aborts them all."""
+    """Stream several sequences as one: (choice index, output). Closing it aborts them all.
+    When it ends, the sequences' trace spans are recorded (a no-op with tracing off)."""
     if len(seqs) == 1:
         agen = engine.stream(seqs[0])
         try:
@@ -108,6 +127,7 @@ async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncItera
                 yield 0, out
         finally:
             await agen.aclose()
+            tracing.record_sequences(seqs, engine.engine.served_model_name)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -139,6 +159,7 @@ async def merge_streams(engine: AsyncEngine, seqs: list[Sequence]) -> AsyncItera
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        tracing.record_sequences(seqs, engine.engine.served_model_name)
 
 
 @dataclass

@@ -23,7 +23,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20  # request bodies above this get 413 before any parsing
     watch_interval_seconds: float = 1.0  # manifest and secret file polling
     adapter_load_wait_seconds: float = 120.0  # POST /v1/load_lora_adapter waits this long for the load
+    tool_call_parser: str = "auto"  # hermes | llama3_json | auto (from the chat template); tools.py
     max_n: int = 16  # OpenAI `n` cap, and the cap on prompts x n of one request
+    prepare_workers: int = 2  # threads that template, tokenize and validate requests; 0: on the event loop
     version: str = field(default_factory=package_version)
     # Called when the engine cannot be brought up (bad checkpoint, bad flag): the CLI stops the
     # server with exit status 1. Tests leave it None: /health then answers 503.

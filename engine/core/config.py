@@ -17,12 +17,13 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory_fraction: float = 0.9  # CUDA: share of free memory after the weights
+    kv_cache_memory_fraction: float = 0.9  # CUDA: share of the GPU memory for weights + activations + KV cache
     cpu_kv_cache_bytes: int = 2 << 30  # CPU: cap on the default cache size
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_waiting: int = 1024  # bounded queue: beyond it requests get 429
+    enable_prefix_caching: bool = True  # share full KV blocks of equal prefixes (per adapter)
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads; oversubscribed cores slow matmuls many-fold
     # adapters

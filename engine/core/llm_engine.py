@@ -13,7 +13,9 @@ they read only immutable state, so bad requests are refused before they reach th
 """
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +26,7 @@ from loraplex.engine.core.adapters.manager import AdapterManager
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.errors import PromptTooLongError, QueueFullError, RequestError
-from loraplex.engine.core.model_runner import ModelRunner
+from loraplex.engine.core.model_runner import ModelRunner, profile_kv_blocks
 from loraplex.engine.core.output_processor import OutputProcessor
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
@@ -60,28 +62,27 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device, self.model_config.torch_dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.model_config.sliding_window and self.max_model_len > self.model_config.sliding_window:
-            # Within the window, full attention is exact; beyond it we would need the window.
-            log.warning("max_model_len %d capped to the sliding window %d", self.max_model_len, self.model_config.sliding_window)
-            self.max_model_len = self.model_config.sliding_window
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        # Sliding windows are honoured by the attention (model/attention.py): no cap needed.
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._thread_tokenizers = threading.local()
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"{self.model_dir} has no fast (tokenizers) tokenizer; the engine decodes with tokenizers")
         # The output processor decodes with an instance of its own: Rust tokenizers must not be
         # shared across threads (huggingface/tokenizers#537).
         self.output_processor = OutputProcessor(Tokenizer.from_str(backend.to_str()))
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
-            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+            (self._tokenizer.eos_token_id,) if self._tokenizer.eos_token_id is not None else ())
 
         model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=config.max_active_adapters,
                            max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
-        num_blocks = self._num_kv_blocks()
+        num_blocks = self._num_kv_blocks(model)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed,
+                                  max_num_seqs=config.max_num_seqs)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterManager(config, model, self.model_config)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager, self.adapters)
@@ -89,18 +90,28 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_seconds = 0.0
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, model) -> int:
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * cfg.kv_cache_memory_fraction) // per_block)
+        if self.device.type == "cuda":  # measured: one profiling forward at the largest step
+            return profile_kv_blocks(model, self.device, self.dtype, cfg.block_size, cfg.kv_cache_memory_fraction,
+                                     cfg.max_num_batched_tokens, cfg.max_num_seqs)
         enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         return max(1, min(enough, cfg.cpu_kv_cache_bytes // per_block))
 
     # ---- requests -------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The calling thread's own copy of the HF tokenizer. Prompts are encoded on a thread
+        pool, token texts decoded on the event loop, and a Rust tokenizer must not be used from
+        two threads at once (huggingface/tokenizers#537). One copy per thread, made on first use."""
+        tok = getattr(self._thread_tokenizers, "tokenizer", None)
+        if tok is None:
+            tok = self._thread_tokenizers.tokenizer = copy.deepcopy(self._tokenizer)
+        return tok
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -264,4 +275,6 @@ class LLMEngine:
             "num_free_blocks": self.block_manager.num_free,
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.queries,
+            "prefix_cache_hits": self.block_manager.hits,
         }

@@ -81,7 +81,8 @@ class RequestState:
             transform(self)
             if self.finished:
                 return True
-        return bool(self.params.stop) and self._find_stop(before)
+        # As vLLM: stop strings do not count before min_tokens (EOS and stop ids are masked then).
+        return bool(self.params.stop) and len(self.token_ids) >= self.params.min_tokens and self._find_stop(before)
 
     def _find_stop(self, before: int) -> bool:
         """Search all the text added since `before`, plus the tail a match could start in."""

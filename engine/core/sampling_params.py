@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraplex.engine.core.errors import RequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries per request
 
 
 @dataclass
@@ -22,6 +24,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's plus the top k
     prompt_logprobs: bool = False
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are forbidden before this many output tokens
+    # Structured output: this sequence's own GrammarMatcher (structured_output.py). Params are
+    # made per sequence, so the matcher's state is the sequence's alone.
+    grammar: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -47,4 +56,18 @@ class SamplingParams:
             raise bad("stop takes at most 16 non-empty strings of at most 256 characters", "stop")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad(f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(f"{name} must be between -2 and 2, got {getattr(self, name)}", name)
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
+            for token, value in self.logit_bias.items():
+                if not -100.0 <= value <= 100.0:
+                    raise bad(f"logit_bias values must be between -100 and 100, got {value} for token {token}",
+                              "logit_bias")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
         return self

@@ -12,7 +12,9 @@ Policy, in order:
    next chunk would preempt it again, a lap every step that recomputes and counts for nothing.
    A waiting sequence whose adapter is not on the device yet is skipped (its load runs off the
    step loop) and keeps its place; one that cannot get blocks stops admission, so a large
-   request is never overtaken forever by small ones.
+   request is never overtaken forever by small ones. With prefix caching, an admitted
+   sequence shares the cached blocks of its longest cached prefix (same tokens, same adapter)
+   and its prefill starts after them.
 """
 from __future__ import annotations
 
@@ -98,16 +100,21 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            reserve = seq.num_tokens if seq.num_preemptions else seq.num_computed_tokens + n
-            if not self.blocks.can_hold(seq, reserve):
-                break
+            # The adapter first: its identity is part of the prefix cache's hashes.
             if not self.adapters.acquire(seq):
                 if seq.adapter_wait_time is None:
                     seq.adapter_wait_time = time.monotonic()
                 skipped.append(self.waiting.popleft())
                 continue
+            hits = self.blocks.cached_prefix(seq)  # a waiting sequence holds no blocks
+            start = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            reserve = seq.num_tokens if seq.num_preemptions else start + n
+            if not self.blocks.can_admit(seq, hits, reserve):
+                self.adapters.release(seq)
+                break
             self.waiting.popleft()
+            self.blocks.admit(seq, hits)  # prefill starts after the cached prefix
             self.blocks.grow(seq, reserve)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -130,6 +137,8 @@ class Scheduler:
         """Advance computed counts; retire finished sequences and release their resources."""
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
+            if item.seq.error is None:  # a failed forward leaves no KV worth sharing
+                self.blocks.cache_full_blocks(item.seq)
         for seq in [s for s in self.running if s.is_finished]:
             self.retire(seq)
 

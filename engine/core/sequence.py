@@ -72,6 +72,12 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_table: list[int] = []
+        # Prefix caching (block_manager): the adapter's content digest, set when the adapter gets
+        # a slot; the hash chain over full blocks, and how many of the table's blocks are cached.
+        self.adapter_digest: str | None = None
+        self.block_hashes: list[bytes] = []
+        self.block_hashes_key: tuple | None = None
+        self.num_cached_blocks = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None

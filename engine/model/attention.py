@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.kernels.ops import KernelOps
+from loraplex.kernels.ops import KernelOps, attention_for
 
 
 @dataclass
@@ -29,15 +29,21 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                    meta: AttentionMetadata, ops: KernelOps, scale: float) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KVH, D] for the batch's new tokens. Returns [T, H, D]."""
+                    meta: AttentionMetadata, ops: KernelOps, scale: float, sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D] for the batch's new tokens. Returns [T, H, D].
+
+    `sliding_window` W: each token attends to the W tokens ending at itself (the cache keeps
+    them all; only the mask narrows). `softcap`: Gemma 2's tanh cap on the scores."""
     k_cache, v_cache = kv_cache
     ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
+    prefill, decode = attention_for(ops, sliding_window, softcap)
+    extra = {} if sliding_window is None and softcap is None else {"sliding_window": sliding_window, "softcap": softcap}
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        out[rows] = ops.paged_prefill_attention(q[rows], k_cache, v_cache, span.block_table, span.context_len, scale)
+        out[rows] = prefill(q[rows], k_cache, v_cache, span.block_table, span.context_len, scale, **extra)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = ops.paged_decode_attention(
-            q[meta.decode_rows], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        out[meta.decode_rows] = decode(
+            q[meta.decode_rows], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, **extra)
     return out

@@ -28,11 +28,34 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 def rope_cos_sin(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_positions, head_dim] in fp32 (halves repeated, HF's layout)."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     t = torch.arange(max_positions, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
+    if scaling and scaling.get("rope_type") == "longrope":
+        return _longrope_cos_sin(head_dim, theta, scaling, t)
+    freqs = torch.outer(t, rope_inv_freq(head_dim, theta, scaling))
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def _longrope_cos_sin(head_dim: int, theta: float, scaling: dict, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3's LongRoPE ("su"): per-frequency divisors, `short_factor` within the training
+    length and `long_factor` beyond it, and cos/sin scaled by an attention factor.
+
+    transformers picks the set per forward from the longest position in it; here each position
+    has its own, so a token's rotation never depends on what else is in the batch (and a cached
+    block stays valid). Both agree whenever the prompt fits in the training length: its prefill
+    uses the short set, and each later token past that length the long one."""
+    original = int(scaling["original_max_position_embeddings"])
+    target = scaling.get("max_position_embeddings") or original
+    factor = scaling.get("factor") or target / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * base)
+    long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * base)
+    freqs = torch.where((t < original)[:, None], torch.outer(t, short), torch.outer(t, long))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention, emb.sin() * attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

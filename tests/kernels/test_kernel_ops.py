@@ -57,16 +57,15 @@ def test_forced_triton_runs_the_kernels(monkeypatch, device):
     assert k.add_lora is triton_lora.add_lora_triton
     assert k.paged_decode_attention is triton_attention.paged_decode_attention_triton
     assert k.write_kv is attention_ref.write_kv_ref
-    assert k.paged_prefill_attention is attention_ref.paged_prefill_attention_ref
+    assert k.paged_prefill_attention is attention_ref.paged_prefill_attention_sdpa
 
     torch.manual_seed(0)
     x = torch.randn(6, 32, device=device)
-    a = torch.randn(2, 8, 32, device=device)
-    b = torch.randn(2, 16, 8, device=device)
+    slots = lora_ref.LoRASlots(torch.randn(2, 32, 8, device=device), [torch.randn(2, 8, 16, device=device)])
     batch = LoRABatch.build([(0, 2, 1, 8), (3, 6, 0, 4)], device)
     y = torch.randn(6, 16, device=device)
-    want = lora_ref.add_lora_ref(y.clone(), x, a, b, batch)
-    k.add_lora(y, x, a, b, batch)
+    want = lora_ref.add_lora_ref([y.clone()], x, slots, batch)[0]
+    k.add_lora([y], x, slots, batch)
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
@@ -90,11 +89,11 @@ def test_forced_triton_on_cpu_after_torch_imported_triton():
         got = k.paged_decode_attention(q, kc, vc, bt, lens, 0.2)
         want = attention_ref.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.2)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-        x, a, b = torch.randn(5, 32), torch.randn(2, 8, 32), torch.randn(2, 16, 8)
-        y = torch.randn(5, 16)
+        x, y = torch.randn(5, 32), torch.randn(5, 16)
+        slots = lora_ref.LoRASlots(torch.randn(2, 32, 8), [torch.randn(2, 8, 16)])
         batch = lora_ref.LoRABatch.build([(0, 2, 1, 8), (3, 5, 0, 4)], "cpu")
-        want = lora_ref.add_lora_ref(y.clone(), x, a, b, batch)
-        torch.testing.assert_close(k.add_lora(y, x, a, b, batch), want, atol=1e-4, rtol=1e-4)
+        want = lora_ref.add_lora_ref([y.clone()], x, slots, batch)[0]
+        torch.testing.assert_close(k.add_lora([y], x, slots, batch)[0], want, atol=1e-4, rtol=1e-4)
         print("ok")
     """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
@@ -118,8 +117,10 @@ def test_kernels_compile_for_sm90():
 
         seg = {n: "*i64" for n in ("seg_start_ptr", "seg_end_ptr", "seg_slot_ptr", "seg_rank_ptr")}
         for t, native, prec in (("fp16", True, "tf32"), ("bf16", True, "tf32"), ("fp32", False, "ieee")):
-            compile_(L._lora_shrink_kernel, {"x_ptr": "*" + t, "a_ptr": "*" + t, "h_ptr": "*fp32", **seg},
-                     dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=64, NATIVE_DOT=native, PRECISION=prec))
+            for num_proj in (1, 3):
+                compile_(L._lora_shrink_kernel, {"x_ptr": "*" + t, "a_ptr": "*" + t, "h_ptr": "*fp32", **seg},
+                         dict(NUM_PROJ=num_proj, BLOCK_M=16, BLOCK_R=16, BLOCK_K=64, NATIVE_DOT=native,
+                              PRECISION=prec))
             compile_(L._lora_expand_kernel, {"h_ptr": "*fp32", "b_ptr": "*" + t, "y_ptr": "*" + t, **seg},
                      dict(BLOCK_M=32, BLOCK_N=64, BLOCK_R=32, PRECISION=prec))
             compile_(A._paged_decode_kernel,

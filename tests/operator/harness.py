@@ -56,6 +56,26 @@ def api_path(api_version: str, plural: str, namespace: str | None = None, name: 
     return p
 
 
+def _fix_kmock_namespace_list() -> None:
+    """kmock 0.8 answers 500 to a list or watch of /api/v1/namespaces (its path parser expects a
+    namespace name after `namespaces`). kopf lists and watches Namespaces whenever it runs with
+    --namespace (to follow the namespaces its patterns match), so parse that path as the list of
+    the cluster-scoped Namespace resource it is. Idempotent; test processes only."""
+    from kmock._internal import parsing
+
+    if getattr(parsing.parse_path, "_loraplex_fixed", False):
+        return
+    original = parsing.parse_path
+
+    def parse_path(path: str):
+        if path.strip("/") == "api/v1/namespaces":
+            return parsing.ParsedPath(group="", version="v1", plural="namespaces")
+        return original(path)
+
+    parse_path._loraplex_fixed = True  # type: ignore[attr-defined]
+    parsing.parse_path = parse_path
+
+
 class FakeCluster:
     """kmock.KubernetesEmulator on a local port, run by its own event loop in a thread."""
 
@@ -94,6 +114,8 @@ class FakeCluster:
 
     def _run(self) -> None:
         import kmock
+
+        _fix_kmock_namespace_list()
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
@@ -192,9 +214,11 @@ class OperatorProcess:
     """The real `loraplex-operator` console script, run against the fake cluster."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None,
-                 name: str = "loraplex-operator-0", namespace: str = "loraplex-system"):
+                 name: str = "loraplex-operator-0", namespace: str = "loraplex-system",
+                 scope: tuple[str, ...] = ("-A",)):
         self.kubeconfig = kubeconfig
         self.log_path = log_path
+        self.scope = scope  # kopf's namespace flags: -A, or --namespace=... as the chart renders them
         self.env = env or {}
         self.name, self.namespace = name, namespace
         self.metrics_port = free_port(["127.0.0.1"])
@@ -211,7 +235,7 @@ class OperatorProcess:
         env.update(self.env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "loraplex-operator"), "-A", "--standalone", "--verbose"],
+            [str(BIN / "loraplex-operator"), *self.scope, "--standalone", "--verbose"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         return self
 

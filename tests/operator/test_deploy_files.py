@@ -108,9 +108,9 @@ def test_chart_rbac_is_least_privilege():
     assert not any("*" in (g, r, v) for _, _, g, r, v, _ in grants), "no wildcards"
     assert not any(v in ("deletecollection", "escalate", "bind", "impersonate") for *_, v, _ in grants)
     updates = {(r, names) for _, _, _, r, v, names in grants if v == "update"}
-    assert updates == {("basemodeldeployments/finalizers", ()), ("leases", ("loraplex-operator",))}, \
-        "the operator never replaces (PUT) an object; finalizers for blockOwnerDeletion, the Lease for election"
-    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get"}
+    assert updates == {("basemodeldeployments/finalizers", ())}, \
+        "the operator never replaces (PUT) an object; finalizers for blockOwnerDeletion"
+    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get", "create"}, "read keys, create admin tokens"
     assert {v for *_, r, v, _ in grants if r == "pods"} == {"list", "watch"}
     assert ("ClusterRole", "", "loraplex.dev", "loraadapters/status", "patch", ()) in grants
     assert not any(r in ("basemodeldeployments", "loraadapters") and v in ("create", "delete")
@@ -120,7 +120,7 @@ def test_chart_rbac_is_least_privilege():
     # (create cannot name its object: it does not exist yet).
     leases = {(kind, ns, v, names) for kind, ns, _, r, v, names in grants if r == "leases"}
     assert leases == {("Role", "loraplex-system", "create", ())} | {
-        ("Role", "loraplex-system", v, ("loraplex-operator",)) for v in ("get", "watch", "update", "patch")}
+        ("Role", "loraplex-system", v, ("loraplex-operator",)) for v in ("get", "patch")}
 
 
 def test_rbac_check_refuses_what_the_chart_does_not_grant():
@@ -136,12 +136,13 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
                ("POST", "/api/v1/namespaces/team-a/events", {}),
                ("GET", "/api/v1/namespaces/team-a/secrets/keys", {}),
                ("POST", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases", {}),
-               ("PUT", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator", {}),
+               ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator", {}),
                ("GET", "/apis", {}), ("GET", "/api/v1", {})]
     assert ungranted(docs, sa, ns, granted) == []
     refused = {("DELETE", "/api/v1/namespaces/team-a/configmaps/b-adapters", ""): "delete core/configmaps b-adapters in team-a",
                ("PUT", "/apis/apps/v1/namespaces/team-a/deployments/b", ""): "update apps/deployments b in team-a",
                ("GET", "/api/v1/namespaces/team-a/secrets", ""): "list core/secrets in team-a",
+               ("PATCH", "/api/v1/namespaces/team-a/secrets/b-admin-token", ""): "patch core/secrets b-admin-token in team-a",
                ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/other", ""):
                    "patch coordination.k8s.io/leases other in loraplex-system",
                ("GET", "/apis/coordination.k8s.io/v1/namespaces/team-a/leases/loraplex-operator", ""):
@@ -165,8 +166,10 @@ def test_watch_namespaces_make_rbac_namespaced():
     docs = render({"watchNamespaces": ["team-a", "team-b"]})
     sa, ns = operator_identity(docs)
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    assert cluster_role["rules"] == [{"apiGroups": ["apiextensions.k8s.io"],
-                                      "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]}]
+    # kopf lists and watches Namespaces also with --namespace (tests/operator/test_rbac_namespaced.py).
+    assert cluster_role["rules"] == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
     roles = {d["metadata"]["namespace"]: d for d in of_kind(docs, "Role") if not d["metadata"]["name"].endswith("election")}
     assert set(roles) == {"team-a", "team-b"}
     # The namespaced Roles hold exactly the namespaced part of the cluster-wide role.
@@ -179,9 +182,9 @@ def test_watch_namespaces_make_rbac_namespaced():
 
     assert can("GET", "/api/v1/namespaces/team-a/secrets/k") and can("GET", "/api/v1/namespaces/team-b/pods", "watch=1")
     assert not can("GET", "/api/v1/namespaces/team-c/secrets/k"), "secrets stay readable only where watched"
-    assert not can("GET", "/api/v1/pods", "watch=1") and not can("GET", "/api/v1/namespaces", "watch=1")
+    assert not can("GET", "/api/v1/pods", "watch=1") and not can("GET", "/api/v1/secrets")
     assert can("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", "watch=1")
-    assert can("PUT", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator")
+    assert can("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator")
 
 
 def test_every_optional_feature_renders_and_selects_the_real_pods():
@@ -239,8 +242,29 @@ def promql_of(docs: list[dict]) -> list[str]:
     for d in of_kind(docs, "ConfigMap"):
         for text in d["data"].values():
             exprs += [t["expr"] for p in json.loads(text)["panels"] for t in p.get("targets", [])]
-            exprs += [v["definition"] for v in json.loads(text)["templating"]["list"] if v.get("definition")]
+            # Grafana's label_values(<series selector>, <label>): the selector is PromQL.
+            exprs += [re.fullmatch(r"label_values\((.+),\s*\w+\)", v["definition"]).group(1)
+                      for v in json.loads(text)["templating"]["list"] if v.get("definition")]
     return exprs
+
+
+def test_dashboard_and_alerts_are_valid_promql():
+    """Every expression parses with Prometheus' grammar (promql-parser) and names its metrics;
+    tests/engine/api/test_observability.py and tests/operator/test_integration.py check the
+    names against a live engine's and a live operator's /metrics."""
+    pytest.importorskip("promql_parser", reason="promql-parser is not installed (test extra)")
+    from tests.support.promql import queried_names
+
+    docs = render(ALL_ON)
+    exprs = promql_of(docs)
+    names = set().union(*(queried_names(e) for e in exprs))
+    assert all(n.startswith("loraplex_") or n == "up" for n in names), names
+    dashboard = json.loads(of_kind(docs, "ConfigMap")[0]["data"]["loraplex.json"])
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for p in dashboard["panels"]:
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), p["title"]
 
 
 def test_alerts_cover_what_the_issue_asks_for():
@@ -255,7 +279,7 @@ def test_alerts_cover_what_the_issue_asks_for():
 
 def test_chart_lints_clean_and_ships_the_crds():
     for values in (None, ALL_ON):
-        report = helm.lint(str(CHART), values, strict=False)
+        report = helm.lint(str(CHART), values, strict=True)
         assert report["errors"] == [], values
         assert not [m for m in report["messages"] if m["severity"] >= 2], report["messages"]
     with helm.Chart.load(str(CHART)) as chart:
@@ -290,6 +314,68 @@ def test_kustomize_overlay():
     assert bmd["spec"]["autoscaling"]["enabled"] is True
     assert bmd["spec"]["ingress"]["host"] == "llm.example.com"
     assert bmd["spec"]["engine"]["maxLoraRank"] == 64, "the patch merges into the base"
+    assert bmd["spec"]["engine"]["adminTokenSecretRef"]["name"] == "loraplex-admin-token"
+
+
+def quantity(q: str | int) -> float:
+    """A Kubernetes quantity as a number (CPU in cores, memory in bytes)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
+    q = str(q)
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if q.endswith(suffix):
+            return float(q[: -len(suffix)]) * factor
+    return float(q)
+
+
+# What the GPU example's node offers: AWS g5.2xlarge = 1 x NVIDIA A10G (24 GB), 8 vCPU, 32 GiB.
+# Allocatable on EKS (kube-reserved 893 MiB for 58 pods + 100 MiB eviction threshold, 80m CPU):
+NODES = {"g5.2xlarge": {"cpu": 8 - 0.08, "memory": 32 * 2**30 - 993 * 2**20, "gpu": 1, "gpu_memory": 24e9}}
+
+
+def test_gpu_example_fits_its_node():
+    """The issue's bug: the engine requested 32Gi on a 32 GiB g5.2xlarge (never schedulable)."""
+    (bmd,) = [d for d in kustomize("manifests/overlays/production") if d["kind"] == "BaseModelDeployment"]
+    engine = bmd["spec"]["engine"]
+    node = NODES[engine["nodeSelector"]["node.kubernetes.io/instance-type"]]
+    req, lim = engine["resources"]["requests"], engine["resources"]["limits"]
+    assert quantity(req["cpu"]) <= node["cpu"] - 0.5, "room for the node's daemons"
+    assert quantity(req["memory"]) <= quantity(lim["memory"]) <= node["memory"] - 2**30
+    assert int(lim["nvidia.com/gpu"]) == int(req["nvidia.com/gpu"]) == node["gpu"]
+    # 8.0 B parameters in bf16, and the KV cache of one full-length sequence, in the GPU's memory.
+    weights = 8.03e9 * 2
+    args = engine["args"]
+    max_len = int(args[args.index("--max-model-len") + 1])
+    kv_per_token = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head dim x (K, V) x bf16
+    assert bmd["spec"]["model"]["dtype"] == "bfloat16"
+    assert weights + max_len * kv_per_token < 0.9 * node["gpu_memory"] - 1.5e9, "CUDA context and activations"
+
+
+def test_kustomize_cpu_demo():
+    docs = kustomize("manifests/cpu-demo")
+    (bmd,) = of_kind(docs, "BaseModelDeployment")
+    loras = of_kind(docs, "LoraAdapter")
+    assert {d["metadata"]["name"] for d in loras} == {"french", "pirate", "json"}
+    assert {d["spec"]["baseModel"] for d in loras} == {bmd["metadata"]["name"]}
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] != "Namespace"} == {"loraplex-demo"}
+    engine = bmd["spec"]["engine"]
+    assert engine["image"] == "ghcr.io/loraplex/loraplex-engine-demo:0.1.0", "kustomize `images:` reaches the CRD field"
+    assert "nvidia.com/gpu" not in str(engine["resources"]) and "--device" in engine["args"]
+    # The adapters are the demo pipeline's, baked in by Dockerfile.demo at the path the engine reads.
+    from scripts.demo_lora import SPECS
+
+    assert {s.name: s.rank for s in SPECS} == {d["metadata"]["name"]: d["spec"]["rank"] for d in loras}
+    assert [d["metadata"]["name"] for d in loras if d["spec"].get("preload")] == [s.name for s in SPECS if s.preload]
+    adapter_dir = engine["args"][engine["args"].index("--adapter-dir") + 1]
+    demo = (REPO / "Dockerfile.demo").read_text()
+    assert "--cache-dir /opt/loraplex-demo" in demo and adapter_dir == "/opt/loraplex-demo/adapters"
+    assert bmd["spec"]["model"]["id"] == "/opt/loraplex-demo/smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("tree", ["manifests/base", "manifests/overlays/production", "manifests/cpu-demo", "crds",
+                                  "manifests/argocd/health-checks"])
+def test_kustomize_trees_validate_against_schemas(tree):
+    docs = kustomize(tree)
+    assert docs and not schema_errors(docs), schema_errors(docs)
 
 
 def test_kustomize_crds():
@@ -343,12 +429,99 @@ def test_rendered_chart_validates_against_kubernetes_schemas():
     assert "'http' is not of type 'integer'" in schema_errors([wrong_type])[0]
 
 
-def test_argocd_applications_point_at_real_paths():
+def argocd_apps() -> dict[str, dict]:
     apps = [d for d in yaml.safe_load_all((REPO / "manifests/argocd/applications.yaml").read_text()) if d]
-    assert {a["kind"] for a in apps} == {"Application"}
-    for a in apps:
+    return {a["metadata"]["name"]: a for a in apps}
+
+
+def test_argocd_applications_point_at_real_paths_in_waves():
+    apps = argocd_apps()
+    assert {a["kind"] for a in apps.values()} == {"Application"}
+    for a in apps.values():
         assert (REPO / a["spec"]["source"]["path"]).is_dir(), a["spec"]["source"]["path"]
         assert a["spec"]["syncPolicy"]["automated"]["selfHeal"] is True
+    wave = {n: int(a["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for n, a in apps.items()}
+    assert wave["loraplex-crds"] < wave["loraplex-operator"] < wave["loraplex-cpu-demo"] == wave["loraplex-models"]
+    assert apps["loraplex-crds"]["spec"]["source"]["path"] == "crds"
+    assert "ServerSideApply=true" in apps["loraplex-crds"]["spec"]["syncPolicy"]["syncOptions"]
+    assert apps["loraplex-crds"]["spec"]["syncPolicy"]["automated"]["prune"] is False, "pruning a CRD deletes its objects"
+    helm_src = apps["loraplex-operator"]["spec"]["source"]["helm"]
+    assert helm_src["skipCrds"] is True
+    # The chart's values in the Application render (and validate) like any other values.
+    docs = render(helm_src["valuesObject"])
+    assert {"PodMonitor", "PrometheusRule"} <= {d["kind"] for d in docs} and not schema_errors(docs)
+    for name in ("loraplex-cpu-demo", "loraplex-models"):
+        assert "SkipDryRunOnMissingResource=true" in apps[name]["spec"]["syncPolicy"]["syncOptions"]
+
+
+def argocd_health(kind: str, obj: dict) -> dict:
+    """Run the Lua health check of `kind` from the argocd-cm keys, as Argo CD does: the object as
+    the global `obj`, the script's return value as {status, message}."""
+    lupa = pytest.importorskip("lupa", reason="lupa is not installed (test extra)")
+    (cm,) = kustomize("manifests/argocd/health-checks")
+    assert cm["kind"] == "ConfigMap" and cm["metadata"] == {
+        "name": "argocd-cm", "namespace": "argocd", "labels": {"app.kubernetes.io/part-of": "argocd"}}
+    script = cm["data"][f"resource.customizations.health.{kind}"]
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.execute(script)
+    return dict(result.items())
+
+
+def test_argocd_health_checks_follow_the_operators_status():
+    def bmd(status=None, generation=1):
+        return {"metadata": {"name": "b", "generation": generation}, "spec": {"replicas": 2},
+                **({"status": status} if status is not None else {})}
+
+    health = lambda obj: argocd_health("loraplex.dev_BaseModelDeployment", obj)  # noqa: E731
+    assert health(bmd())["status"] == "Progressing"
+    assert health(bmd({"phase": "Ready", "observedGeneration": 1, "readyReplicas": 2, "desiredReplicas": 2})) == {
+        "status": "Healthy", "message": "Ready: 2/2 engine pods ready"}
+    assert health(bmd({"phase": "Ready", "observedGeneration": 1}, generation=2))["status"] == "Progressing"
+    assert health(bmd({"phase": "Pending", "observedGeneration": 1}))["status"] == "Progressing"
+    degraded = health(bmd({"phase": "Degraded", "observedGeneration": 1, "readyReplicas": 1, "desiredReplicas": 2,
+                           "conditions": [{"type": "Degraded", "status": "True", "message": "1 of 2 pods not ready"}]}))
+    assert degraded == {"status": "Degraded", "message": "1 of 2 pods not ready"}
+    assert health(bmd({"phase": "Failed", "observedGeneration": 1}))["status"] == "Degraded"
+
+    def lora(phase, **status):
+        return {"metadata": {"name": "a", "generation": 3}, "spec": {},
+                "status": {"phase": phase, "observedGeneration": 3, **status}}
+
+    health = lambda obj: argocd_health("loraplex.dev_LoraAdapter", obj)  # noqa: E731
+    assert health(lora("Ready", readyReplicas=2, totalReplicas=2)) == {"status": "Healthy", "message": "Ready (2/2 pods)"}
+    assert health(lora("Loading", readyReplicas=0, totalReplicas=2))["status"] == "Progressing"
+    assert health(lora("Pending", conditions=[{"type": "Accepted", "status": "False", "message": "base b not found"}])) \
+        == {"status": "Progressing", "message": "Pending (0/0 pods): base b not found"}
+    failed = health(lora("Failed", readyReplicas=0, totalReplicas=2,
+                         conditions=[{"type": "Ready", "status": "False", "message": "DoRA is not supported"}]))
+    assert failed == {"status": "Degraded", "message": "Failed (0/2 pods): DoRA is not supported"}
+    assert health(lora("Degraded", readyReplicas=1, totalReplicas=2))["status"] == "Degraded"
+
+    app = argocd_health("argoproj.io_Application", {"status": {"health": {"status": "Healthy"}}})
+    assert app["status"] == "Healthy"
+    assert argocd_health("argoproj.io_Application", {"metadata": {}})["status"] == "Progressing"
+
+
+def test_argocd_health_checks_read_only_fields_the_crds_have():
+    """Every status field the Lua reads exists in the CRD's status schema, and the phases it
+    maps are the CRD's phases."""
+    from .crd_tools import load_crd, schema_of
+
+    text = "".join((REPO / "manifests/argocd/health-checks" / f).read_text()
+                   for f in ("basemodeldeployment.lua", "loraadapter.lua"))
+    read = set(re.findall(r"obj\.status\.(\w+)", text))
+    for name in ("basemodeldeployments", "loraadapters"):
+        status = schema_of(load_crd(name))["properties"]["status"]["properties"]
+        fields_here = {f for f in read if f in status}
+        assert fields_here >= {"phase", "observedGeneration", "conditions"}, name
+    bmd_status = schema_of(load_crd("basemodeldeployments"))["properties"]["status"]["properties"]
+    lora_status = schema_of(load_crd("loraadapters"))["properties"]["status"]["properties"]
+    assert read <= set(bmd_status) | set(lora_status), read - set(bmd_status) - set(lora_status)
+    for name, status in (("basemodeldeployments", bmd_status), ("loraadapters", lora_status)):
+        phases = set(status["phase"].get("enum") or [])
+        if phases:
+            assert phases <= {"Pending", "Loading", "Ready", "Degraded", "Failed"}, (name, phases)
 
 
 def dockerfile_stages(path) -> dict[str, str]:
@@ -367,7 +540,7 @@ def dockerfile_stages(path) -> dict[str, str]:
     return stages
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.engine", "Dockerfile.operator"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.engine", "Dockerfile.operator", "Dockerfile.demo"])
 def test_dockerfiles_pass_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:

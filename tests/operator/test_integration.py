@@ -385,6 +385,20 @@ def test_operator_writes_only_status_and_finalizers(env: Env):
         assert set(body.get("metadata", {})) <= {"finalizers"}, body
 
 
+def test_dashboard_and_alerts_query_what_the_operator_serves(env: Env):
+    """The operator's side of the chart's dashboard and alerts: every loraplex_operator_* series
+    they query is in this operator's live /metrics (LORAPLEX_METRICS_PORT)."""
+    from tests.support.promql import exported_names, queried_names
+
+    from .test_deploy_files import ALL_ON, promql_of, render
+
+    served = exported_names(env.http.get(f"http://127.0.0.1:{env.operator.metrics_port}/metrics").text)
+    queried = {q for e in promql_of(render(ALL_ON)) for q in queried_names(e) if q.startswith("loraplex_operator_")}
+    assert {"loraplex_operator_adapters", "loraplex_operator_reconcile_total",
+            "loraplex_operator_reconcile_duration_seconds_bucket"} <= queried
+    assert not queried - served, f"not served by the operator: {sorted(queried - served)}"
+
+
 def test_rbac_covers_every_request(env: Env):
     """Every request the operator made during the run is allowed by the Helm chart's RBAC, as the
     API server's authorizer would decide it for the chart's ServiceAccount (tests/operator/rbac.py;

@@ -1,7 +1,7 @@
 """Tiny random checkpoints and adapters, made by the tests themselves (no network here).
 
 Each family differs where the engine must differ: Llama with Llama-3 rope scaling, Mistral,
-Qwen2 with qkv bias and tied embeddings. The tokenizer is a byte-level BPE trained in-process.
+Qwen2 with qkv bias and tied embeddings, and the families with quirks (see tiny_config). The tokenizer is a byte-level BPE trained in-process.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str = "llama", **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     tok = tiny_tokenizer()
     common = dict(
@@ -60,6 +61,24 @@ def tiny_config(family: str = "llama", **overrides):
         cfg = MistralConfig(**common, rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False)
     elif family == "qwen2":
         cfg = Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)
+    elif family == "qwen3":  # q/k norm, head_dim set apart from hidden / heads
+        cfg = Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=False)
+    elif family == "gemma2":  # soft-capping, sliding/full layers, (1 + w) norms, sandwich norms, scaled embeddings
+        cfg = Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                           attn_logit_softcapping=5.0, final_logit_softcapping=30.0, pad_token_id=tok.pad_token_id)
+    elif family == "gemma3":  # q/k norm, per-layer-type RoPE (linear scaling on the full layers)
+        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                               layer_types=["sliding_attention", "full_attention"], pad_token_id=tok.pad_token_id,
+                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    elif family == "phi3":  # fused qkv_proj / gate_up_proj, LongRoPE (short set within 128), a window on every layer
+        half = 16 // 2
+        cfg = Phi3Config(**common, pad_token_id=tok.pad_token_id, original_max_position_embeddings=128, sliding_window=24,
+                         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                                       "long_factor": [1.0 + 0.9 * i for i in range(half)]})
+    elif family == "mixtral":  # sparse MoE MLP: 4 experts, top 2
+        cfg = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
+                            tie_word_embeddings=False)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -84,12 +103,15 @@ def make_tiny_checkpoint(path: str | Path, family: str = "llama", seed: int = 0,
                 p.normal_(0, 0.08 if "embed" not in name else 1.0)
             elif "bias" in name:
                 p.normal_(0, 0.05)
+            elif "norm" in name and family in NEW_FAMILIES:  # so that (1 + w) vs w, q/k norms matter
+                p.add_(torch.randn_like(p) * 0.2)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     tiny_tokenizer().save_pretrained(path)
     return path
 
 
+NEW_FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3", "mixtral")
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -160,3 +182,37 @@ def with_token_text(checkpoint: str | Path, out_dir: str | Path, token_id: int, 
     spec["model"]["merges"] = []
     path.write_text(json.dumps(spec))
     return out_dir
+
+
+FP8_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_fp8_checkpoint(src: str | Path, out: str | Path, reference: str | Path, block=(32, 32)) -> Path:
+    """Quantize `src`'s projections to HF block-wise fp8 (`quant_method: fp8`) into `out`, and
+    write the dequantized weights as a plain checkpoint into `reference` (the oracle)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loraplex.kernels.fp8_ref import dequantize_fp8_blockwise_ref, quantize_fp8_blockwise_ref
+
+    src, out, reference = Path(src), Path(out), Path(reference)
+    for d in (out, reference):
+        shutil.copytree(src, d, dirs_exist_ok=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    quantized, dequantized = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(".weight") and key.split(".")[-2] in FP8_TARGETS:
+            q, scale_inv = quantize_fp8_blockwise_ref(t, block)
+            quantized[key], quantized[key.removesuffix("weight") + "weight_scale_inv"] = q, scale_inv
+            dequantized[key] = dequantize_fp8_blockwise_ref(q, scale_inv, block, torch.float32)
+        else:
+            quantized[key] = dequantized[key] = t
+    save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

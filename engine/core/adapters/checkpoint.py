@@ -5,22 +5,24 @@ a B [out, r] with the LoRA scaling already folded into B.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loraplex.engine.model.config import LORA_MODULES, ModelConfig
+from loraplex.engine.model.config import ModelConfig
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+          "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # the last two: fused bases (Phi-3)
 
 
 class AdapterFormatError(ValueError):
@@ -33,6 +35,10 @@ class AdapterWeights:
     rank: int  # the largest rank over the modules: what the kernels compute at
     target_modules: tuple[str, ...]
     nbytes: int
+    digest: str = ""  # sha256 of adapter_config.json + the weights file: the prefix cache's adapter identity
+    # (layer, module) -> the LoRA scaling folded into B (alpha / r, or alpha / sqrt(r) with rslora);
+    # merges (merge.py) need the unscaled B back.
+    scales: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
 def _pattern_value(patterns: dict, module_key: str, default):
@@ -81,19 +87,27 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         raise AdapterFormatError(f"missing adapter_model.safetensors in {adapter_dir.name}")
     try:
         tensors = load_file(str(file))
+        digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"adapter_model.safetensors is unreadable: {exc}") from None
 
     shapes = base.projection_shapes()
+    # A fused module's LoRA (Phi-3's qkv_proj, gate_up_proj): delta W = B A over the stacked
+    # rows, so each part gets the same A and its own rows of B.
+    fused = base.fused_modules()
+    for name, parts in fused.items():
+        shapes[name] = (shapes[parts[0]][0], sum(shapes[p][1] for p in parts))
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = KEY.match(key)
         if not m:
             what = "embeddings/lm_head" if ("embed" in key or "lm_head" in key) else "this module"
-            raise AdapterFormatError(f"weight {key!r}: LoRA on {what} is not supported; targets must be among {', '.join(LORA_MODULES)}")
+            raise AdapterFormatError(f"weight {key!r}: LoRA on {what} is not supported; targets must be among {', '.join(shapes)}")
         layer, parent, module, ab = int(m[1]), m[2], m[3], m[4]
         if module not in shapes or PARENT[module] != parent:
-            raise AdapterFormatError(f"weight {key!r} targets {parent}.{module}; targets must be among {', '.join(LORA_MODULES)}")
+            raise AdapterFormatError(f"weight {key!r} targets {parent}.{module}; targets must be among {', '.join(shapes)}")
         if layer >= base.num_layers:
             raise AdapterFormatError(f"weight {key!r} is for layer {layer}, but the base model has {base.num_layers} layers: adapter built for another base")
         pairs.setdefault((layer, module), {})[ab] = t
@@ -103,6 +117,7 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    scales: dict[tuple[int, str], float] = {}
     for (layer, module), ab in sorted(pairs.items()):
         name = f"layer {layer} {module}"
         if set(ab) != {"A", "B"}:
@@ -126,10 +141,19 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterFormatError(f"{name}: weights contain NaN or infinity")
-        weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype)
+        if module in fused:
+            for part, rows in zip(fused[module], b.split([shapes[p][1] for p in fused[module]])):
+                weights[(layer, part)] = (a, rows.contiguous())
+                scales[(layer, part)] = scale
+        else:
+            weights[(layer, module)] = (a, b.contiguous())
+            scales[(layer, module)] = scale
     return AdapterWeights(
         weights=weights,
         rank=max(a.shape[0] for a, _ in weights.values()),
         target_modules=tuple(sorted({m for _, m in weights})),
         nbytes=sum(a.nbytes + b.nbytes for a, b in weights.values()),
+        digest=digest.hexdigest(),
+        scales=scales,
     )

@@ -28,6 +28,7 @@ from loraplex.manifest import AdapterManifest, AdapterState
 from loraplex.engine.model.config import ModelConfig
 
 log = logging.getLogger("loraplex.adapters")
+MAX_MERGED = 16  # merged adapters kept (their weights live only in RAM)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class AdapterEntry:
     removed: bool = False  # unregistered while pinned: its slot frees when the last user leaves
     wanted: bool = False  # a request waits for it: keep its host copy until it gets a slot
     load_seconds: float | None = None
+    merged: bool = False  # a per-request merge (merge.py): weights made in RAM, nothing to fetch
 
     @property
     def state(self) -> AdapterState:
@@ -95,6 +97,7 @@ class AdapterManager:
         self.counters = AdapterCounters()
         self.pool = ThreadPoolExecutor(max_workers=config.adapter_load_workers, thread_name_prefix="adapter-load")
         self._generation = 0
+        self.merged_lru: OrderedDict[str, None] = OrderedDict()  # merged adapters, oldest first
 
     # ---- registry (any thread) ------------------------------------------------------------
 
@@ -132,7 +135,32 @@ class AdapterManager:
             if entry is None:
                 return False
             self._drop(entry)
+            self.merged_lru.pop(name, None)
             return True
+
+    def register_merged(self, name: str, weights: AdapterWeights, tenants: list[str]) -> None:
+        """Add a merged adapter (merge.py) whose host weights are given. It stays in RAM (never
+        evicted to disk: there is no file) until MAX_MERGED newer merges push it out; then it is
+        unregistered (its slot frees when its last running request ends) and made again on need."""
+        with self.lock:
+            if name in self.entries:
+                if name in self.merged_lru:
+                    self.merged_lru.move_to_end(name)
+                return
+            manifest = AdapterManifest(name=name, source="local", uri=f"merged/{name}", tenants=tenants)
+            self._generation += 1
+            self.entries[name] = AdapterEntry(manifest=manifest, generation=self._generation, weights=weights,
+                                              merged=True)
+            self.host_lru[name] = None
+            self.merged_lru[name] = None
+            while len(self.merged_lru) > MAX_MERGED:
+                self.unregister(next(iter(self.merged_lru)))
+
+    def host_weights(self, name: str) -> AdapterWeights | None:
+        """The adapter's weights if RAM holds them (merges read their sources through this)."""
+        with self.lock:
+            entry = self.entries.get(name)
+            return entry.weights if entry is not None else None
 
     def _drop(self, entry: AdapterEntry) -> None:
         """Forget an entry's weights; its slot frees now, or when its last running user leaves."""
@@ -248,7 +276,7 @@ class AdapterManager:
             if excess <= 0:
                 break
             e = self.entries[name]
-            if e.slot is None and not e.manifest.preload and not e.wanted:
+            if e.slot is None and not e.manifest.preload and not e.wanted and not e.merged:
                 e.weights = None
                 del self.host_lru[name]
                 self.counters.evict("host")
@@ -277,6 +305,7 @@ class AdapterManager:
             self.slot_lru.move_to_end(entry.slot)
             self.host_lru.move_to_end(entry.manifest.name)
             seq.lora_slot, seq.lora_rank = entry.slot, entry.weights.rank if entry.weights else 0
+            seq.adapter_digest = entry.weights.digest if entry.weights else None
             return True
 
     def release(self, seq) -> None:

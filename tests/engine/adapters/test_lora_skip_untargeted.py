@@ -1,4 +1,5 @@
-"""A projection that no adapter of the batch targets runs no LoRA term (its slot weights are zero)."""
+"""A projection that no adapter of the batch targets runs no LoRA expand (its slot weights are zero);
+projections that share an input share one shrink."""
 import dataclasses
 
 from tests.engine.core.conftest import PROMPTS, prefill_in_one_forward
@@ -9,12 +10,12 @@ def _forward_counting(engine, rows):
     calls = []
     ops = engine.runner.ops
 
-    def counting(y, x, a, b, lb):
-        calls.append(a.shape)
-        return ops.add_lora(y, x, a, b, lb)
+    def counting(ys, x, slots, lb):
+        calls.append(sum(y is not None for y in ys))  # the expands this group call runs
+        return ops.add_lora(ys, x, slots, lb)
 
     prefill_in_one_forward(engine, rows, ops=dataclasses.replace(ops, add_lora=counting))
-    return len(calls)
+    return len(calls), sum(calls)
 
 
 def test_lora_runs_only_on_targeted_projections(tiny_models, tiny_adapters):
@@ -24,7 +25,8 @@ def test_lora_runs_only_on_targeted_projections(tiny_models, tiny_adapters):
         engine.adapters.request_load(name)
     wait_for(lambda: all(engine.adapters.get(n)["state"] == "host" for n in ("qv-r4", "all-r16-rslora")))
     layers = engine.model_config.num_layers
-    # q_proj and v_proj only: 2 of the 7 projections per layer
-    assert _forward_counting(engine, [(PROMPTS[0], "qv-r4"), (PROMPTS[1], None)]) == 2 * layers
-    # with an all-module adapter in the same batch, every projection runs
-    assert _forward_counting(engine, [(PROMPTS[0], "qv-r4"), (PROMPTS[2], "all-r16-rslora")]) == 7 * layers
+    # q_proj and v_proj only: one q/k/v group call per layer, expanding 2 of its 3 slices
+    assert _forward_counting(engine, [(PROMPTS[0], "qv-r4"), (PROMPTS[1], None)]) == (layers, 2 * layers)
+    # with an all-module adapter in the same batch, every group runs (q/k/v, o, gate/up, down)
+    # and every projection expands
+    assert _forward_counting(engine, [(PROMPTS[0], "qv-r4"), (PROMPTS[2], "all-r16-rslora")]) == (4 * layers, 7 * layers)

@@ -10,6 +10,7 @@ The tiny checkpoint and three PEFT adapters are made in a temp dir by tests/supp
 """
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -206,6 +207,17 @@ class EngineProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+@contextlib.contextmanager
+def engine_process(name: str, args: list[str], log_path: Path):
+    """A ready `loraplex-engine` for a test module's own use, stopped afterwards."""
+    proc = EngineProcess(name, args, log_path)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

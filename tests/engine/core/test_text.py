@@ -3,6 +3,7 @@
 Crafted tokenizers (tests/support/tiny.py `with_token_text`) make the model's first greedy token
 decode to chosen bytes, so each defect is hit on purpose rather than by chance."""
 import asyncio
+import threading
 
 import pytest
 
@@ -78,14 +79,17 @@ def test_a_fault_in_one_requests_text_handling_fails_that_request_alone(tiny_mod
     expected = engine.generate(PROMPTS, greedy)
     victim = engine.tokenizer.encode(PROMPTS[3])
 
-    # Inject the fault: the victim's detokenizer raises on its third token.
+    # Inject the fault: the victim's detokenizer raises on its third token. Record which threads
+    # decode: text handling belongs to the output thread, never the step loop.
     real_init, real_add = detokenizer.IncrementalDetokenizer.__init__, detokenizer.IncrementalDetokenizer.add
+    decoding_threads = set()
 
     def init(self, tokenizer, prompt_ids, *args, **kwargs):
         real_init(self, tokenizer, prompt_ids, *args, **kwargs)
         self.poisoned, self.seen = list(prompt_ids) == victim, 0
 
     def add(self, token_id):
+        decoding_threads.add(threading.current_thread().name)
         self.seen += 1
         if self.poisoned and self.seen == 3:
             raise RuntimeError("injected detokenizer fault")
@@ -112,4 +116,5 @@ def test_a_fault_in_one_requests_text_handling_fails_that_request_alone(tiny_mod
             assert got["error"] is None and got["finish_reason"] == "length", (i, got)
             assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"]), i
     assert after["token_ids"] == expected[0]["token_ids"]
+    assert decoding_threads == {"engine-output"}, decoding_threads
     assert not engine.requests and engine.block_manager.num_free == engine.block_manager.num_blocks
