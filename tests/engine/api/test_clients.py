@@ -295,6 +295,12 @@ def test_lorax_client_response_format(tools_server):
     err = assert_error(httpx.post(tools_server.url + "/generate", json={
         "inputs": "x", "parameters": {"response_format": {"type": "json_object", "schema": {"type": "strnig"}}}}), 400)
     assert "strnig" in err["message"] and err["param"] == "parameters.response_format.schema"
+    # typical_p samples (TGI: any warper turns sampling on), reproducibly with a seed
+    typical = [client.generate("Paris is", typical_p=0.4, seed=7, max_new_tokens=10) for _ in range(2)]
+    assert typical[0].generated_text == typical[1].generated_text and typical[0].details.seed == 7
+    err = assert_error(httpx.post(tools_server.url + "/generate", json={
+        "inputs": "x", "parameters": {"typical_p": 1.5}}), 400)
+    assert err["param"] == "parameters.typical_p"
 
 
 # ---- the Responses API ------------------------------------------------------------------------

@@ -165,3 +165,19 @@ def test_a_failing_matcher_ends_only_its_own_row(engine, compiler):
     apply_logits_processors(logits, seqs)
     assert set(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == set(engine.eos_token_ids)
     assert torch.equal(logits[1], before[1])
+
+
+def test_typical_p_matches_transformers_per_row(engine):
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    from loraplex.engine.core.logits_processors import apply_typical_p
+
+    masses = [0.3, 1.0, 0.9, 0.05]
+    seqs = [_seq(engine, i, [], typical_p=m, temperature=1.0) for i, m in enumerate(masses)]
+    torch.manual_seed(3)
+    scaled = torch.randn(len(seqs), engine.model_config.vocab_size) * 3
+    out = apply_typical_p(scaled, seqs)
+    for row, mass in enumerate(masses):
+        ref = scaled[row:row + 1] if mass == 1.0 else TypicalLogitsWarper(mass)(None, scaled[row:row + 1].clone())
+        assert torch.equal(out[row], ref[0]), row
+    assert torch.isinf(out[0]).sum() > torch.isinf(out[2]).sum() > 0
