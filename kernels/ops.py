@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from loraplex.kernels import attention_ref, lora_ref
+from loraplex.kernels import attention_ref, fp8_ref, lora_ref
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,16 @@ def attention_for(ops: KernelOps, sliding_window: int | None, softcap: float | N
     if sliding_window is None and softcap is None:
         return ops.paged_prefill_attention, ops.paged_decode_attention
     return attention_ref.paged_prefill_attention_ref, attention_ref.paged_decode_attention_ref
+
+
+def fp8_dequantizer(device: torch.device | str) -> Callable:
+    """Block-wise fp8 -> compute dtype: (weight, scale_inv, block, dtype) -> tensor. The Triton
+    kernel wherever the Triton kernels run (CUDA; LORAPLEX_KERNELS=triton), else the reference."""
+    if get_kernel_ops(device).name == "triton":
+        from loraplex.kernels.triton_fp8 import dequantize_fp8_blockwise_triton
+
+        return dequantize_fp8_blockwise_triton
+    return fp8_ref.dequantize_fp8_blockwise_ref
 
 
 def get_kernel_ops(device: torch.device | str) -> KernelOps:

@@ -266,8 +266,6 @@ class LoraxParameters(_Body):
             raise ValueError("give adapter_id or merged_adapters, not both")
         if self.best_of not in (None, 1):
             raise _unsupported("best_of > 1")
-        if self.typical_p is not None:
-            raise _unsupported("typical_p")
         if self.watermark:
             raise _unsupported("watermark")
         if self.truncate is not None and self.truncate < 1:

@@ -78,6 +78,10 @@ async def info(request: Request):
         "num_blocks": stats["num_blocks"],
         "num_free_blocks": stats["num_free_blocks"],
         "enable_prefix_caching": cfg.enable_prefix_caching,
+        # Base weights in memory, and what they would take unquantized (equal for a full base).
+        "quantization": "fp8" if engine.model_config.fp8_block else None,
+        "weight_bytes": engine.runner.model.weight_bytes,
+        "weight_bytes_unquantized": engine.runner.model.weight_bytes_unquantized,
         "num_requests_running": stats["num_requests_running"],
         "num_requests_waiting": stats["num_requests_waiting"],
         "version": state.settings.version,

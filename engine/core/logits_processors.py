@@ -36,7 +36,8 @@ def _min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
                 rows.append(i)
                 cols.append(t)
     if rows:
-        logits[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        dev = logits.device
+        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
 
 
 def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -49,8 +50,9 @@ def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
                 cols.append(t)
                 vals.append(v)
     if rows:
-        logits.index_put_((torch.tensor(rows), torch.tensor(cols)),
-                          torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
+        dev = logits.device
+        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                          torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
 
 
 def _penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -84,3 +86,26 @@ def _grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     allowed = unpack_bitmask(bitmask, vocab).to(logits.device)
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def apply_typical_p(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """LoRAX/TGI `typical_p` (locally typical sampling, transformers' TypicalLogitsWarper) on the
+    rows that set it below 1. Runs inside the sampler on the temperature-scaled logits, after
+    top-k/top-p: TGI's warper order. Returns scaled with the atypical tokens at -inf."""
+    rows = [i for i, s in enumerate(seqs) if s.params.typical_p < 1.0]
+    if not rows:
+        return scaled
+    dev = scaled.device
+    index = torch.tensor(rows, device=dev)
+    scores = scaled[index]
+    mass = torch.tensor([seqs[i].params.typical_p for i in rows], dtype=scores.dtype, device=dev)[:, None]
+    normalized = scores.log_softmax(-1)
+    entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)
+    shifted, order = (-normalized - entropy).abs().sort(dim=-1)
+    cumulative = scores.gather(-1, order).softmax(-1).cumsum(-1)
+    last = (cumulative < mass).sum(dim=1).clamp_(max=shifted.shape[-1] - 1)
+    remove = shifted > shifted.gather(1, last[:, None])
+    remove[:, 0] = False  # the most typical token always stays
+    scaled = scaled.clone()
+    scaled[index] = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scaled

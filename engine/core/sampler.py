@@ -21,7 +21,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from loraplex.engine.core.logits_processors import apply_logits_processors
+from loraplex.engine.core.logits_processors import apply_logits_processors, apply_typical_p
 from loraplex.engine.core.sequence import Sequence, TokenLogprob
 
 @dataclass
@@ -116,6 +116,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
         scaled = logits / st.temperature[:, None]
         if st.needs_top_k_top_p:
             scaled = top_k_top_p_mask(scaled, st.top_k, st.top_p)
+        scaled = apply_typical_p(scaled, seqs)
         probs = scaled.softmax(-1)
         # Exponential-race sampling: argmax p / q with q ~ Exp(1) draws from probs.
         q = exponential_noise(probs.shape, seqs, st.seeded_rows, logits.device, generator)

@@ -27,6 +27,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already in the output
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    typical_p: float = 1.0  # LoRAX/TGI locally typical sampling; 1: off
     min_tokens: int = 0  # EOS and stop_token_ids are forbidden before this many output tokens
     # Structured output: this sequence's own GrammarMatcher (structured_output.py). Params are
     # made per sequence, so the matcher's state is the sequence's alone.
@@ -66,6 +67,8 @@ class SamplingParams:
                 if not -100.0 <= value <= 100.0:
                     raise bad(f"logit_bias values must be between -100 and 100, got {value} for token {token}",
                               "logit_bias")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise bad(f"typical_p must be in (0, 1], got {self.typical_p}", "typical_p")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -17,6 +17,7 @@ JSON schema against xgrammar's 0.14 ms (one core, this machine), with ~1 ms comp
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.core.errors import RequestError
+
+log = logging.getLogger("loraplex.engine")
 
 # Compact JSON (", " / ": " separators, no free whitespace): the output is what json.dumps writes,
 # and a model cannot pad it with whitespace forever.
@@ -87,22 +90,21 @@ class GrammarMatcher:
         """Catch up with the sampled tokens, then write the allowed next tokens into bitmask[row]
         (int32 words, bit t of the row = token t allowed). A matcher in error (a token it did not
         allow, which the mask should prevent) allows only EOS, so the sequence ends."""
-        for token in output_ids[self.consumed:]:
-            self._m.consume_token(token)
-        self.consumed = len(output_ids)
-        if not self._m.is_error():
-            v = bitmask[row]
-            self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+        try:
+            for token in output_ids[self.consumed:]:
+                self._m.consume_token(token)
+            self.consumed = len(output_ids)
             if not self._m.is_error():
-                return
+                v = bitmask[row]
+                self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+                if not self._m.is_error():
+                    return
+        except Exception:  # noqa: BLE001 - one row's grammar must never fail the whole batch
+            log.exception("grammar matcher failed; ending its sequence")
         bitmask[row] = 0
         for t in self._eos:
             bit = 1 << (t % 32)
             bitmask[row, t // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 words are signed
-
-    @property
-    def error(self) -> str | None:
-        return self._m.get_error() if self._m.is_error() else None
 
 
 class GrammarCompiler:

@@ -55,6 +55,8 @@ class ModelConfig:
     local_rope_scaling: dict | None = None
     fused_projections: bool = False  # Phi-3: the checkpoint holds qkv_proj and gate_up_proj
     num_experts: int = 0  # Mixtral: the MLP is a sparse mixture of this many SwiGLU experts
+    # A quantized base: HF's block-wise fp8 (`quant_method: fp8`), the block [out, in] of one scale.
+    fp8_block: tuple[int, int] | None = None
     experts_per_token: int = 0  # ... of which the router picks this many per token
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -108,6 +110,9 @@ class ModelConfig:
         if local_rope is not None and local_rope != (rope_theta, rope_scaling):
             base["local_rope_theta"], base["local_rope_scaling"] = local_rope
         base.update(FAMILY_QUIRKS.get(arch, lambda c: {})(cfg))
+        base["fp8_block"] = _fp8_block(cfg.get("quantization_config"))
+        if base["fp8_block"] and base.get("fused_projections"):
+            raise UnsupportedModelError("fp8 weights of fused projections (qkv_proj, gate_up_proj) are not supported")
         return cls(**base)
 
     @classmethod
@@ -158,6 +163,20 @@ def _layer_windows(cfg: dict) -> tuple[int | None, ...]:
         return (None,) * n
     types = cfg.get("layer_types") or ["sliding_attention"] * n
     return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _fp8_block(quant: dict | None) -> tuple[int, int] | None:
+    """The one quantized format served: HF fp8 with block-wise weight scales (Qwen3-FP8,
+    DeepSeek-V3). Weights are dequantized for the matmul; activations stay in the compute dtype."""
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    block = quant.get("weight_block_size")
+    if method != "fp8":
+        raise UnsupportedModelError(f"unsupported quantization {method!r}; loraplex serves block-wise fp8 (quant_method fp8)")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise UnsupportedModelError(f"fp8 checkpoints need weight_block_size [out, in]; got {block!r} (per-tensor fp8 is not supported)")
+    return (block[0], block[1])
 
 
 def _gemma(cfg: dict) -> dict:

@@ -220,7 +220,12 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Mixtral's MLP (HF's `block_sparse_moe`): the router's softmax (fp32) picks the top
     `experts_per_token` experts of each token, their weights renormalised to sum to 1; each
-    chosen expert runs once over all of its tokens, experts in index order as in transformers."""
+    chosen expert runs once over all of its tokens, experts in index order as in transformers.
+
+    Listing each expert's tokens needs the host (a sync), which a CUDA graph cannot contain: while
+    a decode graph is captured, every expert runs over every token instead and unchosen ones get
+    weight 0 (`forward_dense`). Same sums in the same order, so the same bits; more FLOPs, which
+    at graph-sized batches (a few tokens, most experts chosen anyway) cost little."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -228,14 +233,28 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_experts))
         self.top_k = cfg.experts_per_token
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, chosen = F.softmax(self.gate(x).float(), dim=-1).topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        return weights / weights.sum(-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self.forward_dense(x)
+        weights, chosen = self.route(x)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             token, k = (chosen == e).nonzero(as_tuple=True)
             y = self.experts[e](x[token]) * weights[token, k, None]
             out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.route(x)
+        gates = torch.zeros(x.shape[0], len(self.experts), dtype=weights.dtype, device=x.device)
+        gates.scatter_(1, chosen, weights)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out += (expert(x) * gates[:, e, None]).to(out.dtype)
         return out
 
 

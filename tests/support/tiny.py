@@ -182,3 +182,37 @@ def with_token_text(checkpoint: str | Path, out_dir: str | Path, token_id: int, 
     spec["model"]["merges"] = []
     path.write_text(json.dumps(spec))
     return out_dir
+
+
+FP8_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_fp8_checkpoint(src: str | Path, out: str | Path, reference: str | Path, block=(32, 32)) -> Path:
+    """Quantize `src`'s projections to HF block-wise fp8 (`quant_method: fp8`) into `out`, and
+    write the dequantized weights as a plain checkpoint into `reference` (the oracle)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loraplex.kernels.fp8_ref import dequantize_fp8_blockwise_ref, quantize_fp8_blockwise_ref
+
+    src, out, reference = Path(src), Path(out), Path(reference)
+    for d in (out, reference):
+        shutil.copytree(src, d, dirs_exist_ok=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    quantized, dequantized = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(".weight") and key.split(".")[-2] in FP8_TARGETS:
+            q, scale_inv = quantize_fp8_blockwise_ref(t, block)
+            quantized[key], quantized[key.removesuffix("weight") + "weight_scale_inv"] = q, scale_inv
+            dequantized[key] = dequantize_fp8_blockwise_ref(q, scale_inv, block, torch.float32)
+        else:
+            quantized[key] = dequantized[key] = t
+    save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

@@ -170,6 +170,8 @@ def test_tool_choice_auto_parses_hermes_calls_and_none_does_not(oai, stream):
         assert content == "Sure. " and finish == "tool_calls"
         assert len(calls) == 1 and calls[0]["name"] == "get_weather"
         assert json.loads(calls[0]["arguments"]) == {"city": "Rome", "unit": "c"}
+        content, calls, finish = _collect_stream(chat(oai, stream=True, tool_choice="none", **kw))
+        assert content == "Sure. " + HERMES_CALL and calls == [] and finish == "stop"
 
 
 def test_tool_history_renders_through_the_template(oai, assets):
@@ -293,6 +295,12 @@ def test_lorax_client_response_format(tools_server):
     err = assert_error(httpx.post(tools_server.url + "/generate", json={
         "inputs": "x", "parameters": {"response_format": {"type": "json_object", "schema": {"type": "strnig"}}}}), 400)
     assert "strnig" in err["message"] and err["param"] == "parameters.response_format.schema"
+    # typical_p samples (TGI: any warper turns sampling on), reproducibly with a seed
+    typical = [client.generate("Paris is", typical_p=0.4, seed=7, max_new_tokens=10) for _ in range(2)]
+    assert typical[0].generated_text == typical[1].generated_text and typical[0].details.seed == 7
+    err = assert_error(httpx.post(tools_server.url + "/generate", json={
+        "inputs": "x", "parameters": {"typical_p": 1.5}}), 400)
+    assert err["param"] == "parameters.typical_p"
 
 
 # ---- the Responses API ------------------------------------------------------------------------

@@ -69,3 +69,16 @@ def test_mixtral_adapters_target_attention_only(tiny_models, tmp_path):
     router = make_tiny_adapter(tiny_models["mixtral"], tmp_path / "router", target_modules=["gate"])
     with pytest.raises(AdapterFormatError, match=r"targets mlp\.gate; targets must be among q_proj, k_proj, v_proj, o_proj$"):
         load_adapter(router, cfg, 16, torch.float32)
+
+
+def test_mixtral_dense_path_for_cuda_graphs_gives_the_same_bits(tiny_models):
+    """Under CUDA-graph capture the MoE runs every expert with zero weights for unchosen ones
+    (no host sync); on the same tokens it must give exactly the sparse path's output."""
+    from tests.engine.core.conftest import make_engine
+
+    moe = make_engine(tiny_models["mixtral"]).runner.model.model.layers[0].block_sparse_moe
+    x = torch.randn(37, moe.gate.in_features) * 3
+    with torch.no_grad():
+        sparse, dense = moe(x, None), moe.forward_dense(x)
+    assert len(moe.route(x)[1].unique()) == len(moe.experts)  # every expert is used by some token
+    assert torch.equal(sparse, dense)

@@ -148,3 +148,36 @@ def test_sampling_params_refuse_out_of_range_values():
                 dict(min_tokens=-1), dict(min_tokens=20, max_tokens=10)):
         with pytest.raises(RequestError):
             SamplingParams(**bad).validate()
+
+
+def test_a_failing_matcher_ends_only_its_own_row(engine, compiler):
+    """A matcher that raises (or errs) allows only EOS in its row; the other rows are untouched."""
+    broken = compiler.compile(GrammarSpec.json_schema(SCHEMA)).matcher()
+
+    class Boom:
+        def consume_token(self, token):
+            raise RuntimeError("boom")
+
+    broken._m = Boom()
+    seqs = [_seq(engine, 0, [5], grammar=broken), _seq(engine, 1, [5])]
+    logits = torch.randn(2, engine.model_config.vocab_size)
+    before = logits.clone()
+    apply_logits_processors(logits, seqs)
+    assert set(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == set(engine.eos_token_ids)
+    assert torch.equal(logits[1], before[1])
+
+
+def test_typical_p_matches_transformers_per_row(engine):
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    from loraplex.engine.core.logits_processors import apply_typical_p
+
+    masses = [0.3, 1.0, 0.9, 0.05]
+    seqs = [_seq(engine, i, [], typical_p=m, temperature=1.0) for i, m in enumerate(masses)]
+    torch.manual_seed(3)
+    scaled = torch.randn(len(seqs), engine.model_config.vocab_size) * 3
+    out = apply_typical_p(scaled, seqs)
+    for row, mass in enumerate(masses):
+        ref = scaled[row:row + 1] if mass == 1.0 else TypicalLogitsWarper(mass)(None, scaled[row:row + 1].clone())
+        assert torch.equal(out[row], ref[0]), row
+    assert torch.isinf(out[0]).sum() > torch.isinf(out[2]).sum() > 0
