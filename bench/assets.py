@@ -116,6 +116,15 @@ def main_model(cache_dir: Path | None, work_dir: Path, quick: bool, allow_build:
                      count_params(SMOLLM2_SHAPE), SMOLLM2_SHAPE)
 
 
+def chosen_model(model_dir: Path | None, cache_dir: Path | None, work_dir: Path, quick: bool) -> ModelInfo:
+    """The model a single-point bench runs: `--model-dir` as it is, else `main_model` (built in
+    `--cache-dir` when a cache dir is given)."""
+    if model_dir is not None:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        return ModelInfo(model_dir, model_dir.name, "--model-dir", 0, cfg)
+    return main_model(cache_dir, work_dir, quick, allow_build=cache_dir is not None)
+
+
 def large_model(work_dir: Path, quick: bool) -> ModelInfo:
     shape = TINY_SHAPE if quick else LARGE_SHAPE
     path = random_llama(work_dir / ("tiny-llama" if quick else "large-random-llama"), shape)

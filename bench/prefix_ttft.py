@@ -77,11 +77,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="prefix-ttft-") as work:
-        if args.model_dir is not None:
-            cfg = json.loads((args.model_dir / "config.json").read_text())
-            model = assets.ModelInfo(args.model_dir, args.model_dir.name, "--model-dir", 0, cfg)
-        else:
-            model = assets.main_model(args.cache_dir, Path(work), args.quick, allow_build=args.cache_dir is not None)
+        model = assets.chosen_model(args.model_dir, args.cache_dir, Path(work), args.quick)
         vocab = min(model.shape["vocab_size"], 50000)
         runs = [measure(model.path, on, args, vocab) for on in (True, False)]
     on, off = runs

@@ -89,11 +89,7 @@ def main(argv=None) -> int:
     logits_processors._grammar_masks = timed_grammar_masks
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="structured-tpot-") as work:
-        if args.model_dir is not None:
-            cfg = json.loads((args.model_dir / "config.json").read_text())
-            model = assets.ModelInfo(args.model_dir, args.model_dir.name, "--model-dir", 0, cfg)
-        else:
-            model = assets.main_model(args.cache_dir, Path(work), args.quick, allow_build=args.cache_dir is not None)
+        model = assets.chosen_model(args.model_dir, args.cache_dir, Path(work), args.quick)
         engine = LLMEngine(EngineConfig(model_id=str(model.path), device="cpu", num_threads=args.threads,
                                         max_model_len=512, max_num_seqs=max(batch_sizes),
                                         num_kv_blocks=max(batch_sizes) * 512 // 16 + 16))
