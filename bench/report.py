@@ -155,6 +155,10 @@ def markdown(result: dict) -> str:
                   _table(["batch", "engine step ms", "dense matmul floor ms", "efficiency (floor / step)", "non-matmul ms"],
                          [[str(r["batch"]), _f(r["step_ms"], "{:.1f}"), _f(r["floor_ms"], "{:.1f}"),
                            _f(r["efficiency"], "{:.0%}"), _f(r["step_ms"] - r["floor_ms"], "{:.1f}")] for r in de["rows"]]), ""]
+    if result.get("catalog"):
+        from bench.catalog import markdown as catalog_markdown
+
+        lines += catalog_markdown(result["catalog"])
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)

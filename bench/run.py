@@ -77,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch intra-op threads per process (server and client are separate processes)")
     e.add_argument("--step-batch", type=int, default=32, help="batch of the controlled decode-step measurements")
     e.add_argument("--decode-batches", type=_ints, default=[1, 8, 32], help="batches of the decode-efficiency figure")
+    c = p.add_argument_group("catalog point (adapters loaded by name, just in time; needs the http system)")
+    c.add_argument("--catalog-adapters", type=int, default=2048, help="adapters on disk (hard links of the run's adapters)")
+    c.add_argument("--catalog-requests", type=int, default=None, help="requests of the catalog point (default: --num-requests)")
+    c.add_argument("--skip-catalog", action="store_true")
     p.add_argument("--skip-decode-efficiency", action="store_true")
     p.add_argument("--skip-all-linear", action="store_true",
                    help="skip the decode-step measurement with adapters on all seven projections")
@@ -98,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_num_seqs, args.max_active_adapters = 4, 4
         args.step_batch = 4
         args.decode_batches = [1, 4]
+        args.catalog_requests = 12
     return args
 
 
@@ -392,6 +397,19 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
                           (e["num_adapters"] == args.alpha_adapters and e["sweep"] == "count" and args.alphas)],
                          key=lambda e: (order.get(e["system"], 9), e["alpha"]))
     alpha_sweep = [e for e in alpha_sweep if e["system"] != "loraplex-http"]
+    catalog_point = None
+    if "http" in args.systems and not args.skip_catalog and systems.engine_command() is not None:
+        from bench import catalog
+
+        n_req = args.catalog_requests or args.num_requests
+        try:
+            catalog_point = catalog.run_catalog_point(
+                model, settings, adapters, work, args.catalog_adapters,
+                workload.generate(spec(args.catalog_adapters, 1.0, num=n_req)), workload.generate(spec(1, 1.0, num=n_req)),
+                systems, report, args.slo_ttft)
+        except Exception as exc:  # the report says what failed instead of losing the rest
+            log.exception("the catalog point failed")
+            notes.append(f"the catalog point failed: {type(exc).__name__}: {exc}"[:500])
     if args.quick:
         notes.append("--quick: a tiny random model and a handful of requests; the numbers only prove the pipeline runs.")
     first_spec = spec(0)
@@ -417,6 +435,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         "multi_step": {"batch": args.step_batch, "rows": sorted(multi_rows, key=lambda r: (order.get(r["system"], 9), r["distinct"]))}
         if multi_rows else None,
         "decode_efficiency": decode_eff,
+        "catalog": catalog_point,
         "notes": notes,
     }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
@@ -23,6 +24,8 @@ from .adapters import is_transient
 from .config import OperatorConfig
 from .engine_client import EngineClient, EngineError, EngineUnreachable, boot_id_of
 from .status import PodView
+
+log = logging.getLogger("loraplex.operator.fleet")
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
         return out
     try:
         if mem.view != pod or mem.boot_id is None:
+            log.debug("pod %s: reading its boot id (was %s)", pod, mem.view)
             out.calls += 1
             mem.boot_id = boot_id_of(await engine.info(pod.ip, pod.port, token))  # type: ignore[arg-type]
             mem.view = pod

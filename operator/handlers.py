@@ -167,7 +167,9 @@ def engine_pod_changed(namespace: str, labels: Mapping, memo: kopf.Memo, **_: An
 
 @kopf.on.event("apps", "v1", "deployments", labels={C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_BASE: kopf.PRESENT})
 def engine_deployment_changed(namespace: str, labels: Mapping, memo: kopf.Memo, **_: Any) -> None:
-    runtime(memo).wakers.wake(("base", namespace, labels[C.LABEL_BASE]))
+    rt = runtime(memo)
+    rt.owned_stale.add((namespace, labels[C.LABEL_BASE]))  # re-read (and repair) it next pass
+    rt.wakers.wake(("base", namespace, labels[C.LABEL_BASE]))
 
 
 @kopf.on.event(**LORA)

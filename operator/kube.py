@@ -92,7 +92,8 @@ class KubeClient:
     """Namespaced CRUD over the Kubernetes REST API with the credentials kopf logged in with."""
 
     def __init__(self, server: str, *, token: str | None = None, verify: ssl.SSLContext | bool = True,
-                 username: str | None = None, password: str | None = None, timeout: float = 30.0):
+                 username: str | None = None, password: str | None = None, timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
         headers = {"Accept": "application/json", "User-Agent": "loraplex-operator"}
         auth = None
         if token:
@@ -100,7 +101,7 @@ class KubeClient:
         elif username and password:
             auth = httpx.BasicAuth(username, password)
         self._http = httpx.AsyncClient(base_url=server.rstrip("/"), headers=headers, verify=verify,
-                                       auth=auth, timeout=timeout)
+                                       auth=auth, timeout=timeout, transport=transport)
 
     RETRIES = 4
     RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

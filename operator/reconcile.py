@@ -265,21 +265,33 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
         return rt.config.resync_interval
     started = time.monotonic()
     accepted = await accept_adapters(rt, base, adapters)
-    render_error = None
-    pool_condition = None
-    try:
-        by_name = {a["name"]: a for a in adapters}
-        preload = [m for n, m in accepted.manifests.items() if m.preload and not _withdrawn(by_name[n])]
-        await ensure_admin_secret(rt, base)
-        await ensure_configmap(rt, base, preload)
-        await ensure_deployment(rt, base)
-        await ensure_service(rt, base)
-        await ensure_ingress(rt, base)
-        pool_condition = await ensure_inference_pool(rt, base)
-    except ValueError as e:
-        render_error = str(e)
+    by_name = {a["name"]: a for a in adapters}
+    preload = [m for n, m in accepted.manifests.items() if m.preload and not _withdrawn(by_name[n])]
+    # The owned objects are applied when something they depend on changed (the base's spec, the
+    # preload set, an event on one of them), and once per resync interval to repair drift;
+    # not on every pass (a pass woken by adapter changes has nothing to do with them).
+    stamp = (apply.canonical(base.get("spec")), tuple(sorted(A.manifest_digest(m) for m in preload)))
+    last = rt.owned_applied.get((ns, name))
+    now = time.monotonic()
+    if last is not None and last[0] == stamp and now - last[1] < rt.config.resync_interval \
+            and (ns, name) not in rt.owned_stale:
+        pool_condition, dep, render_error = last[2], last[3], last[4]
+    else:
+        rt.owned_stale.discard((ns, name))
+        render_error = None
+        pool_condition = None
+        try:
+            await ensure_admin_secret(rt, base)
+            await ensure_configmap(rt, base, preload)
+            await ensure_deployment(rt, base)
+            await ensure_service(rt, base)
+            await ensure_ingress(rt, base)
+            pool_condition = await ensure_inference_pool(rt, base)
+        except ValueError as e:
+            render_error = str(e)
+        dep = await rt.kube.get(Ref("apps/v1", "deployments", ns, name))
+        rt.owned_applied[(ns, name)] = (stamp, now, pool_condition, dep, render_error)
     delay = await sync_adapters(rt, base, adapters, accepted, pods)
-    dep = await rt.kube.get(Ref("apps/v1", "deployments", ns, name))
     spec = render.with_defaults(base.get("spec"))
     desired = ((dep or {}).get("spec") or {}).get("replicas")
     if desired is None:
@@ -345,7 +357,7 @@ async def sync_adapters(rt: Runtime, base: dict, adapters: list[dict], accepted:
     async def one(pod: S.PodView) -> PodPass:
         mine = per_pod.get(pod.name, set())
         async with pod_limit:
-            return await sync_pod(rt.engine, pod, rt.pod_memory.setdefault((ns, pod.name), PodMemory()),
+            return await sync_pod(rt.engine, pod, rt.pod_memory.setdefault((ns, bname, pod.name), PodMemory()),
                                   {n: payload[n] for n in mine},
                                   {n: records[n][pod.name] for n in mine if pod.name in records[n]},
                                   accepted.managed, cfg, token, push_limit)
@@ -362,7 +374,7 @@ async def sync_adapters(rt: Runtime, base: dict, adapters: list[dict], accepted:
     for name in records:
         records[name] = {pod: r for pod, r in records[name].items() if pod in live}
         rt.records[(ns, name)] = records[name]
-    for key in [k for k in rt.pod_memory if k[0] == ns and k[1] not in live and k[1].startswith(bname)]:
+    for key in [k for k in rt.pod_memory if k[:2] == (ns, bname) and k[2] not in live]:
         rt.pod_memory.pop(key, None)
 
     events_on_base: list[tuple[str, str, str]] = []
@@ -401,8 +413,12 @@ async def sync_adapters(rt: Runtime, base: dict, adapters: list[dict], accepted:
         else:
             where = placed.get(name, [])
             recs = [records[name][pod] for pod in where if pod in took_part and pod in records[name]]
+            # A placed pod that is not Ready and does not answer yet (starting, restarting) is
+            # listed as such: the adapter is not warm there.
+            waiting = [{"name": pod, "state": "unknown", "message": "engine pod not ready", "failures": 0}
+                       for pod in where if pod not in took_part]
             new = S.adapter_status(generation=a.get("generation"), accepted=(True, "Accepted", ""),
-                                   pods=[r.entry() for r in recs], digest=payload[name][1],
+                                   pods=[r.entry() for r in recs] + waiting, digest=payload[name][1],
                                    max_failures=cfg.max_failures, old=old)
             new["placement"] = list(where)
             delay = min(delay, next_wakeup(recs, cfg, now_mono))

@@ -67,8 +67,8 @@ class Runtime:
         self.placements: dict[tuple[str, str], list[str]] = {}
         # (namespace, adapter) -> (spec stamp, manifest or SpecProblem): rebuilt on a spec change
         self.manifests: dict[tuple[str, str], tuple[Any, Any]] = {}
-        # (namespace, pod) -> boot id and backoff of that pod's engine
-        self.pod_memory: dict[tuple[str, str], PodMemory] = {}
+        # (namespace, base, pod) -> boot id and backoff of that pod's engine
+        self.pod_memory: dict[tuple[str, str, str], PodMemory] = {}
         # (namespace, base) -> what the last pass did, and the adapters by phase
         self.last_pass: dict[tuple[str, str], dict] = {}
         self.phase_counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -78,6 +78,10 @@ class Runtime:
         self.seen_generations: dict[tuple[str, str], Any] = {}
         # (plural, namespace, name) -> (monotonic time, status last written by this operator)
         self.written_status: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        # (namespace, base) -> (stamp, time, InferencePool condition, Deployment, render error) of
+        # the last application of its owned objects; bases whose owned objects had an event since
+        self.owned_applied: dict[tuple[str, str], tuple] = {}
+        self.owned_stale: set[tuple[str, str]] = set()
         # (monotonic time, whether the InferencePool CRD is installed)
         self.pool_discovery: tuple[float, bool] | None = None
         self._secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}

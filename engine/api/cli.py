@@ -41,6 +41,30 @@ def _fraction(text: str) -> float:
     return value
 
 
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 123, 512MiB, 4GiB, 1.5GB."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m[2].lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"must be a byte count like 1073741824, 512MiB or 4GiB, got {text!r}")
+    value = int(float(m[1]) * UNITS[m[2].lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loraplex.engine.core.config import EngineConfig  # light: dataclass + torch dtypes
 
@@ -73,11 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share the KV blocks of equal prompt prefixes under the same adapter")
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-source", default=e["adapter_source"], choices=["local", "hub", "s3"],
-                   help="source of --preload-adapters")
-    a.add_argument("--adapter-dir", default=None, help="root of local adapters (local uris resolve under it)")
-    a.add_argument("--adapter-cache-dir", default=None, help="download cache for Hub and S3 adapters")
-    a.add_argument("--max-active-adapters", type=_positive_int, default=e["max_active_adapters"], help="device slots")
-    a.add_argument("--max-cpu-adapters", type=_positive_int, default=e["max_cpu_adapters"], help="host-RAM copies")
+                   help="the default source: of --preload-adapters, and of adapter names nobody registered")
+    a.add_argument("--adapter-dir", default=None, help="root of local adapters (local uris and names resolve under it)")
+    a.add_argument("--adapter-cache-dir", default=None, help="download cache for Hub and S3 adapters (the disk tier)")
+    a.add_argument("--adapter-s3-prefix", default=None, help="s3://bucket/prefix/: where names live for --adapter-source s3")
+    a.add_argument("--dynamic-adapters", default=e["dynamic_adapters"], choices=["auto", "on", "off", "admin"],
+                   help="serve unregistered names from the default source: on (any caller allowed to infer), admin "
+                        "(admin token only), off; auto = on for local, off for hub and s3")
+    a.add_argument("--max-concurrent-adapter-loads", type=_positive_int, default=e["max_concurrent_adapter_loads"],
+                   help="name resolutions (lookups, downloads) running at once; more wait their turn")
+    a.add_argument("--adapter-negative-cache-seconds", type=_non_negative_float,
+                   default=e["adapter_negative_cache_seconds"], help="how long an unknown name answers 404 from memory")
+    a.add_argument("--adapter-negative-cache-size", type=_non_negative_int, default=e["adapter_negative_cache_size"],
+                   help="names the negative cache holds (oldest go first)")
+    a.add_argument("--max-dynamic-adapters", type=_positive_int, default=e["max_dynamic_adapters"],
+                   help="registry rows kept for resolved names that hold no weights yet")
+    a.add_argument("--max-active-adapters", type=_positive_int, default=e["max_active_adapters"],
+                   help="device slots (a cap beside the device byte budget)")
+    dev = a.add_mutually_exclusive_group()
+    dev.add_argument("--adapter-device-bytes", type=_bytes, default=None,
+                     help="device tier budget (e.g. 2GiB): slots = budget / bytes per slot at --max-lora-rank")
+    dev.add_argument("--adapter-memory-fraction", type=_fraction, default=None,
+                     help="device tier budget as a share of device memory (CPU: of RAM)")
+    a.add_argument("--max-cpu-adapters", type=_positive_int, default=e["max_cpu_adapters"],
+                   help="host-RAM copies (a cap beside --adapter-host-bytes)")
+    a.add_argument("--adapter-host-bytes", type=_bytes, default=e["adapter_host_bytes"], help="host-RAM tier budget")
+    a.add_argument("--adapter-disk-bytes", type=_bytes, default=None,
+                   help="disk tier budget for Hub/S3 downloads under --adapter-cache-dir (default: unbounded)")
+    a.add_argument("--adapter-fairness-seconds", type=_non_negative_float, default=e["adapter_fairness_seconds"],
+                   help="a request that waited this long for a device slot gets the next one that frees")
     a.add_argument("--max-lora-rank", type=_positive_int, default=e["max_lora_rank"])
     a.add_argument("--preload-adapters", default="", help="comma-separated adapters resident before /ready")
     a.add_argument("--adapter-manifest-file", default=None, help="JSON manifest list, watched and reconciled")
@@ -106,6 +154,13 @@ def configs_from_args(args: argparse.Namespace):
         max_waiting=args.max_waiting, adapter_source=args.adapter_source, adapter_dir=args.adapter_dir,
         adapter_cache_dir=args.adapter_cache_dir, max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
+        adapter_s3_prefix=args.adapter_s3_prefix, dynamic_adapters=args.dynamic_adapters,
+        max_concurrent_adapter_loads=args.max_concurrent_adapter_loads,
+        adapter_negative_cache_seconds=args.adapter_negative_cache_seconds,
+        adapter_negative_cache_size=args.adapter_negative_cache_size,
+        max_dynamic_adapters=args.max_dynamic_adapters, adapter_device_bytes=args.adapter_device_bytes,
+        adapter_memory_fraction=args.adapter_memory_fraction, adapter_host_bytes=args.adapter_host_bytes,
+        adapter_disk_bytes=args.adapter_disk_bytes, adapter_fairness_seconds=args.adapter_fairness_seconds,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
         num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
     )

@@ -1,8 +1,9 @@
 """LoRAX-compatible routes: POST /generate, /generate_stream, and POST / (what lorax-client calls).
 
-`parameters.adapter_id` picks the adapter (none: the base). An unknown adapter_id with an
-`adapter_source` is registered on the fly, as LoRAX does, when the caller may administer
-adapters (the admin token, or no admin token configured). Adapter ids that are not DNS-1123
+`parameters.adapter_id` picks the adapter (none: the base). An unregistered adapter_id without
+`adapter_source` is looked up in the default source (--adapter-source), loaded just in time and
+served, as LoRAX does (see `resolve_dynamic`). One with an `adapter_source` is registered on the
+fly when the caller may administer adapters (the admin token, or no admin token configured). Adapter ids that are not DNS-1123
 labels (Hub repos like `org/name`) get a stable derived name (see `adapter_name_for`).
 Errors carry the OpenAI shape plus `error_type`; a failure mid-stream is one
 `data: {"error": ..., "error_type": ...}` event (LoRAX streams have no [DONE]).
@@ -23,7 +24,7 @@ from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
 from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, off_loop, output_error, resolve_model, sse, sse_response, token_text,
+                                  merge_streams, off_loop, output_error, resolve_dynamic, resolve_model, sse, sse_response, token_text,
                                   until_disconnect)
 from loraplex.engine.core.adapters.merge import MergeSpec, ensure_merged
 from loraplex.engine.core.errors import RequestError
@@ -110,6 +111,10 @@ class LoraxRun:
         return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
 
     async def prepare(self) -> None:
+        aid = self.p.adapter_id
+        engine = self.state.engine
+        if self.p.adapter_source is None and not (aid and engine and engine.engine.adapters.manifest(adapter_name_for(aid))):
+            await resolve_dynamic(self.state, self.request, self.p.adapter_id, self.timer, param="parameters.adapter_id")
         try:
             principal = self.state.auth.inference(self.request)
             adapter = await self._merged(principal) if self.p.merged_adapters else self._adapter(principal)

@@ -4,6 +4,10 @@ Request metrics are observed by the routes. Engine and adapter state is read at 
 a collector: `LLMEngine.stats()` (lengths of the scheduler's queues and the block free list:
 plain reads, no mutation) and the adapter manager's counters under its lock. Adapter load
 durations are drained from the manager into a histogram at each scrape.
+
+Beside them, the model-server metrics that inference-gateway endpoint pickers scrape (the
+Gateway API Inference Extension's model server protocol, with vLLM's names): see
+`_router_metrics` and docs/api.md "Router metrics".
 """
 from __future__ import annotations
 
@@ -37,14 +41,19 @@ class _EngineCollector:
         tiers = {s.value: 0 for s in AdapterState}
         loads: dict = {}
         evictions: dict = {}
+        tier_bytes: dict = {}
+        lookups, negative = 0, 0
         if async_engine is not None:
             engine = async_engine.engine
             stats.update(engine.stats())
             mgr = engine.adapters
             tiers = mgr.tier_counts()
+            tier_bytes = mgr.tier_bytes()
             with mgr.lock:
                 loads = dict(mgr.counters.loads)
                 evictions = dict(mgr.counters.evictions)
+            lookups, negative = mgr.resolver.lookups, len(mgr.resolver.negative)
+            yield from _router_metrics(engine, stats)
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch",
                                 value=stats["num_requests_running"])
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Sequences queued, not yet running",
@@ -73,6 +82,38 @@ class _EngineCollector:
                                       value=queries)
             yield CounterMetricFamily(prefix + "prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                       value=hits)
+        used = GaugeMetricFamily(PREFIX + "adapter_bytes", "Bytes held by each adapter cache tier", labels=["tier"])
+        budget = GaugeMetricFamily(PREFIX + "adapter_budget_bytes", "Byte budget of each adapter cache tier "
+                                   "(absent: unbounded)", labels=["tier"])
+        for tier, (n, cap) in sorted(tier_bytes.items()):
+            used.add_metric([tier], n)
+            if cap is not None:
+                budget.add_metric([tier], cap)
+        yield used
+        yield budget
+        yield CounterMetricFamily(PREFIX + "adapter_name_lookups", "Unregistered adapter names looked up in the "
+                                  "default source (negative-cache hits excluded)", value=lookups)
+        yield GaugeMetricFamily(PREFIX + "adapter_negative_cache_entries", "Names remembered as unknown or invalid",
+                                value=negative)
+
+
+def _router_metrics(engine, stats: dict):
+    """vLLM's names and semantics, as the Gateway API Inference Extension's endpoint picker reads
+    them: queue length, running batch, KV usage in 0..1, and the LoRA info gauge whose *value*
+    is the time of this report and whose labels carry the adapters (comma-separated names)."""
+    labels = ["model_name"]
+    model = engine.served_model_name
+    for name, help_, key in (("num_requests_running", "Number of requests in model execution batches", "num_requests_running"),
+                             ("num_requests_waiting", "Number of requests waiting to be processed", "num_requests_waiting"),
+                             ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage", "kv_cache_usage_ratio")):
+        g = GaugeMetricFamily("vllm:" + name, help_, labels=labels)
+        g.add_metric([model], stats[key])
+        yield g
+    running, waiting = engine.adapters.router_view()
+    g = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests",
+                          labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    g.add_metric([str(engine.adapters.num_slots), ",".join(running), ",".join(waiting)], time.time())
+    yield g
 
 
 class Metrics:

@@ -12,7 +12,7 @@ from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finit
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from loraplex.engine.api.serving import (ServerState, Target, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, off_loop, output_error, resolve_model, seed_for, sse, sse_response,
+                                  merge_streams, off_loop, output_error, resolve_dynamic, resolve_model, seed_for, sse, sse_response,
                                   token_text, until_disconnect)
 from loraplex.engine.api.structured import compile_grammar, openai_spec
 from loraplex.engine.api import tools as tool_calls
@@ -169,6 +169,7 @@ class _Run:
         return make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
 
     async def respond(self):
+        await resolve_dynamic(self.state, self.request, self.body.model, self.timer)
         await self.prepare()
         if self.body.stream:
             return sse_response(self.stream())

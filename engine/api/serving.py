@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,13 +16,13 @@ from starlette.responses import StreamingResponse
 
 from loraplex.engine.api import tracing
 from loraplex.engine.api.auth import Authenticator, Principal
-from loraplex.engine.api.errors import APIError, ClientGone
+from loraplex.engine.api.errors import APIError, ClientGone, as_api_error
 from loraplex.engine.api.metrics import Metrics, RequestTimer
 from loraplex.engine.api.settings import ServerSettings
+from loraplex.engine.core.adapters.sources import registry_name
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.engine.core.errors import RequestError, UnknownAdapterError
 from loraplex.engine.core.sequence import RequestOutput, Sequence, TokenLogprob
-from loraplex.manifest import DNS1123_LABEL
 
 log = logging.getLogger("loraplex.engine.api")
 
@@ -67,7 +65,8 @@ class Target:
 
 
 def resolve_model(state: ServerState, principal: Principal, model: str | None, param: str = "model") -> Target:
-    """Map a requested model name to the base or an adapter, checking the caller may use it."""
+    """Map a requested model name to the base or an adapter, checking the caller may use it.
+    A name resolved from the default source (`resolve_dynamic`) maps to its registry entry."""
     engine = state.require_engine().engine
     base = engine.served_model_name
     if model is None or model in ("", base, engine.config.model_id):
@@ -76,16 +75,39 @@ def resolve_model(state: ServerState, principal: Principal, model: str | None, p
     if manifest is None:
         raise UnknownAdapterError(f"the model {model!r} does not exist", param=param)
     Authenticator.check_adapter(principal, manifest)
-    return Target(model, model, state.metrics.adapter_label(model))
+    return Target(manifest.name, model, state.metrics.adapter_label(manifest.name))
+
+
+async def resolve_dynamic(state: ServerState, request: Request, model: str | None, timer: RequestTimer,
+                          param: str = "model") -> None:
+    """Make an unregistered adapter name servable before the request is validated: look it up in
+    the default source (--adapter-source), register and start loading it, off the event loop.
+    Who may trigger this is --dynamic-adapters (docs/api.md "Adapters by name"). Errors (400 bad
+    path, 404 unknown, 422 not a checkpoint) end the request here, counted in the metrics."""
+    engine = state.engine
+    if engine is None or not model or model in (engine.engine.served_model_name, engine.engine.config.model_id):
+        return
+    mgr = engine.engine.adapters
+    if mgr.dynamic == "off" or mgr.manifest(model) is not None:
+        return
+    try:
+        principal = state.auth.inference(request)
+        if mgr.dynamic == "admin" and not state.auth.may_register(principal):
+            raise APIError(404, f"the model {model!r} does not exist (loading adapters by name needs the admin "
+                           "token on this server)", code="model_not_found", param=param)
+        await asyncio.wrap_future(mgr.resolve(model))
+    except (APIError, RequestError) as exc:
+        err = as_api_error(exc)
+        if err.param == "model":
+            err.param = param
+        timer.finish(err.status)
+        raise err from None
 
 
 def adapter_name_for(adapter_id: str) -> str:
     """adapter_id itself when it is a valid adapter name (a DNS-1123 label), else
     `<slug>-<first 8 hex of its sha256>`: Hub ids like `org/name` get a stable name."""
-    if len(adapter_id) <= 63 and DNS1123_LABEL.match(adapter_id):
-        return adapter_id
-    slug = re.sub(r"[^a-z0-9-]+", "-", adapter_id.lower()).strip("-")[:50].strip("-") or "adapter"
-    return f"{slug}-{hashlib.sha256(adapter_id.encode()).hexdigest()[:8]}"
+    return registry_name(adapter_id)
 
 
 async def off_loop(state: ServerState, fn, *args):

@@ -30,11 +30,29 @@ class EngineConfig:
     adapter_source: str = "local"
     adapter_dir: str | None = None
     adapter_cache_dir: str | None = None
-    max_active_adapters: int = 8  # device slots
-    max_cpu_adapters: int = 64  # host-RAM copies
+    adapter_s3_prefix: str | None = None  # s3://bucket/prefix/: where unregistered names live for source s3
+    dynamic_adapters: str = "auto"  # unregistered names: on | off | admin; auto = on for local, off for hub/s3
+    max_concurrent_adapter_loads: int = 4  # dynamic name resolutions (lookups, downloads) at once
+    adapter_negative_cache_seconds: float = 10.0  # how long a name that was not found stays "not found"
+    adapter_negative_cache_size: int = 4096
+    max_dynamic_adapters: int = 1024  # registry rows for dynamic names that hold nothing yet
+    max_active_adapters: int = 8  # device slots (a cap; a device byte budget may allow fewer)
+    adapter_device_bytes: int | None = None  # device tier budget: slots = budget // bytes per slot
+    adapter_memory_fraction: float | None = None  # ... or this share of device memory (CPU: of RAM)
+    max_cpu_adapters: int = 64  # host-RAM copies (a cap beside the byte budget)
+    adapter_host_bytes: int = 4 << 30  # host tier budget
+    adapter_disk_bytes: int | None = None  # disk tier budget for Hub/S3 downloads (None: unbounded)
+    adapter_fairness_seconds: float = 0.0  # a request starved of a slot this long stops others taking slots
     max_lora_rank: int = 64
     preload_adapters: list[str] = field(default_factory=list)
     adapter_load_workers: int = 2
+
+    def dynamic_adapter_policy(self) -> str:
+        if self.dynamic_adapters not in ("auto", "on", "off", "admin"):
+            raise ValueError(f"--dynamic-adapters must be auto, on, off or admin, not {self.dynamic_adapters!r}")
+        if self.dynamic_adapters == "auto":
+            return "on" if self.adapter_source == "local" else "off"
+        return self.dynamic_adapters
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -22,6 +22,20 @@ class UnknownAdapterError(RequestError):
     code = "model_not_found"
 
 
+class AdapterPathError(RequestError):
+    """An adapter name that would leave --adapter-dir (`..`, an absolute path, a symlink out)."""
+
+    status = 400
+    code = "invalid_adapter_path"
+
+
+class InvalidAdapterError(RequestError):
+    """The name exists in the adapter source, but what is there is not a servable PEFT LoRA checkpoint."""
+
+    status = 422
+    code = "invalid_adapter"
+
+
 class AdapterUnavailableError(RequestError):
     """The adapter exists but failed to load; retrying will not help until it is fixed."""
 

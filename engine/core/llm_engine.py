@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex.engine.core.adapters.device_slots import num_slots
 from loraplex.engine.core.adapters.manager import AdapterManager
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
@@ -74,7 +75,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
             (self._tokenizer.eos_token_id,) if self._tokenizer.eos_token_id is not None else ())
 
-        model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=config.max_active_adapters,
+        slots = num_slots(config, self.model_config, self.dtype, self.device)  # device tier: bytes -> slots
+        model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
                            max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
         num_blocks = self._num_kv_blocks(model)
         if num_blocks * config.block_size < self.max_model_len:
@@ -84,7 +86,8 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterManager(config, model, self.model_config)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.adapter_fairness_seconds),
                                    self.block_manager, self.adapters)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -155,7 +158,7 @@ class LLMEngine:
             raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
         self.requests[seq.request_id] = seq
         if seq.adapter is not None:
-            self.adapters.request_load(seq.adapter)
+            self.adapters.want(seq)  # released when seq is admitted, finishes or is aborted
         self.scheduler.add(seq)
 
     def abort_core(self, request_id: str) -> CoreOutput | None:

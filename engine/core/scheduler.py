@@ -15,6 +15,12 @@ Policy, in order:
    request is never overtaken forever by small ones. With prefix caching, an admitted
    sequence shares the cached blocks of its longest cached prefix (same tokens, same adapter)
    and its prefill starts after them.
+3. Fairness across adapters: once the oldest sequence whose adapter is loaded but finds every
+   device slot pinned has waited `adapter_fairness_seconds`, no younger sequence may pin a slot
+   (base-model and preload-adapter sequences still may: they never hold a slot it could get).
+   The running sequences drain, the first slot that frees goes to that oldest one, and so a
+   cold adapter waits at most the aging time plus the time one slot's running sequences take
+   to finish, however hot the resident adapters are.
 """
 from __future__ import annotations
 
@@ -34,6 +40,10 @@ class AdapterGate(Protocol):
 
     def release(self, seq: Sequence) -> None: ...
 
+    def waiting_for_slot(self, seq: Sequence) -> bool: ...  # loaded, but every slot is pinned
+
+    def holds_a_free_slot_hostage(self, seq: Sequence) -> bool: ...  # admitting seq pins a slot others could get
+
 
 class NoAdapters:
     def acquire(self, seq: Sequence) -> bool:
@@ -41,6 +51,12 @@ class NoAdapters:
 
     def release(self, seq: Sequence) -> None:
         pass
+
+    def waiting_for_slot(self, seq: Sequence) -> bool:
+        return False
+
+    def holds_a_free_slot_hostage(self, seq: Sequence) -> bool:
+        return False
 
 
 @dataclass
@@ -58,6 +74,7 @@ class ScheduledSeq:
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
+    adapter_fairness_seconds: float = 0.0  # see 3. above
 
 
 class Scheduler:
@@ -98,12 +115,17 @@ class Scheduler:
 
         # 2. waiting sequences, oldest first
         skipped: list[Sequence] = []
+        starved = False  # 3. an older sequence waits for a slot: younger ones may not pin one
+        now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
             # The adapter first: its identity is part of the prefix cache's hashes.
-            if not self.adapters.acquire(seq):
+            if (starved and self.adapters.holds_a_free_slot_hostage(seq)) or not self.adapters.acquire(seq):
                 if seq.adapter_wait_time is None:
-                    seq.adapter_wait_time = time.monotonic()
+                    seq.adapter_wait_time = now
+                if (not starved and now - seq.arrival_time >= self.config.adapter_fairness_seconds
+                        and self.adapters.waiting_for_slot(seq)):
+                    starved = True
                 skipped.append(self.waiting.popleft())
                 continue
             hits = self.blocks.cached_prefix(seq)  # a waiting sequence holds no blocks

@@ -25,6 +25,10 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
     assert {"loraplex", "transformers+peft"} <= systems
     if importlib.util.find_spec("loraplex.engine.api.cli") is not None:  # the HTTP server exists: it was measured too
         assert "loraplex-http" in systems, result["notes"]
+        cat = result["catalog"]  # thousands of adapters on disk, loaded by name just in time
+        assert cat and cat["adapters_on_disk"] >= 2000, result["notes"]
+        assert cat["catalog"]["errors"] == 0 and cat["one_adapter"]["errors"] == 0, cat["catalog"]["first_error"]
+        assert cat["cold_requests"] >= 1 and cat["cold_ttft_p50_s"] is not None and cat["tok_s_ratio"] is not None
     # the base-model ceiling, and every adapter count of the quick sweep for each multi-LoRA system
     assert any(e["system"] == "loraplex" and e["num_adapters"] == 0 for e in result["count_sweep"])
     for system in ("loraplex", "transformers+peft"):
@@ -46,6 +50,7 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
     md = (out / "results.md").read_text()
     assert "| system | adapters |" in md and "|---|" in md
     assert "## Decode efficiency" in md and "## Single-adapter overhead" in md
+    assert "## Catalog:" in md
 
     assert set(result["plots"]) >= {"throughput_vs_adapters.png", "ttft_cdf.png"}
     for name in result["plots"]:

@@ -265,7 +265,7 @@ class OperatorProcess:
             self._log.close()
 
     def metrics(self) -> str:
-        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5, trust_env=False).text
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=20, trust_env=False).text
 
     def rss_bytes(self) -> int:
         """Resident memory of the operator process (Linux /proc)."""

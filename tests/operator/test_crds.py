@@ -136,7 +136,9 @@ def test_good_bmds(obj):
     lora({"source": {"type": "hub", "uri": "org/name", "revision": "v2", "sha256": "a" * 64}, "rank": 8}),
     lora({"access": {"apiKeySecretRefs": [{"name": "keys"}, {"name": "more", "key": "k"}]}}),
     lora(name="a"),
-], ids=["hub", "s3", "local", "hub-full", "tenants", "one-char-name"])
+    lora({"placement": {"replicas": "all"}}),
+    lora({"placement": {"replicas": 3, "policy": "least-loaded"}}),
+], ids=["hub", "s3", "local", "hub-full", "tenants", "one-char-name", "placement-all", "placement-3"])
 def test_good_adapters(obj):
     defaulted, errors = admit(LORA, obj)
     assert errors == []
@@ -156,8 +158,12 @@ def test_good_adapters(obj):
     (LORA, lora({"source": {"type": "hub", "uri": "o/r", "sha256": "xyz"}}), "does not match"),
     (LORA, lora({"baseModel": "Not_A_Name"}), "does not match"),
     (LORA, lora({"access": {"apiKeySecretRefs": [{"key": "k"}]}}), "'name' is a required property"),
+    (LORA, lora({"placement": {"replicas": 0}}), "is not valid under any of the given schemas"),
+    (LORA, lora({"placement": {"replicas": "most"}}), "is not valid under any of the given schemas"),
+    (LORA, lora({"placement": {"policy": "random"}}), "is not one of"),
+    (BMD, bmd({"inferencePool": {"endpointPickerRef": {"port": 70000}}}), "greater than the maximum"),
 ], ids=["no-model-id", "dtype", "replicas", "svc-type", "target-zero", "low-port", "source-type", "sha256",
-        "base-name", "secret-ref"])
+        "base-name", "secret-ref", "placement-zero", "placement-word", "placement-policy", "epp-port"])
 def test_openapi_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors

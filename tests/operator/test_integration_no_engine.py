@@ -70,6 +70,13 @@ def test_adapter_before_base_then_unreachable_pod_then_bounded_deletion(cluster:
     assert '"early"' not in cm["data"]["adapters.json"], "only preload adapters travel in the ConfigMap"
     st = status(c, "loraadapters", "early")
     assert st["phase"] == "Pending" and cond(st, "Ready")["reason"] == "NoReadyPods"
+    # No InferencePool CRD in this cluster: skipped, and the base says so.
+    pool = wait_for(lambda: cond(status(c, "basemodeldeployments", "later"), "InferencePool"), 20,
+                    "the InferencePool condition", on_timeout=log)
+    assert pool["status"] == "False" and pool["reason"] == "CRDNotInstalled", pool
+    # Secure by default: no adminTokenSecretRef, so the operator made one and the pods mount it.
+    assert c.get("v1", "secrets", NS, "later-admin-token")["data"]["token"]
+    assert status(c, "basemodeldeployments", "later")["adminTokenSecret"] == "later-admin-token"
 
     # A pod that Kubernetes calls Ready but whose engine never answers.
     dep = c.get("apps/v1", "deployments", NS, "later")

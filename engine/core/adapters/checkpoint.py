@@ -76,6 +76,17 @@ def check_adapter_config(cfg: dict) -> None:
             raise AdapterFormatError(f"{flag} is not supported")
 
 
+def check_checkpoint_folder(adapter_dir: Path) -> None:
+    """The cheap part of validation (no tensors read): enough to tell a PEFT LoRA checkpoint
+    from any other folder before the adapter is registered."""
+    cfg = read_adapter_config(adapter_dir)
+    check_adapter_config(cfg)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise AdapterFormatError("adapter_model.bin (pickle) is refused; convert the adapter to safetensors")
+        raise AdapterFormatError(f"missing adapter_model.safetensors in {adapter_dir.name}")
+
+
 def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: torch.dtype) -> AdapterWeights:
     """Read, validate and scale one adapter; raises AdapterFormatError with a precise message."""
     cfg = read_adapter_config(adapter_dir)

@@ -1,12 +1,16 @@
-"""The adapter registry and its tiered cache: device slots, host RAM, disk.
+"""The adapter manager: the registry and its three tiers behind one lock.
 
-- Disk: the adapter's folder (local, or the Hub/S3 download cache). Always there once fetched.
-- Host: parsed, scaled weights in RAM, LRU-bounded by --max-cpu-adapters.
-- Device: one of --max-active-adapters slots in the model's stacked LoRA buffers, LRU.
+- registry.py: names -> entries (registered, or dynamic: resolved by name on first use)
+- resolver.py + sources.DefaultSource: unregistered names, just in time, with a negative cache
+- loader.py: fetch (disk tier) + parse, on a thread pool, never on the step loop
+- host_tier.py: parsed weights in RAM, bounded in bytes, LRU
+- device_slots.py: the model's slot buffers, LRU, pinned by running sequences
+- disk_tier.py: Hub/S3 downloads, bounded in bytes, LRU
 
-Loads (fetch + parse) run on a thread pool, never on the step loop. Copies into a device slot
-run on the step thread (inside `acquire`/`on_step`), so they never race a forward pass.
-A slot in use by a running sequence is pinned; a `preload` adapter is never evicted.
+Loads start in request order (oldest first), at most --adapter-load-workers at a time, and only
+when the host tier has room for one more adapter after evicting unpinned copies; so host RAM
+stays within its budget while thousands of adapters cycle through. Copies into a device slot run
+on the step thread (inside `acquire`/`on_step`), so they never race a forward pass.
 """
 from __future__ import annotations
 
@@ -14,47 +18,26 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, AdapterWeights, load_adapter
-from loraplex.engine.core.adapters.sources import AdapterSourceError, fetch_adapter
+from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, AdapterWeights
+from loraplex.engine.core.adapters.device_slots import DeviceSlots
+from loraplex.engine.core.adapters.disk_tier import DiskTier
+from loraplex.engine.core.adapters.host_tier import HostTier
+from loraplex.engine.core.adapters.loader import AdapterLoader
+from loraplex.engine.core.adapters.registry import AdapterEntry, Registry
+from loraplex.engine.core.adapters.resolver import NameResolver, NegativeCache
+from loraplex.engine.core.adapters.sources import AdapterSourceError, DefaultSource, location_key
 from loraplex.engine.core.config import EngineConfig
-from loraplex.engine.core.errors import AdapterUnavailableError, RequestError, UnknownAdapterError
-from loraplex.manifest import AdapterManifest, AdapterState
+from loraplex.engine.core.errors import (AdapterUnavailableError, InvalidAdapterError, RequestError,
+                                         UnknownAdapterError)
 from loraplex.engine.model.config import ModelConfig
+from loraplex.manifest import AdapterManifest, AdapterState
 
 log = logging.getLogger("loraplex.adapters")
 MAX_MERGED = 16  # merged adapters kept (their weights live only in RAM)
-
-
-@dataclass
-class AdapterEntry:
-    manifest: AdapterManifest
-    generation: int  # bumped when the manifest's content changes: stale loads are dropped
-    weights: AdapterWeights | None = None
-    slot: int | None = None
-    loading: bool = False
-    message: str | None = None  # why the last load failed
-    removed: bool = False  # unregistered while pinned: its slot frees when the last user leaves
-    wanted: bool = False  # a request waits for it: keep its host copy until it gets a slot
-    load_seconds: float | None = None
-    merged: bool = False  # a per-request merge (merge.py): weights made in RAM, nothing to fetch
-
-    @property
-    def state(self) -> AdapterState:
-        if self.slot is not None:
-            return AdapterState.DEVICE
-        if self.weights is not None:
-            return AdapterState.HOST
-        if self.loading:
-            return AdapterState.LOADING
-        if self.message is not None:
-            return AdapterState.FAILED
-        return AdapterState.REGISTERED
 
 
 @dataclass
@@ -76,62 +59,76 @@ def _content(m: AdapterManifest) -> tuple:
     return (m.source, m.uri, m.revision, m.sha256)
 
 
+def _done(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
 class AdapterManager:
     def __init__(self, config: EngineConfig, model, model_config: ModelConfig):
-        if config.max_active_adapters < 1:
-            raise ValueError("--max-active-adapters must be at least 1")
         self.config = config
         self.model_config = model_config
         self.dtype = next(model.parameters()).dtype
-        self.projections = list(model.lora_projections())
-        self.num_slots = config.max_active_adapters
+        projections = list(model.lora_projections())
+        self.num_slots = projections[0][2].lora_a.shape[0] if projections else config.max_active_adapters
         self.adapter_dir = Path(config.adapter_dir) if config.adapter_dir else None
         self.cache_dir = Path(config.adapter_cache_dir) if config.adapter_cache_dir else None
         self.lock = threading.RLock()
-        self.entries: dict[str, AdapterEntry] = {}
-        self.host_lru: OrderedDict[str, None] = OrderedDict()  # names with weights in RAM
-        self.slot_owner: list[AdapterEntry | None] = [None] * self.num_slots
-        self.slot_pins = [0] * self.num_slots
-        self.slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(self.num_slots))
-        self.pending_placement: set[str] = set()  # preloads waiting for the step thread
+        self.registry = Registry(max_dynamic=config.max_dynamic_adapters)
+        self.host = HostTier(config.adapter_host_bytes, config.max_cpu_adapters)
+        self.slots = DeviceSlots(projections, self.num_slots)
+        self.disk = DiskTier(self.cache_dir, config.adapter_disk_bytes)
+        self.loader = AdapterLoader(config, model_config, self.dtype, self.adapter_dir, self.cache_dir, self.disk)
         self.counters = AdapterCounters()
         self.pool = ThreadPoolExecutor(max_workers=config.adapter_load_workers, thread_name_prefix="adapter-load")
-        self._generation = 0
+        self.load_queue: OrderedDict[str, None] = OrderedDict()  # names to load, in request order
+        self.num_loading = 0
+        self.mean_bytes = 0  # running mean adapter size: what the next load will likely need
+        self.pending_placement: set[str] = set()  # preloads waiting for the step thread
+        self.locations: dict[tuple, str] = {}  # where a registered adapter's files are -> its name
+        self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
+        self.source = DefaultSource(config.adapter_source, self.adapter_dir, self.cache_dir, config.adapter_s3_prefix)
+        self.dynamic = config.dynamic_adapter_policy() if self.source.usable else "off"
+        self.resolver = NameResolver(self.source.locate, self._register_dynamic, config.max_concurrent_adapter_loads,
+                                     NegativeCache(config.adapter_negative_cache_seconds,
+                                                   config.adapter_negative_cache_size))
         self.merged_lru: OrderedDict[str, None] = OrderedDict()  # merged adapters, oldest first
+        self.last_sweep = 0.0
 
     # ---- registry (any thread) ------------------------------------------------------------
 
     def register(self, manifest: AdapterManifest) -> dict:
         """Add or update an adapter. Idempotent: the same manifest again changes nothing,
         except that a failed adapter is retried."""
+        key = location_key(manifest, self.adapter_dir)
         with self.lock:
-            entry = self.entries.get(manifest.name)
+            entry = self.registry.get(manifest.name)
             if manifest.preload and (entry is None or not entry.manifest.preload):
-                pinned = sum(1 for e in self.entries.values() if e.manifest.preload and not e.removed)
+                pinned = sum(1 for e in self.registry if e.manifest.preload and not e.removed)
                 if pinned + 1 >= self.num_slots:
                     raise RequestError(
                         f"cannot preload {manifest.name!r}: {pinned} of {self.num_slots} device slots are held by "
                         "preloaded adapters and one must stay free for on-demand adapters; raise --max-active-adapters",
                         param="preload")
-            if entry is None or entry.removed or _content(entry.manifest) != _content(manifest):
+            if entry is None or entry.removed or entry.dynamic or _content(entry.manifest) != _content(manifest):
                 if entry is not None:
                     self._drop(entry)
-                self._generation += 1
-                entry = AdapterEntry(manifest=manifest, generation=self._generation)
-                self.entries[manifest.name] = entry
+                entry = self.registry.add(manifest)
             else:
                 entry.manifest = manifest  # tenants or preload changed: no reload needed
                 if entry.state == AdapterState.FAILED:
                     entry.message = None
+            self.locations[key] = manifest.name
             if manifest.preload:
-                self._start_load(entry)
+                self._enqueue(entry)
                 if entry.weights is not None and entry.slot is None:
                     self.pending_placement.add(manifest.name)
-            return self.describe(entry)
+            return entry.describe()
 
     def unregister(self, name: str) -> bool:
         with self.lock:
-            entry = self.entries.pop(name, None)
+            entry = self.registry.pop(name)
             if entry is None:
                 return False
             self._drop(entry)
@@ -139,63 +136,73 @@ class AdapterManager:
             return True
 
     def register_merged(self, name: str, weights: AdapterWeights, tenants: list[str]) -> None:
-        """Add a merged adapter (merge.py) whose host weights are given. It stays in RAM (never
-        evicted to disk: there is no file) until MAX_MERGED newer merges push it out; then it is
-        unregistered (its slot frees when its last running request ends) and made again on need."""
+        """Add a merged adapter (merge.py) whose host weights are given. It stays in RAM (pinned in
+        the host tier: there is no file to reload it from) until MAX_MERGED newer merges push it
+        out; then it is unregistered (its slot frees when its last running request ends) and made
+        again on need."""
         with self.lock:
-            if name in self.entries:
+            if self.registry.get(name) is not None:
                 if name in self.merged_lru:
                     self.merged_lru.move_to_end(name)
                 return
             manifest = AdapterManifest(name=name, source="local", uri=f"merged/{name}", tenants=tenants)
-            self._generation += 1
-            self.entries[name] = AdapterEntry(manifest=manifest, generation=self._generation, weights=weights,
-                                              merged=True)
-            self.host_lru[name] = None
+            entry = self.registry.add(manifest)
+            entry.merged = True
+            self._set_weights(entry, weights)
+            self.host.add(entry)
             self.merged_lru[name] = None
             while len(self.merged_lru) > MAX_MERGED:
                 self.unregister(next(iter(self.merged_lru)))
+            self._evict_host()
 
     def host_weights(self, name: str) -> AdapterWeights | None:
         """The adapter's weights if RAM holds them (merges read their sources through this)."""
         with self.lock:
-            entry = self.entries.get(name)
+            entry = self.registry.get(name)
             return entry.weights if entry is not None else None
 
     def _drop(self, entry: AdapterEntry) -> None:
         """Forget an entry's weights; its slot frees now, or when its last running user leaves."""
         entry.removed = True
-        entry.weights = None
-        self.host_lru.pop(entry.manifest.name, None)
-        self.pending_placement.discard(entry.manifest.name)
-        if entry.slot is not None and self.slot_pins[entry.slot] == 0:
-            self._free_slot(entry.slot)
+        self.host.drop(entry)
+        self.pending_placement.discard(entry.name)
+        self.load_queue.pop(entry.name, None)
+        for key, name in list(self.locations.items()):
+            if name == entry.name:
+                del self.locations[key]
+        if entry.slot is not None and self.slots.pins[entry.slot] == 0:
+            self.slots.free(entry.slot)
 
-    def describe(self, entry: AdapterEntry) -> dict:
-        return {
-            "name": entry.manifest.name, "state": entry.state.value, "message": entry.message,
-            "rank": entry.weights.rank if entry.weights else None,
-            "target_modules": list(entry.weights.target_modules) if entry.weights else None,
-            "load_seconds": entry.load_seconds, "manifest": entry.manifest.model_dump(exclude_none=True),
-        }
+    def _lookup(self, name: str) -> AdapterEntry | None:
+        entry = self.registry.get(name)
+        if entry is None and name in self.aliases:
+            entry = self.registry.get(self.aliases[name])
+            if entry is None:
+                del self.aliases[name]
+        return entry
 
     def get(self, name: str) -> dict | None:
         with self.lock:
-            entry = self.entries.get(name)
-            return self.describe(entry) if entry else None
+            entry = self.registry.get(name)
+            return entry.describe() if entry else None
 
     def list(self) -> list[dict]:
         with self.lock:
-            return [self.describe(e) for e in sorted(self.entries.values(), key=lambda e: e.manifest.name)]
+            return [e.describe() for e in sorted(self.registry, key=lambda e: e.name)]
 
     def manifest(self, name: str) -> AdapterManifest | None:
+        """The manifest serving `name`: a registered name, or a name resolved from the default source."""
         with self.lock:
-            entry = self.entries.get(name)
-            return entry.manifest if entry else None
+            entry = self._lookup(name)
+            if entry is None:
+                return None
+            if entry.dynamic:  # a request is about to use it: keep it until that request is queued
+                entry.resolved_at = time.monotonic()
+            return entry.manifest
 
     def check_servable(self, name: str) -> None:
         with self.lock:
-            entry = self.entries.get(name)
+            entry = self.registry.get(name)
             if entry is None:
                 raise UnknownAdapterError(f"the model {name!r} does not exist", param="model")
             if entry.state == AdapterState.FAILED:
@@ -204,7 +211,7 @@ class AdapterManager:
     def failure(self, name: str) -> str | None:
         """Why requests for `name` cannot run (None: they can, now or once loaded)."""
         with self.lock:
-            entry = self.entries.get(name)
+            entry = self.registry.get(name)
             if entry is None:
                 return "the adapter was unregistered"
             return entry.message if entry.state == AdapterState.FAILED else None
@@ -212,28 +219,104 @@ class AdapterManager:
     def preload_ready(self) -> tuple[bool, list[str]]:
         """(all preloaded adapters on the device, the names still missing)."""
         with self.lock:
-            missing = [n for n, e in self.entries.items() if e.manifest.preload and e.state != AdapterState.DEVICE]
+            missing = [e.name for e in self.registry if e.manifest.preload and e.state != AdapterState.DEVICE]
             return not missing, sorted(missing)
 
     def tier_counts(self) -> dict[str, int]:
         with self.lock:
-            counts = {s.value: 0 for s in AdapterState}
-            for e in self.entries.values():
-                counts[e.state.value] += 1
-            return counts
+            return self.registry.counts()
+
+    def tier_bytes(self) -> dict[str, tuple[int, int | None]]:
+        """tier -> (bytes used, budget in bytes or None)."""
+        from loraplex.engine.core.adapters.device_slots import slot_bytes
+
+        per_slot = slot_bytes(self.model_config, self.config.max_lora_rank, self.dtype)
+        with self.lock:
+            used_slots = sum(1 for o in self.slots.owner if o is not None)
+            host = (self.host.bytes, self.host.budget_bytes)
+        with self.disk.lock:
+            disk = (self.disk.bytes, self.disk.budget_bytes)
+        return {"device": (used_slots * per_slot, self.num_slots * per_slot), "host": host, "disk": disk}
+
+    # ---- names from the default source (any thread) ----------------------------------------
+
+    def resolve(self, name: str) -> Future:
+        """A Future of the registry name serving `name`, resolving an unregistered name through
+        the default source. Its exception is a RequestError (400, 404, 422, 424)."""
+        with self.lock:
+            entry = self._lookup(name)
+            if entry is not None and not entry.removed:
+                self.registry.touch(entry)
+                entry.resolved_at = time.monotonic()
+                return _done(entry.name)
+        if self.dynamic == "off":
+            f: Future = Future()
+            f.set_exception(UnknownAdapterError(f"the model {name!r} does not exist", param="model"))
+            return f
+        return self.resolver.resolve(name)
+
+    def _register_dynamic(self, requested: str, manifest: AdapterManifest) -> str:
+        key = location_key(manifest, self.adapter_dir)
+        with self.lock:
+            registered = self.locations.get(key)
+            if registered is not None and self.registry.get(registered) is not None:
+                name = registered  # the same files are registered: serve them under that entry (and its tenants)
+            else:
+                entry = self.registry.get(manifest.name)
+                if entry is None or entry.removed or _content(entry.manifest) != _content(manifest):
+                    if entry is not None and not entry.dynamic:
+                        raise UnknownAdapterError(f"the model {requested!r} does not exist (its name is taken by "
+                                                  f"a registered adapter)", param="model")
+                    entry = self.registry.add(manifest, dynamic=True)
+                    entry.source_name = requested
+                entry.resolved_at = time.monotonic()
+                self._enqueue(entry)  # start loading now: the request follows at once
+                name = entry.name
+            if requested != name:
+                self.aliases[requested] = name
+                self.aliases.move_to_end(requested)
+                while len(self.aliases) > 4 * self.registry.max_dynamic:
+                    self.aliases.popitem(last=False)
+            return name
 
     # ---- loading (thread pool) ------------------------------------------------------------
 
+    def want(self, seq) -> None:
+        """seq waits for its adapter: pin the host copy for it and load it (in arrival order)."""
+        with self.lock:
+            entry = self.registry.get(seq.adapter)
+            if entry is not None:
+                entry.waiters.add(seq.request_id)
+                self._enqueue(entry)
+
     def request_load(self, name: str) -> None:
         with self.lock:
-            entry = self.entries.get(name)
+            entry = self.registry.get(name)
             if entry is not None:
-                entry.wanted = True
-                self._start_load(entry)
+                self._enqueue(entry)
 
-    def _start_load(self, entry: AdapterEntry) -> None:
-        if entry.weights is None and not entry.loading and entry.message is None:
+    def _enqueue(self, entry: AdapterEntry) -> None:
+        if entry.weights is None and entry.slot is None and not entry.loading and entry.message is None:
+            self.load_queue[entry.name] = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start queued loads, oldest first, while a loader is free and the host tier has room for
+        one more adapter. When it has none, loads wait for staged copies to reach a slot, except
+        when nothing is staged (then one load always goes, so the engine never stalls)."""
+        while self.load_queue and self.num_loading < self.config.adapter_load_workers:
+            name = next(iter(self.load_queue))
+            entry = self.registry.get(name)
+            if entry is None or entry.removed or entry.weights is not None or entry.slot is not None \
+                    or entry.loading or entry.message is not None:
+                del self.load_queue[name]
+                continue
+            self._evict_host(self.mean_bytes)
+            if self.host.over(self.mean_bytes) and (self.host.staged() or self.num_loading):
+                return
+            del self.load_queue[name]
             entry.loading = True
+            self.num_loading += 1
             self.pool.submit(self._load, entry)
 
     def _load(self, entry: AdapterEntry) -> None:
@@ -241,46 +324,56 @@ class AdapterManager:
         tier = "disk" if entry.manifest.source == "local" else entry.manifest.source
         weights, message = None, None
         try:
-            path = fetch_adapter(entry.manifest, self.adapter_dir, self.cache_dir)
-            weights = load_adapter(path, self.model_config, self.config.max_lora_rank, self.dtype)
-            if self.config.resolve_device().type == "cuda":
-                weights.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.weights.items()}
+            weights = self.loader.load(entry.manifest)
         except (AdapterFormatError, AdapterSourceError) as exc:
             message = str(exc)
         except Exception as exc:  # anything else is still this adapter's failure, not the engine's
-            log.exception("loading adapter %s failed", entry.manifest.name)
+            log.exception("loading adapter %s failed", entry.name)
             message = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0
         with self.lock:
             entry.loading = False
-            if entry.removed:
+            self.num_loading -= 1
+            if entry.removed or self.registry.get(entry.name) is not entry:
+                self._pump()
                 return
             self.counters.load(tier, "error" if message else "ok")
             if message:
                 entry.message = message
-                log.warning("adapter %s failed to load: %s", entry.manifest.name, message)
+                log.warning("adapter %s failed to load: %s", entry.name, message)
+                self._forget_if_done(entry)
+                self._pump()
                 return
-            entry.weights, entry.load_seconds = weights, seconds
+            self._set_weights(entry, weights)
+            entry.load_seconds = seconds
+            self.mean_bytes = weights.nbytes if not self.mean_bytes else (7 * self.mean_bytes + weights.nbytes) // 8
             self.counters.load_seconds.append(seconds)
-            self.host_lru[entry.manifest.name] = None
+            self.host.add(entry)
             self._evict_host()
             if entry.manifest.preload:
-                self.pending_placement.add(entry.manifest.name)
+                self.pending_placement.add(entry.name)
+            self._pump()
 
-    def _evict_host(self) -> None:
-        """Keep at most max_cpu_adapters in RAM: drop the least recently used that no slot
-        holds, no preload pins and no waiting request wants (dropping those would make loads
-        chase each other). Their files stay on disk; a later request reloads them."""
-        excess = len(self.host_lru) - self.config.max_cpu_adapters
-        for name in list(self.host_lru):
-            if excess <= 0:
-                break
-            e = self.entries[name]
-            if e.slot is None and not e.manifest.preload and not e.wanted and not e.merged:
-                e.weights = None
-                del self.host_lru[name]
-                self.counters.evict("host")
-                excess -= 1
+    @staticmethod
+    def _set_weights(entry: AdapterEntry, weights: AdapterWeights) -> None:
+        entry.weights, entry.rank, entry.target_modules = weights, weights.rank, weights.target_modules
+        entry.nbytes, entry.digest = weights.nbytes, weights.digest
+
+    def _evict_host(self, extra_bytes: int = 0) -> None:
+        for dropped in self.host.evict(extra_bytes):
+            self.counters.evict("host")
+            self._forget_if_done(dropped)
+
+    def _forget_if_done(self, entry: AdapterEntry) -> None:
+        """A dynamic entry that holds nothing is forgotten (the registry stays bounded); one whose
+        load failed is remembered as bad in the negative cache for a while."""
+        if entry.dynamic and entry.idle and self.registry.forget_if_idle(entry):
+            self._remember_failure(entry)
+
+    def _remember_failure(self, entry: AdapterEntry) -> None:
+        if entry.message is not None and entry.source_name:
+            self.resolver.forget(entry.source_name, InvalidAdapterError(
+                f"{entry.source_name!r} is not a servable LoRA adapter: {entry.message}", param="model"))
 
     # ---- device slots (step thread only) --------------------------------------------------
 
@@ -291,85 +384,94 @@ class AdapterManager:
             seq.lora_slot, seq.lora_rank = -1, 0
             return True
         with self.lock:
-            entry = self.entries.get(seq.adapter)
+            entry = self.registry.get(seq.adapter)
             if entry is None or entry.removed:
                 return False
+            self.registry.touch(entry)
             if entry.slot is None:
-                entry.wanted = True
                 if entry.weights is None:
-                    self._start_load(entry)
+                    self._enqueue(entry)
                     return False
                 if not self._place(entry):
                     return False
-            self.slot_pins[entry.slot] += 1
-            self.slot_lru.move_to_end(entry.slot)
-            self.host_lru.move_to_end(entry.manifest.name)
-            seq.lora_slot, seq.lora_rank = entry.slot, entry.weights.rank if entry.weights else 0
-            seq.adapter_digest = entry.weights.digest if entry.weights else None
+            self.slots.pin(entry.slot)
+            self.host.touch(entry)
+            entry.waiters.discard(seq.request_id)
+            seq.lora_slot, seq.lora_rank = entry.slot, entry.rank
+            seq.adapter_digest = entry.digest
             return True
 
-    def release(self, seq) -> None:
-        if seq.lora_slot < 0:
-            return
+    def waiting_for_slot(self, seq) -> bool:
+        """seq's adapter is loaded, but no device slot can take it now (every one is pinned)."""
         with self.lock:
-            slot = seq.lora_slot
-            self.slot_pins[slot] -= 1
-            seq.lora_slot = -1
-            owner = self.slot_owner[slot]
-            if owner is not None and owner.removed and self.slot_pins[slot] == 0:
-                self._free_slot(slot)
+            entry = self.registry.get(seq.adapter) if seq.adapter else None
+            return entry is not None and entry.slot is None and entry.weights is not None
+
+    def holds_a_free_slot_hostage(self, seq) -> bool:
+        """Admitting seq would pin a slot that another adapter could otherwise get: true for any
+        adapter but a preload (preload slots are never given to others anyway)."""
+        if seq.adapter is None:
+            return False
+        with self.lock:
+            entry = self.registry.get(seq.adapter)
+            return entry is None or not entry.manifest.preload
+
+    def release(self, seq) -> None:
+        """seq gave its slot back: it finished or was aborted (its waiting mark goes too), or it
+        waits again (preempted, or admitted but then short of KV blocks: it is marked again)."""
+        with self.lock:
+            entry = self.registry.get(seq.adapter) if seq.adapter else None
+            if entry is not None:
+                if seq.is_finished:
+                    entry.waiters.discard(seq.request_id)
+                else:
+                    entry.waiters.add(seq.request_id)
+            if seq.lora_slot >= 0:
+                slot = seq.lora_slot
+                seq.lora_slot = -1
+                owner = self.slots.owner[slot]
+                if self.slots.unpin(slot) == 0 and owner is not None and owner.removed:
+                    self.slots.free(slot)
+            if entry is not None:
+                self._forget_if_done(entry)
 
     def on_step(self) -> None:
-        """Place loaded preload adapters into device slots (called by the step thread)."""
+        """Start loads that waited for room; place loaded preload adapters; once a second, forget
+        dynamic entries that hold nothing (step thread)."""
         with self.lock:
+            self._pump()
+            now = time.monotonic()
+            if now - self.last_sweep >= 1.0:
+                self.last_sweep = now
+                for entry in self.registry.sweep():
+                    self._remember_failure(entry)
             for name in list(self.pending_placement):
-                entry = self.entries.get(name)
+                entry = self.registry.get(name)
                 if entry is None or entry.weights is None or entry.slot is not None or self._place(entry):
                     self.pending_placement.discard(name)
 
     def _place(self, entry: AdapterEntry) -> bool:
-        slot = self._free_or_evictable_slot()
-        if slot is None:
+        taken = self.slots.take()
+        if taken is None:
             return False
-        self._write_slot(slot, entry.weights)
-        self.slot_owner[slot], entry.slot = entry, slot
-        entry.wanted = False
-        self.slot_lru.move_to_end(slot)
+        slot, evicted = taken
+        if evicted is not None:
+            self.counters.evict("device")
+            self._forget_if_done(evicted)
+        self.slots.write(slot, entry.weights)
+        self.slots.assign(slot, entry)
         self.counters.load("device", "ok")
         return True
 
-    def _free_or_evictable_slot(self) -> int | None:
-        for slot in self.slot_lru:  # least recently used first
-            owner = self.slot_owner[slot]
-            if owner is None:
-                return slot
-        for slot in self.slot_lru:
-            owner = self.slot_owner[slot]
-            if self.slot_pins[slot] == 0 and not owner.manifest.preload:
-                owner.slot = None
-                self.slot_owner[slot] = None
-                self.counters.evict("device")
-                self._evict_host()  # the evicted adapter's host copy may now be over the cap
-                return slot
-        return None
-
-    def _free_slot(self, slot: int) -> None:
-        owner = self.slot_owner[slot]
-        if owner is not None:
-            owner.slot = None
-        self.slot_owner[slot] = None
-
-    @torch.no_grad()
-    def _write_slot(self, slot: int, weights: AdapterWeights) -> None:
-        for layer, module, proj in self.projections:
-            proj.lora_a[slot].zero_()
-            proj.lora_b[slot].zero_()
-            pair = weights.weights.get((layer, module))
-            proj.slot_has_weights[slot] = pair is not None
-            if pair is not None:
-                a, b = pair
-                proj.lora_a[slot, : a.shape[0]].copy_(a, non_blocking=True)
-                proj.lora_b[slot, :, : a.shape[0]].copy_(b, non_blocking=True)
+    def router_view(self) -> tuple[list[str], list[str]]:
+        """(adapters of running sequences, adapters of waiting sequences not yet admitted): what
+        vllm:lora_requests_info reports. Dynamic adapters go by the name requests use."""
+        with self.lock:
+            running = sorted(o.source_name or o.name for s, o in enumerate(self.slots.owner)
+                             if o is not None and self.slots.pins[s])
+            waiting = sorted(e.source_name or e.name for e in self.registry if e.waiters)
+            return running, waiting
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.resolver.shutdown()

@@ -1,23 +1,33 @@
-"""Fetch an adapter named by a manifest to a local folder: local disk, the HF Hub, or S3.
+"""Fetch an adapter named by a manifest to a local folder: local disk, the HF Hub, or S3; and
+find an unregistered name in the default source (`DefaultSource.locate`).
 
 Local paths are confined to the allowed roots (after resolving `..` and symlinks). Remote
-sources are cached on disk under --adapter-cache-dir, which is the disk tier of the cache.
+sources are downloaded under --adapter-cache-dir, the disk tier of the cache: a download that is
+there already is used as is (never fetched twice while cached).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from loraplex.engine.core.adapters.checkpoint import AdapterFormatError
-from loraplex.manifest import AdapterManifest
+from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, check_checkpoint_folder
+from loraplex.engine.core.errors import AdapterPathError, InvalidAdapterError, UnknownAdapterError
+from loraplex.manifest import DNS1123_LABEL, HUB_REPO, AdapterManifest
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+COMPLETE = ".complete"  # written into an S3 download folder once every file is in place
+S3_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class AdapterSourceError(ValueError):
     """The adapter could not be fetched (or must not be): says why."""
+
+
+class AdapterNotFoundError(AdapterSourceError):
+    """The source answered that the adapter does not exist."""
 
 
 def file_sha256(path: Path) -> str:
@@ -26,6 +36,15 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def registry_name(name: str) -> str:
+    """`name` itself when it is a valid adapter name (a DNS-1123 label), else
+    `<slug>-<first 8 hex of its sha256>`: Hub ids like `org/name` get a stable name."""
+    if len(name) <= 63 and DNS1123_LABEL.match(name):
+        return name
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].strip("-") or "adapter"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -53,19 +72,41 @@ def resolve_local(uri: str, roots: list[Path]) -> Path:
     return real
 
 
+def hub_folder(uri: str, cache_dir: Path | None) -> Path | None:
+    """Where huggingface_hub keeps repo `uri` under cache_dir (the unit the disk tier evicts)."""
+    return None if cache_dir is None else cache_dir / ("models--" + uri.replace("/", "--"))
+
+
 def fetch_hub(uri: str, revision: str | None, cache_dir: Path | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    kwargs = dict(revision=revision, cache_dir=cache_dir, allow_patterns=list(ADAPTER_FILES))
     try:
-        return Path(snapshot_download(uri, revision=revision, cache_dir=cache_dir, allow_patterns=list(ADAPTER_FILES)))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        return Path(snapshot_download(uri, local_files_only=True, **kwargs))  # cached: no request at all
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    try:
+        return Path(snapshot_download(uri, **kwargs))
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as exc:
+        # LocalEntryNotFoundError here: offline (HF_HUB_OFFLINE) and not in the cache
+        raise AdapterNotFoundError(f"adapter {uri}@{revision or 'main'} was not found on the Hugging Face Hub "
+                                   f"(or in its cache): {type(exc).__name__}") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
         raise AdapterSourceError(f"could not fetch {uri}@{revision or 'main'} from the Hugging Face Hub: {exc}") from None
 
 
+def s3_folder(uri: str, cache_dir: Path | None) -> Path | None:
+    if cache_dir is None:
+        return None
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    return cache_dir / "s3" / bucket / prefix.strip("/")
+
+
 def fetch_s3(uri: str, cache_dir: Path | None) -> Path:
-    """Download s3://bucket/prefix/{adapter files}. The endpoint and credentials come from the
-    usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), as for any boto3 client."""
+    """Download s3://bucket/prefix/{adapter files}, unless a complete copy is cached. The endpoint
+    and credentials come from the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -73,18 +114,39 @@ def fetch_s3(uri: str, cache_dir: Path | None) -> Path:
         raise AdapterSourceError("S3 adapters need --adapter-cache-dir to download into")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     prefix = prefix.strip("/")
-    target = cache_dir / "s3" / bucket / prefix
+    target = s3_folder(uri, cache_dir)
+    if (target / COMPLETE).is_file() and all((target / n).is_file() for n in ADAPTER_FILES):
+        return target
     target.mkdir(parents=True, exist_ok=True)
     client = boto3.client("s3")
     try:
         for name in ADAPTER_FILES:
             key = f"{prefix}/{name}" if prefix else name
             tmp = target / f".{name}.{uuid.uuid4().hex}.part"  # concurrent loads of one prefix
-            client.download_file(bucket, key, str(tmp))
-            tmp.replace(target / name)
-    except (ClientError, BotoCoreError) as exc:
+            try:
+                client.download_file(bucket, key, str(tmp))
+            finally:
+                if tmp.exists() and not (target / name).exists():
+                    tmp.replace(target / name)
+                tmp.unlink(missing_ok=True)
+        (target / COMPLETE).touch()
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket"):
+            raise AdapterNotFoundError(f"adapter {uri} was not found in S3 ({code})") from None
+        raise AdapterSourceError(f"could not fetch {uri} from S3: {exc}") from None
+    except BotoCoreError as exc:
         raise AdapterSourceError(f"could not fetch {uri} from S3: {exc}") from None
     return target
+
+
+def download_folder(manifest: AdapterManifest, cache_dir: Path | None) -> Path | None:
+    """The disk-tier folder a remote manifest downloads into (None for local adapters)."""
+    if manifest.source == "hub":
+        return hub_folder(manifest.uri, cache_dir)
+    if manifest.source == "s3":
+        return s3_folder(manifest.uri, cache_dir)
+    return None
 
 
 def fetch_adapter(manifest: AdapterManifest, adapter_dir: Path | None, cache_dir: Path | None) -> Path:
@@ -102,3 +164,87 @@ def fetch_adapter(manifest: AdapterManifest, adapter_dir: Path | None, cache_dir
         if digest != manifest.sha256:
             raise AdapterFormatError(f"sha256 mismatch for adapter_model.safetensors: expected {manifest.sha256}, got {digest}")
     return path
+
+
+def location_key(manifest: AdapterManifest, adapter_dir: Path | None) -> tuple:
+    """What two manifests share when they name the same adapter files."""
+    if manifest.source == "local":
+        path = Path(manifest.uri) if os.path.isabs(manifest.uri) or adapter_dir is None else adapter_dir / manifest.uri
+        try:
+            return ("local", str(path.resolve()))
+        except (OSError, RuntimeError):
+            return ("local", str(path))
+    if manifest.source == "s3":
+        return ("s3", manifest.uri.rstrip("/"))
+    return ("hub", manifest.uri, manifest.revision)
+
+
+class DefaultSource:
+    """--adapter-source as the home of every unregistered name: `locate(name)` checks that
+    the name is safe, that it exists there, and that it is a PEFT checkpoint (fetching a remote
+    one into the disk tier), and returns the manifest to register. Blocking I/O: call it off the
+    event loop and off the step loop. Raises RequestError subclasses (400, 404, 422, 424)."""
+
+    def __init__(self, source: str, adapter_dir: Path | None, cache_dir: Path | None, s3_prefix: str | None):
+        self.source = source
+        self.adapter_dir = adapter_dir
+        self.cache_dir = cache_dir
+        self.s3_prefix = s3_prefix.rstrip("/") + "/" if s3_prefix else None
+
+    @property
+    def usable(self) -> bool:
+        if self.source == "local":
+            return self.adapter_dir is not None
+        if self.source == "s3":
+            return self.s3_prefix is not None and self.cache_dir is not None
+        return True
+
+    def uri_for(self, name: str) -> str:
+        """The manifest uri of `name` (400 for names that could escape their root)."""
+        if not name or len(name) > 512 or "\x00" in name or "\\" in name:
+            raise AdapterPathError(f"invalid adapter name {name[:80]!r}", param="model")
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or ".." in parts:
+            raise AdapterPathError(f"adapter name {name!r} escapes the adapter directory", param="model")
+        if self.source == "hub":
+            if not HUB_REPO.match(name):
+                raise AdapterPathError(f"{name!r} is not a Hugging Face repo id (org/name)", param="model")
+            return name
+        if self.source == "s3":
+            if not all(S3_KEY_PART.match(p) for p in name.split("/")):
+                raise AdapterPathError(f"{name!r} is not a valid adapter key under {self.s3_prefix}", param="model")
+            return self.s3_prefix + name
+        return name
+
+    def locate(self, name: str) -> AdapterManifest:
+        uri = self.uri_for(name)
+        if self.source == "local":
+            path = self._local(name)
+        else:
+            try:
+                path = fetch_hub(uri, None, self.cache_dir) if self.source == "hub" else fetch_s3(uri, self.cache_dir)
+            except AdapterNotFoundError as exc:
+                raise UnknownAdapterError(f"the model {name!r} does not exist: {exc}", param="model") from None
+            except AdapterSourceError as exc:
+                from loraplex.engine.core.errors import AdapterUnavailableError
+
+                raise AdapterUnavailableError(str(exc), param="model") from None
+        try:
+            check_checkpoint_folder(path)
+        except AdapterFormatError as exc:
+            raise InvalidAdapterError(f"{name!r} is not a PEFT LoRA checkpoint: {exc}", param="model") from None
+        return AdapterManifest(name=registry_name(name), source=self.source, uri=uri)
+
+    def _local(self, name: str) -> Path:
+        root = self.adapter_dir.resolve()
+        real = (root / name).resolve()  # follows symlinks, collapses '.'
+        if not _inside(real, root):
+            raise AdapterPathError(f"adapter name {name!r} leads outside the adapter directory", param="model")
+        if not real.exists():
+            raise UnknownAdapterError(f"the model {name!r} does not exist", param="model")
+        if not real.is_dir():
+            raise InvalidAdapterError(f"{name!r} is not a PEFT LoRA checkpoint: not a folder", param="model")
+        for f in ADAPTER_FILES:
+            if (real / f).exists() and not _inside((real / f).resolve(), root):
+                raise AdapterPathError(f"{f} of adapter {name!r} links outside the adapter directory", param="model")
+        return real

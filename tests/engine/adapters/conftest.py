@@ -35,6 +35,10 @@ def register_all(engine, root, names=None, **manifest_fields):
         engine.adapters.register(AdapterManifest(name=name, uri=str(root / name), **manifest_fields))
 
 
+def states(engine) -> dict[str, str]:
+    return {a["name"]: a["state"] for a in engine.adapters.list()}
+
+
 def wait_for(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,14 +8,10 @@ import pytest
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.manifest import AdapterManifest
 from tests.engine.core.conftest import PROMPTS
-from tests.engine.adapters.conftest import make_engine, register_all, wait_for
+from tests.engine.adapters.conftest import make_engine, register_all, states, wait_for
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 NAMES = ["qv-r4", "all-r16-rslora", "patterns-r8", "mlp-layer1-r2"]
-
-
-def states(engine):
-    return {a["name"]: a["state"] for a in engine.adapters.list()}
 
 
 def test_device_and_host_tiers_evict_least_recently_used(tiny_models, tiny_adapters):
@@ -98,7 +94,7 @@ def test_unregister_while_running_finishes_the_running_request(tiny_models, tiny
         for out in engine.step():
             tokens += out.new_token_ids
     assert tokens == expected[0]["token_ids"]
-    assert engine.adapters.slot_owner == [None] * engine.adapters.num_slots  # slot freed after the last user
+    assert engine.adapters.slots.owner == [None] * engine.adapters.num_slots  # slot freed after the last user
     from loraplex.engine.core.errors import UnknownAdapterError
 
     with pytest.raises(UnknownAdapterError):

@@ -76,5 +76,5 @@ def test_s3_source_with_digest_check(tiny_models, tiny_adapters, tmp_path, s3_se
     outs = engine.generate([PROMPTS[0]] * 3, GREEDY, ["from-s3", "bad-digest", "absent"])
     assert outs[0]["token_ids"] == reference_tokens(tiny_models, tiny_adapters)
     assert "sha256 mismatch" in outs[1]["error"]
-    assert "could not fetch s3://adapters/nobody" in outs[2]["error"]
+    assert "s3://adapters/nobody was not found in S3" in outs[2]["error"]
     assert (tmp_path / "cache" / "s3" / "adapters" / "tenants" / "acme" / "adapter_model.safetensors").is_file()
