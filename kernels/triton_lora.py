@@ -3,10 +3,10 @@
 Same layout and semantics as `lora_ref` (see its docstring and docs/kernels.md):
 - `x[T, in]`, `y[T, out]`: the batch's tokens; each `LoRABatch` segment is a contiguous run of
   tokens using one adapter slot at one rank; tokens outside every segment get no LoRA term.
-- A group of P projections sharing an input (`LoRASlots`): `a[num_slots, in, max_rank * P]`
-  (pre-transposed, rank-major interleaved: a rank-r segment uses the first r * P columns) and
-  per projection `b_p[num_slots, max_rank, out_p]` (pre-transposed, scaling folded in). Both
-  are read along their contiguous last axis (coalesced loads).
+- A group of P projections sharing an input (`LoRASlots`): `a[num_slots, max_rank * P, in]`
+  (rank-major interleaved: a rank-r segment uses the first r * P rows) and per projection
+  `b_p[num_slots, max_rank, out_p]` (pre-transposed, scaling folded in). Both are read along
+  their contiguous last axis (coalesced loads).
 
 One shrink launch per group and one expand launch per output slice, each for the whole mixed
 batch. The grid is (segment, token tile, output tile); a
@@ -93,7 +93,7 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """h[t, c] = sum_k x[t, k] * a[slot, k, c] for the segment's tokens t and c < rank * NUM_PROJ."""
+    """h[t, c] = sum_k x[t, k] * a[slot, c, k] for the segment's tokens t and c < rank * NUM_PROJ."""
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -182,8 +182,8 @@ def _block_m(batch: LoRABatch) -> int:
 def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, num_proj: int = 1, *,
                        out: torch.Tensor | None = None, block_m: int | None = None,
                        block_r: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """h[T, max(max_rank * P, 1)] fp32 = x[t] @ a[slot(t), :, :rank*P]; zero outside segments and
-    beyond each segment's columns. `lora_a` is a group's `[num_slots, in, max_rank * P]` buffer.
+    """h[T, max(max_rank * P, 1)] fp32 = x[t] @ a[slot(t), :rank*P].T; zero outside segments and
+    beyond each segment's columns. `lora_a` is a group's `[num_slots, max_rank * P, in]` buffer.
 
     With `out` given (an fp32 [T, >= max_rank * P] buffer), only the segments' [rows, :rank*P]
     are written and the rest of `out` is left as it was (add_lora uses this to skip a memset).
@@ -194,7 +194,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, 
         out = torch.zeros(T, max(cols, 1), dtype=torch.float32, device=x.device)
     if batch.empty or batch.max_rank == 0 or T == 0:
         return out
-    assert lora_a.shape[1] == K and lora_a.shape[2] >= cols
+    assert lora_a.shape[2] == K and lora_a.shape[1] >= cols
     bm = block_m or _block_m(batch)
     # Column tiles of 16 (the smallest MMA width): a rank-4 segment of a single projection runs
     # one 16-wide tile, a rank-64 one four tiles; programs whose tile starts past their
@@ -208,7 +208,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, 
         batch.seg_start, batch.seg_end, batch.seg_slot, batch.seg_rank,
         K,
         x.stride(0), x.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        lora_a.stride(0), lora_a.stride(2), lora_a.stride(1),  # slot, k, column (= row of a)
         out.stride(0), out.stride(1),
         NUM_PROJ=num_proj, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, NATIVE_DOT=native, PRECISION=prec,
     )

@@ -61,16 +61,16 @@ class RMSNorm(nn.Module):
 class LoRAGroup(nn.Module):
     """The LoRA slot buffers of the projections that read one input (q/k/v, gate/up, o, down).
 
-    Layout (see `kernels/lora_ref.py`): `lora_a[num_slots, in, max_rank * P]`, pre-transposed and
-    interleaved rank-major, and per projection `lora_b{p}[num_slots, max_rank, out_p]`,
-    pre-transposed, scaling folded in. `add` runs one shrink for the group and one expand per
+    Layout (see `kernels/lora_ref.py`): `lora_a[num_slots, max_rank * P, in]`, interleaved
+    rank-major, and per projection `lora_b{p}[num_slots, max_rank, out_p]`, pre-transposed,
+    scaling folded in. `add` runs one shrink for the group and one expand per
     output slice that some adapter of the batch targets.
     """
 
     def __init__(self, in_features: int, out_features: list[int], num_slots: int, max_rank: int):
         super().__init__()
         self.num_proj = len(out_features)
-        self.register_buffer("lora_a", torch.zeros(num_slots, in_features, max_rank * self.num_proj), persistent=False)
+        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank * self.num_proj, in_features), persistent=False)
         for p, out in enumerate(out_features):
             self.register_buffer(f"lora_b{p}", torch.zeros(num_slots, max_rank, out), persistent=False)
         # Per projection and slot: does the adapter in that slot target it? (kept by the adapter

@@ -212,7 +212,7 @@ def test_fused_group_one_shrink_per_slice_expand(dtype, outs, device):
     """One shrink over the interleaved, pre-transposed A of the group, then one expand per slice:
     each slice equals its projection computed alone (mixed ranks, gaps, NaN beyond ranks)."""
     x, slots, ys, wants, batch = make_group(MIXED, MIXED_T, 96, outs, dtype, device)
-    assert slots.a.shape == (5, 96, 64 * len(outs))
+    assert slots.a.shape == (5, 64 * len(outs), 96)
     add_lora_triton(ys, x, slots, batch)
     for y, want in zip(ys, wants):
         check(y, want, dtype)
