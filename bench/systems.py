@@ -105,9 +105,6 @@ def register_adapters(engine, adapters: list[AdapterInfo], warm: list[str], time
         time.sleep(0.02)
     else:
         raise TimeoutError("adapters did not load in time")
-    with engine.adapters.lock:  # they were "wanted" by request_load; a replay request wants them again
-        for e in engine.adapters.entries.values():
-            e.wanted = False
     return time.perf_counter() - t0
 
 
