@@ -105,8 +105,6 @@ def register_adapters(engine, adapters: list[AdapterInfo], warm: list[str], time
         time.sleep(0.02)
     else:
         raise TimeoutError("adapters did not load in time")
-    # (A loaded adapter is not pinned by request_load: only requests waiting for it pin its host
-    # copy, so the replays start from the same state as a served request would.)
     return time.perf_counter() - t0
 
 

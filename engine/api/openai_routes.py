@@ -168,20 +168,31 @@ class _Run:
             raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
         return make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
 
-    async def respond(self):
+    async def start(self) -> None:
+        """Everything before generation: adapters by name, validation, grammar, sequences."""
         await resolve_dynamic(self.state, self.request, self.body.model, self.timer)
         await self.prepare()
-        if self.body.stream:
-            return sse_response(self.stream())
+
+    async def results(self):
+        """Non-streamed: run the sequences to the end; None when the client left (499 recorded)."""
         try:
             results = await until_disconnect(self.request, collect(self.state, self.seqs, self.timer, self.target.adapter))
         except ClientGone:
             self.timer.finish(499)
-            return Response(status_code=499)
+            return None
         except APIError as err:
             self.timer.finish(err.status)
             raise
         self.timer.finish(200)
+        return results
+
+    async def respond(self):
+        await self.start()
+        if self.body.stream:
+            return sse_response(self.stream())
+        results = await self.results()
+        if results is None:
+            return Response(status_code=499)
         return JSONResponse({
             "id": self.request_id, "object": self.object_name, "created": self.created, "model": self.target.model,
             "choices": [self.choice(i, r) for i, r in enumerate(results)],

@@ -23,11 +23,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
 
-from loraplex.engine.api.errors import APIError, ClientGone, as_api_error
+from loraplex.engine.api.errors import APIError, as_api_error
 from loraplex.engine.api.metrics import UNKNOWN
 from loraplex.engine.api.openai_routes import ChatRun
 from loraplex.engine.api.protocol import ChatCompletionRequest, _Body
-from loraplex.engine.api.serving import collect, get_state, merge_streams, output_error, sse_response, until_disconnect
+from loraplex.engine.api.serving import get_state, merge_streams, output_error, sse_response
 from loraplex.engine.core.errors import RequestError
 
 router = APIRouter()
@@ -150,7 +150,7 @@ class ResponsesRun:
             self.state.metrics.requests.labels(UNKNOWN, str(err.status)).inc()
             raise
         self.chat = ChatRun(self.state, self.request, chat)
-        await self.chat.prepare()
+        await self.chat.start()
 
     # ---- shapes ----------------------------------------------------------------------------
 
@@ -193,18 +193,11 @@ class ResponsesRun:
         await self.prepare()
         if self.body.stream:
             return sse_response(self.stream())
-        chat = self.chat
-        try:
-            results = await until_disconnect(self.request, collect(self.state, chat.seqs, chat.timer, chat.target.adapter))
-        except ClientGone:
-            chat.timer.finish(499)
+        results = await self.chat.results()
+        if results is None:
             return Response(status_code=499)
-        except APIError as err:
-            chat.timer.finish(err.status)
-            raise
-        chat.timer.finish(200)
         r = results[0]
-        content, calls = chat.calls_in(r.text, r.finish_reason)
+        content, calls = self.chat.calls_in(r.text, r.finish_reason)
         output = []
         if content:
             output.append(self.message_item(f"msg_{uuid.uuid4().hex}", content))

@@ -70,7 +70,7 @@ async def info(request: Request):
         "device": str(engine.device),
         "block_size": cfg.block_size,
         "max_lora_rank": cfg.max_lora_rank,
-        "adapter_slots": cfg.max_active_adapters,
+        "adapter_slots": engine.adapters.num_slots,  # after the device byte budget
         "max_cpu_adapters": cfg.max_cpu_adapters,
         "max_model_len": engine.max_model_len,
         "max_num_seqs": cfg.max_num_seqs,

@@ -32,6 +32,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions).to(dtype)
+        # Quantized projections get their fp8 weight and scales before materialising: no
+        # full-precision copy of them is ever allocated either.
+        fp8 = _prepare_fp8(model, model_dir, cfg, dtype) if cfg.fp8_block else set()
     # Materialise straight on the target device in the target dtype: parameters uninitialised
     # (each is filled once below, cast on the way), buffers (LoRA slots, rope tables)
     # recomputed. No full-precision copy of the model ever exists: on a GPU the peak is the
@@ -40,26 +43,28 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     model.tie_weights()  # to_empty() makes a separate tensor for each tied parameter
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    fp8: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its fp8 "weight" and "scale_inv"
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for file_key in f.keys():
                 if file_key.endswith(IGNORED_KEY_SUFFIXES):
                     continue
                 if cfg.fp8_block and file_key.endswith(".weight_scale_inv"):
-                    fp8.setdefault(file_key.removesuffix(".weight_scale_inv"), {})["scale_inv"] = f.get_tensor(file_key)
+                    dequant = model.get_submodule(file_key.removesuffix(".weight_scale_inv")).parametrizations.weight[0]
+                    with torch.no_grad():
+                        dequant.scale_inv.copy_(f.get_tensor(file_key))
                     continue
                 for key, tensor in split_fused(file_key, lambda: f.get_tensor(file_key), cfg):
+                    if key.removesuffix(".weight") in fp8:
+                        if tensor.dtype != torch.float8_e4m3fn:
+                            raise UnsupportedModelError(f"weight {key!r} has a weight_scale_inv but is {tensor.dtype}, not float8_e4m3fn")
+                        key = key.removesuffix("weight") + "parametrizations.weight.original"
+                    elif tensor.dtype == torch.float8_e4m3fn:
+                        what = "has no weight_scale_inv" if cfg.fp8_block else "is fp8, but config.json has no fp8 quantization_config"
+                        raise UnsupportedModelError(f"weight {key!r} {what}")
                     if key not in params:
                         raise UnsupportedModelError(f"unexpected weight {file_key!r} in {file.name}")
                     if tuple(tensor.shape) != tuple(params[key].shape):
                         raise UnsupportedModelError(f"weight {key!r} has shape {tuple(tensor.shape)}, expected {tuple(params[key].shape)}")
-                    if tensor.dtype == torch.float8_e4m3fn and not cfg.fp8_block:
-                        raise UnsupportedModelError(f"weight {key!r} is fp8, but config.json has no fp8 quantization_config")
-                    if tensor.dtype == torch.float8_e4m3fn and cfg.fp8_block and key.endswith(".weight"):
-                        fp8.setdefault(key.removesuffix(".weight"), {})["weight"] = tensor.to(device)
-                        loaded.add(key)
-                        continue
                     with torch.no_grad():
                         params[key].copy_(tensor)  # casts to the model's dtype; host to device
                     loaded.add(key)
@@ -68,8 +73,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     missing = sorted(set(params) - loaded)
     if missing:
         raise UnsupportedModelError(f"checkpoint {model_dir} lacks weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, parts in fp8.items():
-        _quantize(model, name, parts, cfg, dtype, device)
     model.weight_bytes, model.weight_bytes_unquantized = weight_bytes(model, dtype)
     _reset_buffers(model, cfg, max_positions, device)
     return model.eval().requires_grad_(False)
@@ -91,16 +94,29 @@ def split_fused(key: str, get_tensor, cfg: ModelConfig):
     return [(f"{prefix}.{n}.{parts[-1]}", t.contiguous()) for n, t in zip(names, tensor.split(sizes))]
 
 
-def _quantize(model: LlamaForCausalLM, name: str, parts: dict, cfg: ModelConfig, dtype: torch.dtype,
-              device: torch.device) -> None:
-    if set(parts) != {"weight", "scale_inv"}:
-        raise UnsupportedModelError(f"{name}: an fp8 checkpoint needs both weight (float8_e4m3fn) and weight_scale_inv")
-    weight, scale_inv = parts["weight"], parts["scale_inv"]
-    (out_features, in_features), (bo, bi) = weight.shape, cfg.fp8_block
-    want = (-(-out_features // bo), -(-in_features // bi))
-    if tuple(scale_inv.shape) != want:
-        raise UnsupportedModelError(f"{name}.weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for blocks {bo}x{bi}")
-    quantize_module_weight(model.get_submodule(name), weight, scale_inv.float().to(device), cfg.fp8_block, dtype)
+def _prepare_fp8(model: LlamaForCausalLM, model_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> set[str]:
+    """Make every module whose checkpoint has a `weight_scale_inv` an fp8 one (on the meta
+    device, before materialising); returns their names."""
+    names = set()
+    bo, bi = cfg.fp8_block
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if not key.endswith(".weight_scale_inv"):
+                    continue
+                name = key.removesuffix(".weight_scale_inv")
+                try:
+                    module = model.get_submodule(name)
+                except AttributeError:
+                    raise UnsupportedModelError(f"unexpected weight {key!r} in {file.name}") from None
+                out_features, in_features = module.weight.shape
+                want, got = (-(-out_features // bo), -(-in_features // bi)), tuple(f.get_slice(key).get_shape())
+                if got != want:
+                    raise UnsupportedModelError(f"{key} has shape {got}, expected {want} for blocks {bo}x{bi}")
+                quantize_module_weight(module, torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                       torch.empty(want, dtype=torch.float32), cfg.fp8_block, dtype)
+                names.add(name)
+    return names
 
 
 def _reset_buffers(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int | None, device: torch.device) -> None:

@@ -19,15 +19,18 @@ class FP8BlockDequant(nn.Module):
         super().__init__()
         self.register_buffer("scale_inv", scale_inv)
         self.block, self.dtype = block, dtype
-        self.dequantize = fp8_dequantizer(scale_inv.device)
+        self.dequantize = None  # chosen for the device the weights end up on, at first use
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dequantize is None:
+            self.dequantize = fp8_dequantizer(weight.device)
         return self.dequantize(weight, self.scale_inv, self.block, self.dtype)
 
 
 def quantize_module_weight(module: nn.Module, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                            dtype: torch.dtype) -> None:
-    """Replace module.weight by the fp8 `weight` (+ its block scales), dequantized on read."""
+    """Replace module.weight by the fp8 `weight` (+ its block scales), dequantized on read.
+    The loader does it on the meta device, before the checkpoint's tensors are copied in."""
     module.weight = nn.Parameter(weight, requires_grad=False)
     parametrize.register_parametrization(module, "weight", FP8BlockDequant(scale_inv, block, dtype), unsafe=True)
 

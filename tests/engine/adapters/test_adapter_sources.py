@@ -78,3 +78,31 @@ def test_s3_source_with_digest_check(tiny_models, tiny_adapters, tmp_path, s3_se
     assert "sha256 mismatch" in outs[1]["error"]
     assert "s3://adapters/nobody was not found in S3" in outs[2]["error"]
     assert (tmp_path / "cache" / "s3" / "adapters" / "tenants" / "acme" / "adapter_model.safetensors").is_file()
+
+
+def test_s3_downloads_stay_within_the_disk_budget(tiny_models, tiny_adapters, tmp_path, s3_server):
+    """The disk tier (downloads under --adapter-cache-dir) evicts the least recently used
+    download past its byte budget; a cached download is never fetched again."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="adapters")
+    names = ["qv-r4", "patterns-r8"]
+    for name in names:
+        for f in FILES:
+            s3.upload_file(str(tiny_adapters["llama"] / name / f), "adapters", f"lib/{name}/{f}")
+    one = sum((tiny_adapters["llama"] / "patterns-r8" / f).stat().st_size for f in FILES)
+    engine = make_engine(tiny_models["llama"], adapter_cache_dir=str(tmp_path / "cache"), adapter_disk_bytes=one + 1,
+                         max_active_adapters=2, max_cpu_adapters=1)
+    for name in names:
+        engine.adapters.register(AdapterManifest(name=name, source="s3", uri=f"s3://adapters/lib/{name}"))
+    first = engine.generate([PROMPTS[0]], GREEDY, ["qv-r4"])[0]["token_ids"]
+    engine.generate([PROMPTS[0]], GREEDY, ["patterns-r8"])
+    disk = engine.adapters.disk
+    cached = {p.name for p in disk.lru}
+    assert cached == {"patterns-r8"} and disk.bytes <= one + 1 and disk.evictions == 1, (cached, disk.bytes)
+    # qv-r4 again: its download was evicted, so it is fetched again (the other one goes)
+    engine.adapters.unregister("qv-r4")
+    engine.adapters.register(AdapterManifest(name="qv-r4", source="s3", uri="s3://adapters/lib/qv-r4"))
+    assert engine.generate([PROMPTS[0]], GREEDY, ["qv-r4"])[0]["token_ids"] == first
+    assert {p.name for p in disk.lru} == {"qv-r4"}

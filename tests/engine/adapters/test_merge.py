@@ -11,6 +11,8 @@ from loraplex.engine.core.errors import RequestError
 from loraplex.engine.model.config import LORA_MODULES, ModelConfig
 from tests.support.tiny import ALL_MODULES, make_tiny_adapter
 
+pytestmark = pytest.mark.slow  # PEFT models are loaded for each reference
+
 SPECS = {"m1": dict(rank=8, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], seed=31),
          "m2": dict(rank=8, alpha=32, target_modules=ALL_MODULES, seed=32),
          "m3": dict(rank=8, alpha=8, target_modules=["q_proj", "gate_proj"], seed=33, use_rslora=True)}

@@ -333,6 +333,15 @@ def test_responses_api_json_schema_and_function_tools(oai):
     assert resp.status == "completed"
     jsonschema.validate(json.loads(resp.output_text), PERSON)
 
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: str = Field(pattern="^(cat|dog)$")
+        legs: int = Field(ge=0, le=4)
+
+    parsed = oai.responses.parse(model="a1", input="a pet", text_format=Pet, temperature=1.0, max_output_tokens=60)
+    assert isinstance(parsed.output_parsed, Pet) and parsed.output_parsed.kind in ("cat", "dog")
+
     tool = {"type": "function", **WEATHER["function"]}
     history = [{"role": "user", "content": "Weather in Rome?"},
                {"type": "function_call", "call_id": "call_1", "name": "get_weather",
