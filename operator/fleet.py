@@ -217,7 +217,10 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
         out.records[name] = rec
         if op is not Op.NONE and op is not Op.WAIT:
             ops.append((name, op, rec))
-    extra = [n for n in listing if n in managed and n not in placed]
+    # Registrations of ours that are not placed here any more. An entry the engine loaded just in
+    # time from its default source (`dynamic`) is the engine's own, even under a managed name:
+    # its LRU forgets it, and removing it would only make the next request load it again.
+    extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")]
 
     async def run(name: str, op: Op, rec: PodRecord) -> None:
         manifest = placed[name][0]

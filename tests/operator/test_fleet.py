@@ -141,11 +141,12 @@ def test_sync_pod_pushes_only_the_difference():
     engine = FakeEngine()
     engine.adapters["jit-loaded"] = listed("jit-loaded")        # not ours: left alone
     engine.adapters["moved-off"] = listed("moved-off")          # ours, placed elsewhere now
+    engine.adapters["served-jit"] = {**listed("served-jit"), "dynamic": True}  # loaded just in time here
     placed = {f"a{i}": (manifest(f"a{i}"), f"d{i}") for i in range(50)}
     mem = PodMemory()
-    first = run_pass(engine, mem, placed, {}, set(placed) | {"moved-off"})
+    first = run_pass(engine, mem, placed, {}, set(placed) | {"moved-off", "served-jit"})
     assert sorted(first.pushed) == sorted(placed) and first.removed == ["moved-off"]
-    assert set(engine.adapters) == set(placed) | {"jit-loaded"}
+    assert set(engine.adapters) == set(placed) | {"jit-loaded", "served-jit"}
     assert first.calls == 2 + 50 + 1
     # The next pass over a settled pod: one listing, nothing else (the boot id is cached).
     engine.calls.clear()
