@@ -262,6 +262,7 @@ def profile_kv_blocks(model: LlamaForCausalLM, device: torch.device, dtype: torc
         logits.sort(dim=-1)
     torch.cuda.synchronize(device)
     del caches, hidden, logits
+    torch.cuda.empty_cache()  # else mem_get_info counts the freed activations as in use
     stats = torch.cuda.memory_stats(device)
     peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
     free, total = torch.cuda.mem_get_info(device)

@@ -89,3 +89,31 @@ def test_logprobs_are_log_softmax_of_the_logits(tiny_models):
         assert lp.token_id == tok and len(lp.top) == 3
         assert lp.top[0][0] == tok  # greedy picks the most likely token
         assert abs(lp.top[0][1] - lp.logprob) < 1e-6 and lp.logprob <= 0
+
+
+def test_vectorized_penalty_and_logprobs_per_row_in_one_batch(tiny_models):
+    """Rows with different repetition penalties (1.0 = off) and different logprob counts in one
+    batch: each row equals transformers' processor on that row alone, and each row gets its own k."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from loraplex.engine.core.sampler import sample
+
+    engine = make_engine(tiny_models["llama"])
+    penalties, ks = [1.3, 1.0, 0.7, 2.0], [None, 0, 2, 5]
+    seqs = [engine.make_sequence(f"v{i}", PROMPTS[i], SamplingParams(repetition_penalty=p, temperature=0, logprobs=k))
+            for i, (p, k) in enumerate(zip(penalties, ks))]
+    logits = torch.randn(4, engine.model_config.vocab_size, generator=torch.Generator().manual_seed(3))
+    want = torch.stack([RepetitionPenaltyLogitsProcessor(p)(torch.tensor([s.token_ids()]), logits[i:i + 1].clone())[0]
+                        for i, (p, s) in enumerate(zip(penalties, seqs))])
+    got = apply_repetition_penalty(logits.clone(), seqs)
+    assert torch.allclose(got, want)
+    tokens = sample(logits.clone(), seqs, torch.Generator().manual_seed(0))
+    assert tokens == want.argmax(-1).tolist()
+    lps = want.log_softmax(-1)
+    for i, (seq, k) in enumerate(zip(seqs, ks)):
+        if k is None:
+            assert not seq.pending_logprobs
+            continue
+        (lp,) = seq.pending_logprobs
+        assert lp.token_id == tokens[i] and abs(lp.logprob - lps[i, tokens[i]].item()) < 1e-5
+        assert [t for t, _ in lp.top] == (lps[i].topk(k).indices.tolist() if k else [])
