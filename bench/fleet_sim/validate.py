@@ -172,11 +172,12 @@ def run_policy(args, policy_name: str, model, adapters, adapter_dir: Path, spec:
         rec.adapter_name, rec.replica = names[rec.adapter], -1
         records.append(rec)
     engines = []
+    fairness = () if args.adapter_fairness_seconds is None else ("--adapter-fairness-seconds", str(args.adapter_fairness_seconds))
     load_before = os.getloadavg()[0]
     try:
         for i in range(args.engines):
             engines.append(HttpEngine(model, settings, adapters, adapter_dir, args.work / f"{policy_name}-engine{i}",
-                                      host=f"127.0.0.{i + 2}", extra_args=("--num-threads", "1")))
+                                      host=f"127.0.0.{i + 2}", extra_args=("--num-threads", "1") + fairness))
         import httpx
 
         for eng in engines:  # a first forward on the base model (torch warm-up); it loads no adapter
@@ -294,6 +295,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loraplex")
     p.add_argument("--work", type=Path, default=Path("/tmp/loraplex-fleet-validate"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet_sim")
+    p.add_argument("--adapter-fairness-seconds", type=float, default=None,
+                   help="pass the engine's slot-fairness aging time to the engines and the model alike "
+                        "(default: the engines' own default, modelled as no rule)")
     p.add_argument("--tiny", action="store_true",
                    help="a smoke run of the pipeline on the tests' tiny model (the costs stay SmolLM2's: its errors mean nothing)")
     args = p.parse_args(argv)
@@ -309,7 +313,8 @@ def main(argv=None) -> int:
     settings = EngineSettings(max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=512,
                               max_active_adapters=args.device_slots, max_cpu_adapters=args.host_slots, max_lora_rank=8)
     rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=32,
-                         max_num_batched_tokens=2048, num_kv_blocks=settings.num_kv_blocks())
+                         max_num_batched_tokens=2048, num_kv_blocks=settings.num_kv_blocks(),
+                         adapter_fairness_s=args.adapter_fairness_seconds)
     spec = FleetWorkload(num_adapters=args.adapters, zipf_s=args.zipf, rate=args.rate, duration_s=args.duration,
                          seed=args.seed)
     trace = generate(spec)
