@@ -230,7 +230,8 @@ async def accept_adapters(rt: Runtime, base: dict, adapters: list[dict]) -> Acce
     base_spec = base.get("spec") or {}
     for a in adapters:
         out.managed.add(a["name"])
-        if a.get("deleting"):
+        # `unloaded`: deleted by its finalizer handler while this pass's snapshot still had it
+        if a.get("deleting") or a.get("uid") in rt.unloaded:
             continue
         key = (ns, a["name"])
         stamp = (apply.canonical(a["spec"]), apply.canonical(base_spec.get("engine", {}).get("maxLoraRank")),
@@ -264,34 +265,38 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
     if meta.get("deletionTimestamp"):
         return rt.config.resync_interval
     started = time.monotonic()
-    accepted = await accept_adapters(rt, base, adapters)
-    by_name = {a["name"]: a for a in adapters}
-    preload = [m for n, m in accepted.manifests.items() if m.preload and not _withdrawn(by_name[n])]
-    # The owned objects are applied when something they depend on changed (the base's spec, the
-    # preload set, an event on one of them), and once per resync interval to repair drift;
-    # not on every pass (a pass woken by adapter changes has nothing to do with them).
-    stamp = (apply.canonical(base.get("spec")), tuple(sorted(A.manifest_digest(m) for m in preload)))
-    last = rt.owned_applied.get((ns, name))
-    now = time.monotonic()
-    if last is not None and last[0] == stamp and now - last[1] < rt.config.resync_interval \
-            and (ns, name) not in rt.owned_stale:
-        pool_condition, dep, render_error = last[2], last[3], last[4]
-    else:
-        rt.owned_stale.discard((ns, name))
-        render_error = None
-        pool_condition = None
-        try:
-            await ensure_admin_secret(rt, base)
-            await ensure_configmap(rt, base, preload)
-            await ensure_deployment(rt, base)
-            await ensure_service(rt, base)
-            await ensure_ingress(rt, base)
-            pool_condition = await ensure_inference_pool(rt, base)
-        except ValueError as e:
-            render_error = str(e)
-        dep = await rt.kube.get(Ref("apps/v1", "deployments", ns, name))
-        rt.owned_applied[(ns, name)] = (stamp, now, pool_condition, dep, render_error)
-    delay = await sync_adapters(rt, base, adapters, accepted, pods)
+    # An adapter's deletion handler DELETEs it from the pods under this lock, so a pass that took
+    # its snapshot before the deletion cannot PUT it back afterwards (the adapter would then be no
+    # longer managed, and nothing would remove it again); passes after it skip its uid (rt.unloaded).
+    async with rt.lock(("adapters", ns, name)):
+        accepted = await accept_adapters(rt, base, adapters)
+        by_name = {a["name"]: a for a in adapters}
+        preload = [m for n, m in accepted.manifests.items() if m.preload and not _withdrawn(by_name[n])]
+        # The owned objects are applied when something they depend on changed (the base's spec, the
+        # preload set, an event on one of them), and once per resync interval to repair drift;
+        # not on every pass (a pass woken by adapter changes has nothing to do with them).
+        stamp = (apply.canonical(base.get("spec")), tuple(sorted(A.manifest_digest(m) for m in preload)))
+        last = rt.owned_applied.get((ns, name))
+        now = time.monotonic()
+        if last is not None and last[0] == stamp and now - last[1] < rt.config.resync_interval \
+                and (ns, name) not in rt.owned_stale:
+            pool_condition, dep, render_error = last[2], last[3], last[4]
+        else:
+            rt.owned_stale.discard((ns, name))
+            render_error = None
+            pool_condition = None
+            try:
+                await ensure_admin_secret(rt, base)
+                await ensure_configmap(rt, base, preload)
+                await ensure_deployment(rt, base)
+                await ensure_service(rt, base)
+                await ensure_ingress(rt, base)
+                pool_condition = await ensure_inference_pool(rt, base)
+            except ValueError as e:
+                render_error = str(e)
+            dep = await rt.kube.get(Ref("apps/v1", "deployments", ns, name))
+            rt.owned_applied[(ns, name)] = (stamp, now, pool_condition, dep, render_error)
+        delay = await sync_adapters(rt, base, adapters, accepted, pods)
     spec = render.with_defaults(base.get("spec"))
     desired = ((dep or {}).get("spec") or {}).get("replicas")
     if desired is None:
@@ -488,9 +493,6 @@ async def unload_adapter(rt: Runtime, body: dict, base: dict | None, pods: list[
     could not be reached (the caller retries a bounded number of times)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    rt.records.pop((ns, name), None)
-    rt.placements.pop((ns, name), None)
-    rt.manifests.pop((ns, name), None)
     token = await _token_or_none(rt, ns, base)
 
     async def one(p: S.PodView) -> str | None:
@@ -499,7 +501,16 @@ async def unload_adapter(rt: Runtime, body: dict, base: dict | None, pods: list[
             return None
         except (EngineError, EngineUnreachable) as e:
             return f"{p.name}: {e}"
-    results = await asyncio.gather(*(one(p) for p in pods if p.ip and not p.deleting))
+    # Not while the base's pass pushes: that pass may still hold this adapter as placed (see
+    # reconcile_base). A pass after this one may still work from a snapshot taken before the
+    # deletion: the uid noted in rt.unloaded keeps it from pushing the adapter back.
+    base_name = ((base or {}).get("metadata") or {}).get("name") or (body.get("spec") or {}).get("baseModel")
+    async with rt.lock(("adapters", ns, base_name)):
+        rt.forget_unloaded(meta.get("uid"))
+        rt.records.pop((ns, name), None)
+        rt.placements.pop((ns, name), None)
+        rt.manifests.pop((ns, name), None)
+        results = await asyncio.gather(*(one(p) for p in pods if p.ip and not p.deleting))
     return [r for r in results if r]
 
 

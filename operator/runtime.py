@@ -67,6 +67,8 @@ class Runtime:
         self.placements: dict[tuple[str, str], list[str]] = {}
         # (namespace, adapter) -> (spec stamp, manifest or SpecProblem): rebuilt on a spec change
         self.manifests: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # uid -> monotonic time of adapters whose deletion handler unloaded them (reconcile.unload_adapter)
+        self.unloaded: dict[str, float] = {}
         # (namespace, base, pod) -> boot id and backoff of that pod's engine
         self.pod_memory: dict[tuple[str, str, str], PodMemory] = {}
         # (namespace, base) -> what the last pass did, and the adapters by phase
@@ -100,6 +102,14 @@ class Runtime:
 
     def lock(self, key: Hashable) -> asyncio.Lock:
         return self._locks[key]
+
+    def forget_unloaded(self, uid: str | None, keep_seconds: float = 600.0) -> None:
+        """Note an unloaded adapter's uid; drop notes older than any pass's snapshot can be."""
+        now = time.monotonic()
+        for old in [u for u, t in self.unloaded.items() if now - t > keep_seconds]:
+            del self.unloaded[old]
+        if uid:
+            self.unloaded[uid] = now
 
     async def get_secret(self, namespace: str, name: str) -> dict | None:
         """A Secret, cached for a few seconds (many adapters may share one)."""

@@ -334,7 +334,8 @@ def test_deleting_an_adapter_unloads_it(env: Env):
         env.cluster.delete(LORA_API, "loraadapters", NS, "a1")
         env.wait(lambda: env.lora("a1") is None, "a1 gone (finalizer released)")
         for pod in env.pods():
-            assert env.http.get(pod.url("/v1/adapters/a1"), headers=ADMIN).status_code == 404
+            r = env.http.get(pod.url("/v1/adapters/a1"), headers=ADMIN)
+            assert r.status_code == 404, r.text
             assert env.http.get(pod.url("/v1/adapters/a2"), headers=ADMIN).status_code == 200
 
 
