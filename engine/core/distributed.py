@@ -157,6 +157,20 @@ class WorkerGroup:
                     break
             time.sleep(WATCH_SECONDS)
 
+    def fail_step(self, exc: BaseException) -> None:
+        """Rank 0's step raised. A collective that lost its peer errors as soon as the peer's
+        socket closes, a moment before the watchdog sees the exit: give the exit that moment, so
+        the failure names the worker that died rather than the symptom."""
+        deadline = time.monotonic() + 1.0
+        while self.failure is None and time.monotonic() < deadline:
+            dead = [(rank, p) for rank, p in enumerate(self.procs, start=1) if p.poll() is not None]
+            if dead:
+                rank, proc = dead[0]
+                self.fail(f"tensor-parallel worker {rank} (pid {proc.pid}) exited with status {proc.returncode}")
+            else:
+                time.sleep(0.05)
+        self.fail(f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}")
+
     def fail(self, reason: str) -> None:
         """Mark the group broken (the first reason wins) and kill the workers left."""
         with self._lock:

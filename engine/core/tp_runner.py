@@ -54,7 +54,7 @@ class TPModelRunner(ModelRunner):
             logits = self.model.compute_logits(hidden[rows]) if rows else None
         except Exception as exc:
             if not isinstance(exc, WorkerGroupError):
-                self.workers.fail(f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}")
+                self.workers.fail_step(exc)
             raise WorkerGroupError(self.workers.failure) from exc
         k = 0
         for seq, lo, hi, _ in spans:
