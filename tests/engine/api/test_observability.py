@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import EngineProcess, parse_metrics, wait_until, write_manifest_file
+from .conftest import engine_process, parse_metrics, wait_until, write_manifest_file
 
 pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed (engine extra)")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
@@ -105,7 +105,7 @@ def traced_engine(assets, receiver, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("otel")
     manifest = tmp / "manifest.json"
     write_manifest_file(manifest, [{"name": ADAPTER, "source": "local", "uri": ADAPTER}])
-    engine = EngineProcess("traced", [
+    with engine_process("traced", [
         "--model-id", str(assets.base), "--device", "cpu", "--num-kv-blocks", "128",
         "--served-model-name", "tiny-base", "--num-threads", "1",
         "--adapter-dir", str(assets.adapter_dir), "--adapter-manifest-file", str(manifest),
@@ -114,12 +114,8 @@ def traced_engine(assets, receiver, tmp_path_factory):
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: export soon after the spans end
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
         "OMP_NUM_THREADS": "1",
-    })
-    try:
-        engine.wait_ready()
+    }) as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 def children_of(spans: list[dict], parent: dict) -> dict[str, dict]:
