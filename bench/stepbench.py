@@ -4,10 +4,9 @@
   `distinct` adapters (0: no adapter).
 - `dense_floor`: the same step's dense matmuls timed alone: F.linear on every projection of every
   layer plus the lm_head, with the engine's own weights and the same batch size.
-- `peft_decode_steps`: the same decode step through transformers + PEFT (one PeftModel, mixed
-  `adapter_names`), KV cache kept between steps.
 - `compare`: the configurations to be compared (no adapter, one adapter, d adapters, ...) decode
-  at the same time, as cohorts that take turns step by step (`EngineCohort`, `PeftCohort`), and
+  at the same time, as cohorts that take turns step by step (`EngineCohort`; `PeftCohort`, the
+  same decode step through transformers + PEFT with mixed `adapter_names`), and
   each configuration's ratio against the baseline is the median of ratios of steps taken side by
   side, with its spread. This is the method of the decode-step tables: see `compare`.
 """
@@ -32,8 +31,8 @@ def engine_decode_steps(engine, batch: int, adapters: list[str], prompt_len: int
 
     params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        prompt = [(7 * i + j) % 200 + 10 for j in range(prompt_len)]
-        engine.add_request(f"step-{time.perf_counter_ns()}-{i}", prompt, params, adapters[i % len(adapters)] if adapters else None)
+        engine.add_request(f"step-{time.perf_counter_ns()}-{i}", cohort_prompt(i, prompt_len), params,
+                           adapters[i % len(adapters)] if adapters else None)
     deadline = time.monotonic() + 120
     while engine.scheduler.waiting and time.monotonic() < deadline:  # prefill (and any adapter loads)
         if not engine.step():
@@ -80,26 +79,6 @@ def dense_pass(model, batch: int):
 
     run()  # warm
     return run
-
-
-@torch.inference_mode()
-def peft_decode_steps(model, batch: int, adapter_names: list[str], prompt_len: int = 16, steps: int = 10) -> float:
-    """Median decode-step milliseconds through HF + PEFT with mixed adapter_names ('__base__' = none)."""
-    ids = torch.tensor([[(7 * i + j) % 200 + 10 for j in range(prompt_len)] for i in range(batch)])
-    names = [adapter_names[i % len(adapter_names)] for i in range(batch)] if adapter_names else ["__base__"] * batch
-    kwargs = {"adapter_names": names} if hasattr(model, "peft_config") else {}
-    out = model(input_ids=ids, use_cache=True, **kwargs)
-    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    mask = torch.ones(batch, prompt_len, dtype=torch.long)
-    times = []
-    for _ in range(steps):
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
-        t = time.perf_counter()
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        times.append(time.perf_counter() - t)
-        cache = out.past_key_values
-    return 1000 * statistics.median(times)
 
 
 # ---- interleaved comparison -------------------------------------------------------------------
@@ -183,7 +162,7 @@ class PeftCohort:
 
     def __init__(self, model, batch: int, adapter_names: list[str], prompt_len: int):
         self.model = model
-        ids = torch.tensor([[(7 * i + j) % 200 + 10 for j in range(prompt_len)] for i in range(batch)])
+        ids = torch.tensor([cohort_prompt(i, prompt_len) for i in range(batch)])
         names = [adapter_names[i % len(adapter_names)] for i in range(batch)] if adapter_names else ["__base__"] * batch
         self.kwargs = {"adapter_names": names} if hasattr(model, "peft_config") else {}
         with torch.inference_mode():
