@@ -60,3 +60,11 @@ class OperatorConfig:
         if min(cfg.pod_concurrency, cfg.push_concurrency, cfg.status_concurrency) < 1:
             raise ValueError("LORAPLEX_*_CONCURRENCY must be >= 1")
         return cfg
+
+
+def catalog_url_from_env() -> str | None:
+    """Where engines reach the operator's adapter catalog (LORAPLEX_CATALOG_URL, e.g.
+    http://loraplex.loraplex-system.svc:9091; the chart sets it to its Service). Unset: engines
+    get no --adapter-catalog-url (an unplaced pod then answers 404 for adapters it was not given)."""
+    url = os.environ.get("LORAPLEX_CATALOG_URL", "").strip().rstrip("/")
+    return url or None

@@ -25,6 +25,7 @@ from typing import Any
 
 import kopf
 
+from . import catalog
 from . import constants as C
 from . import lease
 from . import metrics
@@ -88,6 +89,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.on.startup()
+async def serve_catalog(memo: kopf.Memo, **_: Any) -> None:
+    """The adapter catalog (catalog.py) starts before the leader election: standbys answer too."""
+    if getattr(memo, "catalog", None) is None:
+        memo.catalog = await catalog.serve(runtime(memo))
+
+
+@kopf.on.startup()
 async def elect_leader(memo: kopf.Memo, logger: logging.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
     """Block kopf's start until this process holds the Lease: before that it watches nothing
     and changes nothing. Losing the Lease later ends the process (its pod restarts as a
@@ -100,6 +108,7 @@ async def elect_leader(memo: kopf.Memo, logger: logging.Logger, settings: kopf.O
             or kopf.login_with_kubeconfig(logger=logger, settings=settings))
     if info is None:
         raise kopf.PermanentError("leader election: no credentials")
+    runtime(memo).set_credentials(info)  # a standby reads for the catalog with these (catalog.py)
     cfg = runtime(memo).config
     election = lease.Election(KubeClient.from_connection_info(info), who[0], who[1], cfg.lease_duration,
                               cfg.lease_renew_deadline, cfg.lease_retry_period)
@@ -129,6 +138,8 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
         memo.election_task.cancel()
         await election.release()
         await election.kube.aclose()
+    if getattr(memo, "catalog", None) is not None:
+        await memo.catalog.cleanup()
     await runtime(memo).aclose()
 
 
