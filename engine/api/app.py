@@ -66,6 +66,21 @@ async def _bring_up(state: ServerState, source: EngineSource) -> None:
             settings.on_fatal(exc)
 
 
+DEAD_POLL_SECONDS = 0.5
+
+
+async def _exit_when_dead(state: ServerState) -> None:
+    """An engine that stopped for good (its step loop died, or a tensor-parallel worker did) takes
+    the server down: on_fatal makes the CLI exit 1 and the kubelet restart the pod. Until the
+    exit, /health and the inference routes answer 503."""
+    while state.engine.is_alive:
+        await asyncio.sleep(DEAD_POLL_SECONDS)
+    reason = state.engine.engine.failure or "the engine's step loop stopped"
+    log.error("engine dead: %s; shutting the server down", reason)
+    if state.settings.on_fatal is not None:
+        state.settings.on_fatal(RuntimeError(reason))
+
+
 async def _watch(state: ServerState) -> None:
     """Poll the manifest file and the key/token files."""
     while True:
@@ -97,6 +112,13 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
                 await _watch(state)
 
         tasks.append(asyncio.create_task(watch_when_up()))
+
+        async def exit_when_dead():
+            await bring_up
+            if state.engine is not None:
+                await _exit_when_dead(state)
+
+        tasks.append(asyncio.create_task(exit_when_dead()))
         try:
             yield
         finally:

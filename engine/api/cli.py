@@ -34,6 +34,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=e["dtype"], choices=["auto", "float32", "float16", "bfloat16"])
     m.add_argument("--num-threads", type=_positive_int, default=None,
                    help="torch intra-op CPU threads (default: torch's choice; set it below the pod's CPU limit)")
+    m.add_argument("--tensor-parallel-size", type=_positive_int, default=e["tensor_parallel_size"],
+                   help="split the model over N ranks (gloo on the CPU, NCCL on CUDA); rank 0 starts the N-1 workers")
+    m.add_argument("--tensor-parallel-timeout", type=_positive_float, default=e["tensor_parallel_timeout"],
+                   help="seconds a rank waits in a collective, or for the workers to join, before the engine fails")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
@@ -172,6 +183,7 @@ def configs_from_args(args: argparse.Namespace):
         adapter_disk_bytes=args.adapter_disk_bytes, adapter_fairness_seconds=args.adapter_fairness_seconds,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
         num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size, tensor_parallel_timeout=args.tensor_parallel_timeout,
     )
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,

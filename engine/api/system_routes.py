@@ -20,8 +20,8 @@ async def health(request: Request):
         return JSONResponse(APIError(503, f"the engine failed to start: {state.load_error}",
                                      code="engine_failed").body(), status_code=503)
     if state.engine is not None and not state.engine.is_alive:
-        return JSONResponse(APIError(503, "the engine's step loop has stopped", code="engine_dead").body(),
-                            status_code=503)
+        reason = state.engine.engine.failure or "the engine's step loop has stopped"
+        return JSONResponse(APIError(503, reason, code="engine_dead").body(), status_code=503)
     return {"status": "ok", "model_loaded": state.engine is not None}
 
 
@@ -78,6 +78,9 @@ async def info(request: Request):
         "num_blocks": stats["num_blocks"],
         "num_free_blocks": stats["num_free_blocks"],
         "enable_prefix_caching": cfg.enable_prefix_caching,
+        # Each rank holds 1/N of the weights and KV heads; weight_bytes below is rank 0's share.
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "tensor_parallel_worker_pids": engine.workers.pids if engine.workers is not None else [],
         # Base weights in memory, and what they would take unquantized (equal for a full base).
         "quantization": "fp8" if engine.model_config.fp8_block else None,
         "weight_bytes": engine.runner.model.weight_bytes,

@@ -66,7 +66,7 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         self._texts.put(("stop", None))
         self._output_thread.join(timeout=10)
-        self.engine.adapters.shutdown()
+        self.engine.shutdown()
 
     @property
     def _pending_adds(self) -> int:
@@ -74,7 +74,8 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._output_thread.is_alive()
+        """Both threads run and the engine can still step (a tensor-parallel worker may have died)."""
+        return self._thread.is_alive() and self._output_thread.is_alive() and self.engine.failure is None
 
     # ---- caller side (event loop, or a worker thread for make_sequence) -------------------
 

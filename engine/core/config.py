@@ -26,6 +26,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share full KV blocks of equal prefixes (per adapter)
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads; oversubscribed cores slow matmuls many-fold
+    tensor_parallel_size: int = 1  # ranks the model is split over (rank 0 + N-1 worker processes)
+    tensor_parallel_timeout: float = 60.0  # seconds a rank waits in a collective / for the workers to join
     # adapters
     adapter_source: str = "local"
     adapter_dir: str | None = None

@@ -14,6 +14,7 @@ they read only immutable state, so bad requests are refused before they reach th
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.engine.core.adapters.device_slots import num_slots
+from loraplex.engine.core.adapters.device_slots import DeviceSlots, num_slots
 from loraplex.engine.core.adapters.manager import AdapterManager
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
@@ -32,8 +33,12 @@ from loraplex.engine.core.output_processor import OutputProcessor
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
 from loraplex.engine.core.sequence import CoreOutput, RequestOutput, Sequence
+from loraplex.engine.core.distributed import WorkerGroup
+from loraplex.engine.core.tp_runner import ShardedDeviceSlots, TPModelRunner
+from loraplex.engine.core.tp_worker import LoadSpec
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.loader import load_model
+from loraplex.engine.model.parallel import TensorParallel, check_tensor_parallel
 
 log = logging.getLogger("loraplex.engine")
 
@@ -76,16 +81,30 @@ class LLMEngine:
             (self._tokenizer.eos_token_id,) if self._tokenizer.eos_token_id is not None else ())
 
         slots = num_slots(config, self.model_config, self.dtype, self.device)  # device tier: bytes -> slots
-        model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
-                           max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
-        num_blocks = self._num_kv_blocks(model)
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
-                             f"sequence of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed,
-                                  max_num_seqs=config.max_num_seqs)
+        self.workers = None  # tensor parallel: the worker processes (distributed.WorkerGroup)
+        if config.tensor_parallel_size > 1:
+            model = self._start_tensor_parallel(slots)
+        else:
+            model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
+                               max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
+        try:
+            num_blocks = self._num_kv_blocks(model)
+            if num_blocks * config.block_size < self.max_model_len:
+                raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence "
+                                 f"of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
+            slots_factory = DeviceSlots
+            if self.workers is None:
+                self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed,
+                                          max_num_seqs=config.max_num_seqs)
+            else:
+                self.runner = self._tensor_parallel_runner(model, num_blocks)
+                slots_factory = functools.partial(ShardedDeviceSlots, workers=self.workers)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.shutdown()
+            raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.adapters = AdapterManager(config, model, self.model_config)
+        self.adapters = AdapterManager(config, model, self.model_config, slots_factory)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.adapter_fairness_seconds),
                                    self.block_manager, self.adapters)
@@ -93,14 +112,47 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_seconds = 0.0
 
+    def _start_tensor_parallel(self, slots: int):
+        """Check the split, start the workers, load every rank's shard (the workers' in parallel
+        with rank 0's); returns rank 0's shard of the model."""
+        cfg = self.config
+        check_tensor_parallel(self.model_config, cfg.tensor_parallel_size)  # before any process starts
+        self.workers = WorkerGroup(cfg.tensor_parallel_size, self.device.type, cfg.tensor_parallel_timeout,
+                                   logging.getLevelName(log.getEffectiveLevel()).lower()).start()
+        try:
+            self.workers.send(("load", LoadSpec(str(self.model_dir), str(self.dtype).removeprefix("torch."), slots,
+                                                cfg.max_lora_rank, self.max_model_len, cfg.num_threads)))
+            tp = TensorParallel(0, cfg.tensor_parallel_size)
+            model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
+                               max_lora_rank=cfg.max_lora_rank, max_positions=self.max_model_len, tp=tp)
+            self.workers.collect()
+            return model
+        except BaseException:
+            self.workers.shutdown()
+            raise
+
+    def _tensor_parallel_runner(self, model, num_blocks: int):
+        cfg = self.config
+        kwargs = dict(num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs)
+        self.workers.send(("runner", kwargs))
+        runner = TPModelRunner(model, device=self.device, dtype=self.dtype, workers=self.workers, seed=cfg.seed, **kwargs)
+        self.workers.collect()
+        return runner
+
     def _num_kv_blocks(self, model) -> int:
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
         if self.device.type == "cuda":  # measured: one profiling forward at the largest step
-            return profile_kv_blocks(model, self.device, self.dtype, cfg.block_size, cfg.kv_cache_memory_fraction,
-                                     cfg.max_num_batched_tokens, cfg.max_num_seqs)
+            args = (cfg.block_size, cfg.kv_cache_memory_fraction, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+            if self.workers is None:
+                return profile_kv_blocks(model, self.device, self.dtype, *args)
+            # Every rank runs the profiling forward (it has collectives); the tightest rank decides.
+            self.workers.send(("profile", dict(zip(("block_size", "memory_fraction", "max_num_batched_tokens",
+                                                    "max_num_seqs"), args))))
+            mine = profile_kv_blocks(model, self.device, self.dtype, *args)
+            return min([mine, *self.workers.collect()])
         enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         return max(1, min(enough, cfg.cpu_kv_cache_bytes // per_block))
 
@@ -269,6 +321,16 @@ class LLMEngine:
                 if out.finished:
                     r["finish_reason"], r["error"] = out.finish_reason, out.error
         return [results[r] for r in ids]
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot go on (a tensor-parallel worker died), or None."""
+        return None if self.workers is None else self.workers.failure
+
+    def shutdown(self) -> None:
+        self.adapters.shutdown()
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def stats(self) -> dict:
         return {

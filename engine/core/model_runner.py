@@ -98,7 +98,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, max_num_seqs: int = 256):
+                 dtype: torch.dtype, seed: int = 0, max_num_seqs: int = 256, cuda_graphs: bool = True):
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -110,7 +110,7 @@ class ModelRunner:
         # LORAPLEX_CUDA_GRAPHS: "1" (default) graphs on CUDA with the Triton kernels, "0" off,
         # "eager" the same static-buffer decode path without capture on any device (tests).
         mode = os.environ.get("LORAPLEX_CUDA_GRAPHS", "1")
-        use_graphs = self.ops.name == "triton" and ((device.type == "cuda" and mode != "0") or mode == "eager")
+        use_graphs = cuda_graphs and self.ops.name == "triton" and ((device.type == "cuda" and mode != "0") or mode == "eager")
         # CUDA graphs pad a decode batch up to a captured size; the padded rows write their K/V
         # into one extra block that the block manager never hands out.
         cfg = model.config
@@ -215,20 +215,31 @@ class ModelRunner:
 
     def _record_prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> None:
         """For requests that asked, the logprob of each prompt token given the ones before it."""
-        start = 0
-        for item in batch:
-            seq, n = item.seq, item.num_tokens
-            lps = seq.prompt_logprobs
-            if lps is not None and len(lps) < seq.num_prompt_tokens:
-                # The row at position p predicts token p+1. Skip positions already recorded
-                # (a recompute after preemption) and those past the prompt.
-                first = seq.num_computed_tokens
-                lo, hi = max(first, len(lps) - 1), min(first + n, seq.num_prompt_tokens - 1)
-                if hi > lo:
-                    logits = self.model.compute_logits(hidden[start + lo - first:start + hi - first])
-                    targets = torch.tensor(seq.prompt_ids[lo + 1:hi + 1], device=logits.device)
-                    lps.extend(logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].tolist())
-            start += n
+        for seq, lo, hi, row in prompt_logprob_spans(batch):
+            record_prompt_logprobs(seq, lo, hi, self.model.compute_logits(hidden[row:row + hi - lo]))
+
+
+def prompt_logprob_spans(batch: list[ScheduledSeq]) -> list[tuple]:
+    """(seq, lo, hi, row): the batch rows [row, row + hi - lo) whose logits give the logprobs of
+    prompt tokens lo + 1 .. hi of seq, for each request that asked for prompt logprobs."""
+    spans, start = [], 0
+    for item in batch:
+        seq, n = item.seq, item.num_tokens
+        lps = seq.prompt_logprobs
+        if lps is not None and len(lps) < seq.num_prompt_tokens:
+            # The row at position p predicts token p+1. Skip positions already recorded
+            # (a recompute after preemption) and those past the prompt.
+            first = seq.num_computed_tokens
+            lo, hi = max(first, len(lps) - 1), min(first + n, seq.num_prompt_tokens - 1)
+            if hi > lo:
+                spans.append((seq, lo, hi, start + lo - first))
+        start += n
+    return spans
+
+
+def record_prompt_logprobs(seq, lo: int, hi: int, logits: torch.Tensor) -> None:
+    targets = torch.tensor(seq.prompt_ids[lo + 1:hi + 1], device=logits.device)
+    seq.prompt_logprobs.extend(logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].tolist())
 
 
 def profile_kv_blocks(model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, block_size: int,

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from loraplex.engine.model.config import ModelConfig, UnsupportedModelError
 from loraplex.engine.model.llama import LlamaForCausalLM
+from loraplex.engine.model.parallel import TensorParallel, build_parallel_model, check_tensor_parallel, read_shard
 from loraplex.engine.model.quant import quantize_module_weight, weight_bytes
 
 # Checkpoint keys that carry nothing the engine uses (recomputed buffers).
@@ -27,11 +28,17 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_lora_slots: int = 0,
-               max_lora_rank: int = 0, max_positions: int | None = None) -> LlamaForCausalLM:
+               max_lora_rank: int = 0, max_positions: int | None = None,
+               tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """`tp`: build and load only this rank's shard (parallel.py); None: the whole model."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions).to(dtype)
+        if tp is None:
+            model = LlamaForCausalLM(cfg, num_lora_slots, max_lora_rank, max_positions).to(dtype)
+        else:
+            check_tensor_parallel(cfg, tp.size)
+            model = build_parallel_model(cfg, tp, num_lora_slots, max_lora_rank, max_positions).to(dtype)
         # Quantized projections get their fp8 weight and scales before materialising: no
         # full-precision copy of them is ever allocated either.
         fp8 = _prepare_fp8(model, model_dir, cfg, dtype) if cfg.fp8_block else set()
@@ -53,7 +60,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
                     with torch.no_grad():
                         dequant.scale_inv.copy_(f.get_tensor(file_key))
                     continue
-                for key, tensor in split_fused(file_key, lambda: f.get_tensor(file_key), cfg):
+                pairs = (split_fused(file_key, lambda: f.get_tensor(file_key), cfg) if tp is None
+                         else read_shard(f, file_key, cfg, tp))
+                for key, tensor in pairs:
                     if key.removesuffix(".weight") in fp8:
                         if tensor.dtype != torch.float8_e4m3fn:
                             raise UnsupportedModelError(f"weight {key!r} has a weight_scale_inv but is {tensor.dtype}, not float8_e4m3fn")
@@ -120,7 +129,7 @@ def _prepare_fp8(model: LlamaForCausalLM, model_dir: Path, cfg: ModelConfig, dty
 
 
 def _reset_buffers(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int | None, device: torch.device) -> None:
-    model.reset_rope(device)  # stays fp32
+    model.reset_rope(device)  # stays fp32 (a shard's config keeps head_dim and the rope settings)
     for group in model.lora_groups():
         for buf in group.buffers():
             buf.zero_()

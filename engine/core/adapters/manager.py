@@ -68,7 +68,7 @@ def _done(value) -> Future:
 
 
 class AdapterManager:
-    def __init__(self, config: EngineConfig, model, model_config: ModelConfig):
+    def __init__(self, config: EngineConfig, model, model_config: ModelConfig, slots_factory=DeviceSlots):
         self.config = config
         self.model_config = model_config
         self.dtype = next(model.parameters()).dtype
@@ -79,7 +79,7 @@ class AdapterManager:
         self.lock = threading.RLock()
         self.registry = Registry(max_dynamic=config.max_dynamic_adapters)
         self.host = HostTier(config.adapter_host_bytes, config.max_cpu_adapters)
-        self.slots = DeviceSlots(projections, self.num_slots)
+        self.slots = slots_factory(projections, self.num_slots)  # tensor parallel: tp_runner.ShardedDeviceSlots
         self.disk = DiskTier(self.cache_dir, config.adapter_disk_bytes)
         self.loader = AdapterLoader(config, model_config, self.dtype, self.adapter_dir, self.cache_dir, self.disk)
         self.counters = AdapterCounters()
