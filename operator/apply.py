@@ -169,6 +169,7 @@ async def ensure(kube: KubeClient, desired: dict, observed: dict | None | bool =
         return "created"
     if action == "patch":
         await kube.patch(ref, body)
+        return "patched"
     return action
 
 

@@ -32,7 +32,7 @@ from . import metrics
 from . import reconcile as R
 from . import status as S
 from .config import OperatorConfig
-from .kube import KubeClient
+from . import kube
 from .runtime import Runtime
 
 CONFIG = OperatorConfig.from_env()
@@ -79,7 +79,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The operator posts its own Events for transitions and failures; kopf's only for errors.
     settings.posting.level = logging.WARNING
     # The HTTP clients' own debug lines would drown the operator's in --verbose/--debug.
-    for noisy in ("httpx", "httpcore"):
+    for noisy in ("httpx", "httpcore", "kubernetes_asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
@@ -96,7 +96,7 @@ async def serve_catalog(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.startup()
-async def elect_leader(memo: kopf.Memo, logger: logging.Logger, settings: kopf.OperatorSettings, **_: Any) -> None:
+async def elect_leader(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Block kopf's start until this process holds the Lease: before that it watches nothing
     and changes nothing. Losing the Lease later ends the process (its pod restarts as a
     candidate), as client-go's leader election does."""
@@ -104,13 +104,15 @@ async def elect_leader(memo: kopf.Memo, logger: logging.Logger, settings: kopf.O
     if who is None:
         logger.warning("leader election off (no POD_NAMESPACE): run one operator only")
         return
-    info = (kopf.login_with_service_account(logger=logger, settings=settings)
-            or kopf.login_with_kubeconfig(logger=logger, settings=settings))
-    if info is None:
-        raise kopf.PermanentError("leader election: no credentials")
-    runtime(memo).set_credentials(info)  # a standby reads for the catalog with these (catalog.py)
+    try:
+        configuration = await kube.load_configuration()
+    except kube.ConfigException as e:
+        raise kopf.PermanentError(f"leader election: no credentials: {e}") from e
+    # A standby reads for the adapter catalog (catalog.py) with a client of its own until kopf's
+    # login (after the election) replaces it.
+    runtime(memo).set_client(kube.KubeClient(configuration))
     cfg = runtime(memo).config
-    election = lease.Election(KubeClient.from_connection_info(info), who[0], who[1], cfg.lease_duration,
+    election = lease.Election(kube.KubeClient(configuration), who[0], who[1], cfg.lease_duration,
                               cfg.lease_renew_deadline, cfg.lease_retry_period)
     await election.acquire()
     memo.election = election
@@ -123,12 +125,27 @@ async def elect_leader(memo: kopf.Memo, logger: logging.Logger, settings: kopf.O
 
 
 @kopf.on.login()
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo:
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is None:
-        raise kopf.LoginError("no in-cluster service account and no kubeconfig")
-    runtime(memo).set_credentials(info)
-    return info
+async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """One set of credentials for kopf's watches and the operator's own calls, loaded by
+    kubernetes_asyncio (service account, else kubeconfig with exec plugins and client
+    certificates). kopf logs in again on a 401; the operator's client is then made afresh too."""
+    try:
+        configuration = await kube.load_configuration()
+    except kube.ConfigException as e:
+        raise kopf.LoginError(f"no in-cluster service account and no usable kubeconfig: {e}") from e
+    runtime(memo).set_client(kube.KubeClient(configuration))
+    return await connection_info(configuration)
+
+
+async def connection_info(configuration: Any) -> kopf.ConnectionInfo:
+    """kopf's view of a kubernetes_asyncio Configuration: what kopf.login_via_async_client does,
+    from our own Configuration rather than the library's process-wide default."""
+    header = await configuration.get_api_key_with_prefix("BearerToken") or ""
+    scheme, _, token = header.partition(" ")  # "Bearer <token>", or "Basic <user:password>"
+    return kopf.ConnectionInfo(
+        server=configuration.host, ca_path=configuration.ssl_ca_cert, insecure=not configuration.verify_ssl,
+        scheme=scheme if token else None, token=token or scheme or None,
+        certificate_path=configuration.cert_file, private_key_path=configuration.key_file)
 
 
 @kopf.on.cleanup()

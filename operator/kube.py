@@ -1,35 +1,55 @@
-"""A small async Kubernetes API client over httpx.
+"""The operator's own Kubernetes reads and writes, over kubernetes_asyncio's ApiClient.
 
-kopf watches and calls the handlers; this client does the operator's own reads and writes. It
-only ever creates (POST), merge-patches (PATCH) and deletes: no PUT (replace) anywhere, so
-nothing the operator does can clobber fields that others (users, GitOps, the API server) set.
+kopf watches and calls the handlers; this module does everything else the operator asks of the
+API server. The library brings the credentials (its in-cluster and kubeconfig loaders: service
+account token refresh, exec plugins, client certificates), TLS, the aiohttp connection pool and
+request building. What the library does not do, and this module adds:
+- retries of the API server's transient trouble (429, 5xx, a dropped connection) with backoff,
+  honouring Retry-After (kubernetes_asyncio retries nothing);
+- plain dicts both ways: every call asks for the raw response (`_preload_content=False`) and
+  decodes it with json.loads, never into the typed models. The operator works on dicts (kopf's
+  bodies, the rendered manifests), and model deserialization of a large list costs several times
+  the JSON decoding (docs/operator.md, "Kubernetes client");
+- one way to name an object (`Ref`) for built-in kinds and CRs alike, so every call takes the
+  same path: ApiClient.call_api on the object's REST path.
+It only ever creates (POST), merge- or JSON-patches (PATCH) and deletes: no PUT (replace) and no
+server-side apply (see apply.py), so nothing the operator does can clobber fields that others
+(users, GitOps, the API server) set. Status is written only through the status subresource.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import json
 import os
 import random
-import ssl
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.config import ConfigException
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+FIELD_MANAGER = "loraplex-operator"
+
+__all__ = ["ApiError", "ConfigException", "JSON_PATCH", "KubeClient", "MERGE_PATCH", "Ref", "load_configuration"]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, reason: str = ""):
-        super().__init__(f"{status} {reason}: {message}".strip())
-        self.status = status
+class ApiError(k8s.ApiException):
+    """The library's ApiException, with the API server's Status message and reason parsed out."""
+
+    def __init__(self, status: int, message: str, reason: str = "", headers: Any = None, body: str | None = None):
+        super().__init__(status=status, reason=reason)
         self.message = message
-        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}".strip()
 
 
 @dataclass(frozen=True)
@@ -52,108 +72,88 @@ class Ref:
         return p
 
 
-def _tls_context(info: Any) -> ssl.SSLContext | bool:
-    if getattr(info, "insecure", None):
-        return False
-    ctx = ssl.create_default_context()
-    if getattr(info, "ca_path", None):
-        ctx.load_verify_locations(cafile=os.fspath(info.ca_path))
-    elif getattr(info, "ca_data", None):
-        data = info.ca_data
-        data = data.decode() if isinstance(data, bytes) else data
-        try:  # kubeconfig carries base64 of PEM; kopf may already have decoded it
-            data = base64.b64decode(data, validate=True).decode()
-        except Exception:
-            pass
-        ctx.load_verify_locations(cadata=data)
-    cert = getattr(info, "certificate_path", None)
-    key = getattr(info, "private_key_path", None)
-    cert_data = getattr(info, "certificate_data", None)
-    key_data = getattr(info, "private_key_data", None)
-    if cert_data and key_data:
-        # ssl wants files: write them once, private to this process.
-        d = tempfile.mkdtemp(prefix="loraplex-op-")
-        cert, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
-        for path, blob in ((cert, cert_data), (key, key_data)):
-            blob = blob.encode() if isinstance(blob, str) else blob
-            try:
-                blob = base64.b64decode(blob, validate=True)
-            except Exception:
-                pass
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-    if cert and key:
-        ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
-    return ctx
+async def load_configuration() -> k8s.Configuration:
+    """Credentials as kubectl and client-go find them: the pod's service account when in a
+    cluster, else the kubeconfig ($KUBECONFIG or ~/.kube/config, current context). The in-cluster
+    configuration re-reads its token file as the kubelet rotates it. Raises ConfigException."""
+    cfg = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=cfg)
+    except ConfigException:
+        # $KUBECONFIG read now (the library reads it once, at its import); persist_config=False:
+        # never write refreshed provider tokens back into the user's file.
+        path = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        await k8s_config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+    return cfg
 
 
 class KubeClient:
-    """Namespaced CRUD over the Kubernetes REST API with the credentials kopf logged in with."""
-
-    def __init__(self, server: str, *, token: str | None = None, verify: ssl.SSLContext | bool = True,
-                 username: str | None = None, password: str | None = None, timeout: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        headers = {"Accept": "application/json", "User-Agent": "loraplex-operator"}
-        auth = None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        elif username and password:
-            auth = httpx.BasicAuth(username, password)
-        self._http = httpx.AsyncClient(base_url=server.rstrip("/"), headers=headers, verify=verify,
-                                       auth=auth, timeout=timeout, transport=transport)
+    """Namespaced CRUD over the Kubernetes REST API, with retries, on a kubernetes_asyncio ApiClient."""
 
     RETRIES = 4
     RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-    BACKOFF_BASE, BACKOFF_MAX = 0.2, 10.0
+    BACKOFF_BASE, BACKOFF_MAX, RETRY_AFTER_MAX = 0.2, 10.0, 60.0
+
+    def __init__(self, configuration: k8s.Configuration, *, timeout: float = 30.0):
+        self.api = k8s.ApiClient(configuration)
+        self.api.user_agent = FIELD_MANAGER
+        # Per socket operation, not per call: a list of 10,000 objects may take longer than one
+        # read, but a server that goes silent for `timeout` is given up on (and retried).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+
+    @classmethod
+    def for_server(cls, server: str, *, token: str | None = None, **kwargs: Any) -> "KubeClient":
+        """A client for a plain URL (tests, local tools), optionally with a bearer token."""
+        cfg = k8s.Configuration(host=server.rstrip("/"))
+        if token:
+            cfg.api_key["BearerToken"] = f"Bearer {token}"
+        return cls(cfg, **kwargs)
+
+    async def aclose(self) -> None:
+        await self.api.close()
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:
             try:
-                return min(max(float(retry_after), 0.0), 60.0)
+                return min(max(float(retry_after), 0.0), self.RETRY_AFTER_MAX)
             except ValueError:
-                pass
+                pass  # an HTTP date: rare from an API server; fall back to our own backoff
         return min(self.BACKOFF_BASE * 2 ** attempt, self.BACKOFF_MAX) * (0.5 + random.random() / 2)
-
-    @classmethod
-    def from_connection_info(cls, info: Any) -> "KubeClient":
-        return cls(info.server, token=getattr(info, "token", None), verify=_tls_context(info),
-                   username=getattr(info, "username", None), password=getattr(info, "password", None))
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     async def _request(self, method: str, path: str, *, body: Any = None, content_type: str | None = None,
                        params: dict[str, str] | None = None) -> Any:
-        headers = {}
-        content = None
-        if body is not None:
-            content = json.dumps(body).encode()
-            headers["Content-Type"] = content_type or "application/json"
+        headers = {"Accept": "application/json", "Content-Type": content_type or "application/json"}
+        query = list(params.items()) if params else None
         # The API server's own transient trouble (429 throttling, 5xx, a dropped connection) is
-        # retried here with backoff, honouring Retry-After; anything else is the caller's.
+        # retried here with backoff, honouring Retry-After; anything else is the caller's (a 409
+        # means the caller's view is stale: it re-reads, see apply.ensure and lease.py).
         for attempt in range(self.RETRIES + 1):
             try:
-                resp = await self._http.request(method, path, content=content, headers=headers, params=params)
-            except httpx.TransportError as e:
+                resp = await self.api.call_api(
+                    path, method, query_params=query, header_params=dict(headers), body=body,
+                    auth_settings=["BearerToken"], _preload_content=False, _request_timeout=self._timeout)
+                try:
+                    status, data, resp_headers = resp.status, await resp.read(), resp.headers
+                finally:
+                    resp.release()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 if attempt == self.RETRIES:
                     raise ApiError(503, f"{method} {path}: {type(e).__name__}: {e}", "Unreachable") from e
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
-            if resp.status_code in self.RETRY_STATUSES and attempt < self.RETRIES:
-                await asyncio.sleep(self._backoff(attempt, resp.headers.get("Retry-After")))
+            if status in self.RETRY_STATUSES and attempt < self.RETRIES:
+                await asyncio.sleep(self._backoff(attempt, resp_headers.get("Retry-After")))
                 continue
             break
-        if resp.status_code >= 400:
+        if status >= 400:
+            text = data.decode(errors="replace")
             try:
-                payload = resp.json()
-                message, reason = payload.get("message", resp.text), payload.get("reason", "")
-            except ValueError:
-                message, reason = resp.text, ""
-            raise ApiError(resp.status_code, str(message)[:2000], str(reason))
-        if not resp.content:
-            return None
-        return resp.json()
+                payload = json.loads(data)
+                message, reason = payload.get("message", text), payload.get("reason", "")
+            except (ValueError, AttributeError):
+                message, reason = text, ""
+            raise ApiError(status, str(message)[:2000], str(reason), headers=resp_headers, body=text[:2000])
+        return json.loads(data) if data else None
 
     async def get(self, ref: Ref, subresource: str | None = None) -> dict | None:
         """The object, or None when it does not exist."""
@@ -182,13 +182,12 @@ class KubeClient:
 
     async def create(self, ref: Ref, body: dict) -> dict:
         collection = Ref(ref.api_version, ref.plural, ref.namespace)
-        return await self._request("POST", collection.path(), body=body,
-                                   params={"fieldManager": "loraplex-operator"})
+        return await self._request("POST", collection.path(), body=body, params={"fieldManager": FIELD_MANAGER})
 
     async def patch(self, ref: Ref, patch: Any, *, subresource: str | None = None,
                     content_type: str = MERGE_PATCH) -> dict:
         return await self._request("PATCH", ref.path(subresource), body=patch, content_type=content_type,
-                                   params={"fieldManager": "loraplex-operator"})
+                                   params={"fieldManager": FIELD_MANAGER})
 
     async def patch_status(self, ref: Ref, status_patch: dict) -> dict:
         return await self.patch(ref, {"status": status_patch}, subresource="status")
@@ -204,7 +203,7 @@ class KubeClient:
             raise
 
     async def post_event(self, involved: dict, *, type: str, reason: str, message: str,
-                         component: str = "loraplex-operator") -> None:
+                         component: str = FIELD_MANAGER) -> None:
         """A core/v1 Event about `involved` (a full object body or an object reference)."""
         meta = involved.get("metadata", involved)
         namespace = meta.get("namespace") or "default"

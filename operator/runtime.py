@@ -89,11 +89,11 @@ class Runtime:
         self.pool_discovery: tuple[float, bool] | None = None
         self._secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}
 
-    # --- Kubernetes client, from the credentials kopf logged in with ---------------------------
-    def set_credentials(self, info: Any) -> None:
+    # --- Kubernetes client, made at each kopf login (handlers.login) ----------------------------
+    def set_client(self, kube: KubeClient) -> None:
         if self._kube is not None:
-            self._old_kubes.append(self._kube)
-        self._kube = KubeClient.from_connection_info(info)
+            self._old_kubes.append(self._kube)  # calls may still be in flight on it: closed at exit
+        self._kube = kube
 
     @property
     def kube(self) -> KubeClient:

@@ -1,9 +1,13 @@
-"""An in-memory Kubernetes API for in-process operator tests, served through httpx's MockTransport.
+"""An in-memory Kubernetes API for in-process operator tests, served over HTTP on loopback (aiohttp),
+so that the operator's real client (kubernetes_asyncio, operator/kube.py) talks to it as to an API
+server.
 
-GET, list, POST, merge-PATCH (also on /status) and DELETE of namespaced objects, API discovery,
-and the API server's size limits, enforced (kmock enforces none): an object whose annotations
-exceed 256 KiB, a ConfigMap with 1 MiB of data or any object over 1.5 MiB is refused with 422,
-as a real API server refuses it. It records every request and the largest body of each kind.
+GET, list, POST, merge- and JSON-PATCH (also on /status) and DELETE of namespaced objects, API
+discovery, and the API server's size limits, enforced (kmock enforces none): an object whose
+annotations exceed 256 KiB, a ConfigMap with 1 MiB of data or any object over 1.5 MiB is refused
+with 422, as a real API server refuses it. It records every request and the largest body of each
+kind. `fail(...)` queues answers (429, 5xx, with or without Retry-After) served before the next
+requests are handled, to prove the client's retries.
 """
 from __future__ import annotations
 
@@ -11,9 +15,14 @@ import copy
 import json
 from collections import Counter
 
-import httpx
+import aiohttp.web
+import jsonpatch
+
+from loraplex.operator.kube import KubeClient
 
 from .sizes import ANNOTATIONS_LIMIT, CONFIGMAP_DATA_LIMIT, OBJECT_LIMIT, annotation_bytes, data_bytes, object_bytes
+
+TOKEN = "fake-api-token"
 
 
 def merge(target, patch):
@@ -29,16 +38,69 @@ def merge(target, patch):
     return out
 
 
+def status(code: int, reason: str, message: str = "") -> tuple[int, dict]:
+    return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
+                  "message": message or reason}
+
+
 class FakeApi:
     def __init__(self, served: set[str] = frozenset()):
         self.objects: dict[str, dict] = {}      # "/apis/g/v/namespaces/ns/plural/name" -> body
         self.requests: Counter = Counter()      # "METHOD plural[/sub]" -> count
+        self.content_types: Counter = Counter()  # "METHOD content-type" of the requests with a body
+        self.queries: Counter = Counter()       # "METHOD key=value" of the query parameters
+        self.received = 0                       # every request, the failed ones included
         self.largest: dict[str, int] = {}       # kind -> largest object seen (bytes)
         self.served = set(served)               # "group/version/plural" the discovery reports
+        self.faults: list[tuple[int, dict[str, str]]] = []
+        self.url = ""
+        self._runner: aiohttp.web.AppRunner | None = None
 
-    def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self.handle)
+    # --- serving ------------------------------------------------------------------------------
+    async def start(self) -> str:
+        if self._runner is None:
+            app = aiohttp.web.Application(client_max_size=16 * 2**20)
+            app.router.add_route("*", "/{path:.*}", self._serve)
+            self._runner = aiohttp.web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.url = "http://127.0.0.1:%d" % site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.url
 
+    async def client(self, **kwargs) -> KubeClient:
+        """The operator's client, pointed at this API (started on first use)."""
+        return KubeClient.for_server(await self.start(), token=TOKEN, **kwargs)
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def fail(self, code: int, times: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next `times` requests with `code` (and Retry-After when given)."""
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        self.faults += [(code, headers)] * times
+
+    async def _serve(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        self.received += 1
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            code, payload = status(401, "Unauthorized")
+            return aiohttp.web.json_response(payload, status=code)
+        if self.faults:
+            code, headers = self.faults.pop(0)
+            return aiohttp.web.json_response(status(code, "Injected", f"injected {code}")[1], status=code,
+                                             headers=headers)
+        body = await request.read()
+        if body:
+            self.content_types[f"{request.method} {request.content_type}"] += 1
+        for k, v in request.query.items():
+            self.queries[f"{request.method} {k}={v}"] += 1
+        code, payload = self.handle(request.method, request.path, json.loads(body) if body else None,
+                                    request.content_type)
+        return aiohttp.web.Response(body=json.dumps(payload).encode(), status=code, content_type="application/json")
+
+    # --- the API ------------------------------------------------------------------------------
     def _limits(self, obj: dict) -> str | None:
         if annotation_bytes(obj) > ANNOTATIONS_LIMIT:
             return f"metadata.annotations: Too long: must have at most {ANNOTATIONS_LIMIT} bytes"
@@ -50,14 +112,13 @@ class FakeApi:
         self.largest[kind] = max(self.largest.get(kind, 0), object_bytes(obj))
         return None
 
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        parts = request.url.path.strip("/").split("/")
-        method = request.method
+    def handle(self, method: str, path: str, body, content_type: str = "") -> tuple[int, dict]:
+        parts = path.strip("/").split("/")
         root = 2 if parts[0] == "api" else 3
         if len(parts) == root:  # discovery
             gv = "/".join(parts[1:root])
             res = [{"name": key.rsplit("/", 1)[1]} for key in self.served if key.rsplit("/", 1)[0] == gv]
-            return httpx.Response(200, json={"resources": res}) if res else httpx.Response(404, json={})
+            return (200, {"resources": res}) if res else status(404, "NotFound")
         rest = parts[root:]
         sub = None
         if rest[0] == "namespaces" and len(rest) >= 3:
@@ -70,29 +131,41 @@ class FakeApi:
         key = f"{coll}/{name}" if name else None
         if method == "GET" and key:
             obj = self.objects.get(key)
-            return httpx.Response(200, json=obj) if obj else httpx.Response(404, json={"reason": "NotFound"})
+            return (200, obj) if obj else status(404, "NotFound", f"{plural} {name!r} not found")
         if method == "GET":
-            return httpx.Response(200, json={"items": [o for k, o in self.objects.items() if k.startswith(coll + "/")]})
-        body = json.loads(request.content) if request.content else None
+            return 200, {"items": [o for k, o in self.objects.items() if k.startswith(coll + "/")]}
         if method == "POST":
             key = f"{coll}/{body['metadata']['name']}"
             if key in self.objects:
-                return httpx.Response(409, json={"reason": "AlreadyExists", "message": "exists"})
+                return status(409, "AlreadyExists", f"{plural} {body['metadata']['name']!r} already exists")
             if (why := self._limits(body)):
-                return httpx.Response(422, json={"reason": "Invalid", "message": why})
+                return status(422, "Invalid", why)
             self.objects[key] = body
-            return httpx.Response(201, json=body)
+            return 201, body
         if method == "PATCH":
             if key not in self.objects:
-                return httpx.Response(404, json={"reason": "NotFound", "message": "not found"})
-            new = merge(self.objects[key], {"status": body.get("status")} if sub == "status" else body)
+                return status(404, "NotFound", f"{plural} {name!r} not found")
+            old = self.objects[key]
+            if content_type == "application/json-patch+json":
+                try:
+                    new = jsonpatch.apply_patch(old, body)
+                except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                    return status(422, "Invalid", str(e))
+                if sub == "status":
+                    new = {**old, "status": new.get("status")}
+            elif content_type == "application/merge-patch+json":
+                new = merge(old, {"status": body.get("status")} if sub == "status" else body)
+            else:
+                return status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: "
+                              f"accepted media types include: application/json-patch+json, "
+                              f"application/merge-patch+json")
             if (why := self._limits(new)):
-                return httpx.Response(422, json={"reason": "Invalid", "message": why})
+                return status(422, "Invalid", why)
             self.objects[key] = new
-            return httpx.Response(200, json=new)
+            return 200, new
         if method == "DELETE":
-            return httpx.Response(200 if self.objects.pop(key, None) else 404, json={})
-        return httpx.Response(405, json={})
+            return (200, {}) if self.objects.pop(key, None) else status(404, "NotFound")
+        return status(405, "MethodNotAllowed")
 
     def put(self, path: str, obj: dict) -> None:
         assert self._limits(obj) is None

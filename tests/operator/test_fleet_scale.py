@@ -34,7 +34,6 @@ import pytest
 from loraplex.manifest import hash_api_key
 from loraplex.operator import reconcile as R
 from loraplex.operator.config import OperatorConfig
-from loraplex.operator.kube import KubeClient
 from loraplex.operator.runtime import Runtime
 from loraplex.operator.status import PodView
 
@@ -130,7 +129,7 @@ def test_catalog_with_tenant_keys_through_the_reconcile_pass(engines):
 
     async def run() -> dict:
         rt = Runtime(cfg)
-        rt._kube = KubeClient("http://api.fake", transport=api.transport())
+        rt._kube = await api.client()
         before = rss()
         t0 = time.monotonic()
         passes = 0
@@ -152,6 +151,7 @@ def test_catalog_with_tenant_keys_through_the_reconcile_pass(engines):
                     "settled": dict(rt.last_pass[(NS, BASE)]), "settled_writes": api.writes() - writes_before}
         finally:
             await rt.aclose()
+            await api.aclose()
 
     out = asyncio.run(run())
     events = sum(1 for k in api.objects if "/events/" in k)

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from loraplex.engine.api.cli import build_parser
-from tests.engine.api.conftest import ENGINE_BIN, ROOT, EngineProcess, free_port, wait_until
+from tests.engine.api.conftest import ENGINE_BIN, ROOT, EngineProcess, free_port, metric, parse_metrics, wait_until
 from tests.support.tiny import ALL_MODULES, make_tiny_adapter, make_tiny_checkpoint
 
 LOGPROB_ATOL = 1e-4
@@ -37,7 +37,11 @@ PROMPTS = ["The quick brown fox", "Paris is the capital of France. Berlin is",
            "LoRA adapters share one base model; the KV cache is paged in blocks."]
 ADAPTERS = {"llama": {"qkvo": dict(rank=8, seed=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
                       "all": dict(rank=16, seed=13, target_modules=ALL_MODULES)},
-            "qwen2": {"all": dict(rank=8, seed=14, target_modules=ALL_MODULES)}}
+            "qwen2": {"all": dict(rank=8, seed=14, target_modules=ALL_MODULES),
+                      "qkvo": dict(rank=4, seed=15, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}}
+# Qwen2's server has one device slot: its two adapters take turns, so every rank's slot is
+# rewritten with another adapter's slices (evictions), not only written once.
+EXTRA_ARGS = {"qwen2": ["--max-active-adapters", "1"]}
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
@@ -64,7 +68,8 @@ def tp_servers(checkpoints, tmp_path_factory):
     """One size-2 server per family, started together. The last test of this module kills the
     llama one's rank 0 (test_workers_exit_when_rank_0_dies)."""
     logs = tmp_path_factory.mktemp("tp-logs")
-    servers = {f: EngineProcess(f"tp2-{f}", tp_args(*checkpoints[f]), logs / f"{f}.log", env=ENV) for f in checkpoints}
+    servers = {f: EngineProcess(f"tp2-{f}", [*tp_args(*checkpoints[f]), *EXTRA_ARGS.get(f, [])], logs / f"{f}.log",
+                                env=ENV) for f in checkpoints}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -134,6 +139,10 @@ def test_size_2_matches_size_1_over_http(family, checkpoints, tp_servers):
     base = [r["token_ids"] for r, (_, a) in zip(want, requests) if a is None]
     for name in ADAPTERS[family]:
         assert [r["token_ids"] for r, (_, a) in zip(want, requests) if a == name] != base, name
+    if family in EXTRA_ARGS:  # one slot, two adapters: one was evicted for the other
+        evictions = metric(parse_metrics(httpx.get(server.url + "/metrics").text),
+                           "loraplex_adapter_evictions_total", tier="device")
+        assert evictions >= 1
 
 
 def pid_alive(pid: int) -> bool:
@@ -149,26 +158,33 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def stream_and_signal(server: EngineProcess, pid: int, sig: int) -> tuple[list[dict], float]:
+    """Stream a long completion; after its first chunk send `sig` to `pid`. Returns the events
+    (an error body last if the stream failed) and when the signal was sent."""
+    body = {"model": "all", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    events, signalled_at = [], None
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        try:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                events.append(json.loads(line[6:]))
+                if signalled_at is None:
+                    os.kill(pid, sig)
+                    signalled_at = time.monotonic()
+        except httpx.TransportError:  # the server went away before it could send the error
+            events.append({"error": "connection closed"})
+    return events, signalled_at
+
+
 @pytest.mark.slow
 def test_a_killed_worker_fails_the_engine_cleanly(checkpoints, tmp_path):
     server = EngineProcess("tp2-kill", tp_args(*checkpoints["llama"]), tmp_path / "kill.log", env=ENV)
     try:
         server.wait_ready()
         (worker,) = httpx.get(server.url + "/info").json()["tensor_parallel_worker_pids"]
-        body = {"model": "all", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
-        events, killed_at = [], None
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-            assert r.status_code == 200
-            try:
-                for line in r.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    events.append(json.loads(line[6:]))
-                    if killed_at is None:
-                        os.kill(worker, signal.SIGKILL)
-                        killed_at = time.monotonic()
-            except httpx.TransportError:  # the server went away before it could send the error
-                events.append({"error": "connection closed"})
+        events, killed_at = stream_and_signal(server, worker, signal.SIGKILL)
         ended = time.monotonic() - killed_at
         assert "error" in events[-1], events[-3:]
         assert sum(len(e["choices"][0]["text"]) > 0 for e in events if "choices" in e) < 400
@@ -182,6 +198,28 @@ def test_a_killed_worker_fails_the_engine_cleanly(checkpoints, tmp_path):
         print(f"worker killed: stream ended after {ended:.2f} s, rank 0 exited with {code} after {exited:.2f} s")
         assert code != 0
         assert "tensor-parallel worker 1" in server.log_tail(20000)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_hung_worker_times_out_and_fails_the_engine(checkpoints, tmp_path):
+    """A worker that stops answering without dying (SIGSTOP): rank 0's collective times out after
+    --tensor-parallel-timeout, and the engine fails as for a dead worker."""
+    server = EngineProcess("tp2-hang", [*tp_args(*checkpoints["llama"]), "--tensor-parallel-timeout", "3"],
+                           tmp_path / "hang.log", env=ENV)
+    try:
+        server.wait_ready()
+        (worker,) = httpx.get(server.url + "/info").json()["tensor_parallel_worker_pids"]
+        events, stopped_at = stream_and_signal(server, worker, signal.SIGSTOP)
+        ended = time.monotonic() - stopped_at
+        assert "error" in events[-1], events[-3:]
+        code = server.proc.wait(KILL_BOUND_SECONDS)
+        print(f"worker stopped: stream ended after {ended:.2f} s, rank 0 exited with {code} "
+              f"after {time.monotonic() - stopped_at:.2f} s")
+        assert code != 0 and ended >= 2.5  # the collective waited for its timeout, not less
+        assert "tensor-parallel step failed on rank 0" in server.log_tail(20000)
+        wait_until(lambda: not pid_alive(worker), 10, "the stopped worker to be killed")
     finally:
         server.stop()
 
