@@ -87,6 +87,7 @@ class AdapterManager:
         self.mean_bytes = 0  # running mean adapter size: what the next load will likely need
         self.pending_placement: set[str] = set()  # preloads waiting for the step thread
         self.locations: dict[tuple, str] = {}  # where a registered adapter's files are -> its name
+        self.preloads: set[str] = set()  # names registered with preload: true (each holds a device slot)
         self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
         self.source = DefaultSource(config.adapter_source, self.adapter_dir, self.cache_dir, config.adapter_s3_prefix)
         self.dynamic = config.dynamic_adapter_policy() if self.source.usable else "off"
@@ -100,12 +101,14 @@ class AdapterManager:
 
     def register(self, manifest: AdapterManifest) -> dict:
         """Add or update an adapter. Idempotent: the same manifest again changes nothing,
-        except that a failed adapter is retried."""
+        except that a failed adapter is retried. Nothing here grows with the number of adapters
+        registered, and nothing is loaded unless the manifest asks for a preload (the load then
+        runs on the pool: the call never waits for weights)."""
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
             entry = self.registry.get(manifest.name)
             if manifest.preload and (entry is None or not entry.manifest.preload):
-                pinned = sum(1 for e in self.registry if e.manifest.preload and not e.removed)
+                pinned = len(self.preloads)
                 if pinned + 1 >= self.num_slots:
                     raise RequestError(
                         f"cannot preload {manifest.name!r}: {pinned} of {self.num_slots} device slots are held by "
@@ -120,10 +123,14 @@ class AdapterManager:
                 if entry.state == AdapterState.FAILED:
                     entry.message = None
             self.locations[key] = manifest.name
+            entry.location = key
             if manifest.preload:
+                self.preloads.add(manifest.name)
                 self._enqueue(entry)
                 if entry.weights is not None and entry.slot is None:
                     self.pending_placement.add(manifest.name)
+            else:
+                self.preloads.discard(manifest.name)
             return entry.describe()
 
     def unregister(self, name: str) -> bool:
@@ -167,9 +174,9 @@ class AdapterManager:
         self.host.drop(entry)
         self.pending_placement.discard(entry.name)
         self.load_queue.pop(entry.name, None)
-        for key, name in list(self.locations.items()):
-            if name == entry.name:
-                del self.locations[key]
+        self.preloads.discard(entry.name)  # register() adds it back when the new manifest preloads
+        if entry.location is not None and self.locations.get(entry.location) == entry.name:
+            del self.locations[entry.location]
         if entry.slot is not None and self.slots.pins[entry.slot] == 0:
             self.slots.free(entry.slot)
 
@@ -186,9 +193,11 @@ class AdapterManager:
             entry = self.registry.get(name)
             return entry.describe() if entry else None
 
-    def list(self) -> list[dict]:
+    def list(self, compact: bool = False) -> list[dict]:
+        """Every entry, by name: `describe()`, or `summary()` when compact."""
         with self.lock:
-            return [e.describe() for e in sorted(self.registry, key=lambda e: e.name)]
+            entries = sorted(self.registry.entries.items())
+            return [e.summary() if compact else e.describe() for _, e in entries]
 
     def manifest(self, name: str) -> AdapterManifest | None:
         """The manifest serving `name`: a registered name, or a name resolved from the default source."""
@@ -219,7 +228,8 @@ class AdapterManager:
     def preload_ready(self) -> tuple[bool, list[str]]:
         """(all preloaded adapters on the device, the names still missing)."""
         with self.lock:
-            missing = [e.name for e in self.registry if e.manifest.preload and e.state != AdapterState.DEVICE]
+            missing = [n for n in self.preloads if self.registry.get(n) is None
+                       or self.registry.get(n).state != AdapterState.DEVICE]
             return not missing, sorted(missing)
 
     def tier_counts(self) -> dict[str, int]:
