@@ -42,6 +42,7 @@ class AdapterEntry:
     waiters: set[str] = field(default_factory=set)
     load_seconds: float | None = None
     resolved_at: float = 0.0  # time.monotonic() of the last resolution of a dynamic name
+    catalog_checked_at: float | None = None  # a dynamic entry from the operator's catalog: when fetched
     location: tuple | None = None  # its key in the manager's `locations` (sources.location_key), if set
     _digest_of: AdapterManifest | None = field(default=None, repr=False)
     _manifest_digest: str = field(default="", repr=False)
