@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from loraplex.engine.api.settings import ServerSettings
@@ -221,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            lifespan="on", timeout_graceful_shutdown=5, access_log=False))
     server.run()
+    if failed and config.tensor_parallel_size > 1:
+        # The step thread may still be blocked in a collective or a device sync of the broken
+        # group, and interpreter shutdown could wait on it: leave now (the logs are all that
+        # is left to flush).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 1 if failed else 0
 
 

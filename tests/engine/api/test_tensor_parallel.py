@@ -3,12 +3,15 @@
 - Parity: a size-2 engine gives the size-1 engine's greedy tokens, and its prompt and token
   logprobs within 1e-4, for the base and adapters in one burst of concurrent requests (mixed
   batches): on a GQA Llama (4 heads, 2 kv heads: one kv head per rank) with an adapter on
-  q/k/v/o and an all-linear one (gate/up/down too), and on Qwen2 (qkv bias, tied vocab-parallel
-  embedding and lm_head) with an all-linear adapter. The size-1 reference is the engine in this
-  process (LLMEngine, the code path every size-1 server runs). Observed differences: ~2e-5 or
-  less (the all-reduce sums partial products in another order).
+  q/k/v/o and an all-linear one (gate/up/down too), on Qwen2 (qkv bias, tied vocab-parallel
+  embedding and lm_head) with two adapters sharing one device slot (every rank's slot is
+  rewritten after each eviction), and on Phi-3 (fused qkv_proj / gate_up_proj weights, an adapter
+  on the fused names). The size-1 reference is the engine in this process (LLMEngine, the code
+  path every size-1 server runs). Observed differences: ~2e-5 or less (the all-reduce sums
+  partial products in another order).
 - A worker SIGKILLed while a request streams: the stream ends with an error, /health answers 503
   (or the server has exited), and the server exits non-zero within KILL_BOUND_SECONDS.
+- A worker SIGSTOPped (hung, not dead): the same, once the collective timeout runs out.
 - Rank 0 SIGKILLed: its worker exits within ORPHAN_BOUND_SECONDS.
 - Start-up errors: a size that does not divide the heads exits 1 with the reason, before any
   worker starts; unsupported models (Mixtral, fp8) are refused by name.
@@ -38,7 +41,10 @@ PROMPTS = ["The quick brown fox", "Paris is the capital of France. Berlin is",
 ADAPTERS = {"llama": {"qkvo": dict(rank=8, seed=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
                       "all": dict(rank=16, seed=13, target_modules=ALL_MODULES)},
             "qwen2": {"all": dict(rank=8, seed=14, target_modules=ALL_MODULES),
-                      "qkvo": dict(rank=4, seed=15, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}}
+                      "qkvo": dict(rank=4, seed=15, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+            # fused qkv_proj / gate_up_proj in the checkpoint and in the adapter: each rank reads
+            # its rows of every part of the fused tensor
+            "phi3": {"fused": dict(rank=8, seed=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])}}
 # Qwen2's server has one device slot: its two adapters take turns, so every rank's slot is
 # rewritten with another adapter's slices (evictions), not only written once.
 EXTRA_ARGS = {"qwen2": ["--max-active-adapters", "1"]}
