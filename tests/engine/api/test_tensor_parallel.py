@@ -281,3 +281,13 @@ def test_cli_rejects_bad_tensor_parallel_flags(args, message, capsys):
         build_parser().parse_args(["--model-id", "x", *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_maps_the_tensor_parallel_flags():
+    from loraplex.engine.api.cli import configs_from_args
+
+    config, _ = configs_from_args(build_parser().parse_args(
+        ["--model-id", "m", "--tensor-parallel-size", "4", "--tensor-parallel-timeout", "7.5"]))
+    assert (config.tensor_parallel_size, config.tensor_parallel_timeout) == (4, 7.5)
+    defaults, _ = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
+    assert defaults.tensor_parallel_size == 1  # size 1: no process group, no workers
