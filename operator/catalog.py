@@ -17,7 +17,8 @@ Errors use the engine's shape {"error": {"message", "type", "param", "code"}}.
 
 Every replica answers, the standbys included: a lookup reads the LoraAdapter and its base by name
 from the API (two GETs, cached for a few seconds; Secrets through the runtime's cache) and builds
-the manifest with the same function the reconcile pass uses. A standby has no kopf indexes (it
+the manifest with the same function the reconcile pass uses; at most LOOKUPS_AT_ONCE lookups
+read the API at once. A standby has no kopf indexes (it
 waits for the Lease), and readiness cannot route only to the leader without stalling the chart's
 rolling update (maxUnavailable 0), so reading by name is what lets any replica answer. A lookup
 never lists: its cost does not grow with the number of adapters.
@@ -28,6 +29,7 @@ operator renders `--adapter-catalog-url <it>/catalog/v1/<namespace>/<base>` into
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -52,6 +54,7 @@ PREFIX = C.CATALOG_PREFIX
 RETRY_AFTER_SECONDS = 2
 CACHE_SECONDS = 2.0  # a burst of pods asking for one adapter costs one read of it
 CACHE_ENTRIES = 4096
+LOOKUPS_AT_ONCE = 32  # lookups reading the API at once; more wait (a cold fleet asks in bursts)
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
@@ -132,11 +135,13 @@ async def lookup(rt: Runtime, cache: ObjectCache, namespace: str, base_name: str
 
 def make_app(rt: Runtime) -> web.Application:
     cache = ObjectCache()
+    limit = asyncio.Semaphore(LOOKUPS_AT_ONCE)
 
     async def get_adapter(request: web.Request) -> web.Response:
         ns, base, name = (request.match_info[k] for k in ("namespace", "base", "name"))
         try:
-            status, result = await lookup(rt, cache, ns, base, name, _bearer(request))
+            async with limit:
+                status, result = await lookup(rt, cache, ns, base, name, _bearer(request))
         except (ApiError, OSError, RuntimeError) as e:  # API server unreachable, not logged in yet
             log.warning("catalog lookup %s/%s/%s failed: %s", ns, base, name, e)
             return _error(503, f"the operator cannot read the API server now: {e}", "catalog_unavailable")

@@ -92,6 +92,15 @@ def test_catalog_answers_manifests_to_the_bases_engines_only(cluster: FakeCluste
     assert r.json() == {"name": "keyed", "source": "hub", "uri": "org/keyed", "preload": False,
                         "tenants": [hash_api_key("sk-raw-tenant-key")]}
     assert "sk-raw-tenant-key" not in r.text
+    # A burst of lookups (pods asking at once) costs at most one read of each object: cached 2 s.
+    def reads(path: str) -> int:
+        return sum(1 for q in c.requests() if str(getattr(q.method, "value", q.method)).upper() == "GET"
+                   and q.url.path.endswith(path))
+    before = (reads("/loraadapters/keyed"), reads("/basemodeldeployments/base"))
+    for _ in range(5):
+        assert get(url, NS, "base", "keyed", tokens["base"]).status_code == 200
+    after = (reads("/loraadapters/keyed"), reads("/basemodeldeployments/base"))
+    assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1, (before, after)
     assert code(get(url, NS, "base", "keyed", None)) == (401, "missing_token")
     assert code(get(url, NS, "base", "keyed", "not-the-token")) == (403, "forbidden")
     assert code(get(url, NS, "base", "keyed", tokens["other"])) == (403, "forbidden")  # another base's engines
