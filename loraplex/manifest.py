@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,13 @@ class AdapterManifest(BaseModel):
         return self
 
 
+def manifest_digest(manifest: AdapterManifest) -> str:
+    """16 hex of the sha256 of the manifest's canonical JSON: the operator and an engine compare
+    what was pushed with what is registered by this, without shipping the manifests back."""
+    blob = json.dumps(manifest.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def hash_api_key(key: str) -> str:
     """The form in which API keys travel and are stored: sha256 hex of the raw key."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -92,8 +100,7 @@ def parse_manifest_list(text: str) -> list[AdapterManifest]:
     if not isinstance(data, list):
         raise ValueError("a manifest file holds a JSON list of adapters or {\"adapters\": [...]}")
     manifests = [AdapterManifest.model_validate(item) for item in data]
-    names = [m.name for m in manifests]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(m.name for m in manifests).items() if count > 1)
     if dupes:
         raise ValueError(f"duplicate adapter names in manifest list: {dupes}")
     return manifests

@@ -6,14 +6,12 @@ Secrets by the caller and enter the manifest only as sha256 hashes (manifest.has
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from loraplex.manifest import DNS1123_LABEL, AdapterManifest, hash_api_key
+from loraplex.manifest import DNS1123_LABEL, AdapterManifest, hash_api_key, manifest_digest  # noqa: F401 (A.manifest_digest)
 
 DEFAULT_SOURCE_TYPE = "hub"
 
@@ -137,11 +135,6 @@ def build_manifest(name: str, spec: dict, tenants: list[str]) -> AdapterManifest
 
 def manifest_json(manifest: AdapterManifest) -> dict:
     return manifest.model_dump(exclude_none=True)
-
-
-def manifest_digest(manifest: AdapterManifest) -> str:
-    blob = json.dumps(manifest_json(manifest), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # Engine load errors that are not the adapter's fault: the source (Hub, S3) answered with a

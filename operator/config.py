@@ -40,6 +40,10 @@ class OperatorConfig:
     min_pass_interval: float = 0.5
     pod_concurrency: int = 16
     push_concurrency: int = 32
+    # Manifests per POST /v1/adapters:batch, and about how many bytes of JSON (the engine's
+    # --max-body-bytes is 1 MiB by default).
+    push_batch_size: int = 200
+    push_batch_bytes: int = 256 * 1024
     status_concurrency: int = 16
     # Leader election (a coordination.k8s.io/v1 Lease `loraplex-operator` in POD_NAMESPACE).
     lease_duration: float = 15.0
@@ -59,4 +63,14 @@ class OperatorConfig:
             raise ValueError("LORAPLEX_MAX_FAILURES and LORAPLEX_UNLOAD_ATTEMPTS must be >= 1")
         if min(cfg.pod_concurrency, cfg.push_concurrency, cfg.status_concurrency) < 1:
             raise ValueError("LORAPLEX_*_CONCURRENCY must be >= 1")
+        if cfg.push_batch_size < 1 or cfg.push_batch_bytes < 1:
+            raise ValueError("LORAPLEX_PUSH_BATCH_SIZE and LORAPLEX_PUSH_BATCH_BYTES must be >= 1")
         return cfg
+
+
+def catalog_url_from_env() -> str | None:
+    """Where engines reach the operator's adapter catalog (LORAPLEX_CATALOG_URL, e.g.
+    http://loraplex.loraplex-system.svc:9091; the chart sets it to its Service). Unset: engines
+    get no --adapter-catalog-url (an unplaced pod then answers 404 for adapters it was not given)."""
+    url = os.environ.get("LORAPLEX_CATALOG_URL", "").strip().rstrip("/")
+    return url or None

@@ -1,10 +1,11 @@
 """One pass over one engine pod: read its adapter list once, diff it against the adapters placed
 on it, push only the difference.
 
-Per pass and pod the cost is one `GET /v1/adapters` (plus `GET /info` only when the pod object
-changed or an adapter we had pushed is missing, i.e. the engine may have restarted), then one
-request per adapter that differs. A settled fleet of N adapters on R pods costs R requests per
-pass, not N*R.
+Per pass and pod the cost is one `GET /v1/adapters?view=compact` (plus `GET /info` only when the
+pod object changed or an adapter we had pushed is missing, i.e. the engine may have restarted),
+then one `POST /v1/adapters:batch` per up to `push_batch_size` adapters that differ (and a DELETE
+per adapter retried or removed). A settled fleet of N adapters on R pods costs R requests per
+pass, not N*R; a first push costs about R * N / push_batch_size.
 
 Per (adapter, pod) a PodRecord remembers which engine process (boot id) got which manifest
 (digest), the adapter's state there, its failure count and backoff. `plan_adapter` is the pure
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -118,10 +120,18 @@ def fold_error(rec: PodRecord, err: Exception, now: float, cfg: OperatorConfig) 
                    next_attempt=now + backoff(streak, cfg))
 
 
+def matches(listed: Mapping, manifest: dict, digest: str | None) -> bool:
+    """The pod holds this manifest: by its digest (the compact listing), or by the manifest itself
+    (the full rows of an engine without the compact view)."""
+    if "manifest_digest" in listed and digest is not None:
+        return listed["manifest_digest"] == digest
+    return listed.get("manifest") == manifest
+
+
 def plan_adapter(rec: PodRecord, listed: Mapping | None, manifest: dict, now: float,
-                 cfg: OperatorConfig) -> tuple[Op, PodRecord]:
+                 cfg: OperatorConfig, digest: str | None = None) -> tuple[Op, PodRecord]:
     """What to do about one placed adapter on one pod, given what the pod's listing says."""
-    if listed is None or listed.get("manifest") != manifest:
+    if listed is None or not matches(listed, manifest, digest):
         if given_up(rec, cfg):
             return Op.WAIT, rec  # the same manifest failed for good on this engine: do not hammer it
         if rec.state == C.STATE_FAILED and now < rec.next_attempt:
@@ -213,7 +223,7 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
             rec = PodRecord(pod=pod.name, boot_id=boot, digest=digest)  # counters start afresh
         elif rec.state == C.STATE_UNREACHABLE:
             rec = replace(rec, state=None, streak=0)
-        op, rec = plan_adapter(rec, listing.get(name), manifest, now(), cfg)
+        op, rec = plan_adapter(rec, listing.get(name), manifest, now(), cfg, digest)
         out.records[name] = rec
         if op is not Op.NONE and op is not Op.WAIT:
             ops.append((name, op, rec))
@@ -222,25 +232,48 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
     # its LRU forgets it, and removing it would only make the next request load it again.
     extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")]
 
-    async def run(name: str, op: Op, rec: PodRecord) -> None:
-        manifest = placed[name][0]
+    async def unload_first(name: str, op: Op, rec: PodRecord) -> bool:
+        """RETRY and UNLOAD start with a DELETE; False when nothing is to be pushed after it."""
         async with limit:
             try:
-                if op in (Op.RETRY, Op.UNLOAD):
-                    out.calls += 1
-                    await engine.delete_adapter(pod.ip, pod.port, name, token)  # type: ignore[arg-type]
-                if op is Op.UNLOAD:
-                    out.records[name] = replace(rec, message=f"{rec.message} (unloaded from this pod after "
-                                                             f"{rec.failures} attempts so that its readiness "
-                                                             "does not wait on it)")
-                    return
                 out.calls += 1
-                report = await engine.put_adapter(pod.ip, pod.port, manifest, token)  # type: ignore[arg-type]
-                (out.retried if op is Op.RETRY else out.pushed).append(name)
-                out.records[name] = fold_report(rec, report.state, report.message, now(), cfg, new_attempt=True)
+                await engine.delete_adapter(pod.ip, pod.port, name, token)  # type: ignore[arg-type]
             except (EngineError, EngineUnreachable) as e:
                 out.failed_pushes += 1
                 out.records[name] = fold_error(rec, e, now(), cfg)
+                return False
+        if op is Op.UNLOAD:
+            out.records[name] = replace(rec, message=f"{rec.message} (unloaded from this pod after "
+                                                     f"{rec.failures} attempts so that its readiness "
+                                                     "does not wait on it)")
+            return False
+        return True
+
+    async def push(batch: list[tuple[str, Op, PodRecord]]) -> None:
+        async with limit:
+            try:
+                result = await engine.put_adapters(pod.ip, pod.port, [placed[n][0] for n, _, _ in batch],
+                                                   token)  # type: ignore[arg-type]
+                out.calls += result.calls
+                reports = result.reports
+            except (EngineError, EngineUnreachable) as e:
+                out.calls += 1
+                reports = {n: e for n, _, _ in batch}
+        for name, op, rec in batch:
+            report = reports.get(name) or EngineError(502, "no answer for this adapter in the batch")
+            if isinstance(report, (EngineError, EngineUnreachable)):
+                out.failed_pushes += 1
+                out.records[name] = fold_error(rec, report, now(), cfg)
+            else:
+                (out.retried if op is Op.RETRY else out.pushed).append(name)
+                out.records[name] = fold_report(rec, report.state, report.message, now(), cfg, new_attempt=True)
+
+    async def run_all() -> None:
+        deleted_first = [o for o in ops if o[1] in (Op.RETRY, Op.UNLOAD)]
+        kept = await asyncio.gather(*(unload_first(*o) for o in deleted_first))
+        retry = {o[0] for o, k in zip(deleted_first, kept) if k}
+        to_push = [o for o in ops if o[1] is Op.PUSH or o[0] in retry]
+        await asyncio.gather(*(push(b) for b in batches(to_push, lambda o: placed[o[0]][0], cfg)))
 
     async def remove(name: str) -> None:
         async with limit:
@@ -251,5 +284,21 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
             except (EngineError, EngineUnreachable):
                 out.failed_pushes += 1  # tried again next pass
 
-    await asyncio.gather(*(run(*o) for o in ops), *(remove(n) for n in extra))
+    await asyncio.gather(run_all(), *(remove(n) for n in extra))
+    return out
+
+
+def batches(items: list, manifest_of: Callable, cfg: OperatorConfig) -> list[list]:
+    """Split items into batches of at most cfg.push_batch_size manifests and about
+    cfg.push_batch_bytes of JSON (the engine caps request bodies, 1 MiB by default). A manifest
+    larger than that goes alone."""
+    out: list[list] = []
+    size = 0
+    for item in items:
+        n = len(json.dumps(manifest_of(item)))
+        if not out or len(out[-1]) >= cfg.push_batch_size or size + n > cfg.push_batch_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
     return out

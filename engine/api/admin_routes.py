@@ -1,6 +1,10 @@
 """Adapter administration: the manifest API (the operator's) and vLLM's load/unload routes.
 
 All need `Authorization: Bearer <admin token>` when --admin-token-file is set.
+
+At catalog scale (10,000 adapters on a pod) the per-request HTTP overhead, not the registration,
+is what costs: `POST /v1/adapters:batch` registers many manifests in one request, and
+`GET /v1/adapters?view=compact` lists name, state and manifest digest only.
 """
 from __future__ import annotations
 
@@ -8,15 +12,17 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
-from loraplex.engine.api.errors import APIError
+from loraplex.engine.api.errors import APIError, as_api_error
 from loraplex.engine.api.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.engine.api.serving import ServerState, get_state
+from loraplex.engine.core.errors import RequestError
 from loraplex.manifest import AdapterManifest, AdapterState
 
 router = APIRouter()
+MAX_BATCH = 1000  # manifests per POST /v1/adapters:batch (the body cap, --max-body-bytes, applies too)
 
 
 def _admin(request: Request) -> tuple[ServerState, object]:
@@ -43,9 +49,58 @@ def _not_found(name: str) -> APIError:
 # ---- manifest API ----------------------------------------------------------------------------
 
 @router.get("/v1/adapters")
-async def list_adapters(request: Request):
+async def list_adapters(request: Request, view: str = "full"):
+    """Every adapter, by name. `view=compact`: name, state, message, dynamic and manifest_digest
+    only (what the operator diffs a pod by). Rendered straight to JSON (the rows are plain JSON
+    already; FastAPI's encoder would walk all of them again)."""
     _, mgr = _admin(request)
-    return {"object": "list", "data": mgr.list()}
+    if view not in ("full", "compact"):
+        raise APIError(400, f"view must be 'full' or 'compact', got {view!r}", code="invalid_value", param="view")
+    return JSONResponse({"object": "list", "data": mgr.list(compact=view == "compact")})
+
+
+@router.post("/v1/adapters:batch")
+async def put_adapters(request: Request, body: dict = Body(...)):
+    """Register or update many adapters at once: `{"adapters": [manifest, ...]}` (each as PUT
+    /v1/adapters/{name} takes it, with its name). Answers 200 with one row per manifest, in
+    order: the adapter's state, or `{"name", "status", "error": {...}}` for one refused (the others
+    still go in)."""
+    _, mgr = _admin(request)
+    items = body.get("adapters")
+    if not isinstance(items, list):
+        raise APIError(400, "the body must be {\"adapters\": [manifest, ...]}", code="invalid_value", param="adapters")
+    if len(items) > MAX_BATCH:
+        raise APIError(400, f"at most {MAX_BATCH} manifests per batch, got {len(items)}", code="invalid_value",
+                       param="adapters")
+    seen: set[str] = set()
+    for name in map(_name_of, items):
+        if name in seen:
+            raise APIError(400, f"adapter {name!r} appears twice in the batch", code="invalid_value",
+                           param="adapters")
+        if name is not None:
+            seen.add(name)
+    # Off the event loop: a batch takes a while, and inference streams must go on meanwhile.
+    rows = await asyncio.to_thread(_register_each, mgr, items)
+    return JSONResponse({"object": "list", "data": rows})
+
+
+def _name_of(item) -> str | None:
+    name = item.get("name") if isinstance(item, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _register_each(mgr, items: list) -> list[dict]:
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise APIError(400, "a manifest must be a JSON object", code="invalid_manifest",
+                               param=f"adapters.{i}")
+            rows.append(mgr.register(_manifest(item, f"adapters.{i}.")))
+        except (APIError, RequestError) as exc:
+            err = as_api_error(exc)
+            rows.append({"name": _name_of(item), "status": err.status, **err.body()})
+    return rows
 
 
 @router.get("/v1/adapters/{name}")

@@ -5,7 +5,8 @@ and watches them.
 Start-up: rank 0 opens a TCPStore on a free loopback port, starts each worker as
 `python -m loraplex.engine.core.tp_worker` with one end of a socket pair, waits for every
 worker's hello (a worker that dies on import fails the start at once, with its exit code),
-then all ranks join the group (gloo on the CPU, NCCL on CUDA) through the store.
+then tells them to join and all ranks join the group (gloo on the CPU, NCCL on CUDA) through
+the store.
 
 Failure: a watchdog thread polls the workers every WATCH_SECONDS. When one exits, the group is
 failed: `failure` says why, the other workers are killed (so that a collective rank 0 is
@@ -33,6 +34,7 @@ from loraplex.engine.core.tp_worker import recv, send
 log = logging.getLogger("loraplex.engine.tp")
 
 WATCH_SECONDS = 0.2
+START_SECONDS = 300.0  # for a worker's hello: a cold start imports torch (slow on a busy node)
 STOP_SECONDS = 5.0  # a worker asked to stop gets this long before it is killed
 
 
@@ -73,6 +75,8 @@ class WorkerGroup:
                 self._spawn(rank, store.port)
             for rank, conn in enumerate(self.conns, start=1):
                 self._wait_hello(rank, conn)
+            for conn in self.conns:
+                send(conn, ("join",))
             if self.device_type == "cuda":
                 torch.cuda.set_device(0)
             dist.init_process_group("nccl" if self.device_type == "cuda" else "gloo", store=store, rank=0,
@@ -95,14 +99,15 @@ class WorkerGroup:
         self.conns.append(Connection(ours.detach()))
 
     def _wait_hello(self, rank: int, conn: Connection) -> None:
-        deadline = time.monotonic() + self.timeout.total_seconds()
+        deadline = time.monotonic() + max(START_SECONDS, self.timeout.total_seconds())
         proc = self.procs[rank - 1]
         while not conn.poll(0.1):
             if proc.poll() is not None:
                 raise WorkerGroupError(f"tensor-parallel worker {rank} exited with status {proc.returncode} "
                                        "before joining (see its log above)")
             if time.monotonic() > deadline:
-                raise WorkerGroupError(f"tensor-parallel worker {rank} did not start within {self.timeout}")
+                raise WorkerGroupError(f"tensor-parallel worker {rank} did not start within "
+                                       f"{max(START_SECONDS, self.timeout.total_seconds()):.0f} s")
         kind, _ = recv(conn)
         assert kind == "hello", kind
 

@@ -6,6 +6,7 @@ its shard of the weights, its heads' KV cache and its slices of the LoRA slots, 
 what rank 0's messages say. Messages arrive in order on one socket per worker, one pickle
 each (nano-vllm's step plan, sent over a socket instead of shared memory):
 
+    ("join",)                   every worker said hello: join the process group
     ("load", LoadSpec)          load this rank's shard                      -> ("ok", None)
     ("profile", kwargs)         CUDA: the KV-sizing forward, with rank 0    -> ("ok", blocks)
     ("runner", kwargs)          allocate the KV cache and step buffers      -> ("ok", None)
@@ -200,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", args.rank)
     timeout = datetime.timedelta(seconds=args.timeout)
     send(conn, ("hello", os.getpid()))
+    # Join only once every worker is up (imports can be slow): the rendezvous then takes
+    # moments, well within the collective timeout it runs under.
+    if recv(conn)[0] != "join":
+        return 1
     store = dist.TCPStore("127.0.0.1", args.store_port, args.size, is_master=False, timeout=timeout)
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", store=store, rank=args.rank,
                             world_size=args.size, timeout=timeout)

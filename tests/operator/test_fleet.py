@@ -3,6 +3,7 @@ speaking the engine's admin API over httpx's MockTransport."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -11,7 +12,9 @@ from loraplex.operator import constants as C
 from loraplex.operator.adapters import is_transient
 from loraplex.operator.config import OperatorConfig
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable
-from loraplex.operator.fleet import Op, PodMemory, PodRecord, backoff, fold_error, fold_report, plan_adapter, sync_pod
+from loraplex.manifest import AdapterManifest, manifest_digest
+from loraplex.operator.fleet import (Op, PodMemory, PodRecord, backoff, batches, fold_error, fold_report,
+                                     plan_adapter, sync_pod)
 from loraplex.operator.reconcile import next_wakeup
 from loraplex.operator.status import PodView
 
@@ -21,6 +24,10 @@ SHA_MSG = "sha256 mismatch for adapter_model.safetensors: expected 00, got 11"
 
 def manifest(name: str, uri: str = "org/x") -> dict:
     return {"name": name, "source": "hub", "uri": uri, "preload": False, "tenants": []}
+
+
+def digest(name: str, uri: str = "org/x") -> str:
+    return manifest_digest(AdapterManifest(**manifest(name, uri)))
 
 
 def listed(name: str, state: str = "registered", message: str | None = None, uri: str = "org/x") -> dict:
@@ -97,13 +104,22 @@ def test_status_entry_roundtrip_and_wakeup():
 
 
 class FakeEngine:
-    """The engine's admin routes over MockTransport, counting calls."""
+    """The engine's admin routes over MockTransport, counting calls. `batch=False` plays an engine
+    older than POST /v1/adapters:batch and the compact listing (404 and full rows)."""
 
-    def __init__(self, boot: str = "boot-1"):
+    def __init__(self, boot: str = "boot-1", batch: bool = True):
         self.boot = boot
+        self.batch = batch
         self.adapters: dict[str, dict] = {}
         self.calls: list[str] = []
         self.down = False
+
+    def _register(self, m: dict) -> tuple[int, dict]:
+        if m["name"].startswith("refused"):
+            return 400, {"error": {"message": "invalid adapter manifest: uri: bad", "type": "invalid_request_error",
+                                   "param": "uri", "code": "invalid_manifest"}}
+        self.adapters[m["name"]] = {"name": m["name"], "state": "registered", "message": None, "manifest": m}
+        return 200, self.adapters[m["name"]]
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls.append(f"{request.method} {request.url.path}")
@@ -113,13 +129,24 @@ class FakeEngine:
         if path == "/info":
             return httpx.Response(200, json={"boot_id": self.boot})
         if path == "/v1/adapters":
-            return httpx.Response(200, json={"object": "list", "data": list(self.adapters.values())})
+            rows = list(self.adapters.values())
+            if self.batch and request.url.params.get("view") == "compact":
+                rows = [{"name": a["name"], "state": a["state"], "message": a["message"], "dynamic": a.get("dynamic", False),
+                         "manifest_digest": manifest_digest(AdapterManifest(**a["manifest"]))} for a in rows]
+            return httpx.Response(200, json={"object": "list", "data": rows})
+        if path == "/v1/adapters:batch" and self.batch and request.method == "POST":
+            rows = []
+            for m in json.loads(request.content)["adapters"]:
+                status, row = self._register(m)
+                rows.append(row if status == 200 else {"name": m["name"], "status": status, **row})
+            return httpx.Response(200, json={"object": "list", "data": rows})
+        if not path.startswith("/v1/adapters/"):
+            return httpx.Response(404, json={"error": {"message": f"no route {path}", "type": "invalid_request_error",
+                                                       "param": None, "code": "not_found"}})
         name = path.rsplit("/", 1)[1]
         if request.method == "PUT":
-            import json
-            m = json.loads(request.content)
-            self.adapters[name] = {"name": name, "state": "registered", "message": None, "manifest": m}
-            return httpx.Response(200, json=self.adapters[name])
+            status, row = self._register(json.loads(request.content))
+            return httpx.Response(status, json=row)
         if request.method == "DELETE":
             return httpx.Response(200 if self.adapters.pop(name, None) else 404, json={})
         return httpx.Response(405)
@@ -137,17 +164,19 @@ def run_pass(engine: FakeEngine, mem: PodMemory, placed: dict, records: dict, ma
     return asyncio.run(go())
 
 
-def test_sync_pod_pushes_only_the_difference():
-    engine = FakeEngine()
+@pytest.mark.parametrize("batch", [True, False], ids=["batch-route", "older-engine"])
+def test_sync_pod_pushes_only_the_difference(batch):
+    engine = FakeEngine(batch=batch)
     engine.adapters["jit-loaded"] = listed("jit-loaded")        # not ours: left alone
     engine.adapters["moved-off"] = listed("moved-off")          # ours, placed elsewhere now
     engine.adapters["served-jit"] = {**listed("served-jit"), "dynamic": True}  # loaded just in time here
-    placed = {f"a{i}": (manifest(f"a{i}"), f"d{i}") for i in range(50)}
+    placed = {f"a{i}": (manifest(f"a{i}"), digest(f"a{i}")) for i in range(50)}
     mem = PodMemory()
     first = run_pass(engine, mem, placed, {}, set(placed) | {"moved-off", "served-jit"})
     assert sorted(first.pushed) == sorted(placed) and first.removed == ["moved-off"]
     assert set(engine.adapters) == set(placed) | {"jit-loaded", "served-jit"}
-    assert first.calls == 2 + 50 + 1
+    # info + listing + (one batch | the batch route's 404 and one PUT each) + one DELETE
+    assert first.calls == (2 + 1 + 1 if batch else 2 + 1 + 50 + 1)
     # The next pass over a settled pod: one listing, nothing else (the boot id is cached).
     engine.calls.clear()
     second = run_pass(engine, mem, placed, first.records, set(placed))
@@ -164,3 +193,35 @@ def test_sync_pod_pushes_only_the_difference():
     engine.down = True
     fifth = run_pass(engine, mem, placed, fourth.records, set(placed))
     assert fifth.error and all(r.state == C.STATE_UNREACHABLE for r in fifth.records.values())
+
+
+def test_a_first_push_costs_one_request_per_batch_and_a_refused_manifest_fails_alone():
+    engine = FakeEngine()
+    names = [f"a{i}" for i in range(450)] + ["refused-1"]
+    placed = {n: (manifest(n), digest(n)) for n in names}
+    cfg = OperatorConfig(backoff_base=1.0, max_failures=3, push_batch_size=200)
+    client = EngineClient(transport=httpx.MockTransport(engine))
+    pod = PodView(name="p0", uid="u", ip="10.0.0.1", port=8080, ready=True)
+
+    async def go():
+        try:
+            return await sync_pod(client, pod, PodMemory(), placed, {}, set(placed), cfg, "tok", asyncio.Semaphore(4))
+        finally:
+            await client.aclose()
+    out = asyncio.run(go())
+    assert out.calls == 2 + 3 and engine.calls.count("POST /v1/adapters:batch") == 3  # 451 = 200 + 200 + 51
+    assert len(out.pushed) == 450 and out.failed_pushes == 1
+    bad = out.records["refused-1"]
+    assert bad.state == C.STATE_FAILED and bad.permanent and "invalid adapter manifest" in bad.message
+
+
+def test_batches_bound_count_and_bytes():
+    items = [{"name": f"a{i}", "uri": "x" * 100} for i in range(10)]
+    cfg = OperatorConfig(push_batch_size=4, push_batch_bytes=10_000)
+    assert [len(b) for b in batches(items, lambda m: m, cfg)] == [4, 4, 2]
+    one = len(json.dumps(items[0]))
+    cfg = OperatorConfig(push_batch_size=100, push_batch_bytes=3 * one)
+    assert [len(b) for b in batches(items, lambda m: m, cfg)] == [3, 3, 3, 1]
+    huge = [{"name": "big", "uri": "y" * 10 * one}] + items[:2]
+    assert [len(b) for b in batches(huge, lambda m: m, cfg)] == [1, 2]  # too big alone: sent alone
+    assert batches([], lambda m: m, cfg) == []

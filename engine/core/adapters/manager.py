@@ -1,7 +1,8 @@
 """The adapter manager: the registry and its three tiers behind one lock.
 
 - registry.py: names -> entries (registered, or dynamic: resolved by name on first use)
-- resolver.py + sources.DefaultSource: unregistered names, just in time, with a negative cache
+- resolver.py + sources.DefaultSource: unregistered names, just in time, with a negative cache;
+  on an operator-managed engine catalog_source.CatalogSource takes the default source's place
 - loader.py: fetch (disk tier) + parse, on a thread pool, never on the step loop
 - host_tier.py: parsed weights in RAM, bounded in bytes, LRU
 - device_slots.py: the model's slot buffers, LRU, pinned by running sequences
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplex.engine.core.adapters.catalog_source import CatalogSource
 from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, AdapterWeights
 from loraplex.engine.core.adapters.device_slots import DeviceSlots
 from loraplex.engine.core.adapters.disk_tier import DiskTier
@@ -87,10 +89,17 @@ class AdapterManager:
         self.mean_bytes = 0  # running mean adapter size: what the next load will likely need
         self.pending_placement: set[str] = set()  # preloads waiting for the step thread
         self.locations: dict[tuple, str] = {}  # where a registered adapter's files are -> its name
+        self.preloads: set[str] = set()  # names registered with preload: true (each holds a device slot)
         self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
         self.source = DefaultSource(config.adapter_source, self.adapter_dir, self.cache_dir, config.adapter_s3_prefix)
-        self.dynamic = config.dynamic_adapter_policy() if self.source.usable else "off"
-        self.resolver = NameResolver(self.source.locate, self._register_dynamic, config.max_concurrent_adapter_loads,
+        # With a catalog, names unknown there are unknown here: the default source is not asked
+        # (it would serve them without the LoraAdapter's tenants, sha256 and own source).
+        self.catalog = (CatalogSource(config.adapter_catalog_url, config.adapter_catalog_token_file)
+                        if config.adapter_catalog_url else None)
+        usable = self.catalog is not None or self.source.usable
+        self.dynamic = config.dynamic_adapter_policy() if usable else "off"
+        locate = self.catalog.locate if self.catalog is not None else self.source.locate
+        self.resolver = NameResolver(locate, self._register_dynamic, config.max_concurrent_adapter_loads,
                                      NegativeCache(config.adapter_negative_cache_seconds,
                                                    config.adapter_negative_cache_size))
         self.merged_lru: OrderedDict[str, None] = OrderedDict()  # merged adapters, oldest first
@@ -100,12 +109,14 @@ class AdapterManager:
 
     def register(self, manifest: AdapterManifest) -> dict:
         """Add or update an adapter. Idempotent: the same manifest again changes nothing,
-        except that a failed adapter is retried."""
+        except that a failed adapter is retried. Nothing here grows with the number of adapters
+        registered, and nothing is loaded unless the manifest asks for a preload (the load then
+        runs on the pool: the call never waits for weights)."""
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
             entry = self.registry.get(manifest.name)
             if manifest.preload and (entry is None or not entry.manifest.preload):
-                pinned = sum(1 for e in self.registry if e.manifest.preload and not e.removed)
+                pinned = len(self.preloads)
                 if pinned + 1 >= self.num_slots:
                     raise RequestError(
                         f"cannot preload {manifest.name!r}: {pinned} of {self.num_slots} device slots are held by "
@@ -120,10 +131,14 @@ class AdapterManager:
                 if entry.state == AdapterState.FAILED:
                     entry.message = None
             self.locations[key] = manifest.name
+            entry.location = key
             if manifest.preload:
+                self.preloads.add(manifest.name)
                 self._enqueue(entry)
                 if entry.weights is not None and entry.slot is None:
                     self.pending_placement.add(manifest.name)
+            else:
+                self.preloads.discard(manifest.name)
             return entry.describe()
 
     def unregister(self, name: str) -> bool:
@@ -167,18 +182,23 @@ class AdapterManager:
         self.host.drop(entry)
         self.pending_placement.discard(entry.name)
         self.load_queue.pop(entry.name, None)
-        for key, name in list(self.locations.items()):
-            if name == entry.name:
-                del self.locations[key]
+        self.preloads.discard(entry.name)  # register() adds it back when the new manifest preloads
+        if entry.location is not None and self.locations.get(entry.location) == entry.name:
+            del self.locations[entry.location]
         if entry.slot is not None and self.slots.pins[entry.slot] == 0:
             self.slots.free(entry.slot)
 
     def _lookup(self, name: str) -> AdapterEntry | None:
+        """The entry serving `name`; None also for a catalog entry due for a new check (the
+        request then resolves it again, through the catalog)."""
         entry = self.registry.get(name)
         if entry is None and name in self.aliases:
             entry = self.registry.get(self.aliases[name])
             if entry is None:
                 del self.aliases[name]
+        if entry is not None and entry.catalog_checked_at is not None \
+                and time.monotonic() - entry.catalog_checked_at >= self.config.adapter_catalog_ttl_seconds:
+            return None
         return entry
 
     def get(self, name: str) -> dict | None:
@@ -186,9 +206,11 @@ class AdapterManager:
             entry = self.registry.get(name)
             return entry.describe() if entry else None
 
-    def list(self) -> list[dict]:
+    def list(self, compact: bool = False) -> list[dict]:
+        """Every entry, by name: `describe()`, or `summary()` when compact."""
         with self.lock:
-            return [e.describe() for e in sorted(self.registry, key=lambda e: e.name)]
+            entries = sorted(self.registry.entries.items())
+            return [e.summary() if compact else e.describe() for _, e in entries]
 
     def manifest(self, name: str) -> AdapterManifest | None:
         """The manifest serving `name`: a registered name, or a name resolved from the default source."""
@@ -219,7 +241,8 @@ class AdapterManager:
     def preload_ready(self) -> tuple[bool, list[str]]:
         """(all preloaded adapters on the device, the names still missing)."""
         with self.lock:
-            missing = [e.name for e in self.registry if e.manifest.preload and e.state != AdapterState.DEVICE]
+            missing = [n for n in self.preloads if self.registry.get(n) is None
+                       or self.registry.get(n).state != AdapterState.DEVICE]
             return not missing, sorted(missing)
 
     def tier_counts(self) -> dict[str, int]:
@@ -258,7 +281,9 @@ class AdapterManager:
     def _register_dynamic(self, requested: str, manifest: AdapterManifest) -> str:
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
-            registered = self.locations.get(key)
+            # A catalog manifest is a LoraAdapter of its own: never served as another registered
+            # adapter that names the same files (that one's tenants are not this one's).
+            registered = self.locations.get(key) if self.catalog is None else None
             if registered is not None and self.registry.get(registered) is not None:
                 name = registered  # the same files are registered: serve them under that entry (and its tenants)
             else:
@@ -267,10 +292,21 @@ class AdapterManager:
                     if entry is not None and not entry.dynamic:
                         raise UnknownAdapterError(f"the model {requested!r} does not exist (its name is taken by "
                                                   f"a registered adapter)", param="model")
+                    if entry is not None:
+                        self._drop(entry)  # other files now (a new sha256 in the catalog): never the old weights
                     entry = self.registry.add(manifest, dynamic=True)
                     entry.source_name = requested
-                entry.resolved_at = time.monotonic()
-                self._enqueue(entry)  # start loading now: the request follows at once
+                elif entry.dynamic:
+                    entry.manifest = manifest  # checked again in the catalog: its tenants may have changed
+                now = time.monotonic()
+                entry.resolved_at = now
+                if self.catalog is not None and entry.dynamic:
+                    entry.catalog_checked_at = now
+                if not manifest.tenants:
+                    # Start loading now: the request follows at once. A tenant-restricted adapter
+                    # waits for a request that passed its tenant check (`want`), so that a caller
+                    # without the key cannot make the pod load it.
+                    self._enqueue(entry)
                 name = entry.name
             if requested != name:
                 self.aliases[requested] = name
@@ -475,3 +511,5 @@ class AdapterManager:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.resolver.shutdown()
+        if self.catalog is not None:
+            self.catalog.close()

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from loraplex.engine.core.adapters.checkpoint import AdapterWeights
-from loraplex.manifest import AdapterManifest, AdapterState
+from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest
 
 # A dynamic entry is kept this long after its name was last resolved, even holding nothing: its
 # request is on its way from the HTTP layer to the step loop (which marks it wanted).
@@ -42,6 +42,10 @@ class AdapterEntry:
     waiters: set[str] = field(default_factory=set)
     load_seconds: float | None = None
     resolved_at: float = 0.0  # time.monotonic() of the last resolution of a dynamic name
+    catalog_checked_at: float | None = None  # a dynamic entry from the operator's catalog: when fetched
+    location: tuple | None = None  # its key in the manager's `locations` (sources.location_key), if set
+    _digest_of: AdapterManifest | None = field(default=None, repr=False)
+    _manifest_digest: str = field(default="", repr=False)
 
     @property
     def name(self) -> str:
@@ -64,6 +68,13 @@ class AdapterEntry:
         """Holds nothing and nobody waits for it: a dynamic entry in this state can be forgotten."""
         return self.weights is None and self.slot is None and not self.loading and not self.waiters
 
+    @property
+    def manifest_digest(self) -> str:
+        """loraplex.manifest.manifest_digest of the current manifest (computed once per manifest)."""
+        if self._digest_of is not self.manifest:
+            self._digest_of, self._manifest_digest = self.manifest, manifest_digest(self.manifest)
+        return self._manifest_digest
+
     def describe(self) -> dict:
         loaded = self.weights is not None or self.slot is not None
         return {
@@ -72,7 +83,14 @@ class AdapterEntry:
             "target_modules": list(self.target_modules) if loaded else None,
             "bytes": self.nbytes if loaded else None, "dynamic": self.dynamic,
             "load_seconds": self.load_seconds, "manifest": self.manifest.model_dump(exclude_none=True),
+            "manifest_digest": self.manifest_digest,
         }
+
+    def summary(self) -> dict:
+        """The compact listing's row: enough for the operator to diff a pod against its placed
+        set (the manifest is compared by its digest)."""
+        return {"name": self.name, "state": self.state.value, "message": self.message, "dynamic": self.dynamic,
+                "manifest_digest": self.manifest_digest}
 
 
 class Registry:

@@ -57,6 +57,7 @@ ADMIN_CALLS = [
     ("GET", "/v1/adapters/a2", None),
     ("PUT", "/v1/adapters/auth-probe", {"source": "local", "uri": "a1"}),
     ("DELETE", "/v1/adapters/auth-probe", None),
+    ("POST", "/v1/adapters:batch", {"adapters": []}),
     ("POST", "/v1/load_lora_adapter", {"lora_name": "auth-probe", "lora_path": "a1"}),
     ("POST", "/v1/unload_lora_adapter", {"lora_name": "auth-probe"}),
 ]
