@@ -94,8 +94,15 @@ def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
         problems.append(f"intermediate_size {cfg.intermediate_size} is not divisible by it")
     if cfg.num_experts:
         problems.append("mixture-of-experts models (Mixtral) are not supported with tensor parallelism yet")
-    if cfg.fp8_block:
-        problems.append("fp8 (quantized) bases are not supported with tensor parallelism yet")
+    if cfg.fp8_block:  # each rank's slice must be whole blocks, so that it takes whole scales
+        bo, bi = cfg.fp8_block
+        shapes = cfg.projection_shapes()
+        split = [n for n in COLUMN_PARALLEL if n in shapes and shapes[n][1] % (size * bo)]
+        split += [n for n in ROW_PARALLEL if n in shapes and shapes[n][0] % (size * bi)]
+        if split:
+            problems.append(f"its fp8 weight blocks ({bo}x{bi}) would be cut by the shard boundaries of "
+                            f"{', '.join(split)} (each rank's rows of q/k/v/gate/up and columns of o/down "
+                            "must be a whole number of blocks)")
     if problems:
         raise UnsupportedModelError(f"--tensor-parallel-size {size} cannot split {cfg.architecture}: "
                                     + "; ".join(problems))
@@ -178,6 +185,16 @@ def build_parallel_model(cfg: ModelConfig, tp: TensorParallel, num_lora_slots: i
     return model
 
 
+def fp8_scale_shape(cfg: ModelConfig, module_name: str) -> tuple[int, int]:
+    """The checkpoint's (whole model's) block-scale shape of a projection."""
+    proj = module_name.rsplit(".", 1)[-1]
+    if proj not in COLUMN_PARALLEL + ROW_PARALLEL:
+        raise UnsupportedModelError(f"{module_name} has fp8 weights; under tensor parallelism only the seven "
+                                    "projections may be fp8")
+    (fan_in, fan_out), (bo, bi) = cfg.projection_shapes()[proj], cfg.fp8_block
+    return -(-fan_out // bo), -(-fan_in // bi)
+
+
 def read_shard(f, file_key: str, cfg: ModelConfig, tp: TensorParallel) -> list[tuple[str, torch.Tensor]]:
     """(engine key, this rank's slice) for one tensor of an open safetensors file, read with
     `get_slice` so that only the slice leaves the file. Fused modules (Phi-3) are split into
@@ -198,6 +215,13 @@ def read_shard(f, file_key: str, cfg: ModelConfig, tp: TensorParallel) -> list[t
             out.append((f"{prefix}.{name}.{leaf}", view[offset + lo:offset + hi]))
             offset += size
         return out
+    if leaf == "weight_scale_inv":  # fp8 block scales: the blocks of the rank's slice (aligned: check_tensor_parallel)
+        (fan_in, fan_out), (bo, bi) = cfg.projection_shapes()[module], cfg.fp8_block
+        if module in COLUMN_PARALLEL:
+            lo, hi = tp.span(fan_out)
+            return [(file_key, view[lo // bo:hi // bo])]
+        lo, hi = tp.span(fan_in)
+        return [(file_key, view[:, lo // bi:hi // bi])]
     if module in COLUMN_PARALLEL:
         lo, hi = tp.span(shape[0])
         return [(file_key, view[lo:hi])]
