@@ -156,6 +156,21 @@ def test_unplaced_adapter_is_served_with_its_tenants(engine, catalog):
     assert catalog.requests[mark:] == [("priv", f"Bearer {ADMIN_TOKEN}")]  # one lookup, with the admin token
 
 
+def test_a_jit_entry_placed_later_is_registered_with_its_weights(engine, catalog):
+    """The operator places an adapter on a pod that loaded it just in time: its PUT (the same
+    manifest) makes the entry registered, keeping the loaded weights (no second load)."""
+    catalog.answers["adopted"] = manifest("adopted", "a3")
+    assert complete(engine, "adopted", "key-a").status_code == 200
+    before = admin_get(engine, "adopted").json()
+    assert before["dynamic"] is True and before["state"] in ("host", "device")
+    r = httpx.put(engine.url + "/v1/adapters/adopted", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                  json={"name": "adopted", "source": "local", "uri": "a3", "tenants": []})
+    assert r.status_code == 200, r.text
+    after = admin_get(engine, "adopted").json()
+    assert after["dynamic"] is False and after["state"] == before["state"]
+    assert after["load_seconds"] == before["load_seconds"]  # the same load: not loaded again
+
+
 def test_names_the_catalog_does_not_know_are_404_and_remembered(engine, catalog):
     for _ in range(3):  # a3 is in --adapter-dir: with a catalog, the default source is not asked
         assert_error(complete(engine, "a3", "key-a"), 404, "model_not_found")
