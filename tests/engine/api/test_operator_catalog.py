@@ -18,7 +18,8 @@ from loraplex.engine.core.adapters.catalog_source import (CatalogRefusedError, C
                                                           CatalogUnavailableError)
 from loraplex.engine.core.errors import UnknownAdapterError
 from loraplex.manifest import hash_api_key
-from tests.engine.api.conftest import ADMIN_TOKEN, assert_error, engine_process, free_port, wait_until
+from tests.engine.api.conftest import (ADMIN_TOKEN, assert_error, engine_process, free_port, parse_metrics,
+                                       wait_until)
 
 PREFIX = "/catalog/v1/team/base"
 
@@ -214,3 +215,13 @@ def test_the_catalog_manifest_sha256_is_verified(engine, catalog):
     catalog.answers["bad-sha"] = manifest("bad-sha", "a2", sha256="0" * 64)
     err = assert_error(complete(engine, "bad-sha", "key-a"), 424)
     assert "sha256 mismatch" in err["message"]
+
+
+def test_catalog_lookups_are_counted_by_result(engine, catalog):
+    """loraplex_adapter_catalog_requests_total{result}: an outage shows as `unavailable` (the
+    tests above made every kind of answer)."""
+    samples = parse_metrics(httpx.get(engine.url + "/metrics").text)
+    counts = {dict(labels)["result"]: v for (name, labels), v in samples.items()
+              if name == "loraplex_adapter_catalog_requests_total"}
+    assert set(counts) == {"ok", "not_found", "refused", "unavailable"}
+    assert counts["ok"] >= 4 and counts["not_found"] >= 2 and counts["refused"] == 1 and counts["unavailable"] == 1, counts
