@@ -67,6 +67,21 @@ def _ms(v):
     return _f(None if v is None else 1000 * v, "{:.0f}")
 
 
+def _ratio(v, iqr=None) -> str:
+    """A ratio with its interquartile range: 0.97 [0.96–0.98]."""
+    return _f(v) + (f" [{iqr[0]:.2f}–{iqr[1]:.2f}]" if v is not None and iqr else "")
+
+
+def _ms_iqr(v, iqr=None) -> str:
+    return _f(v, "{:.1f}") + (f" [{iqr[0]:.1f}–{iqr[1]:.1f}]" if v is not None and iqr else "")
+
+
+def _of_bound(ratio, iqr, bound) -> str:
+    if ratio is None:
+        return "–"
+    return f"{ratio / bound:.2f}" + (f" [{iqr[0] / bound:.2f}–{iqr[1] / bound:.2f}]" if iqr else "")
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -93,6 +108,25 @@ def serving_rows(entries: list[dict]) -> list[list[str]]:
 
 SERVING_HEADERS = ["system", "adapters", "alpha", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms",
                    "TPOT ms", "SLO", "tok/s vs base (bound)", "mean batch", "adapters/step", "notes"]
+
+
+def multi_step_lines(ms: dict, label: str) -> list[str]:
+    """The multi-adapter decode-step table (bench.run and bench.stepbench)."""
+    return [f"## Multi-adapter decode step (batch {ms['batch']}, {label})", "",
+            "Decode step with d distinct adapters among the rows, against the same batch with none. The "
+            "configurations compared live as cohorts of sequences in one engine and take one step each in "
+            "turn; the ratio is the median over those cycles of (no-adapter step / this step), with its "
+            "interquartile range in brackets. Step ms: median wall time [IQR]. CPU ratio: the same from "
+            "the thread's CPU time, which leaves out time the OS gave to other processes (a cross-check "
+            "on a shared machine). The bound is the bytes ratio base / (base + d × adapter).", "",
+            _table(["system", "distinct adapters", "step ms [IQR]", "ratio vs no adapter [IQR]", "CPU ratio [IQR]",
+                    "bound", "ratio / bound", "steps"],
+                   [[r["system"], str(r["distinct"]), _ms_iqr(r["step_ms"], r.get("step_ms_iqr")),
+                     _ratio(r.get("ratio"), r.get("ratio_iqr")), _ratio(r.get("cpu_ratio"), r.get("cpu_ratio_iqr")),
+                     _f(r["bound"]),
+                     _f(r["ratio"] / r["bound"] if r.get("ratio") and r.get("bound") else None, "{:.0%}"),
+                     str(r.get("steps", "–"))]
+                    for r in ms["rows"]]), ""]
 
 
 def markdown(result: dict) -> str:
@@ -127,25 +161,19 @@ def markdown(result: dict) -> str:
                       ["replay out tok/s", _f(ov["base_tok_s"], "{:.1f}"), _f(ov["one_tok_s"], "{:.1f}"), _f(ov["tok_s_ratio"])],
                       ["replay TPOT ms", _ms(ov["base_tpot_s"]), _ms(ov["one_tpot_s"]), _f(ov["tpot_ratio"])],
                       [f"decode step ms (batch {ov['step_batch']})", _f(ov["base_step_ms"], "{:.1f}"),
-                       _f(ov["one_step_ms"], "{:.1f}"), _f(ov["step_ratio"])],
+                       _f(ov["one_step_ms"], "{:.1f}"), _ratio(ov["step_ratio"], ov.get("step_ratio_iqr"))],
                   ] + ([[f"decode step ms (batch {ov['step_batch']}, all-linear adapter)",
                          _f(ov.get("all_linear_base_step_ms"), "{:.1f}"), _f(ov["all_linear_one_step_ms"], "{:.1f}"),
-                         _f(ov.get("all_linear_step_ratio"))]] if ov.get("all_linear_one_step_ms") else [])),
+                         _ratio(ov.get("all_linear_step_ratio"), ov.get("all_linear_step_ratio_iqr"))]]
+                       if ov.get("all_linear_one_step_ms") else [])),
                   f"\nBound for one adapter: {_f(ov['bound'], '{:.3f}')} (bytes)"
                   + (f"; all-linear: {_f(ov['all_linear_bound'], '{:.3f}')}" if ov.get("all_linear_bound") else "")
-                  + ". Of the bound: " + _f(ov["step_ratio"] / ov["bound"] if ov.get("step_ratio") else None, "{:.2f}")
-                  + (f" (q,k,v,o), {_f(ov['all_linear_step_ratio'] / ov['all_linear_bound'], '{:.2f}')} (all-linear)"
-                     if ov.get("all_linear_step_ratio") else "") + ".", ""]
+                  + ". Of the bound: " + _of_bound(ov.get("step_ratio"), ov.get("step_ratio_iqr"), ov["bound"])
+                  + (f" (q,k,v,o), {_of_bound(ov['all_linear_step_ratio'], ov.get('all_linear_step_ratio_iqr'), ov['all_linear_bound'])}"
+                     " (all-linear)" if ov.get("all_linear_step_ratio") else "") + ".", ""]
     ms = result.get("multi_step")
     if ms:
-        lines += [f"## Multi-adapter decode step (batch {ms['batch']}, {meta['model']['label']})", "",
-                  "Median decode step with d distinct adapters among the rows, against the same batch with none "
-                  "(each d measured twice, in ABBA order, and averaged). The bound is the bytes ratio "
-                  "base / (base + d × adapter).", "",
-                  _table(["system", "distinct adapters", "step ms", "ratio vs no adapter", "bound", "ratio / bound"],
-                         [[r["system"], str(r["distinct"]), _f(r["step_ms"], "{:.1f}"), _f(r["ratio"]), _f(r["bound"]),
-                           _f(r["ratio"] / r["bound"] if r.get("ratio") and r.get("bound") else None, "{:.0%}")]
-                          for r in ms["rows"]]), ""]
+        lines += multi_step_lines(ms, meta["model"]["label"])
     de = result.get("decode_efficiency")
     if de:
         lines += [f"## Decode efficiency ({de['model']})", "",

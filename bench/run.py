@@ -7,6 +7,7 @@ See bench/README.md for the method and what each number means.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -27,6 +28,7 @@ ALL_SYSTEMS = ("loraplex", "http", "peft")
 
 # The seven projections: the "all-linear" adapters of the decode-step measurement.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STEP_PROMPT = 16  # prompt tokens of the decode-step cohorts
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
@@ -76,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per process (server and client are separate processes)")
     e.add_argument("--step-batch", type=int, default=32, help="batch of the controlled decode-step measurements")
+    e.add_argument("--step-cycles", type=int, default=24,
+                   help="decode steps per configuration in the decode-step comparison (the configurations take turns)")
     e.add_argument("--decode-batches", type=_ints, default=[1, 8, 32], help="batches of the decode-efficiency figure")
     c = p.add_argument_group("catalog point (adapters loaded by name, just in time; needs the http system)")
     c.add_argument("--catalog-adapters", type=int, default=2048, help="adapters on disk (hard links of the run's adapters)")
@@ -101,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.ranks = [2, 4]
         args.max_num_seqs, args.max_active_adapters = 4, 4
         args.step_batch = 4
+        args.step_cycles = 4
         args.decode_batches = [1, 4]
         args.catalog_requests = 12
     return args
@@ -208,8 +213,9 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
     names = [a.name for a in adapters]
     settings = systems.EngineSettings(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(256, args.max_num_seqs * 16),
-        max_model_len=args.input_range[1] + args.output_range[1] + 16 if not (args.input_lens or args.output_lens)
-        else max(args.input_lens or [args.input_range[1]]) + max(args.output_lens or [args.output_range[1]]) + 16,
+        max_model_len=max(STEP_PROMPT + args.step_cycles + 8,
+                          args.input_range[1] + args.output_range[1] + 16 if not (args.input_lens or args.output_lens)
+                          else max(args.input_lens or [args.input_range[1]]) + max(args.output_lens or [args.output_range[1]]) + 16),
         max_active_adapters=args.max_active_adapters, max_cpu_adapters=max(64, n_max + 8),
         max_lora_rank=max(args.ranks))
 
@@ -234,6 +240,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
     entries: list[dict] = []
     notes: list[str] = []
     multi_rows: list[dict] = []
+    step_results: list[dict] = []
     overhead: dict = {}
 
     def add(system: str, key, run) -> dict:
@@ -262,7 +269,10 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         list(ALL_LINEAR), seed=args.seed, prefix="all")
     try:
         if "loraplex" in args.systems:
-            lp = systems.make_engine(model, settings, adapter_dir)
+            # KV room for the decode-step cohorts that live beside each other (at most three)
+            per_seq = -(-(STEP_PROMPT + args.step_cycles + 4) // settings.block_size)
+            lp = systems.make_engine(model, dataclasses.replace(settings, extra_kv_blocks=3 * args.step_batch * per_seq),
+                                     adapter_dir)
             warm_s = systems.register_adapters(lp, adapters + all_linear, used + [a.name for a in all_linear])
             log.info("loraplex: %d adapters registered, %d loaded into host RAM in %.1fs", len(adapters), len(used), warm_s)
             systems.run_loraplex_inproc(lp, warmup, names, "warm-up")
@@ -306,24 +316,21 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
             base_repeat = rerun["throughput_tok_s"]
             log.info("loraplex base again: %.1f tok/s", base_repeat)
 
-        # controlled decode steps: batch b, d distinct adapters. Each d is measured twice, in the
-        # order 0, 1, 8, 32, 32, 8, 1, 0 (ABBA), and the two medians averaged: a drift in the
-        # machine's speed during the sequence then cancels out of the ratios.
+        # controlled decode steps: batch b, d distinct adapters, each configuration against none,
+        # interleaved step by step (bench.stepbench.compare).
         b = args.step_batch
-        ds = sorted({0, 1, min(8, b), min(b, len(adapters), args.max_active_adapters)})
-        times: dict[tuple[str, int], list[float]] = {}
-        for d in ds + ds[::-1]:
-            if lp is not None:
-                times.setdefault(("loraplex", d), []).append(stepbench.engine_decode_steps(lp, b, step_names[:d]))
-                if all_linear and d <= len(all_linear):
-                    times.setdefault(("loraplex (all-linear)", d), []).append(
-                        stepbench.engine_decode_steps(lp, b, [a.name for a in all_linear[:d]]))
-            if hf is not None:
-                times.setdefault(("transformers+peft", d), []).append(stepbench.peft_decode_steps(hf.model, b, step_names[:d]))
-        for (system, d), ms in times.items():
+        ds = sorted({1, min(8, b), min(b, len(adapters), args.max_active_adapters)})
+        if lp is not None:
+            step_results += stepbench.engine_comparison(
+                lp, b, ds, step_names, [a.name for a in all_linear], args.max_active_adapters, args.step_cycles, STEP_PROMPT)
+        if hf is not None:
+            make = {("transformers+peft", d): (lambda n=step_names[:d]: stepbench.PeftCohort(hf.model, b, n, STEP_PROMPT))
+                    for d in [0] + ds}
+            step_results.append(stepbench.compare(make, ("transformers+peft", 0), args.step_cycles))
+        for (system, d), row in stepbench.merge_groups(step_results).items():
             used_set = all_linear if system.endswith("(all-linear)") else adapters
             abytes = sum(used_set[i].nbytes for i in range(d)) / d if d else 0.0
-            multi_rows.append({"system": system, "distinct": d, "step_ms": sum(ms) / len(ms), "step_ms_each": ms,
+            multi_rows.append({"system": system, "distinct": d, **row,
                                "bound": report.bytes_bound(base_bytes, d, abytes) if d else 1.0})
     finally:
         if srv is not None:
@@ -366,11 +373,6 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
             e["ratio_vs_base"] = e["metrics"]["throughput_tok_s"] / base_tok_s
         if e["num_adapters"] and e["distinct_per_step"] is not None:
             e["bound"] = report.bytes_bound(base_bytes, e["distinct_per_step"], e["adapter_bytes"])
-    for sysname in {r["system"] for r in multi_rows}:
-        zero = next((r for r in multi_rows if r["system"] == sysname and r["distinct"] == 0), None)
-        for r in multi_rows:
-            if r["system"] == sysname and zero:
-                r["ratio"] = zero["step_ms"] / r["step_ms"]
     one = next((e for e in entries if e["system"] == "loraplex" and e["num_adapters"] == 1 and e["sweep"] == "count"), None)
     lp_steps = {r["distinct"]: r for r in multi_rows if r["system"] == "loraplex"}
     if base and one:
@@ -382,13 +384,17 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
             "step_batch": args.step_batch,
             "base_step_ms": lp_steps.get(0, {}).get("step_ms"), "one_step_ms": lp_steps.get(1, {}).get("step_ms"),
             "step_ratio": lp_steps[1].get("ratio") if 1 in lp_steps else None,
+            "step_ratio_iqr": lp_steps[1].get("ratio_iqr") if 1 in lp_steps else None,
+            "cpu_step_ratio": lp_steps[1].get("cpu_ratio") if 1 in lp_steps else None,
             "bound": report.bytes_bound(base_bytes, 1, adapters[0].nbytes),
         }
         al_steps = {r["distinct"]: r for r in multi_rows if r["system"] == "loraplex (all-linear)"}
         if 1 in al_steps:
-            overhead.update({"all_linear_base_step_ms": al_steps.get(0, {}).get("step_ms"),
+            overhead.update({"all_linear_base_step_ms": lp_steps.get(0, {}).get("step_ms"),
                              "all_linear_one_step_ms": al_steps[1]["step_ms"],
                              "all_linear_step_ratio": al_steps[1].get("ratio"),
+                             "all_linear_step_ratio_iqr": al_steps[1].get("ratio_iqr"),
+                             "all_linear_cpu_step_ratio": al_steps[1].get("cpu_ratio"),
                              "all_linear_bound": report.bytes_bound(base_bytes, 1, all_linear[0].nbytes)})
     order = {"loraplex": 0, "loraplex (all-linear)": 0.5, "loraplex-http": 1, "transformers+peft": 2}
     key = lambda e: (e["num_adapters"], order.get(e["system"], 9), e["alpha"])  # noqa: E731

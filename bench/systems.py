@@ -58,9 +58,10 @@ class EngineSettings:
     max_cpu_adapters: int = 1024  # host copies: every adapter fits (S-LoRA's setting: all in host memory)
     max_lora_rank: int = 32
     block_size: int = 16
+    extra_kv_blocks: int = 0  # room for the decode-step cohorts alive beside each other (bench.stepbench)
 
     def num_kv_blocks(self) -> int:  # every running sequence can reach max_model_len: no preemption
-        return self.max_num_seqs * -(-self.max_model_len // self.block_size) + 8
+        return self.max_num_seqs * -(-self.max_model_len // self.block_size) + 8 + self.extra_kv_blocks
 
 
 def _wait_until(t0: float, when: float) -> None:

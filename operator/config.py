@@ -66,3 +66,11 @@ class OperatorConfig:
         if cfg.push_batch_size < 1 or cfg.push_batch_bytes < 1:
             raise ValueError("LORAPLEX_PUSH_BATCH_SIZE and LORAPLEX_PUSH_BATCH_BYTES must be >= 1")
         return cfg
+
+
+def catalog_url_from_env() -> str | None:
+    """Where engines reach the operator's adapter catalog (LORAPLEX_CATALOG_URL, e.g.
+    http://loraplex.loraplex-system.svc:9091; the chart sets it to its Service). Unset: engines
+    get no --adapter-catalog-url (an unplaced pod then answers 404 for adapters it was not given)."""
+    url = os.environ.get("LORAPLEX_CATALOG_URL", "").strip().rstrip("/")
+    return url or None

@@ -39,6 +39,10 @@ ADMIN_TOKEN_DIR = "/etc/loraplex/admin"
 ADMIN_TOKEN_PATH = f"{ADMIN_TOKEN_DIR}/token"
 DEFAULT_ADMIN_TOKEN_KEY = "token"
 
+# The operator's adapter catalog (catalog.py): engines look up adapters they were not given.
+CATALOG_PREFIX = "/catalog/v1"
+DEFAULT_CATALOG_PORT = 9091
+
 # Adapter states reported by the engine (loraplex.manifest.AdapterState) plus one of the
 # operator's own: `unreachable` (the pod is Ready for Kubernetes but its engine did not answer).
 SERVABLE_STATES = frozenset({"registered", "host", "device"})

@@ -25,6 +25,7 @@ from typing import Any
 
 import kopf
 
+from . import catalog
 from . import constants as C
 from . import lease
 from . import metrics
@@ -88,6 +89,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.on.startup()
+async def serve_catalog(memo: kopf.Memo, **_: Any) -> None:
+    """The adapter catalog (catalog.py) starts before the leader election: standbys answer too."""
+    if getattr(memo, "catalog", None) is None:
+        memo.catalog = await catalog.serve(runtime(memo))
+
+
+@kopf.on.startup()
 async def elect_leader(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Block kopf's start until this process holds the Lease: before that it watches nothing
     and changes nothing. Losing the Lease later ends the process (its pod restarts as a
@@ -100,6 +108,9 @@ async def elect_leader(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> Non
         configuration = await kube.load_configuration()
     except kube.ConfigException as e:
         raise kopf.PermanentError(f"leader election: no credentials: {e}") from e
+    # A standby reads for the adapter catalog (catalog.py) with a client of its own until kopf's
+    # login (after the election) replaces it.
+    runtime(memo).set_client(kube.KubeClient(configuration))
     cfg = runtime(memo).config
     election = lease.Election(kube.KubeClient(configuration), who[0], who[1], cfg.lease_duration,
                               cfg.lease_renew_deadline, cfg.lease_retry_period)
@@ -144,6 +155,8 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
         memo.election_task.cancel()
         await election.release()
         await election.kube.aclose()
+    if getattr(memo, "catalog", None) is not None:
+        await memo.catalog.cleanup()
     await runtime(memo).aclose()
 
 

@@ -178,7 +178,7 @@ async def ensure_deployment(rt: Runtime, base: dict) -> str:
     async with rt.lock(("deployment", meta["namespace"], meta["name"])):
         live = await rt.kube.get(ref)
         if not spec["autoscaling"]["enabled"]:
-            desired = render.render_deployment(base, render.deployment_replicas(spec, None))
+            desired = render.render_deployment(base, render.deployment_replicas(spec, None), rt.catalog_url)
             result = await apply.ensure(rt.kube, desired, live)
         else:
             # Under autoscaling the autoscaler owns the replica count: render it only to create
@@ -186,7 +186,7 @@ async def ensure_deployment(rt: Runtime, base: dict) -> str:
             observed = ((live or {}).get("spec") or {}).get("replicas")
             held = render.deployment_replicas(spec, observed)
             replicas = held if observed is not None and held != observed else None
-            desired = render.render_deployment(base, replicas)
+            desired = render.render_deployment(base, replicas, rt.catalog_url)
             result = await apply.ensure(rt.kube, desired, live, on_create={"spec": {"replicas": held}},
                                         keep=frozenset({("spec", "replicas")}))
     await announce(rt, base, desired, result)

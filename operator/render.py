@@ -110,8 +110,14 @@ def render_admin_secret(bmd: dict, token: str) -> dict:
     }
 
 
-def engine_args(spec: dict) -> list[str]:
-    """The `loraplex-engine` command line (flag names from ARCHITECTURE.md's engine CLI)."""
+def catalog_url(base_url: str, namespace: str, base: str) -> str:
+    """The --adapter-catalog-url of one base's engines (catalog.py serves it)."""
+    return f"{base_url.rstrip('/')}{C.CATALOG_PREFIX}/{namespace}/{base}"
+
+
+def engine_args(spec: dict, catalog: str | None = None) -> list[str]:
+    """The `loraplex-engine` command line (flag names from ARCHITECTURE.md's engine CLI).
+    `catalog`: the base's catalog URL, where the engine looks up adapters it was not given."""
     spec = with_defaults(spec)
     model, engine = spec["model"], spec["engine"]
     args = ["--model-id", str(model["id"])]
@@ -127,6 +133,10 @@ def engine_args(spec: dict) -> list[str]:
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
              "--adapter-cache-dir", f"{C.CACHE_DIR}/adapters"]
     args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]  # always: the admin routes are never open
+    if catalog:
+        # Unplaced adapters load just in time with their own manifest (tenants, sha256, source);
+        # names the catalog does not know are 404, never looked up in a default source.
+        args += ["--adapter-catalog-url", catalog]
     args += [str(a) for a in engine.get("args") or []]
     return args
 
@@ -138,9 +148,10 @@ def _engine_env(engine: dict) -> list[dict]:
     return [e for e in env if e["name"] not in names] + user
 
 
-def render_deployment(bmd: dict, replicas: int | None) -> dict:
+def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | None = None) -> dict:
     """The engine Deployment. `replicas=None` leaves the replica count out (the autoscaler owns
-    it); the caller then sets it only when creating."""
+    it); the caller then sets it only when creating. `catalog_base_url`: the operator's catalog
+    (LORAPLEX_CATALOG_URL), rendered as the engines' --adapter-catalog-url."""
     name = bmd["metadata"]["name"]
     spec = with_defaults(bmd.get("spec"))
     engine = spec["engine"]
@@ -151,7 +162,8 @@ def render_deployment(bmd: dict, replicas: int | None) -> dict:
         "image": engine["image"],
         "imagePullPolicy": engine["imagePullPolicy"],
         "command": ["loraplex-engine"],
-        "args": engine_args(spec),
+        "args": engine_args(spec, catalog_url(catalog_base_url, bmd["metadata"]["namespace"], name)
+                            if catalog_base_url else None),
         "ports": [{"name": C.ENGINE_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
         "env": _engine_env(engine),
         "resources": copy.deepcopy(engine.get("resources") or {}),

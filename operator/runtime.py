@@ -11,7 +11,7 @@ import time
 from typing import Any, Hashable, Iterable
 
 from .fleet import PodMemory, PodRecord
-from .config import OperatorConfig
+from .config import OperatorConfig, catalog_url_from_env
 from .engine_client import EngineClient
 from .kube import KubeClient, Ref
 
@@ -55,6 +55,7 @@ class Wakers:
 class Runtime:
     def __init__(self, config: OperatorConfig):
         self.config = config
+        self.catalog_url = catalog_url_from_env()  # rendered into the engines (render.engine_args)
         self._kube: KubeClient | None = None
         self._old_kubes: list[KubeClient] = []
         self.engine = EngineClient(timeout=config.engine_timeout, connect_timeout=config.engine_connect_timeout,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from loraplex.engine.api.settings import ServerSettings
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="names the negative cache holds (oldest go first)")
     a.add_argument("--max-dynamic-adapters", type=_positive_int, default=e["max_dynamic_adapters"],
                    help="registry rows kept for resolved names that hold no weights yet")
+    a.add_argument("--adapter-catalog-url", default=None,
+                   help="the operator's adapter catalog (http://<operator>:9091/catalog/v1/<namespace>/<base>): "
+                        "unregistered names are looked up there (with the admin token) instead of the default "
+                        "source, and served with their own source, sha256 and tenants; unknown there: 404")
+    a.add_argument("--adapter-catalog-ttl-seconds", type=_non_negative_float,
+                   default=e["adapter_catalog_ttl_seconds"],
+                   help="how long an adapter fetched from the catalog is served before its manifest is checked again")
     a.add_argument("--max-active-adapters", type=_positive_int, default=e["max_active_adapters"],
                    help="device slots (a cap beside the device byte budget)")
     dev = a.add_mutually_exclusive_group()
@@ -169,7 +177,9 @@ def configs_from_args(args: argparse.Namespace):
         max_concurrent_adapter_loads=args.max_concurrent_adapter_loads,
         adapter_negative_cache_seconds=args.adapter_negative_cache_seconds,
         adapter_negative_cache_size=args.adapter_negative_cache_size,
-        max_dynamic_adapters=args.max_dynamic_adapters, adapter_device_bytes=args.adapter_device_bytes,
+        max_dynamic_adapters=args.max_dynamic_adapters, adapter_catalog_url=args.adapter_catalog_url,
+        adapter_catalog_token_file=args.admin_token_file if args.adapter_catalog_url else None,
+        adapter_catalog_ttl_seconds=args.adapter_catalog_ttl_seconds, adapter_device_bytes=args.adapter_device_bytes,
         adapter_memory_fraction=args.adapter_memory_fraction, adapter_host_bytes=args.adapter_host_bytes,
         adapter_disk_bytes=args.adapter_disk_bytes, adapter_fairness_seconds=args.adapter_fairness_seconds,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
@@ -212,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            lifespan="on", timeout_graceful_shutdown=5, access_log=False))
     server.run()
+    if failed and config.tensor_parallel_size > 1:
+        # The step thread may still be blocked in a collective or a device sync of the broken
+        # group, and interpreter shutdown could wait on it: leave now (the logs are all that
+        # is left to flush).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 1 if failed else 0
 
 

@@ -35,7 +35,7 @@ class APIError(Exception):
     """An error raised by a route; rendered as the OpenAI error shape with `status`."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 type_: str | None = None, extra: dict | None = None):
+                 type_: str | None = None, extra: dict | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -43,10 +43,13 @@ class APIError(Exception):
         self.param = param
         self.type = type_ or error_type(status)
         self.extra = extra or {}
+        self.headers = headers  # e.g. Retry-After on a 503
 
     @classmethod
     def from_request_error(cls, exc: RequestError) -> "APIError":
-        return cls(exc.status, str(exc), code=exc.code, param=exc.param)
+        retry_after = getattr(exc, "retry_after", None)
+        return cls(exc.status, str(exc), code=exc.code, param=exc.param,
+                   headers={"Retry-After": str(retry_after)} if retry_after else None)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
@@ -106,11 +109,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return render(exc, request.url.path)
+        return render(exc, request.url.path, headers=exc.headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return render(APIError.from_request_error(exc), request.url.path)
+        err = APIError.from_request_error(exc)
+        return render(err, request.url.path, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -38,6 +38,12 @@ class EngineConfig:
     adapter_negative_cache_seconds: float = 10.0  # how long a name that was not found stays "not found"
     adapter_negative_cache_size: int = 4096
     max_dynamic_adapters: int = 1024  # registry rows for dynamic names that hold nothing yet
+    # The operator's catalog (catalog_source.py): when set, THE source of unregistered names (the
+    # default source is then used only for --preload-adapters); its manifests are re-checked there
+    # after ttl seconds, so a tenant change or a deletion reaches pods the adapter is not placed on.
+    adapter_catalog_url: str | None = None
+    adapter_catalog_token_file: str | None = None  # the admin token presented to the catalog
+    adapter_catalog_ttl_seconds: float = 30.0
     max_active_adapters: int = 8  # device slots (a cap; a device byte budget may allow fewer)
     adapter_device_bytes: int | None = None  # device tier budget: slots = budget // bytes per slot
     adapter_memory_fraction: float | None = None  # ... or this share of device memory (CPU: of RAM)
@@ -53,7 +59,7 @@ class EngineConfig:
         if self.dynamic_adapters not in ("auto", "on", "off", "admin"):
             raise ValueError(f"--dynamic-adapters must be auto, on, off or admin, not {self.dynamic_adapters!r}")
         if self.dynamic_adapters == "auto":
-            return "on" if self.adapter_source == "local" else "off"
+            return "on" if self.adapter_source == "local" or self.adapter_catalog_url else "off"
         return self.dynamic_adapters
 
     def resolve_device(self) -> torch.device:

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 from loraplex.engine.model.config import ModelConfig, UnsupportedModelError
 from loraplex.engine.model.llama import LlamaForCausalLM
-from loraplex.engine.model.parallel import TensorParallel, build_parallel_model, check_tensor_parallel, read_shard
+from loraplex.engine.model.parallel import (TensorParallel, build_parallel_model, check_tensor_parallel, fp8_scale_shape,
+                                            read_shard)
 from loraplex.engine.model.quant import quantize_module_weight, weight_bytes
 
 # Checkpoint keys that carry nothing the engine uses (recomputed buffers).
@@ -41,7 +42,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
             model = build_parallel_model(cfg, tp, num_lora_slots, max_lora_rank, max_positions).to(dtype)
         # Quantized projections get their fp8 weight and scales before materialising: no
         # full-precision copy of them is ever allocated either.
-        fp8 = _prepare_fp8(model, model_dir, cfg, dtype) if cfg.fp8_block else set()
+        fp8 = _prepare_fp8(model, model_dir, cfg, dtype, tp) if cfg.fp8_block else set()
     # Materialise straight on the target device in the target dtype: parameters uninitialised
     # (each is filled once below, cast on the way), buffers (LoRA slots, rope tables)
     # recomputed. No full-precision copy of the model ever exists: on a GPU the peak is the
@@ -57,8 +58,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
                     continue
                 if cfg.fp8_block and file_key.endswith(".weight_scale_inv"):
                     dequant = model.get_submodule(file_key.removesuffix(".weight_scale_inv")).parametrizations.weight[0]
+                    scale = f.get_tensor(file_key) if tp is None else read_shard(f, file_key, cfg, tp)[0][1]
                     with torch.no_grad():
-                        dequant.scale_inv.copy_(f.get_tensor(file_key))
+                        dequant.scale_inv.copy_(scale)
                     continue
                 pairs = (split_fused(file_key, lambda: f.get_tensor(file_key), cfg) if tp is None
                          else read_shard(f, file_key, cfg, tp))
@@ -103,9 +105,11 @@ def split_fused(key: str, get_tensor, cfg: ModelConfig):
     return [(f"{prefix}.{n}.{parts[-1]}", t.contiguous()) for n, t in zip(names, tensor.split(sizes))]
 
 
-def _prepare_fp8(model: LlamaForCausalLM, model_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> set[str]:
+def _prepare_fp8(model: LlamaForCausalLM, model_dir: Path, cfg: ModelConfig, dtype: torch.dtype,
+                 tp: TensorParallel | None = None) -> set[str]:
     """Make every module whose checkpoint has a `weight_scale_inv` an fp8 one (on the meta
-    device, before materialising); returns their names."""
+    device, before materialising); returns their names. Under tensor parallelism the module is
+    the rank's shard (its scales: the shard's whole blocks, parallel.read_shard)."""
     names = set()
     bo, bi = cfg.fp8_block
     for file in safetensors_files(model_dir):
@@ -120,8 +124,9 @@ def _prepare_fp8(model: LlamaForCausalLM, model_dir: Path, cfg: ModelConfig, dty
                     raise UnsupportedModelError(f"unexpected weight {key!r} in {file.name}") from None
                 out_features, in_features = module.weight.shape
                 want, got = (-(-out_features // bo), -(-in_features // bi)), tuple(f.get_slice(key).get_shape())
-                if got != want:
-                    raise UnsupportedModelError(f"{key} has shape {got}, expected {want} for blocks {bo}x{bi}")
+                expect = want if tp is None else fp8_scale_shape(cfg, name)
+                if got != expect:
+                    raise UnsupportedModelError(f"{key} has shape {got}, expected {expect} for blocks {bo}x{bi}")
                 quantize_module_weight(module, torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
                                        torch.empty(want, dtype=torch.float32), cfg.fp8_block, dtype)
                 names.add(name)

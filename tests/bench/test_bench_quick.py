@@ -45,11 +45,17 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
     assert any("bound" in e for e in result["count_sweep"])
     assert {"tok_s_ratio", "step_ratio", "bound"} <= set(result["overhead"])
     assert {r["distinct"] for r in result["multi_step"]["rows"] if r["system"] == "loraplex"} >= {0, 1}
+    assert {r["distinct"] for r in result["multi_step"]["rows"] if r["system"] == "loraplex (all-linear)"} >= {1}
+    for r in result["multi_step"]["rows"]:  # interleaved: medians with their spread, wall and CPU time
+        assert {"step_ms", "step_ms_iqr", "ratio", "ratio_iqr", "cpu_ratio", "cpu_ratio_iqr", "steps", "bound"} <= set(r)
+        assert r["ratio_iqr"][0] <= r["ratio"] <= r["ratio_iqr"][1]
+    assert result["overhead"]["all_linear_step_ratio_iqr"]
     assert result["decode_efficiency"]["rows"] and all("floor_ms" in r for r in result["decode_efficiency"]["rows"])
 
     md = (out / "results.md").read_text()
     assert "| system | adapters |" in md and "|---|" in md
     assert "## Decode efficiency" in md and "## Single-adapter overhead" in md
+    assert "| loraplex (all-linear) | 1 |" in md and "ratio vs no adapter [IQR]" in md
     assert "## Catalog:" in md
 
     assert set(result["plots"]) >= {"throughput_vs_adapters.png", "ttft_cdf.png"}

@@ -312,6 +312,12 @@ class OperatorProcess:
         return 0
 
 
+def from_operator(request: Any) -> bool:
+    """A request kmock recorded that the operator (its client or kopf's) made."""
+    ua = {k.lower(): v for k, v in request.headers.items()}.get("user-agent", "")
+    return ua.startswith(("loraplex-operator", "kopf"))
+
+
 def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
              on_timeout: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout
@@ -374,8 +380,10 @@ class EnginePod:
     """One engine pod: a Pod object in the fake cluster, and its container (`loraplex-engine`
     with the command line the operator rendered) as a local process on its own 127.0.0.x."""
 
-    def __init__(self, kubelet: "Kubelet", name: str, ip: str):
+    def __init__(self, kubelet: "Kubelet", name: str, ip: str, bind_ip: str | None = None):
         self.kubelet, self.name, self.ip = kubelet, name, ip
+        self.bind_ip = bind_ip or ip  # where the engine listens (behind a FaultProxy: not the Pod's IP)
+        self.proxy: FaultProxy | None = None
         self.proc: subprocess.Popen | None = None
         self.ready = False
         self.dir = kubelet.workdir / name
@@ -386,7 +394,7 @@ class EnginePod:
         dep = self.kubelet.deployment()
         (c,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "engine"]
         args = list(c["args"])
-        args[args.index("--host") + 1] = self.ip
+        args[args.index("--host") + 1] = self.bind_ip
         # The volumes, mounted as the kubelet would: each to its own local folder.
         volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"].get("volumes", [])}
         mounts = {}
@@ -452,8 +460,12 @@ class Kubelet:
         assert dep is not None, "the operator has not created the Deployment"
         return dep
 
-    def add_pod(self, name: str, ip: str) -> EnginePod:
-        pod = EnginePod(self, name, ip)
+    def add_pod(self, name: str, ip: str, behind_proxy: str | None = None) -> EnginePod:
+        """`behind_proxy`: the engine listens on that address, and a FaultProxy on the Pod's IP
+        forwards to it (a test can then make the engine's admin API answer 500)."""
+        pod = EnginePod(self, name, ip, bind_ip=behind_proxy)
+        if behind_proxy:
+            pod.proxy = FaultProxy(ip, self.port, behind_proxy)
         self.pods[name] = pod
         body = pod_from_deployment(self.deployment(), name, ip, ready=False)
         self.cluster.create(body)
@@ -501,6 +513,70 @@ class Kubelet:
         self._stop.set()
         for pod in self.pods.values():
             pod.stop()
+            if pod.proxy is not None:
+                pod.proxy.close()
         if self._thread.is_alive():
             self._thread.join(5)
         self._http.close()
+
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of one engine, on the Pod's IP: forwards every request, or,
+    while `failing`, answers 500 (in the engine's error shape) to the admin API the operator calls
+    (/info, /v1/adapters...) and lets the probes and inference through, as an engine whose
+    registry is in trouble would. Records when each failed answer was given."""
+
+    FAULTY = ("/info", "/v1/adapters")
+    MESSAGE = "injected fault: internal server error"
+
+    def __init__(self, ip: str, port: int, target_ip: str):
+        import http.server
+
+        self.failing = False
+        self.failed_at: list[tuple[float, str]] = []  # (monotonic time, "METHOD path")
+        self.target = f"http://{target_ip}:{port}"
+        self.client = httpx.Client(timeout=30, trust_env=False)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if proxy.failing and self.path.startswith(proxy.FAULTY):
+                    proxy.failed_at.append((time.monotonic(), f"{self.command} {self.path}"))
+                    status, headers = 500, {"Content-Type": "application/json"}
+                    data = json.dumps({"error": {"message": FaultProxy.MESSAGE, "type": "server_error",
+                                                 "param": None, "code": "internal_error"}}).encode()
+                else:
+                    try:
+                        r = proxy.client.request(self.command, proxy.target + self.path, content=body,
+                                                 headers={k: v for k, v in self.headers.items()
+                                                          if k.lower() not in ("host", "content-length")})
+                        status, data = r.status_code, r.content
+                        headers = {k: v for k, v in r.headers.items()
+                                   if k.lower() in ("content-type", "retry-after")}
+                    except httpx.HTTPError:
+                        status, headers, data = 502, {"Content-Type": "text/plain"}, b"engine unreachable"
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((ip, port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name=f"proxy-{ip}", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()

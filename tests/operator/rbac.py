@@ -104,3 +104,19 @@ def ungranted(docs: list[dict], sa_name: str, sa_namespace: str,
         if a is not None and not allowed(docs, sa_name, sa_namespace, a):
             missing.add(str(a))
     return sorted(missing)
+
+
+def assert_chart_grants_operator_requests(cluster) -> int:
+    """Every request the operator(s) made to a FakeCluster (harness.py) is allowed by the Helm
+    chart's rendered RBAC for its ServiceAccount; returns how many were checked."""
+    from .harness import from_operator
+    from .test_deploy_files import operator_identity, render
+
+    docs = render()
+    sa_name, sa_ns = operator_identity(docs)
+    requests = [(str(getattr(r.method, "value", r.method)), r.url.path, dict(r.params))
+                for r in cluster.requests() if from_operator(r)]
+    assert requests, "the operator made no requests"
+    missing = ungranted(docs, sa_name, sa_ns, requests)
+    assert not missing, "the chart's RBAC does not allow:\n" + "\n".join(missing)
+    return len(requests)

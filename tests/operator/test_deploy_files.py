@@ -56,7 +56,7 @@ def test_chart_renders_operator_and_rbac():
     docs = render()
     kinds = by_kind(docs)
     assert set(kinds) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                          "Deployment", "PodDisruptionBudget"}
+                          "Deployment", "PodDisruptionBudget", "Service"}
     dep = kinds["Deployment"]
     assert dep["metadata"]["namespace"] == "loraplex-system"
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
@@ -72,6 +72,17 @@ def test_chart_renders_operator_and_rbac():
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+    # The adapter catalog: its port, the Service in front of every replica, and the URL the
+    # operator renders into the engines, which names that Service.
+    assert {"name": "catalog", "containerPort": 9091, "protocol": "TCP"} in c["ports"]
+    svc = kinds["Service"]
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "catalog", "port": 9091, "targetPort": "catalog", "protocol": "TCP"}]
+    assert env["LORAPLEX_CATALOG_PORT"] == "9091"
+    assert env["LORAPLEX_CATALOG_URL"] == f"http://{svc['metadata']['name']}.loraplex-system.svc:9091"
+    off = by_kind(render({"catalog": {"enabled": False}}))
+    off_env = {e["name"]: e.get("value") for e in off["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "Service" not in off and off_env["LORAPLEX_CATALOG_PORT"] == "0" and "LORAPLEX_CATALOG_URL" not in off_env
     pdb = kinds["PodDisruptionBudget"]
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
@@ -217,7 +228,17 @@ def test_every_optional_feature_renders_and_selects_the_real_pods():
         == [{"any": True}], "without watched namespaces the engines are found in any namespace"
 
     policies = of_kind(docs, "NetworkPolicy")
+    (op_policy,) = [p for p in policies if p["metadata"]["name"].endswith("-operator")]
+    policies = [p for p in policies if p is not op_policy]
     assert {p["metadata"]["namespace"] for p in policies} == {"team-a", "team-b"}
+    # The operator's pods: the catalog port from the engine pods of the engine namespaces only.
+    assert op_policy["metadata"]["namespace"] == "loraplex-system"
+    assert op_policy["spec"]["podSelector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
+    catalog_rule = next(r for r in op_policy["spec"]["ingress"] if r["ports"] == [{"protocol": "TCP", "port": 9091}])
+    (engines,) = catalog_rule["from"]
+    assert engines["podSelector"]["matchLabels"].items() <= engine_labels.items()
+    assert engines["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
     for p in policies:
         spec = p["spec"]
         assert spec["podSelector"]["matchLabels"].items() <= engine_labels.items()

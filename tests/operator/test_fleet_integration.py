@@ -10,11 +10,16 @@ pods, through kopf. In order:
 - secure by default: the operator created the admin-token Secret, the engines require it;
 - InferencePool rendered (its CRD is installed here) and valid against the v1 schema;
 - scaling 2 -> 4 pods spreads warm adapters onto the new pods; scaling down moves them off;
+- an unplaced pod serves a tenant-restricted adapter just in time through the operator's catalog,
+  with the adapter's tenant rules;
 - an engine that stops answering (SIGSTOP: timeouts) then recovers: its adapters come back Ready;
+- an engine whose admin API answers 500 for a while (a fault-injecting proxy in front of it): the
+  operator retries with backoff, never marks anything Failed, and the adapters come back Ready;
 - a pod restart (new boot id) gets its placed adapters back;
 - a wrong sha256 ends Failed with the engine's message at first use, the others keep serving;
 - the operator killed mid-push: a new one finishes the job;
-- two operators: exactly one acts; killing the leader hands over.
+- two operators: exactly one acts; killing the leader hands over;
+- every API request the operators made is granted by the chart's RBAC.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import time
 
 import httpx
 import pytest
+
+from loraplex.manifest import hash_api_key
 
 from .harness import FakeCluster, Kubelet, OperatorProcess, free_port, wait_for
 from .sizes import assert_within_limits
@@ -43,6 +50,7 @@ API = "loraplex.dev/v1alpha1"
 N = int(os.environ.get("LORAPLEX_FLEET_ADAPTERS", "1000"))
 KEYS_PER_SECRET = 5
 IPS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+HIDDEN = "127.0.0.6"  # where the engine of the pod behind a FaultProxy listens
 ENV = {
     "LORAPLEX_RESYNC_INTERVAL": "3",
     "LORAPLEX_POLL_INTERVAL": "0.5",
@@ -91,10 +99,18 @@ class Fleet:
         self.steps = Steps()
         self.http = httpx.Client(timeout=30, trust_env=False)
         self.token = ""
-        self.port = free_port(IPS)
+        self.port = free_port(IPS + [HIDDEN])
+        self.catalog_url = ""
 
     def operator(self, name: str) -> OperatorProcess:
-        op = OperatorProcess(self.kubeconfig, self.tmp / f"{name}.log", env=ENV, name=name).start()
+        # Each operator serves the catalog on its own port; all render the first one's URL into the
+        # engines, as all replicas render the one Service's (so no operator sees drift in another's
+        # Deployment).
+        port = free_port(["127.0.0.1"])
+        self.catalog_url = self.catalog_url or f"http://127.0.0.1:{port}"
+        env = {**ENV, "LORAPLEX_CATALOG_PORT": str(port), "LORAPLEX_CATALOG_ADDR": "127.0.0.1",
+               "LORAPLEX_CATALOG_URL": self.catalog_url}
+        op = OperatorProcess(self.kubeconfig, self.tmp / f"{name}.log", env=env, name=name).start()
         self.operators.append(op)
         return op
 
@@ -228,13 +244,55 @@ def test_catalog_ready_within_limits(fleet: Fleet):
         assert cond["InferencePool"]["status"] == "True" and cond["InferencePool"]["reason"] == "Rendered"
 
 
+def test_unplaced_pod_serves_a_tenant_adapter_through_the_catalog(fleet: Fleet):
+    """Placed on one pod of two; the other gets the request (a gateway may send any request
+    anywhere): it fetches the manifest from the operator's catalog and applies its tenants."""
+    with fleet.steps("catalog jit"):
+        c = fleet.cluster
+        c.create(lora("solo", placement={"replicas": 1},
+                      access={"apiKeySecretRefs": [{"name": "keys-0", "key": "k0"}]}))
+        st = wait_for(lambda: (s := c.get(API, "loraadapters", NS, "solo").get("status") or {}).get("phase") == "Ready"
+                      and len(s.get("placement") or []) == 1 and s, 60, "solo Ready on 1 pod", on_timeout=fleet.log)
+        (placed,) = st["placement"]
+        (other,) = [p for p in fleet.kubelet.pods.values() if p.name != placed]
+        assert "solo" not in fleet.listing(other)
+
+        def ask(key: str | None) -> httpx.Response:
+            return fleet.http.post(other.url("/v1/completions"), json={"model": "solo", "prompt": "x", "max_tokens": 2},
+                                   headers={"Authorization": f"Bearer {key}"} if key else {})
+        assert ask(None).status_code == 401
+        assert ask("sk-tenant-1").status_code == 403  # a key of another tenant
+        t0 = time.monotonic()
+        r = ask("sk-tenant-0")
+        cold = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        t0 = time.monotonic()  # its first use there too (registered, not preloaded): the same load
+        placed_first = fleet.http.post(fleet.kubelet.pods[placed].url("/v1/completions"), headers={
+            "Authorization": "Bearer sk-tenant-0"}, json={"model": "solo", "prompt": "x", "max_tokens": 2})
+        assert placed_first.status_code == 200, placed_first.text
+        print(f"\ncatalog: first request on the unplaced pod {cold * 1000:.0f} ms (lookup + load + 2 tokens), "
+              f"on the placed pod {(time.monotonic() - t0) * 1000:.0f} ms (load + 2 tokens)")
+        entry = fleet.http.get(other.url("/v1/adapters/solo"), headers={"Authorization": f"Bearer {fleet.token}"}).json()
+        assert entry["dynamic"] is True and entry["manifest"]["tenants"] == [hash_api_key("sk-tenant-0")]
+        assert "sk-tenant-0" not in json.dumps(entry)
+        # The operator leaves a just-in-time entry alone (it is not placed there), and placement holds.
+        time.sleep(2)
+        assert c.get(API, "loraadapters", NS, "solo")["status"]["placement"] == [placed]
+        assert "solo" in fleet.listing(other)
+        # Deleted: the operator's finalizer unloads it from every pod, the just-in-time copy too.
+        c.delete(API, "loraadapters", NS, "solo")
+        wait_for(lambda: all("solo" not in fleet.listing(p) for p in fleet.kubelet.pods.values()), 60,
+                 "solo gone from both pods", on_timeout=fleet.log)
+        assert ask("sk-tenant-0").status_code == 404
+
+
 def test_scaling_spreads_warm_adapters_and_moves_them_off(fleet: Fleet):
     with fleet.steps("scaling"):
         c = fleet.cluster
         c.update_spec(API, "basemodeldeployments", NS, BASE, {"replicas": 4})
         wait_for(lambda: c.get("apps/v1", "deployments", NS, BASE)["spec"]["replicas"] == 4, 20, "Deployment 4")
-        for i in (2, 3):
-            fleet.kubelet.add_pod(f"{BASE}-{i}", IPS[i])
+        fleet.kubelet.add_pod(f"{BASE}-2", IPS[2])
+        fleet.kubelet.add_pod(f"{BASE}-3", IPS[3], behind_proxy=HIDDEN)  # for the 500s below
         fleet.kubelet.wait_ready(timeout=120)
         wait_for(fleet.all_ready_on_placement, 60 + N * 0.02, "placements spread over 4 pods", interval=2,
                  on_timeout=fleet.log)
@@ -270,6 +328,54 @@ def test_engine_timing_out_for_a_while_then_recovering(fleet: Fleet):
                  on_timeout=fleet.log)
         ev = [e for e in fleet.cluster.list("v1", "events", NS) if e["involvedObject"]["name"] == adapter(0)]
         assert not [e for e in ev if e["reason"] in ("EngineUnreachable", "Degraded")], "aggregated on the base"
+
+
+def attempts_of(failed_at: list[tuple[float, str]]) -> list[float]:
+    """When the operator tried a pod again: its failed calls, those of one pass taken together."""
+    times = [t for t, _ in failed_at]
+    return [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > 0.1]
+
+
+def test_engine_answering_500_for_a_while_then_recovering(fleet: Fleet):
+    with fleet.steps("500s"):
+        c = fleet.cluster
+        pod = fleet.kubelet.pods[f"{BASE}-3"]
+        proxy = pod.proxy
+        assert proxy is not None
+
+        def phases_seen() -> set[str]:
+            return {(a.get("status") or {}).get("phase") for a in fleet.adapters()}
+        proxy.failing = True  # /info and /v1/adapters answer 500; /ready still 200: the Pod stays Ready
+        try:
+            def degraded() -> bool:
+                a = c.get(API, "loraadapters", NS, adapter(0))["status"]
+                mine = [p for p in a["pods"] if p["name"] == pod.name]
+                return bool(mine) and mine[0]["state"] == "unreachable" and mine[0].get("message") == proxy.MESSAGE \
+                    and a["phase"] == "Degraded"
+            wait_for(degraded, 30, "the 500s seen as a transient engine fault", on_timeout=fleet.log)
+            seen: set[str] = set()
+
+            def retried() -> bool:  # a while of 500s: retried again and again, never Failed
+                seen.update(phases_seen())
+                return len(attempts_of(proxy.failed_at)) >= 4
+            wait_for(retried, 60, "4 attempts against the failing engine", interval=0.5,
+                     on_timeout=lambda: f"{proxy.failed_at}\n{fleet.log()}")
+            assert "Failed" not in seen, seen
+        finally:
+            proxy.failing = False
+        attempts = attempts_of(proxy.failed_at)
+        gaps = [round(b - a, 2) for a, b in zip(attempts, attempts[1:])]
+        window = attempts[-1] - attempts[0]
+        print(f"\n500s: {len(proxy.failed_at)} failed calls in {len(attempts)} attempts over {window:.1f}s; "
+              f"gaps {gaps}")
+        # Retried with backoff (LORAPLEX_BACKOFF_BASE 0.3, _MAX 1; a pass here takes seconds of
+        # kmock status writes): never faster than the first backoff step, one call per attempt
+        # (the boot id read that fails; the listing is not tried after it).
+        assert len(attempts) <= window / 0.3 + 2, gaps
+        assert len(proxy.failed_at) <= 2 * len(attempts)
+        wait_for(fleet.all_ready_on_placement, 60, "Ready again after the 500s stopped", interval=1,
+                 on_timeout=fleet.log)
+        assert "Failed" not in phases_seen()
 
 
 def test_pod_restart_gets_its_placed_adapters_back(fleet: Fleet):
@@ -328,3 +434,12 @@ def test_operator_killed_mid_push_then_two_operators_one_leader(fleet: Fleet):
         def done() -> bool:
             return all((c.get(API, "loraadapters", NS, n).get("status") or {}).get("phase") == "Ready" for n in extra)
         wait_for(done, 90, "the new leader finished the push", interval=1, on_timeout=fleet.log)
+
+
+def test_rbac_covers_every_request_of_the_fleet(fleet: Fleet):
+    """Every API request the operators made over the whole fleet run (placement, leader election,
+    the catalog's reads) is allowed by the chart's RBAC (tests/operator/rbac.py)."""
+    from .rbac import assert_chart_grants_operator_requests
+
+    checked = assert_chart_grants_operator_requests(fleet.cluster)
+    print(f"\nRBAC: {checked} operator requests checked against the chart")

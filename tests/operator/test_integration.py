@@ -23,7 +23,7 @@ import pytest
 
 from loraplex.manifest import hash_api_key, parse_manifest_list
 
-from .harness import BIN, FakeCluster, Kubelet, OperatorProcess, free_port, wait_for
+from .harness import BIN, FakeCluster, Kubelet, OperatorProcess, free_port, from_operator, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -299,7 +299,7 @@ def test_operator_restart_makes_no_writes(env: Env):
         env.wait(lambda: "reconcile" in env.operator.log() and len(env.cluster.requests()) > mark + 20,
                  "the new operator at work")
         time.sleep(4)
-        ops = [r for r in env.cluster.requests()[mark:] if _from_operator(r)]
+        ops = [r for r in env.cluster.requests()[mark:] if from_operator(r)]
         assert ops, "the new operator made no requests at all"
         # The Lease is the one thing a new leader must write (acquire, renew).
         writes = [w for w in env.cluster.writes(mark) if "/leases" not in w]
@@ -357,15 +357,10 @@ def test_deleting_the_base_cleans_up(env: Env):
         env.wait(lambda: env.lora("a2") is None and env.lora("bad") is None, "adapters of a gone base deleted")
 
 
-def _from_operator(r) -> bool:
-    ua = {k.lower(): v for k, v in r.headers.items()}.get("user-agent", "")
-    return ua.startswith(("loraplex-operator", "kopf"))
-
-
 def test_operator_writes_only_status_and_finalizers(env: Env):
     """Over the whole run: no PUT, and the users' objects were patched only in status (and
     kopf's finalizer in metadata) - never spec, never annotations or labels."""
-    ops = [r for r in env.cluster.requests() if _from_operator(r)]
+    ops = [r for r in env.cluster.requests() if from_operator(r)]
     assert ops
     assert not [r for r in ops if str(r.method.value if hasattr(r.method, "value") else r.method).upper() == "PUT"]
     for r in ops:
@@ -404,13 +399,6 @@ def test_rbac_covers_every_request(env: Env):
     """Every request the operator made during the run is allowed by the Helm chart's RBAC, as the
     API server's authorizer would decide it for the chart's ServiceAccount (tests/operator/rbac.py;
     test_deploy_files.py proves the check fails on a request the chart does not grant)."""
-    from .rbac import ungranted
-    from .test_deploy_files import operator_identity, render
+    from .rbac import assert_chart_grants_operator_requests
 
-    docs = render()
-    sa_name, sa_ns = operator_identity(docs)
-    requests = [(str(getattr(r.method, "value", r.method)), r.url.path, dict(r.params))
-                for r in env.cluster.requests() if _from_operator(r)]
-    assert requests
-    missing = ungranted(docs, sa_name, sa_ns, requests)
-    assert not missing, "the chart's RBAC does not allow:\n" + "\n".join(missing)
+    assert_chart_grants_operator_requests(env.cluster)

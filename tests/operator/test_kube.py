@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
+import certifi
 import pytest
 import yaml
 
@@ -209,3 +211,40 @@ def test_login_without_credentials_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(kube.ConfigException):
         run(kube.load_configuration())
+
+
+def test_in_cluster_service_account_is_preferred_and_its_rotated_token_is_used(tmp_path, monkeypatch):
+    """In a pod: the service account wins over any kubeconfig, kopf gets its token and CA, and the
+    client picks up the token the kubelet rotates into the file without a new login."""
+    from kubernetes_asyncio.config import incluster_config
+
+    token_file, ca_file = tmp_path / "token", tmp_path / "ca.crt"
+    token_file.write_text("stale-token")
+    ca_file.write_text(Path(certifi.where()).read_text())  # any valid CA bundle: loaded, never used (HTTP)
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token_file))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca_file))
+    monkeypatch.setattr(incluster_config, "TOKEN_REFRESH_PERIOD", incluster_config.datetime.timedelta(0))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+
+    async def body():
+        configuration = await kube.load_configuration()
+        info = await handlers.connection_info(configuration)
+        api = FakeApi()
+        configuration.host = await api.start()  # the fake API speaks plain HTTP on loopback
+        c = KubeClient(configuration)
+        try:
+            with pytest.raises(ApiError) as e:
+                await c.get(CM)
+            token_file.write_text(TOKEN)  # the kubelet rotates the projected token
+            assert await c.get(CM) is None  # 404 as None: authenticated this time
+        finally:
+            await c.aclose()
+            await api.aclose()
+        return info, e.value
+
+    info, err = run(body())
+    assert (info.server, info.scheme, info.token, info.ca_path) == (
+        "https://10.0.0.1:443", "Bearer", "stale-token", str(ca_file))
+    assert err.status == 401

@@ -40,6 +40,17 @@ def test_engine_args_leave_out_unset_limits():
     assert args[args.index("--dtype") + 1] == "auto"
 
 
+def test_engines_get_their_bases_catalog_url():
+    plain = render.render_deployment(bmd(), 1)
+    assert "--adapter-catalog-url" not in plain["spec"]["template"]["spec"]["containers"][0]["args"]
+    dep = render.render_deployment(bmd(), 1, "http://lp-loraplex.loraplex-system.svc:9091/")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--adapter-catalog-url") + 1] == \
+        "http://lp-loraplex.loraplex-system.svc:9091/catalog/v1/team-a/llama"
+    # It authenticates with the admin token the engine already mounts.
+    assert args[args.index("--admin-token-file") + 1] == C.ADMIN_TOKEN_PATH
+
+
 def test_deployment_shape():
     body = bmd({"engine": {"port": 8123, "resources": {"limits": {"nvidia.com/gpu": 1}},
                            "nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],

@@ -1,7 +1,8 @@
 """The adapter manager: the registry and its three tiers behind one lock.
 
 - registry.py: names -> entries (registered, or dynamic: resolved by name on first use)
-- resolver.py + sources.DefaultSource: unregistered names, just in time, with a negative cache
+- resolver.py + sources.DefaultSource: unregistered names, just in time, with a negative cache;
+  on an operator-managed engine catalog_source.CatalogSource takes the default source's place
 - loader.py: fetch (disk tier) + parse, on a thread pool, never on the step loop
 - host_tier.py: parsed weights in RAM, bounded in bytes, LRU
 - device_slots.py: the model's slot buffers, LRU, pinned by running sequences
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplex.engine.core.adapters.catalog_source import CatalogSource
 from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, AdapterWeights
 from loraplex.engine.core.adapters.device_slots import DeviceSlots
 from loraplex.engine.core.adapters.disk_tier import DiskTier
@@ -90,8 +92,14 @@ class AdapterManager:
         self.preloads: set[str] = set()  # names registered with preload: true (each holds a device slot)
         self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
         self.source = DefaultSource(config.adapter_source, self.adapter_dir, self.cache_dir, config.adapter_s3_prefix)
-        self.dynamic = config.dynamic_adapter_policy() if self.source.usable else "off"
-        self.resolver = NameResolver(self.source.locate, self._register_dynamic, config.max_concurrent_adapter_loads,
+        # With a catalog, names unknown there are unknown here: the default source is not asked
+        # (it would serve them without the LoraAdapter's tenants, sha256 and own source).
+        self.catalog = (CatalogSource(config.adapter_catalog_url, config.adapter_catalog_token_file)
+                        if config.adapter_catalog_url else None)
+        usable = self.catalog is not None or self.source.usable
+        self.dynamic = config.dynamic_adapter_policy() if usable else "off"
+        locate = self.catalog.locate if self.catalog is not None else self.source.locate
+        self.resolver = NameResolver(locate, self._register_dynamic, config.max_concurrent_adapter_loads,
                                      NegativeCache(config.adapter_negative_cache_seconds,
                                                    config.adapter_negative_cache_size))
         self.merged_lru: OrderedDict[str, None] = OrderedDict()  # merged adapters, oldest first
@@ -114,6 +122,10 @@ class AdapterManager:
                         f"cannot preload {manifest.name!r}: {pinned} of {self.num_slots} device slots are held by "
                         "preloaded adapters and one must stay free for on-demand adapters; raise --max-active-adapters",
                         param="preload")
+            if entry is not None and entry.dynamic and not entry.removed \
+                    and _content(entry.manifest) == _content(manifest):
+                # Loaded just in time (the catalog), now registered here (placed): keep its weights.
+                self.registry.adopt(entry)
             if entry is None or entry.removed or entry.dynamic or _content(entry.manifest) != _content(manifest):
                 if entry is not None:
                     self._drop(entry)
@@ -181,11 +193,16 @@ class AdapterManager:
             self.slots.free(entry.slot)
 
     def _lookup(self, name: str) -> AdapterEntry | None:
+        """The entry serving `name`; None also for a catalog entry due for a new check (the
+        request then resolves it again, through the catalog)."""
         entry = self.registry.get(name)
         if entry is None and name in self.aliases:
             entry = self.registry.get(self.aliases[name])
             if entry is None:
                 del self.aliases[name]
+        if entry is not None and entry.catalog_checked_at is not None \
+                and time.monotonic() - entry.catalog_checked_at >= self.config.adapter_catalog_ttl_seconds:
+            return None
         return entry
 
     def get(self, name: str) -> dict | None:
@@ -268,7 +285,9 @@ class AdapterManager:
     def _register_dynamic(self, requested: str, manifest: AdapterManifest) -> str:
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
-            registered = self.locations.get(key)
+            # A catalog manifest is a LoraAdapter of its own: never served as another registered
+            # adapter that names the same files (that one's tenants are not this one's).
+            registered = self.locations.get(key) if self.catalog is None else None
             if registered is not None and self.registry.get(registered) is not None:
                 name = registered  # the same files are registered: serve them under that entry (and its tenants)
             else:
@@ -277,10 +296,21 @@ class AdapterManager:
                     if entry is not None and not entry.dynamic:
                         raise UnknownAdapterError(f"the model {requested!r} does not exist (its name is taken by "
                                                   f"a registered adapter)", param="model")
+                    if entry is not None:
+                        self._drop(entry)  # other files now (a new sha256 in the catalog): never the old weights
                     entry = self.registry.add(manifest, dynamic=True)
                     entry.source_name = requested
-                entry.resolved_at = time.monotonic()
-                self._enqueue(entry)  # start loading now: the request follows at once
+                elif entry.dynamic:
+                    entry.manifest = manifest  # checked again in the catalog: its tenants may have changed
+                now = time.monotonic()
+                entry.resolved_at = now
+                if self.catalog is not None and entry.dynamic:
+                    entry.catalog_checked_at = now
+                if not manifest.tenants:
+                    # Start loading now: the request follows at once. A tenant-restricted adapter
+                    # waits for a request that passed its tenant check (`want`), so that a caller
+                    # without the key cannot make the pod load it.
+                    self._enqueue(entry)
                 name = entry.name
             if requested != name:
                 self.aliases[requested] = name
@@ -485,3 +515,5 @@ class AdapterManager:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.resolver.shutdown()
+        if self.catalog is not None:
+            self.catalog.close()

@@ -42,6 +42,7 @@ class AdapterEntry:
     waiters: set[str] = field(default_factory=set)
     load_seconds: float | None = None
     resolved_at: float = 0.0  # time.monotonic() of the last resolution of a dynamic name
+    catalog_checked_at: float | None = None  # a dynamic entry from the operator's catalog: when fetched
     location: tuple | None = None  # its key in the manager's `locations` (sources.location_key), if set
     _digest_of: AdapterManifest | None = field(default=None, repr=False)
     _manifest_digest: str = field(default="", repr=False)
@@ -114,6 +115,14 @@ class Registry:
             self._trim_dynamic()
             self.dynamic_lru[manifest.name] = None
         return entry
+
+    def adopt(self, entry: AdapterEntry) -> None:
+        """A dynamic entry becomes a registered one (the same files were registered under its
+        name): kept as it is, weights and slot included, and no longer forgotten when idle."""
+        entry.dynamic = False
+        entry.source_name = None
+        entry.catalog_checked_at = None
+        self.dynamic_lru.pop(entry.name, None)
 
     def pop(self, name: str) -> AdapterEntry | None:
         self.dynamic_lru.pop(name, None)

@@ -5,7 +5,10 @@ path checks, a stat or a download, a peek at adapter_config.json) runs on its ow
 at most `workers` resolutions run at once (the cap on concurrent dynamic loads) and the HTTP event
 loop never blocks. Concurrent requests for one name share one resolution. Names that turned out
 unknown (404) or not a checkpoint (422) are remembered for a short while in a bounded negative
-cache, so a flood of bad names costs one lookup each per TTL, not one per request.
+cache, so a flood of bad names costs one lookup each per TTL, not one per request. The lookup is
+the default source's (sources.DefaultSource) or, on an operator-managed engine, the operator's
+catalog (catalog_source.CatalogSource); errors that are worth remembering say so by their status
+or by a `negative_cache` attribute (a 503 for an unreachable catalog never is).
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ class NameResolver:
         try:
             manifest = self.locate(name)
         except RequestError as exc:
-            if exc.status in CACHED_STATUSES:
+            if exc.status in CACHED_STATUSES or getattr(exc, "negative_cache", False):
                 with self.lock:
                     self.negative.put(name, exc)
             raise

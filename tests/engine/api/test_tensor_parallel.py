@@ -3,15 +3,19 @@
 - Parity: a size-2 engine gives the size-1 engine's greedy tokens, and its prompt and token
   logprobs within 1e-4, for the base and adapters in one burst of concurrent requests (mixed
   batches): on a GQA Llama (4 heads, 2 kv heads: one kv head per rank) with an adapter on
-  q/k/v/o and an all-linear one (gate/up/down too), and on Qwen2 (qkv bias, tied vocab-parallel
-  embedding and lm_head) with an all-linear adapter. The size-1 reference is the engine in this
-  process (LLMEngine, the code path every size-1 server runs). Observed differences: ~2e-5 or
-  less (the all-reduce sums partial products in another order).
+  q/k/v/o and an all-linear one (gate/up/down too), on Qwen2 (qkv bias, tied vocab-parallel
+  embedding and lm_head) with two adapters sharing one device slot (every rank's slot is
+  rewritten after each eviction), on Phi-3 (fused qkv_proj / gate_up_proj weights, an adapter
+  on the fused names), on Mixtral (every expert split, LoRA on attention) and on a block-wise fp8
+  Llama. The size-1 reference is the engine in this process (LLMEngine, the code
+  path every size-1 server runs). Observed differences: ~2e-5 or less (the all-reduce sums
+  partial products in another order).
 - A worker SIGKILLed while a request streams: the stream ends with an error, /health answers 503
   (or the server has exited), and the server exits non-zero within KILL_BOUND_SECONDS.
+- A worker SIGSTOPped (hung, not dead): the same, once the collective timeout runs out.
 - Rank 0 SIGKILLed: its worker exits within ORPHAN_BOUND_SECONDS.
 - Start-up errors: a size that does not divide the heads exits 1 with the reason, before any
-  worker starts; unsupported models (Mixtral, fp8) are refused by name.
+  worker starts; an fp8 base whose blocks the shards would cut is refused, naming the projections.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import pytest
 
 from loraplex.engine.api.cli import build_parser
 from tests.engine.api.conftest import ENGINE_BIN, ROOT, EngineProcess, free_port, metric, parse_metrics, wait_until
-from tests.support.tiny import ALL_MODULES, make_tiny_adapter, make_tiny_checkpoint
+from tests.support.tiny import ALL_MODULES, make_tiny_adapter, make_tiny_checkpoint, make_tiny_fp8_checkpoint
 
 LOGPROB_ATOL = 1e-4
 MAX_NEW = 12
@@ -38,7 +42,16 @@ PROMPTS = ["The quick brown fox", "Paris is the capital of France. Berlin is",
 ADAPTERS = {"llama": {"qkvo": dict(rank=8, seed=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
                       "all": dict(rank=16, seed=13, target_modules=ALL_MODULES)},
             "qwen2": {"all": dict(rank=8, seed=14, target_modules=ALL_MODULES),
-                      "qkvo": dict(rank=4, seed=15, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}}
+                      "qkvo": dict(rank=4, seed=15, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+            # fused qkv_proj / gate_up_proj in the checkpoint and in the adapter: each rank reads
+            # its rows of every part of the fused tensor
+            "phi3": {"fused": dict(rank=8, seed=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
+            # sparse MoE: every expert split, the router whole; LoRA on attention
+            "mixtral": {"attn": dict(rank=8, seed=17, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}}
+# A block-wise fp8 Llama (16x16 blocks: each rank's slice of every projection is whole blocks),
+# with the Llama adapters (LoRA applies on top of the dequantized base).
+FP8 = "llama-fp8"
+FAMILIES = [*ADAPTERS, FP8]
 # Qwen2's server has one device slot: its two adapters take turns, so every rank's slot is
 # rewritten with another adapter's slices (evictions), not only written once.
 EXTRA_ARGS = {"qwen2": ["--max-active-adapters", "1"]}
@@ -60,7 +73,13 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, str]]:
         for name, kw in specs.items():
             make_tiny_adapter(base, root / f"{family}-adapters" / name, **kw)
         out[family] = (str(base), str(root / f"{family}-adapters"))
+    fp8 = make_tiny_fp8_checkpoint(out["llama"][0], root / FP8, root / "fp8-dequantized", block=(16, 16))
+    out[FP8] = (str(fp8), out["llama"][1])
     return out
+
+
+def adapters_of(family: str) -> dict:
+    return ADAPTERS["llama" if family == FP8 else family]
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +137,14 @@ def generate_concurrently(url: str, requests: list[tuple[str, str | None]]) -> l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(ADAPTERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_size_2_matches_size_1_over_http(family, checkpoints, tp_servers):
     server = tp_servers[family]
     info = httpx.get(server.url + "/info").json()
     assert info["tensor_parallel_size"] == 2 and len(info["tensor_parallel_worker_pids"]) == 1
-    requests = [(p, a) for a in (None, *ADAPTERS[family]) for p in PROMPTS]
+    if family == FP8:  # rank 0 holds its half of the fp8 weights
+        assert info["quantization"] == "fp8" and info["weight_bytes"] < 0.6 * info["weight_bytes_unquantized"]
+    requests = [(p, a) for a in (None, *adapters_of(family)) for p in PROMPTS]
     want = size_1_reference(*checkpoints[family], requests)
     got = generate_concurrently(server.url, requests)
     worst = 0.0
@@ -137,7 +158,7 @@ def test_size_2_matches_size_1_over_http(family, checkpoints, tp_servers):
     assert worst <= LOGPROB_ATOL
     # the adapters change the tokens, so their rows prove the sharded LoRA path
     base = [r["token_ids"] for r, (_, a) in zip(want, requests) if a is None]
-    for name in ADAPTERS[family]:
+    for name in adapters_of(family):
         assert [r["token_ids"] for r, (_, a) in zip(want, requests) if a == name] != base, name
     if family in EXTRA_ARGS:  # one slot, two adapters: one was evicted for the other
         evictions = metric(parse_metrics(httpx.get(server.url + "/metrics").text),
@@ -246,24 +267,16 @@ def test_a_size_that_does_not_divide_the_heads_exits_1_before_starting_workers(c
     assert "worker pids" not in proc.stderr  # refused before any worker process started
 
 
-@pytest.mark.parametrize("family,reason", [
-    ("mixtral", "mixture-of-experts models (Mixtral) are not supported with tensor parallelism yet"),
-    ("llama-fp8", "fp8 (quantized) bases are not supported with tensor parallelism yet"),
-])
-def test_unsupported_models_are_refused_by_name(family, reason, tmp_path):
+def test_an_fp8_base_whose_blocks_the_shards_would_cut_is_refused(checkpoints, tmp_path):
     from loraplex.engine.core.config import EngineConfig
     from loraplex.engine.core.llm_engine import LLMEngine
     from loraplex.engine.model.config import UnsupportedModelError
-    from tests.support.tiny import make_tiny_fp8_checkpoint
 
-    if family == "llama-fp8":
-        full = make_tiny_checkpoint(tmp_path / "full", "llama")
-        model = make_tiny_fp8_checkpoint(full, tmp_path / "fp8", tmp_path / "dequantized")
-    else:
-        model = make_tiny_checkpoint(tmp_path / family, family)
+    # 32x32 blocks: k and v have 2 heads x 16 = 32 rows, one block, which 2 ranks would cut
+    model = make_tiny_fp8_checkpoint(checkpoints["llama"][0], tmp_path / "fp8", tmp_path / "dequantized", block=(32, 32))
     with pytest.raises(UnsupportedModelError) as exc:
-        LLMEngine(EngineConfig(model_id=str(model), device="cpu", num_kv_blocks=16, tensor_parallel_size=2))
-    assert reason in str(exc.value)
+        LLMEngine(EngineConfig(model_id=str(model), device="cpu", num_kv_blocks=64, tensor_parallel_size=2))
+    assert "its fp8 weight blocks (32x32) would be cut by the shard boundaries of k_proj, v_proj" in str(exc.value)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -275,3 +288,13 @@ def test_cli_rejects_bad_tensor_parallel_flags(args, message, capsys):
         build_parser().parse_args(["--model-id", "x", *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_maps_the_tensor_parallel_flags():
+    from loraplex.engine.api.cli import configs_from_args
+
+    config, _ = configs_from_args(build_parser().parse_args(
+        ["--model-id", "m", "--tensor-parallel-size", "4", "--tensor-parallel-timeout", "7.5"]))
+    assert (config.tensor_parallel_size, config.tensor_parallel_timeout) == (4, 7.5)
+    defaults, _ = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
+    assert defaults.tensor_parallel_size == 1  # size 1: no process group, no workers
