@@ -122,7 +122,11 @@ def fold_error(rec: PodRecord, err: Exception, now: float, cfg: OperatorConfig) 
 
 def matches(listed: Mapping, manifest: dict, digest: str | None) -> bool:
     """The pod holds this manifest: by its digest (the compact listing), or by the manifest itself
-    (the full rows of an engine without the compact view)."""
+    (the full rows of an engine without the compact view). An entry the engine loaded just in
+    time (`dynamic`, from the operator's catalog) is not held: placed here, it must be registered,
+    or the engine's LRU would forget it; the PUT keeps its weights."""
+    if listed.get("dynamic"):
+        return False
     if "manifest_digest" in listed and digest is not None:
         return listed["manifest_digest"] == digest
     return listed.get("manifest") == manifest
@@ -228,7 +232,7 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
         if op is not Op.NONE and op is not Op.WAIT:
             ops.append((name, op, rec))
     # Registrations of ours that are not placed here any more. An entry the engine loaded just in
-    # time from its default source (`dynamic`) is the engine's own, even under a managed name:
+    # time (`dynamic`, from the catalog) is the engine's own, even under a managed name:
     # its LRU forgets it, and removing it would only make the next request load it again.
     extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")]
 

@@ -43,6 +43,7 @@ class _EngineCollector:
         evictions: dict = {}
         tier_bytes: dict = {}
         lookups, negative = 0, 0
+        catalog: dict[str, int] | None = None
         if async_engine is not None:
             engine = async_engine.engine
             stats.update(engine.stats())
@@ -53,6 +54,8 @@ class _EngineCollector:
                 loads = dict(mgr.counters.loads)
                 evictions = dict(mgr.counters.evictions)
             lookups, negative = mgr.resolver.lookups, len(mgr.resolver.negative)
+            if mgr.catalog is not None:
+                catalog = mgr.catalog.counts()
             yield from _router_metrics(engine, stats)
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch",
                                 value=stats["num_requests_running"])
@@ -92,9 +95,16 @@ class _EngineCollector:
         yield used
         yield budget
         yield CounterMetricFamily(PREFIX + "adapter_name_lookups", "Unregistered adapter names looked up in the "
-                                  "default source (negative-cache hits excluded)", value=lookups)
+                                  "default source or the catalog (negative-cache hits excluded)", value=lookups)
         yield GaugeMetricFamily(PREFIX + "adapter_negative_cache_entries", "Names remembered as unknown or invalid",
                                 value=negative)
+        if catalog is not None:  # only on an engine with --adapter-catalog-url
+            c = CounterMetricFamily(PREFIX + "adapter_catalog_requests", "Unregistered adapter names looked up in "
+                                    "the operator's catalog, by result (ok, not_found, refused, unavailable)",
+                                    labels=["result"])
+            for result in ("ok", "not_found", "refused", "unavailable"):
+                c.add_metric([result], catalog.get(result, 0))
+            yield c
 
 
 def _router_metrics(engine, stats: dict):

@@ -15,7 +15,9 @@ torch.distributed process group of N ranks; rank r of N holds:
   ceil(V/N) (the last rank's tail rows are zero padding). The embedding looks up the ids in
   its range, zeros the others, and all-reduces; the lm_head computes its slice of the logits
   and rank 0 gathers them (the sampler runs on rank 0 alone).
-- everything else (norms, q/k norms, rope tables) whole.
+- Mixtral's experts: each split like the MLP (w1/w3 column-, w2 row-parallel), the router whole;
+  one all-reduce after the mixture.
+- everything else (norms, q/k norms, rope tables, the MoE router) whole.
 So a layer costs two all-reduces of [T, hidden] (after o and after down), a step one more for
 the embedding and one gather of [rows, Vp] for the logits.
 
@@ -38,10 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.engine.model.config import ModelConfig, UnsupportedModelError
-from loraplex.engine.model.llama import MLP, Attention, LlamaForCausalLM
+from loraplex.engine.model.llama import MLP, Attention, LlamaForCausalLM, SparseMoE
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
+# Mixtral's experts: w1 (gate) and w3 (up) are column-parallel, w2 (down) row-parallel.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")
+ROW_PARALLEL = ("o_proj", "down_proj", "w2")
 VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 
 
@@ -92,11 +95,9 @@ def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
                         "(key/value heads are split across ranks, never replicated)")
     if cfg.intermediate_size % size:
         problems.append(f"intermediate_size {cfg.intermediate_size} is not divisible by it")
-    if cfg.num_experts:
-        problems.append("mixture-of-experts models (Mixtral) are not supported with tensor parallelism yet")
     if cfg.fp8_block:  # each rank's slice must be whole blocks, so that it takes whole scales
         bo, bi = cfg.fp8_block
-        shapes = cfg.projection_shapes()
+        shapes = split_shapes(cfg)
         split = [n for n in COLUMN_PARALLEL if n in shapes and shapes[n][1] % (size * bo)]
         split += [n for n in ROW_PARALLEL if n in shapes and shapes[n][0] % (size * bi)]
         if split:
@@ -168,6 +169,19 @@ class RowParallelMLP(MLP):
         return self.tp.all_reduce(super().forward(x, ctx))
 
 
+class RowParallelMoE(SparseMoE):
+    """Mixtral's MLP with every expert split like the MLP (w1/w3 columns, w2 rows) and the router
+    whole: every rank routes each token to the same experts, runs its slice of them, and one
+    all-reduce sums the partial outputs (vLLM's tensor-parallel MoE without expert parallelism)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__(cfg)
+        self.tp = tp
+
+    def forward(self, x, ctx):
+        return self.tp.all_reduce(super().forward(x, ctx))
+
+
 def build_parallel_model(cfg: ModelConfig, tp: TensorParallel, num_lora_slots: int, max_lora_rank: int,
                          max_positions: int | None) -> LlamaForCausalLM:
     """The stock model built from the rank's shard config, with its embedding, lm_head,
@@ -180,18 +194,31 @@ def build_parallel_model(cfg: ModelConfig, tp: TensorParallel, num_lora_slots: i
     model.tie_weights()
     for i, layer in enumerate(model.model.layers):
         layer.self_attn = RowParallelAttention(shard, num_lora_slots, max_lora_rank, i, tp)
-        layer.mlp = RowParallelMLP(shard, num_lora_slots, max_lora_rank, tp)
+        if cfg.num_experts:
+            layer.block_sparse_moe = RowParallelMoE(shard, tp)
+        else:
+            layer.mlp = RowParallelMLP(shard, num_lora_slots, max_lora_rank, tp)
     model.full_config, model.tp = cfg, tp
     return model
+
+
+def split_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) in the whole model of every projection that is split."""
+    shapes = dict(cfg.projection_shapes())
+    if cfg.num_experts:
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        shapes.update(w1=(h, i), w3=(h, i), w2=(i, h))
+    return shapes
 
 
 def fp8_scale_shape(cfg: ModelConfig, module_name: str) -> tuple[int, int]:
     """The checkpoint's (whole model's) block-scale shape of a projection."""
     proj = module_name.rsplit(".", 1)[-1]
-    if proj not in COLUMN_PARALLEL + ROW_PARALLEL:
-        raise UnsupportedModelError(f"{module_name} has fp8 weights; under tensor parallelism only the seven "
+    shapes = split_shapes(cfg)
+    if proj not in shapes:
+        raise UnsupportedModelError(f"{module_name} has fp8 weights; under tensor parallelism only the split "
                                     "projections may be fp8")
-    (fan_in, fan_out), (bo, bi) = cfg.projection_shapes()[proj], cfg.fp8_block
+    (fan_in, fan_out), (bo, bi) = shapes[proj], cfg.fp8_block
     return -(-fan_out // bo), -(-fan_in // bi)
 
 
@@ -216,7 +243,7 @@ def read_shard(f, file_key: str, cfg: ModelConfig, tp: TensorParallel) -> list[t
             offset += size
         return out
     if leaf == "weight_scale_inv":  # fp8 block scales: the blocks of the rank's slice (aligned: check_tensor_parallel)
-        (fan_in, fan_out), (bo, bi) = cfg.projection_shapes()[module], cfg.fp8_block
+        (fan_in, fan_out), (bo, bi) = split_shapes(cfg)[module], cfg.fp8_block
         if module in COLUMN_PARALLEL:
             lo, hi = tp.span(fan_out)
             return [(file_key, view[lo // bo:hi // bo])]

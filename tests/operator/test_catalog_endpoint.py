@@ -176,3 +176,36 @@ def test_lookup_refuses_deleting_and_failed_adapters():
     assert failed[0] == 409 and failed[1][0] == "adapter_failed" and "sha256 mismatch" in failed[1][1]
     assert fixed == (200, {"name": "fixed", "source": "hub", "uri": "o/r", "preload": False, "tenants": []})
     assert C.CATALOG_PREFIX == "/catalog/v1"
+
+
+def test_object_cache_is_bounded_and_expires():
+    """The catalog's read cache holds at most max_entries objects (oldest out) for ttl seconds:
+    10,000 adapters looked up cost a bounded amount of memory."""
+    from loraplex.operator.catalog import ObjectCache
+    from loraplex.operator.kube import Ref
+
+    reads = []
+
+    class Kube:
+        async def get(self, ref):
+            reads.append(ref.name)
+            return {"metadata": {"name": ref.name}}
+
+    class Rt:
+        kube = Kube()
+
+    async def run():
+        cache = ObjectCache(ttl=60, max_entries=100)
+        for i in range(10_000):
+            await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", f"a{i}"))
+        assert len(cache.items) == 100 and len(reads) == 10_000
+        await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "a9999"))  # recent: a hit
+        assert len(reads) == 10_000
+        await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "a0"))  # pushed out: read again
+        assert len(reads) == 10_001
+        expired = ObjectCache(ttl=0, max_entries=100)
+        for _ in range(2):
+            await expired.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "x"))
+        assert reads[-2:] == ["x", "x"]
+
+    asyncio.run(run())

@@ -51,6 +51,9 @@ def test_plan_pushes_what_is_missing_or_different_and_leaves_the_rest():
     changed_behind_our_back = {**listed("a"), "manifest": {**manifest("a"), "tenants": []}}
     changed_behind_our_back["manifest"]["uri"] = "evil/x"
     assert plan_adapter(rec, changed_behind_our_back, manifest("a"), 0, CFG)[0] is Op.PUSH
+    # Loaded just in time from the catalog (the same manifest): placed here, it is registered.
+    jit = {**listed("a", "host"), "dynamic": True}
+    assert plan_adapter(rec, jit, manifest("a"), 0, CFG)[0] is Op.PUSH
 
 
 def test_first_use_failure_counts_retries_and_never_reads_servable_until_a_load_succeeds():

@@ -18,6 +18,7 @@ its in-flight sharing, concurrency cap and negative cache. What the catalog answ
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -54,7 +55,10 @@ class CatalogSource:
         self.token_file = Path(token_file) if token_file else None
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
                                    limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
-        self.calls = 0  # HTTP calls made: what lookups cost the operator
+        # Catalog answers by result (ok, not_found, refused, unavailable), for
+        # loraplex_adapter_catalog_requests_total: a catalog outage shows as `unavailable`.
+        self.results: dict[str, int] = {}
+        self._lock = threading.Lock()  # locate() runs on the resolver's pool threads
 
     def _token(self) -> str | None:
         """The admin token, read at each call (rare: one per unknown name per negative-cache TTL),
@@ -68,13 +72,33 @@ class CatalogSource:
         return lines[0].strip() if lines else None
 
     def locate(self, name: str) -> AdapterManifest:
+        result = "unavailable"
+        try:
+            manifest = self._locate(name)
+            result = "ok"
+            return manifest
+        except UnknownAdapterError:
+            result = "not_found"
+            raise
+        except CatalogRefusedError:
+            result = "refused"
+            raise
+        finally:
+            with self._lock:
+                self.results[result] = self.results.get(result, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        """Lookups so far by result (a copy)."""
+        with self._lock:
+            return dict(self.results)
+
+    def _locate(self, name: str) -> AdapterManifest:
         # A LoraAdapter's name is a DNS-1123 label: anything else is no adapter of the catalog,
         # and is not worth a call.
         if len(name) > 63 or not DNS1123_LABEL.match(name):
             raise UnknownAdapterError(f"the model {name[:80]!r} does not exist", param="model")
         token = self._token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.calls += 1
         try:
             r = self.client.get(f"{self.url}/adapters/{quote(name, safe='')}", headers=headers)
         except httpx.HTTPError as exc:

@@ -122,6 +122,10 @@ class AdapterManager:
                         f"cannot preload {manifest.name!r}: {pinned} of {self.num_slots} device slots are held by "
                         "preloaded adapters and one must stay free for on-demand adapters; raise --max-active-adapters",
                         param="preload")
+            if entry is not None and entry.dynamic and not entry.removed \
+                    and _content(entry.manifest) == _content(manifest):
+                # Loaded just in time (the catalog), now registered here (placed): keep its weights.
+                self.registry.adopt(entry)
             if entry is None or entry.removed or entry.dynamic or _content(entry.manifest) != _content(manifest):
                 if entry is not None:
                     self._drop(entry)

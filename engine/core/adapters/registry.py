@@ -116,6 +116,14 @@ class Registry:
             self.dynamic_lru[manifest.name] = None
         return entry
 
+    def adopt(self, entry: AdapterEntry) -> None:
+        """A dynamic entry becomes a registered one (the same files were registered under its
+        name): kept as it is, weights and slot included, and no longer forgotten when idle."""
+        entry.dynamic = False
+        entry.source_name = None
+        entry.catalog_checked_at = None
+        self.dynamic_lru.pop(entry.name, None)
+
     def pop(self, name: str) -> AdapterEntry | None:
         self.dynamic_lru.pop(name, None)
         return self.entries.pop(name, None)

@@ -18,7 +18,8 @@ from loraplex.engine.core.adapters.catalog_source import (CatalogRefusedError, C
                                                           CatalogUnavailableError)
 from loraplex.engine.core.errors import UnknownAdapterError
 from loraplex.manifest import hash_api_key
-from tests.engine.api.conftest import ADMIN_TOKEN, assert_error, engine_process, free_port, wait_until
+from tests.engine.api.conftest import (ADMIN_TOKEN, assert_error, engine_process, free_port, parse_metrics,
+                                       wait_until)
 
 PREFIX = "/catalog/v1/team/base"
 
@@ -156,6 +157,21 @@ def test_unplaced_adapter_is_served_with_its_tenants(engine, catalog):
     assert catalog.requests[mark:] == [("priv", f"Bearer {ADMIN_TOKEN}")]  # one lookup, with the admin token
 
 
+def test_a_jit_entry_placed_later_is_registered_with_its_weights(engine, catalog):
+    """The operator places an adapter on a pod that loaded it just in time: its PUT (the same
+    manifest) makes the entry registered, keeping the loaded weights (no second load)."""
+    catalog.answers["adopted"] = manifest("adopted", "a3")
+    assert complete(engine, "adopted", "key-a").status_code == 200
+    before = admin_get(engine, "adopted").json()
+    assert before["dynamic"] is True and before["state"] in ("host", "device")
+    r = httpx.put(engine.url + "/v1/adapters/adopted", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                  json={"name": "adopted", "source": "local", "uri": "a3", "tenants": []})
+    assert r.status_code == 200, r.text
+    after = admin_get(engine, "adopted").json()
+    assert after["dynamic"] is False and after["state"] == before["state"]
+    assert after["load_seconds"] == before["load_seconds"]  # the same load: not loaded again
+
+
 def test_names_the_catalog_does_not_know_are_404_and_remembered(engine, catalog):
     for _ in range(3):  # a3 is in --adapter-dir: with a catalog, the default source is not asked
         assert_error(complete(engine, "a3", "key-a"), 404, "model_not_found")
@@ -199,3 +215,13 @@ def test_the_catalog_manifest_sha256_is_verified(engine, catalog):
     catalog.answers["bad-sha"] = manifest("bad-sha", "a2", sha256="0" * 64)
     err = assert_error(complete(engine, "bad-sha", "key-a"), 424)
     assert "sha256 mismatch" in err["message"]
+
+
+def test_catalog_lookups_are_counted_by_result(engine, catalog):
+    """loraplex_adapter_catalog_requests_total{result}: an outage shows as `unavailable` (the
+    tests above made every kind of answer)."""
+    samples = parse_metrics(httpx.get(engine.url + "/metrics").text)
+    counts = {dict(labels)["result"]: v for (name, labels), v in samples.items()
+              if name == "loraplex_adapter_catalog_requests_total"}
+    assert set(counts) == {"ok", "not_found", "refused", "unavailable"}
+    assert counts["ok"] >= 4 and counts["not_found"] >= 2 and counts["refused"] == 1 and counts["unavailable"] == 1, counts

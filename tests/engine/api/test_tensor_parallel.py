@@ -5,8 +5,9 @@
   batches): on a GQA Llama (4 heads, 2 kv heads: one kv head per rank) with an adapter on
   q/k/v/o and an all-linear one (gate/up/down too), on Qwen2 (qkv bias, tied vocab-parallel
   embedding and lm_head) with two adapters sharing one device slot (every rank's slot is
-  rewritten after each eviction), and on Phi-3 (fused qkv_proj / gate_up_proj weights, an adapter
-  on the fused names), and on a block-wise fp8 Llama. The size-1 reference is the engine in this process (LLMEngine, the code
+  rewritten after each eviction), on Phi-3 (fused qkv_proj / gate_up_proj weights, an adapter
+  on the fused names), on Mixtral (every expert split, LoRA on attention) and on a block-wise fp8
+  Llama. The size-1 reference is the engine in this process (LLMEngine, the code
   path every size-1 server runs). Observed differences: ~2e-5 or less (the all-reduce sums
   partial products in another order).
 - A worker SIGKILLed while a request streams: the stream ends with an error, /health answers 503
@@ -14,7 +15,7 @@
 - A worker SIGSTOPped (hung, not dead): the same, once the collective timeout runs out.
 - Rank 0 SIGKILLed: its worker exits within ORPHAN_BOUND_SECONDS.
 - Start-up errors: a size that does not divide the heads exits 1 with the reason, before any
-  worker starts; unsupported models (Mixtral, fp8 blocks cut by the shards) are refused by name.
+  worker starts; an fp8 base whose blocks the shards would cut is refused, naming the projections.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ ADAPTERS = {"llama": {"qkvo": dict(rank=8, seed=12, target_modules=["q_proj", "k
                       "qkvo": dict(rank=4, seed=15, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
             # fused qkv_proj / gate_up_proj in the checkpoint and in the adapter: each rank reads
             # its rows of every part of the fused tensor
-            "phi3": {"fused": dict(rank=8, seed=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])}}
+            "phi3": {"fused": dict(rank=8, seed=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
+            # sparse MoE: every expert split, the router whole; LoRA on attention
+            "mixtral": {"attn": dict(rank=8, seed=17, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}}
 # A block-wise fp8 Llama (16x16 blocks: each rank's slice of every projection is whole blocks),
 # with the Llama adapters (LoRA applies on top of the dequantized base).
 FP8 = "llama-fp8"
@@ -264,22 +267,16 @@ def test_a_size_that_does_not_divide_the_heads_exits_1_before_starting_workers(c
     assert "worker pids" not in proc.stderr  # refused before any worker process started
 
 
-@pytest.mark.parametrize("family,reason", [
-    ("mixtral", "mixture-of-experts models (Mixtral) are not supported with tensor parallelism yet"),
-    ("llama-fp8", "its fp8 weight blocks (32x32) would be cut by the shard boundaries of k_proj, v_proj"),
-])
-def test_unsupported_models_are_refused_by_name(family, reason, tmp_path):
+def test_an_fp8_base_whose_blocks_the_shards_would_cut_is_refused(checkpoints, tmp_path):
     from loraplex.engine.core.config import EngineConfig
     from loraplex.engine.core.llm_engine import LLMEngine
     from loraplex.engine.model.config import UnsupportedModelError
-    if family == "llama-fp8":
-        full = make_tiny_checkpoint(tmp_path / "full", "llama")
-        model = make_tiny_fp8_checkpoint(full, tmp_path / "fp8", tmp_path / "dequantized", block=(32, 32))
-    else:
-        model = make_tiny_checkpoint(tmp_path / family, family)
+
+    # 32x32 blocks: k and v have 2 heads x 16 = 32 rows, one block, which 2 ranks would cut
+    model = make_tiny_fp8_checkpoint(checkpoints["llama"][0], tmp_path / "fp8", tmp_path / "dequantized", block=(32, 32))
     with pytest.raises(UnsupportedModelError) as exc:
-        LLMEngine(EngineConfig(model_id=str(model), device="cpu", num_kv_blocks=16, tensor_parallel_size=2))
-    assert reason in str(exc.value)
+        LLMEngine(EngineConfig(model_id=str(model), device="cpu", num_kv_blocks=64, tensor_parallel_size=2))
+    assert "its fp8 weight blocks (32x32) would be cut by the shard boundaries of k_proj, v_proj" in str(exc.value)
 
 
 @pytest.mark.parametrize("args,message", [
