@@ -209,3 +209,36 @@ def test_object_cache_is_bounded_and_expires():
         assert reads[-2:] == ["x", "x"]
 
     asyncio.run(run())
+
+
+def test_api_trouble_is_503_with_retry_after_and_a_forbidden_namespace_is_403():
+    """Over HTTP (the aiohttp app in-process): the API server failing -> 503 + Retry-After (the
+    engine asks again later); a namespace the operator's RBAC does not cover -> 403, as any base
+    that is not the operator's."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from loraplex.operator.catalog import make_app
+    from loraplex.operator.config import OperatorConfig
+    from loraplex.operator.kube import ApiError
+    from loraplex.operator.runtime import Runtime
+
+    class Kube:
+        async def get(self, ref):
+            raise ApiError(403 if ref.namespace == "other-team" else 500, "no")
+
+        async def aclose(self):
+            pass
+
+    async def run():
+        rt = Runtime(OperatorConfig())
+        rt._kube = Kube()
+        async with TestClient(TestServer(make_app(rt))) as client:
+            auth = {"Authorization": "Bearer tok"}
+            down = await client.get("/catalog/v1/team/b/adapters/a", headers=auth)
+            forbidden = await client.get("/catalog/v1/other-team/b/adapters/a", headers=auth)
+            out = (down.status, down.headers.get("Retry-After"), (await down.json())["error"]["code"],
+                   forbidden.status, (await forbidden.json())["error"]["code"])
+        await rt.aclose()
+        return out
+
+    assert asyncio.run(run()) == (503, "2", "catalog_unavailable", 403, "forbidden")
