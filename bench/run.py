@@ -319,7 +319,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         # controlled decode steps: batch b, d distinct adapters, each configuration against none,
         # interleaved step by step (bench.stepbench.compare).
         b = args.step_batch
-        ds = sorted({1, min(8, b), min(b, len(adapters), args.max_active_adapters)})
+        ds = sorted({d for d in (1, min(8, b), min(b, args.max_active_adapters)) if d <= len(step_names)})
         if lp is not None:
             step_results += stepbench.engine_comparison(
                 lp, b, ds, step_names, [a.name for a in all_linear], args.max_active_adapters, args.step_cycles, STEP_PROMPT)
