@@ -22,6 +22,17 @@ Layout, shared with the Triton kernels (docs/kernels.md has the why):
     (9.1 vs 9.7 µs). Both layouts read along `in` / `out` contiguously in the Triton kernels.
   - Rows/columns beyond an adapter's rank are zero.
 - Compute is not padded to `max_rank`: each segment runs at its own rank.
+- The model calls a group's shrink once and then each projection's expand right after that
+  projection's base matmul (`shrink_group_*`, `expand_group_*`), so the expand adds into an
+  output that is still in cache. What a shrink returns is each implementation's own business;
+  only its own expand reads it. This reference returns, per segment, h^T = A x^T
+  (`[rank * P, n]`, A as BLAS's plain left operand): projection p's part is then the rows
+  `h^T[p::P]`, each row contiguous, which BLAS reads in place as the transposed left operand
+  of the expand. With h = x A^T instead, `h[:, p::P]` has no unit stride and was copied before
+  every expand. Measured on the CPU (SmolLM2-135M shapes, batch 32, rank 4, 30 layers, 1
+  thread, all seven projections): the LoRA work of a step went from 6.4-7.1 ms (h = x A^T,
+  all expands after the group's matmuls) to 4.8-5.1 ms (h^T) and 4.2 ms (h^T, each expand
+  right after its matmul).
 """
 from __future__ import annotations
 
@@ -133,6 +144,27 @@ class LoRASlots:
         return slots
 
 
+def shrink_group_ref(x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> list[torch.Tensor]:
+    """The group's shrink: per segment h^T = a[slot, :rank*P] @ x[start:end]^T, `[rank * P, n]`
+    (row j * P + p is rank j of projection p), in the model's dtype. Read by `expand_group_ref`."""
+    T = x.shape[0]
+    # One adapter on the whole batch (end - start == T): no row slicing at all.
+    return [torch.mm(slots.segment_weights(slot, rank)[0], (x if end - start == T else x[start:end]).t())
+            for start, end, slot, rank in batch.segments]
+
+
+def expand_group_ref(y: torch.Tensor, h: list[torch.Tensor], slots: LoRASlots, p: int,
+                     batch: LoRABatch) -> torch.Tensor:
+    """y[t] += h_p[t] @ b_p[slot(t), :rank] for projection p of the group, every token t inside a
+    segment; `h` from `shrink_group_ref`. In place; returns y."""
+    P, T = slots.num_proj, y.shape[0]
+    for (start, end, slot, rank), ht in zip(batch.segments, h):
+        # addmm_ adds in place without a temporary [n, out] product; h^T[p::P].t() is [n, rank]
+        # with unit stride along n, which BLAS takes as a transposed operand without a copy.
+        (y if end - start == T else y[start:end]).addmm_(ht[p::P].t(), slots.segment_weights(slot, rank)[1][p])
+    return y
+
+
 def add_lora_ref(ys: list[torch.Tensor | None], x: torch.Tensor, slots: LoRASlots,
                  batch: LoRABatch) -> list[torch.Tensor | None]:
     """ys[p][t] += B_p,slot(t) @ (A_p,slot(t) @ x[t]) for every token t inside a segment, for each
@@ -141,15 +173,10 @@ def add_lora_ref(ys: list[torch.Tensor | None], x: torch.Tensor, slots: LoRASlot
     x, ys and the slot buffers share one dtype (the model's). Per segment: one shrink GEMM for
     the whole group, then one addmm_ per output slice.
     """
-    P, T = slots.num_proj, x.shape[0]
-    for start, end, slot, rank in batch.segments:
-        a, bs = slots.segment_weights(slot, rank)
-        whole = end - start == T  # one adapter on the whole batch: no row slicing at all
-        h = F.linear(x if whole else x[start:end], a)  # [n, rank * P]
-        for p, (y, b) in enumerate(zip(ys, bs)):
-            if y is not None:
-                # addmm_ adds in place without a temporary [n, out] product.
-                (y if whole else y[start:end]).addmm_(h[:, p::P] if P > 1 else h, b)
+    h = shrink_group_ref(x, slots, batch)
+    for p, y in enumerate(ys):
+        if y is not None:
+            expand_group_ref(y, h, slots, p, batch)
     return ys
 
 

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class KernelOps:
     name: str
-    add_lora: Callable
+    add_lora: Callable  # a group's shrink and expands in one call (tests, tools)
+    lora_shrink: Callable  # (x, slots, batch) -> what this implementation's lora_expand reads
+    lora_expand: Callable  # (y, shrunk, slots, p, batch) -> y, in place
     write_kv: Callable
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
@@ -34,6 +36,8 @@ class KernelOps:
 TORCH_OPS = KernelOps(
     name="torch",
     add_lora=lora_ref.add_lora_ref,
+    lora_shrink=lora_ref.shrink_group_ref,
+    lora_expand=lora_ref.expand_group_ref,
     write_kv=attention_ref.write_kv_ref,
     paged_decode_attention=attention_ref.paged_decode_attention_ref,
     paged_prefill_attention=attention_ref.paged_prefill_attention_ref,
@@ -57,6 +61,8 @@ def _triton_ops(device_type: str) -> KernelOps:
         _triton_ops_cache = KernelOps(
             name="triton",
             add_lora=triton_lora.add_lora_triton,
+            lora_shrink=triton_lora.shrink_group_triton,
+            lora_expand=triton_lora.expand_group_triton,
             # Two index_copy_ calls: already one memory-bound scatter kernel each on CUDA.
             write_kv=attention_ref.write_kv_ref,
             paged_decode_attention=triton_attention.paged_decode_attention_triton,

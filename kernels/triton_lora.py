@@ -242,21 +242,30 @@ def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, b
     return y
 
 
+def shrink_group_triton(x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> torch.Tensor | None:
+    """The group's shrink: one launch into an fp32 scratch h[T, max_rank * P] (not zeroed: each
+    expand reads only what the shrink wrote). None when there is nothing to do."""
+    if batch.empty or batch.max_rank == 0 or x.shape[0] == 0:
+        return None
+    h = torch.empty(x.shape[0], batch.max_rank * slots.num_proj, dtype=torch.float32, device=x.device)
+    return lora_shrink_triton(x, slots.a, batch, slots.num_proj, out=h)
+
+
+def expand_group_triton(y: torch.Tensor, h: torch.Tensor | None, slots: LoRASlots, p: int,
+                        batch: LoRABatch) -> torch.Tensor:
+    """Projection p's expand: one launch reading its strided view h[:, p::P]. In place; returns y."""
+    if h is None:
+        return y
+    return lora_expand_triton(y, h[:, p::slots.num_proj], slots.b[p], batch)
+
+
 def add_lora_triton(ys: list[torch.Tensor | None], x: torch.Tensor, slots: LoRASlots,
                     batch: LoRABatch) -> list[torch.Tensor | None]:
     """ys[p][t] += B_p,slot(t) @ (A_p,slot(t) @ x[t]) for every token t inside a segment, for each
-    projection p whose `ys[p]` is not None. In place.
-
-    One shrink launch for the whole group into an fp32 scratch h[T, max_rank * P] (not zeroed:
-    each expand reads only what shrink wrote), then one expand launch per output slice reading
-    its strided view h[:, p::P].
-    """
-    if batch.empty or batch.max_rank == 0 or x.shape[0] == 0:
-        return ys
-    P = slots.num_proj
-    h = torch.empty(x.shape[0], batch.max_rank * P, dtype=torch.float32, device=x.device)
-    lora_shrink_triton(x, slots.a, batch, P, out=h)
-    for p, (y, b) in enumerate(zip(ys, slots.b)):
+    projection p whose `ys[p]` is not None. In place: one shrink launch for the whole group, then
+    one expand launch per output slice."""
+    h = shrink_group_triton(x, slots, batch)
+    for p, y in enumerate(ys):
         if y is not None:
-            lora_expand_triton(y, h[:, p::P], b, batch)
+            expand_group_triton(y, h, slots, p, batch)
     return ys

@@ -143,6 +143,9 @@ def make_app(rt: Runtime) -> web.Application:
             async with limit:
                 status, result = await lookup(rt, cache, ns, base, name, _bearer(request))
         except (ApiError, OSError, RuntimeError) as e:  # API server unreachable, not logged in yet
+            if isinstance(e, ApiError) and e.status == 403:
+                # A namespace this operator may not read (--namespace): none of its bases is there.
+                return _error(403, f"unknown base {ns}/{base}, or not its admin token", "forbidden")
             log.warning("catalog lookup %s/%s/%s failed: %s", ns, base, name, e)
             return _error(503, f"the operator cannot read the API server now: {e}", "catalog_unavailable")
         if status != 200:

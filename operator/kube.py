@@ -8,7 +8,7 @@ request building. What the library does not do, and this module adds:
   honouring Retry-After (kubernetes_asyncio retries nothing);
 - plain dicts both ways: every call asks for the raw response (`_preload_content=False`) and
   decodes it with json.loads, never into the typed models. The operator works on dicts (kopf's
-  bodies, the rendered manifests), and model deserialization of a large list costs several times
+  bodies, the rendered manifests), and model deserialization of a large list costs about 40 times
   the JSON decoding (docs/operator.md, "Kubernetes client");
 - one way to name an object (`Ref`) for built-in kinds and CRs alike, so every call takes the
   same path: ApiClient.call_api on the object's REST path.

@@ -63,8 +63,8 @@ class LoRAGroup(nn.Module):
 
     Layout (see `kernels/lora_ref.py`): `lora_a[num_slots, max_rank * P, in]`, interleaved
     rank-major, and per projection `lora_b{p}[num_slots, max_rank, out_p]`, pre-transposed,
-    scaling folded in. `add` runs one shrink for the group and one expand per
-    output slice that some adapter of the batch targets.
+    scaling folded in. `project` runs the group's projections with one shrink for the group
+    and one expand per projection that some adapter of the batch targets.
     """
 
     def __init__(self, in_features: int, out_features: list[int], num_slots: int, max_rank: int):
@@ -90,17 +90,30 @@ class LoRAGroup(nn.Module):
         self._slots = None  # .to() / to_empty() replace the buffers: cached views would be stale
         return super()._apply(fn, *args, **kwargs)
 
-    def add(self, ys: tuple[torch.Tensor, ...], x: torch.Tensor, ctx: "ForwardContext") -> None:
-        """ys[p] += the LoRA term of projection p for every token in an adapter segment. In place."""
+    def project(self, x: torch.Tensor, projections: tuple["LoRAProjection", ...],
+                ctx: "ForwardContext") -> tuple[torch.Tensor, ...]:
+        """Each of the group's projections applied to x, with its LoRA term for every token in an
+        adapter segment. The shrink runs first and each expand right after its projection's
+        matmul, while that output is still in cache (kernels/lora_ref.py has the measurement)."""
         lora = ctx.lora
-        if lora is None or lora.empty:
-            return
-        if lora.slot_mask < 0:  # a CUDA graph capture: every expand, whatever the adapters
-            targeted = list(ys)
+        if lora is None or not lora.segments:
+            return tuple(proj(x) for proj in projections)
+        mask = lora.slot_mask
+        if mask < 0:  # a CUDA graph capture: every expand, whatever the adapters
+            targeted = [True] * self.num_proj
         else:
-            targeted = [y if flags.mask & lora.slot_mask else None for y, flags in zip(ys, self.slot_flags)]
-        if any(y is not None for y in targeted):
-            ctx.ops.add_lora(targeted, x, self.slots, lora)
+            targeted = [bool(flags.mask & mask) for flags in self.slot_flags]
+            if not any(targeted):
+                return tuple(proj(x) for proj in projections)
+        ops, slots = ctx.ops, self.slots
+        h = ops.lora_shrink(x, slots, lora)
+        out = []
+        for p, proj in enumerate(projections):
+            y = proj(x)
+            if targeted[p]:
+                ops.lora_expand(y, h, slots, p, lora)
+            out.append(y)
+        return tuple(out)
 
 
 class LoRAProjection(nn.Module):
@@ -165,8 +178,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        self.qkv_lora.add((q, k, v), x, ctx)
+        q, k, v = self.qkv_lora.project(x, (self.q_proj, self.k_proj, self.v_proj), ctx)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -176,8 +188,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, ctx.attn, ctx.ops, self.scale, self.sliding_window, self.softcap)
         out = out.reshape(t, -1)
-        y = self.o_proj(out)
-        self.o_lora.add((y,), out, ctx)
+        y, = self.o_lora.project(out, (self.o_proj,), ctx)
         return y
 
 
@@ -196,11 +207,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        self.gate_up_lora.add((gate, up), x, ctx)
+        gate, up = self.gate_up_lora.project(x, (self.gate_proj, self.up_proj), ctx)
         act = self.act(gate) * up
-        y = self.down_proj(act)
-        self.down_lora.add((y,), act, ctx)
+        y, = self.down_lora.project(act, (self.down_proj,), ctx)
         return y
 
 

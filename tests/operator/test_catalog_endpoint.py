@@ -176,3 +176,69 @@ def test_lookup_refuses_deleting_and_failed_adapters():
     assert failed[0] == 409 and failed[1][0] == "adapter_failed" and "sha256 mismatch" in failed[1][1]
     assert fixed == (200, {"name": "fixed", "source": "hub", "uri": "o/r", "preload": False, "tenants": []})
     assert C.CATALOG_PREFIX == "/catalog/v1"
+
+
+def test_object_cache_is_bounded_and_expires():
+    """The catalog's read cache holds at most max_entries objects (oldest out) for ttl seconds:
+    10,000 adapters looked up cost a bounded amount of memory."""
+    from loraplex.operator.catalog import ObjectCache
+    from loraplex.operator.kube import Ref
+
+    reads = []
+
+    class Kube:
+        async def get(self, ref):
+            reads.append(ref.name)
+            return {"metadata": {"name": ref.name}}
+
+    class Rt:
+        kube = Kube()
+
+    async def run():
+        cache = ObjectCache(ttl=60, max_entries=100)
+        for i in range(10_000):
+            await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", f"a{i}"))
+        assert len(cache.items) == 100 and len(reads) == 10_000
+        await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "a9999"))  # recent: a hit
+        assert len(reads) == 10_000
+        await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "a0"))  # pushed out: read again
+        assert len(reads) == 10_001
+        expired = ObjectCache(ttl=0, max_entries=100)
+        for _ in range(2):
+            await expired.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "x"))
+        assert reads[-2:] == ["x", "x"]
+
+    asyncio.run(run())
+
+
+def test_api_trouble_is_503_with_retry_after_and_a_forbidden_namespace_is_403():
+    """Over HTTP (the aiohttp app in-process): the API server failing -> 503 + Retry-After (the
+    engine asks again later); a namespace the operator's RBAC does not cover -> 403, as any base
+    that is not the operator's."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from loraplex.operator.catalog import make_app
+    from loraplex.operator.config import OperatorConfig
+    from loraplex.operator.kube import ApiError
+    from loraplex.operator.runtime import Runtime
+
+    class Kube:
+        async def get(self, ref):
+            raise ApiError(403 if ref.namespace == "other-team" else 500, "no")
+
+        async def aclose(self):
+            pass
+
+    async def run():
+        rt = Runtime(OperatorConfig())
+        rt._kube = Kube()
+        async with TestClient(TestServer(make_app(rt))) as client:
+            auth = {"Authorization": "Bearer tok"}
+            down = await client.get("/catalog/v1/team/b/adapters/a", headers=auth)
+            forbidden = await client.get("/catalog/v1/other-team/b/adapters/a", headers=auth)
+            out = (down.status, down.headers.get("Retry-After"), (await down.json())["error"]["code"],
+                   forbidden.status, (await forbidden.json())["error"]["code"])
+        await rt.aclose()
+        return out
+
+    assert asyncio.run(run()) == (503, "2", "catalog_unavailable", 403, "forbidden")

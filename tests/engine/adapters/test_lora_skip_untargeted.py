@@ -7,15 +7,21 @@ from tests.engine.adapters.conftest import make_engine, register_all, wait_for
 
 
 def _forward_counting(engine, rows):
-    calls = []
+    """(group shrinks, projection expands) of one forward."""
+    shrinks, expands = [], []
     ops = engine.runner.ops
 
-    def counting(ys, x, slots, lb):
-        calls.append(sum(y is not None for y in ys))  # the expands this group call runs
-        return ops.add_lora(ys, x, slots, lb)
+    def shrink(x, slots, lb):
+        shrinks.append(slots)
+        return ops.lora_shrink(x, slots, lb)
 
-    prefill_in_one_forward(engine, rows, ops=dataclasses.replace(ops, add_lora=counting))
-    return len(calls), sum(calls)
+    def expand(y, h, slots, p, lb):
+        assert slots is shrinks[-1]  # right after its own group's shrink
+        expands.append(p)
+        return ops.lora_expand(y, h, slots, p, lb)
+
+    prefill_in_one_forward(engine, rows, ops=dataclasses.replace(ops, lora_shrink=shrink, lora_expand=expand))
+    return len(shrinks), len(expands)
 
 
 def test_lora_runs_only_on_targeted_projections(tiny_models, tiny_adapters):

@@ -44,9 +44,12 @@ def test_family_quirks_are_read_from_the_checkpoint_config():
 def test_windows_and_softcaps_run_the_torch_reference_on_every_kernel_set():
     """The kernels have no window or soft-cap: layers that need them get the torch references."""
     from loraplex.kernels import attention_ref
-    from loraplex.kernels.ops import TORCH_OPS, KernelOps, attention_for
+    from loraplex.kernels.ops import TORCH_OPS, attention_for
 
-    triton_like = KernelOps("triton", None, None, paged_decode_attention=object(), paged_prefill_attention=object())
+    import dataclasses
+
+    triton_like = dataclasses.replace(TORCH_OPS, name="triton", paged_decode_attention=object(),
+                                      paged_prefill_attention=object())
     assert attention_for(triton_like, None, None) == (triton_like.paged_prefill_attention, triton_like.paged_decode_attention)
     reference = (attention_ref.paged_prefill_attention_ref, attention_ref.paged_decode_attention_ref)
     assert attention_for(triton_like, 8, None) == reference and attention_for(triton_like, None, 30.0) == reference
