@@ -73,3 +73,23 @@ def test_cohorts_take_turns_in_one_engine_and_decode_what_the_engine_decodes_alo
     assert [r["token_ids"] for r in engine.generate(prompts, params)] == got["base"]
     assert [r["token_ids"] for r in engine.generate(prompts, params, ["ad"] * batch)] == got["lora"]
     assert got["base"] != got["lora"]  # the adapter did change the outputs
+
+
+def test_the_report_renders_the_committed_snapshot_and_the_spread_of_new_rows():
+    """bench/report.py renders bench/results/snapshot/results.json (rows with or without a
+    spread) and the stepbench's rows with their interquartile ranges."""
+    import json
+    from pathlib import Path
+
+    from bench import report
+
+    snapshot = json.loads((Path(__file__).resolve().parents[2] / "bench/results/snapshot/results.json").read_text())
+    md = report.markdown(snapshot)
+    assert "## Multi-adapter decode step" in md and "| loraplex (all-linear) | 1 |" in md
+    rows = [{"system": "loraplex", "distinct": 0, "step_ms": 180.0, "step_ms_iqr": [178.0, 183.0], "ratio": 1.0,
+             "ratio_iqr": [1.0, 1.0], "cpu_ratio": 1.0, "cpu_ratio_iqr": [1.0, 1.0], "steps": 24, "bound": 1.0},
+            {"system": "loraplex (all-linear)", "distinct": 1, "step_ms": 185.0, "step_ms_iqr": [182.5, 188.0],
+             "ratio": 0.97, "ratio_iqr": [0.954, 0.984], "cpu_ratio": 0.968, "cpu_ratio_iqr": [0.96, 0.98], "steps": 24,
+             "bound": 0.991}]
+    lines = "\n".join(report.multi_step_lines({"batch": 32, "rows": rows}, "m"))
+    assert "| loraplex (all-linear) | 1 | 185.0 [182.5–188.0] | 0.97 [0.95–0.98] | 0.97 [0.96–0.98] | 0.99 | 98% | 24 |" in lines

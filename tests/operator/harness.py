@@ -76,15 +76,50 @@ def _fix_kmock_namespace_list() -> None:
     parsing.parse_path = parse_path
 
 
+def _emulator_class(keep_log: bool):
+    """kmock.KubernetesEmulator, or (keep_log=False) one whose request log holds only the requests
+    in flight.
+
+    kmock 0.8 costs more per request with every request it has served: RawHandler._handle
+    (kmock/_internal/apps.py) tries each reaction with `request in payload._source`, which
+    dsl.View.__contains__ answers by iterating the view, i.e. Filter.__iter__ over Root._requests
+    (every request since the start), evaluating the filter's criteria on each. The emulator's own
+    reactions are such filters. The harness keeps its own log (`log`, in arrival order) and takes
+    each request out of kmock's once it has been answered, so that matching looks at the few
+    requests in flight only (bench/kmock_cost.py measures both)."""
+    import kmock
+
+    if keep_log:
+        return kmock.KubernetesEmulator
+
+    class Emulator(kmock.KubernetesEmulator):
+        def __attrs_post_init__(self) -> None:
+            super().__attrs_post_init__()
+            self.log: list[Any] = []
+
+        async def _handle(self, request):  # type: ignore[no-untyped-def]
+            self.log.append(request)
+            try:
+                return await super()._handle(request)
+            finally:
+                for i in range(len(self._requests) - 1, -1, -1):  # by identity: requests may compare equal
+                    if self._requests[i] is request:
+                        del self._requests[i]
+                        break
+    return Emulator
+
+
 class FakeCluster:
-    """kmock.KubernetesEmulator on a local port, run by its own event loop in a thread."""
+    """kmock.KubernetesEmulator on a local port, run by its own event loop in a thread. With
+    keep_log=False (the default), kmock's own request log is kept short (see _emulator_class)."""
 
     # The Gateway API Inference Extension's pool, for clusters that have its CRD installed.
     INFERENCE_POOL = {"inference.networking.k8s.io/v1/inferencepools": dict(
         namespaced=True, kind="InferencePool", singular="inferencepool", subresources={"status"})}
 
-    def __init__(self, extra_resources: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, extra_resources: dict[str, dict[str, Any]] | None = None, keep_log: bool = False) -> None:
         self.extra_resources = dict(extra_resources or {})
+        self.keep_log = keep_log
         self.url: str = ""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,7 +155,7 @@ class FakeCluster:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
+            async with _emulator_class(self.keep_log)() as k, kmock.Server(k) as srv:
                 for key, info in {**RESOURCES, **self.extra_resources}.items():
                     k.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
                 self.emulator = k
@@ -180,7 +215,8 @@ class FakeCluster:
 
     # --- what was asked of it -------------------------------------------------------------------
     def requests(self) -> list[Any]:
-        return list(self.emulator._requests)
+        """Every request so far, in arrival order."""
+        return list(self.emulator._requests if self.keep_log else self.emulator.log)
 
     def writes(self, since: int = 0) -> list[str]:
         """Write requests (POST/PATCH/PUT/DELETE) after the `since`-th request, as 'METHOD path'."""

@@ -1,8 +1,10 @@
 """The fleet at catalog scale: the real operator against kmock, with real engine processes as pods.
 
-One base, a small catalog of LoraAdapters with tenant keys (LORAPLEX_FLEET_ADAPTERS, default 12:
-kmock slows down with every object and request it holds; 10,000 adapters go through the same
-reconcile pass in test_fleet_scale.py), placement 2 of N pods, through kopf. In order:
+One base, a catalog of LoraAdapters with tenant keys (LORAPLEX_FLEET_ADAPTERS, default 1,000;
+10,000 go through the same reconcile pass in test_fleet_scale.py, against an in-memory API:
+kmock's matching scans its request log per request, which the harness keeps short, but it also
+scans every object it holds per request, so creating 2,000 took 60 s here), placement 2 of N
+pods, through kopf. In order:
 - every adapter Ready on its placed pods within a bound; every object the operator wrote within
   the API server's limits (measured); the operator's RSS and engine calls per settled pass;
 - secure by default: the operator created the admin-token Secret, the engines require it;
@@ -45,7 +47,7 @@ if _missing:
 
 NS, BASE = "fleet", "cat"
 API = "loraplex.dev/v1alpha1"
-N = int(os.environ.get("LORAPLEX_FLEET_ADAPTERS", "12"))
+N = int(os.environ.get("LORAPLEX_FLEET_ADAPTERS", "1000"))
 KEYS_PER_SECRET = 5
 IPS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 HIDDEN = "127.0.0.6"  # where the engine of the pod behind a FaultProxy listens
@@ -58,7 +60,8 @@ ENV = {
     "LORAPLEX_ENGINE_TIMEOUT": "2",
     "LORAPLEX_ENGINE_CONNECT_TIMEOUT": "1",
 }
-READY_BOUND_S = 60 + N * 1.0  # kmock answers in 0.1-0.5 s per request here; see test_fleet_scale.py
+# Measured at 1,000: created in 12-20 s, all Ready 27-38 s after the first create (load average 6).
+READY_BOUND_S = 60 + N * 0.12
 
 # The v1 InferencePool's required shape (Gateway API Inference Extension API reference).
 POOL_SCHEMA = {
