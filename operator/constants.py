@@ -37,6 +37,8 @@ MANIFEST_PATH = f"{MANIFEST_DIR}/{MANIFEST_KEY}"
 CACHE_DIR = "/var/cache/loraplex"
 ADMIN_TOKEN_DIR = "/etc/loraplex/admin"
 ADMIN_TOKEN_PATH = f"{ADMIN_TOKEN_DIR}/token"
+# /dev/shm for a tensor-parallel pod: a cap (NCCL buffers use a few hundred MiB), not a reservation.
+TP_SHM_SIZE = "4Gi"
 DEFAULT_ADMIN_TOKEN_KEY = "token"
 
 # The operator's adapter catalog (catalog.py): engines look up adapters they were not given.

@@ -127,7 +127,8 @@ def engine_args(spec: dict, catalog: str | None = None) -> list[str]:
     args += ["--host", "0.0.0.0", "--port", str(engine["port"]), "--device", "auto"]
     for key, flag in (("maxActiveAdapters", "--max-active-adapters"),
                       ("maxCpuAdapters", "--max-cpu-adapters"),
-                      ("maxLoraRank", "--max-lora-rank")):
+                      ("maxLoraRank", "--max-lora-rank"),
+                      ("tensorParallelSize", "--tensor-parallel-size")):
         if engine.get(key) is not None:
             args += [flag, str(engine[key])]
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
@@ -189,6 +190,11 @@ def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | N
     pod_spec["volumes"].append({"name": "admin-token", "secret": {
         "secretName": token_ref.name, "items": [{"key": token_ref.key, "path": "token"}]}})
     container["volumeMounts"].append({"name": "admin-token", "mountPath": C.ADMIN_TOKEN_DIR, "readOnly": True})
+    if int(engine.get("tensorParallelSize") or 1) > 1:
+        # The ranks' collectives (NCCL) use shared memory; a container's default /dev/shm is 64 MiB,
+        # which NCCL outgrows. A memory-backed emptyDir counts against the pod's memory limit.
+        pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": C.TP_SHM_SIZE}})
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     if engine.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(engine["nodeSelector"])
     if engine.get("tolerations"):

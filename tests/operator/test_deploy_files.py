@@ -617,3 +617,24 @@ def test_operator_extra_and_import_carry_no_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_objects_the_operator_renders_validate_against_kubernetes_schemas():
+    """What the operator writes at run time (not only what the chart installs): the engine
+    Deployment (tensor parallel, catalog, user volumes), Service, Ingress, ConfigMap and Secret."""
+    from loraplex.manifest import AdapterManifest
+    from loraplex.operator import render as R
+
+    bmd = {"apiVersion": "loraplex.dev/v1alpha1", "kind": "BaseModelDeployment",
+           "metadata": {"name": "llama", "namespace": "team-a", "uid": "u-1", "generation": 2},
+           "spec": {"model": {"id": "meta-llama/Llama-3.1-70B", "dtype": "bfloat16"},
+                    "ingress": {"enabled": True, "host": "llm.example.com"},
+                    "engine": {"tensorParallelSize": 4, "maxLoraRank": 64,
+                               "resources": {"limits": {"nvidia.com/gpu": 4}},
+                               "volumes": [{"name": "local", "persistentVolumeClaim": {"claimName": "adapters"}}],
+                               "volumeMounts": [{"name": "local", "mountPath": "/adapters"}],
+                               "args": ["--adapter-dir", "/adapters"]}}}
+    docs = [R.render_deployment(bmd, 2, "http://loraplex-operator.loraplex-system.svc:9091"),
+            R.render_service(bmd), R.render_ingress(bmd), R.render_admin_secret(bmd, "t" * 32),
+            R.render_configmap(bmd, [AdapterManifest(name="a1", source="hub", uri="org/a1", preload=True)])]
+    assert not schema_errors(docs), schema_errors(docs)

@@ -222,3 +222,18 @@ def test_cli_passes_flags_through_to_kopf_run():
     assert kopf_argv(["run", "--namespace", "team-a"]) == ["run", "-m", HANDLERS, "--namespace", "team-a"]
     assert kopf_argv(["--help"]) == ["run", "--help"]
     assert HANDLERS == "loraplex.operator.handlers"
+
+
+def test_tensor_parallel_pods_get_the_flag_and_a_shared_memory_volume():
+    one = render.render_deployment(bmd({"engine": {"tensorParallelSize": 1}}), 1)
+    pod = one["spec"]["template"]["spec"]
+    assert "--tensor-parallel-size" in pod["containers"][0]["args"]
+    assert not any(v["name"] == "dshm" for v in pod["volumes"]), "one rank needs no NCCL shared memory"
+
+    two = render.render_deployment(bmd({"engine": {"tensorParallelSize": 2,
+                                                   "resources": {"limits": {"nvidia.com/gpu": 2}}}}), 1)
+    pod = two["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": C.TP_SHM_SIZE}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
