@@ -21,32 +21,24 @@ def _defaults(cls) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(convert, ok, what: str, name: str):
+    """An argparse type: `convert` the text, then refuse values that are not `ok`, saying `what`
+    they must be. `name` is what argparse prints for text that does not convert at all."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, ">= 0", "non-negative integer")
+_positive_float = _checked(float, lambda v: v > 0, "> 0", "positive number")
+_non_negative_float = _checked(float, lambda v: v >= 0, ">= 0", "non-negative number")
+_fraction = _checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "fraction")
 
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -63,13 +55,6 @@ def _bytes(text: str) -> int:
     value = int(float(m[1]) * UNITS[m[2].lower()])
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
