@@ -1,4 +1,4 @@
-"""The operator's Kubernetes client (operator/kube.py, over kubernetes_asyncio) against baselines,
+"""The operator's Kubernetes client (operator/loraplex/operator/kube.py, over kubernetes_asyncio) against baselines,
 in one run on one machine:
 - per-call latency of a GET, a merge PATCH and a status PATCH, for the client and for a bare
   aiohttp session sending the same requests (the floor), against kmock and against a loopback
@@ -11,7 +11,7 @@ in one run on one machine:
 - the process's RSS.
 
     .venv/bin/python -m bench.kubeclient [--calls 200] [--lists 5] [--out FILE.json]
-    # another revision's client, for a before/after: git show REV:operator/kube.py > /tmp/kube_rev.py
+    # another revision's client, for a before/after: git show REV:operator/loraplex/operator/kube.py > /tmp/kube_rev.py
     .venv/bin/python -m bench.kubeclient --kube-module /tmp/kube_rev.py
 
 Compare runs on the same machine only (the numbers move with the CPU and its load).
@@ -240,7 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=200, help="requests per per-call row")
     ap.add_argument("--lists", type=int, default=5, help="listings of 10,000 objects per row")
-    ap.add_argument("--kube-module", help="path of another revision's operator/kube.py")
+    ap.add_argument("--kube-module", help="path of another revision's operator/loraplex/operator/kube.py")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     out = asyncio.run(main_async(args))

@@ -1,6 +1,6 @@
 """One simulated engine replica, following loraplex's own scheduler and adapter cache.
 
-It mirrors, rule for rule, what engine/core/scheduler.py and engine/core/adapters/manager.py do:
+It mirrors, rule for rule, what engine/loraplex/engine/core/scheduler.py and engine/loraplex/engine/core/adapters/manager.py do:
 - Scheduling, each step: running sequences first (a decode takes one token), then waiting
   ones oldest first while the token budget and the sequence cap allow. A waiting sequence
   whose adapter is not in a device slot is skipped and keeps its place. The KV cache is sized

@@ -1,5 +1,5 @@
 """An in-memory Kubernetes API for in-process operator tests, served over HTTP on loopback (aiohttp),
-so that the operator's real client (kubernetes_asyncio, operator/kube.py) talks to it as to an API
+so that the operator's real client (kubernetes_asyncio, operator/loraplex/operator/kube.py) talks to it as to an API
 server.
 
 GET, list, POST, merge- and JSON-PATCH (also on /status) and DELETE of namespaced objects, API

@@ -1,4 +1,4 @@
-"""The operator's adapter catalog (operator/catalog.py) over HTTP: the real operator against kmock.
+"""The operator's adapter catalog (operator/loraplex/operator/catalog.py) over HTTP: the real operator against kmock.
 
 - the engines' Deployment carries --adapter-catalog-url for its base (LORAPLEX_CATALOG_URL set);
 - GET /catalog/v1/{ns}/{base}/adapters/{name} with the base's admin token answers the manifest the

@@ -1,4 +1,4 @@
-"""The operator's Kubernetes client (operator/kube.py over kubernetes_asyncio) against a real HTTP
+"""The operator's Kubernetes client (operator/loraplex/operator/kube.py over kubernetes_asyncio) against a real HTTP
 server on loopback (fake_api.FakeApi): retries of 429/5xx with backoff and Retry-After, error
 mapping, content types, the status subresource, discovery, and login from a kubeconfig."""
 from __future__ import annotations

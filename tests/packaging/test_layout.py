@@ -1,7 +1,7 @@
 """The repository layout: three component folders at the top, one `loraplex` import namespace.
 
-engine/ -> loraplex.engine, kernels/ -> loraplex.kernels, operator/ -> loraplex.operator, and the
-shared schema in loraplex/. These tests build real wheels and a real venv: they prove what an image
+engine/loraplex/engine -> loraplex.engine, kernels/loraplex/kernels -> loraplex.kernels,
+operator/loraplex/operator -> loraplex.operator, and the shared schema in loraplex/. These tests build real wheels and a real venv: they prove what an image
 or a `pip install` gets, not what the source tree happens to allow.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMPONENTS = {"loraplex": REPO / "loraplex", "loraplex.engine": REPO / "engine",
-              "loraplex.kernels": REPO / "kernels", "loraplex.operator": REPO / "operator"}
+COMPONENTS = {"loraplex": REPO / "loraplex", "loraplex.engine": REPO / "engine/loraplex/engine",
+              "loraplex.kernels": REPO / "kernels/loraplex/kernels",
+              "loraplex.operator": REPO / "operator/loraplex/operator"}
 
 
 def build_wheel(src: Path, out: Path) -> Path:

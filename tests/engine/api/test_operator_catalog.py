@@ -1,5 +1,5 @@
 """--adapter-catalog-url: an engine looks up the adapters it was not given in the operator's catalog
-(engine/core/adapters/catalog_source.py), and serves them with their own tenants, sha256 and source.
+(engine/loraplex/engine/core/adapters/catalog_source.py), and serves them with their own tenants, sha256 and source.
 
 The catalog here is a small local HTTP server playing the operator's part (the operator's own
 endpoint is tested against kmock in tests/operator/test_catalog_endpoint.py); the engine is a

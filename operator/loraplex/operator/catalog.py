@@ -7,7 +7,7 @@ asks here, with its base's admin token:
 
 and gets the adapter's manifest, the very one the operator pushes to its placed pods (its own
 source, revision, sha256 and tenant key HASHES, never raw keys), so that a just-in-time load
-obeys the adapter's tenant rules and digest there too (engine/core/adapters/catalog_source.py).
+obeys the adapter's tenant rules and digest there too (engine/loraplex/engine/core/adapters/catalog_source.py).
 
 Answers: 200 manifest JSON; 401 without a bearer token; 403 when the base does not exist or the
 token is not that base's (one answer for both: base names are not confirmed to strangers); 404

@@ -220,7 +220,7 @@ class LoraxResponseFormat(_Body):
 
 
 class MergedAdapters(_Body):
-    """LoRAX: merge these adapters for this request (engine/core/adapters/merge.py)."""
+    """LoRAX: merge these adapters for this request (engine/loraplex/engine/core/adapters/merge.py)."""
 
     ids: list[str]
     weights: list[float]

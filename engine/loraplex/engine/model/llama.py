@@ -61,7 +61,7 @@ class RMSNorm(nn.Module):
 class LoRAGroup(nn.Module):
     """The LoRA slot buffers of the projections that read one input (q/k/v, gate/up, o, down).
 
-    Layout (see `kernels/lora_ref.py`): `lora_a[num_slots, max_rank * P, in]`, interleaved
+    Layout (see `kernels/loraplex/kernels/lora_ref.py`): `lora_a[num_slots, max_rank * P, in]`, interleaved
     rank-major, and per projection `lora_b{p}[num_slots, max_rank, out_p]`, pre-transposed,
     scaling folded in. `project` runs the group's projections with one shrink for the group
     and one expand per projection that some adapter of the batch targets.
@@ -94,7 +94,7 @@ class LoRAGroup(nn.Module):
                 ctx: "ForwardContext") -> tuple[torch.Tensor, ...]:
         """Each of the group's projections applied to x, with its LoRA term for every token in an
         adapter segment. The shrink runs first and each expand right after its projection's
-        matmul, while that output is still in cache (kernels/lora_ref.py has the measurement)."""
+        matmul, while that output is still in cache (kernels/loraplex/kernels/lora_ref.py has the measurement)."""
         lora = ctx.lora
         if lora is None or not lora.segments:
             return tuple(proj(x) for proj in projections)

@@ -2,7 +2,7 @@
 
 Every argument is passed through to `kopf run`: e.g. `loraplex-operator -A --standalone`,
 `loraplex-operator --namespace team-a --verbose`, `loraplex-operator -A --liveness http://0.0.0.0:8080/healthz`.
-Tunables come from LORAPLEX_* environment variables (see operator/config.py).
+Tunables come from LORAPLEX_* environment variables (see operator/loraplex/operator/config.py).
 """
 from __future__ import annotations
 

@@ -1,1 +1,0 @@
-"""Developer scripts (demo assets for `make serve`). Not part of the installed `loraplex` package."""
