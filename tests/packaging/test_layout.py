@@ -108,15 +108,19 @@ def test_operator_image_context_builds_without_engine_or_kernels(operator_image_
 
 @pytest.mark.slow
 def test_operator_image_python_path_holds_nothing_of_the_engine(operator_image_wheel, tmp_path):
-    """Install what the operator image installs (its wheel with the operator extra) into a fresh
+    """Install what the operator image installs (requirements/operator.txt, then its wheel) into a fresh
     venv, import every operator module, then search every sys.path entry: no torch, Triton or
     transformers, and no loraplex.engine / loraplex.kernels file anywhere."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{operator_image_wheel}[operator]"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # As Dockerfile.operator does: the operator's lock (hashes, no resolution), then the wheel alone.
+    for args in (["--require-hashes", "--no-deps", "-r", str(REPO / "requirements/operator.txt")],
+                 ["--no-deps", str(operator_image_wheel)]):
+        proc = subprocess.run([str(py), "-m", "pip", "install", "-q", *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    check = subprocess.run([str(py), "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
     mods = sorted(source_modules("loraplex.operator", COMPONENTS["loraplex.operator"]))
     code = ("import importlib, importlib.util, os, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"

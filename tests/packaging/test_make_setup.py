@@ -26,6 +26,7 @@ def plan(tree: Path) -> str:
 def test_a_dependency_change_reinstalls_even_behind_a_newer_stamp(tmp_path):
     for f in ("Makefile", "pyproject.toml", "setup.py"):
         shutil.copy(ROOT / f, tmp_path / f)
+    shutil.copytree(ROOT / "requirements", tmp_path / "requirements")
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     first = plan(tmp_path)
     assert "pip install" in first, first
@@ -39,3 +40,12 @@ def test_a_dependency_change_reinstalls_even_behind_a_newer_stamp(tmp_path):
     future = (tmp_path / "pyproject.toml").stat().st_mtime + 3600
     os.utime(tmp_path / stamp, (future, future))
     assert "pip install" in plan(tmp_path)
+
+    # `make lock` changes a pinned version: the lock is part of the stamp too.
+    (tmp_path / stamp).touch()
+    stamp2 = next(line.split()[-1] for line in plan(tmp_path).splitlines() if line.startswith("touch "))
+    (tmp_path / stamp2).touch()
+    assert "pip install" not in plan(tmp_path)
+    with open(tmp_path / "requirements" / "lock.txt", "a") as f:
+        f.write("\n# a pin moves here\n")
+    assert "-r requirements/lock.txt" in plan(tmp_path)
