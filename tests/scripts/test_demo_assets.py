@@ -180,3 +180,52 @@ def test_style_checks():
     assert not demo_lora.looks_pirate("The capital of Germany is Berlin.")
     assert not demo_lora.looks_pirate("A pirate can be found at sea with his treasure.")
     assert STAMP_NAME.startswith(".")  # hidden, so adapter-dir scanners can skip it
+
+
+def test_wait_ready_ends_with_the_url_and_a_command_to_try():
+    """`make serve` ends with where it answers and one command to try, once /ready says 200."""
+    import http.server
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        calls = 0
+
+        def do_GET(self):
+            Ready.calls += 1
+            self.send_response(200 if self.path == "/ready" and Ready.calls > 2 else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "scripts.wait_ready", url, "--interval", "0.05", "--timeout", "30"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        srv.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    assert Ready.calls >= 3, "it waited for /ready to answer 200"
+    last = proc.stdout.strip().splitlines()
+    assert any(url in line and "ready" in line for line in last)
+    assert any(line.strip().startswith("try:") and f"{url}/v1/chat/completions" in line for line in last)
+
+    never = subprocess.run([sys.executable, "-m", "scripts.wait_ready", "http://127.0.0.1:9", "--interval", "0.05",
+                            "--timeout", "0.3"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert never.returncode == 1 and "did not report ready" in never.stderr
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_failing_step_is_named_with_what_to_do(quick_cache, tmp_path):
+    """A step that fails says which one, and what to do, instead of a bare traceback."""
+    cache, _ = quick_cache
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "scripts.demo_assets", "--cache-dir", str(cache), "--quick",
+                           "--data-dir", str(empty)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "step [2/3] adapters failed" in proc.stderr, proc.stderr
+    assert "what to do:" in proc.stderr and "Traceback" not in proc.stderr
