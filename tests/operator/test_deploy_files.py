@@ -493,10 +493,25 @@ def test_kustomize_cpu_demo():
 
 
 @pytest.mark.parametrize("tree", ["manifests/base", "manifests/overlays/production", "manifests/cpu-demo", "crds",
-                                  "manifests/argocd/health-checks"])
+                                  "manifests/argocd/health-checks", "manifests/namespaces"])
 def test_kustomize_trees_validate_against_schemas(tree):
     docs = kustomize(tree)
     assert docs and not schema_errors(docs), schema_errors(docs)
+
+
+@pytest.mark.parametrize("tree", ["manifests/base", "manifests/overlays/production", "manifests/cpu-demo"])
+def test_example_models_pass_the_engine_pod_policy(tree):
+    """The examples' images come from the chart's default allow-list and their volumes are of
+    allowed types: the operator renders them (podpolicy.py)."""
+    from loraplex.operator.config import DEFAULT_ENGINE_IMAGE_PREFIXES
+    from loraplex.operator.render import render_deployment
+
+    (bmd,) = of_kind(kustomize(tree), "BaseModelDeployment")
+    chart_prefixes = tuple(yaml.safe_load((CHART / "values.yaml").read_text())["engineImages"]["allowedPrefixes"])
+    assert chart_prefixes == DEFAULT_ENGINE_IMAGE_PREFIXES
+    bmd["metadata"].update(uid="u", namespace=bmd["metadata"].get("namespace", "default"))
+    assert render_deployment(bmd, 1, None, chart_prefixes)["spec"]["template"]["spec"]["containers"][0]["image"] \
+        == bmd["spec"]["engine"]["image"]
 
 
 def test_kustomize_crds():
@@ -562,7 +577,9 @@ def test_argocd_applications_point_at_real_paths_in_waves():
         assert (REPO / a["spec"]["source"]["path"]).is_dir(), a["spec"]["source"]["path"]
         assert a["spec"]["syncPolicy"]["automated"]["selfHeal"] is True
     wave = {n: int(a["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for n, a in apps.items()}
-    assert wave["loraplex-crds"] < wave["loraplex-operator"] < wave["loraplex-cpu-demo"] == wave["loraplex-models"]
+    assert wave["loraplex-namespaces"] < wave["loraplex-crds"] < wave["loraplex-operator"] < wave["loraplex-cpu-demo"] \
+        == wave["loraplex-models"]
+    assert apps["loraplex-namespaces"]["spec"]["syncPolicy"]["automated"]["prune"] is False
     assert apps["loraplex-crds"]["spec"]["source"]["path"] == "crds"
     assert "ServerSideApply=true" in apps["loraplex-crds"]["spec"]["syncPolicy"]["syncOptions"]
     assert apps["loraplex-crds"]["spec"]["syncPolicy"]["automated"]["prune"] is False, "pruning a CRD deletes its objects"
@@ -571,6 +588,14 @@ def test_argocd_applications_point_at_real_paths_in_waves():
     # The chart's values in the Application render (and validate) like any other values.
     docs = render(helm_src["valuesObject"])
     assert {"PodMonitor", "PrometheusRule"} <= {d["kind"] for d in docs} and not schema_errors(docs)
+    # Namespaced RBAC over exactly the models' namespaces, which exist before the operator.
+    watched = set(helm_src["valuesObject"]["watchNamespaces"])
+    assert watched == {apps[n]["spec"]["destination"]["namespace"] for n in ("loraplex-cpu-demo", "loraplex-models")}
+    assert watched == {d["metadata"]["name"] for d in kustomize("manifests/namespaces")}
+    assert watched == {d["metadata"]["namespace"] for d in of_kind(docs, "Role")
+                       if not d["metadata"]["name"].endswith("leader-election")}
+    assert watched == {d["metadata"]["namespace"] for d in of_kind(docs, "NetworkPolicy")
+                       if d["metadata"]["name"].endswith("-engines")}
     for name in ("loraplex-cpu-demo", "loraplex-models"):
         assert "SkipDryRunOnMissingResource=true" in apps[name]["spec"]["syncPolicy"]["syncOptions"]
 
