@@ -113,7 +113,7 @@ def assert_chart_grants_operator_requests(cluster, values: dict | None = None) -
     from .harness import from_operator
     from .test_deploy_files import operator_identity, render
 
-    docs = render({"rbac": {"clusterWide": True}} if values is None else values)
+    docs = render({"rbac": {"clusterWide": True}, "networkPolicy": {"enabled": False}} if values is None else values)
     sa_name, sa_ns = operator_identity(docs)
     requests = [(str(getattr(r.method, "value", r.method)), r.url.path, dict(r.params))
                 for r in cluster.requests() if from_operator(r)]
