@@ -232,7 +232,7 @@ def _allowed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
     """Whether the pod policy (podpolicy.py) accepts the base: a refused one gets no object
     applied by these handlers; its loop (reconcile_base) reports it, phase Failed."""
     try:
-        podpolicy.check_engine(render.with_defaults(plain(body.get("spec"))), runtime(memo).engine_images)
+        render.check_spec(plain(body.get("spec")), runtime(memo).engine_images)
         return True
     except podpolicy.PolicyViolation:
         return False

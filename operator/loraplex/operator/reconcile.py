@@ -16,7 +16,7 @@ from . import apply
 from . import constants as C
 from . import metrics
 from . import placement as P
-from . import podpolicy, render
+from . import render
 from . import status as S
 from .autoscale import METRICS, Policy, decide, parse_metric
 from .fleet import PodMemory, PodPass, PodRecord, sync_pod
@@ -287,7 +287,7 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
             render_error = None
             pool_condition = None
             try:  # a spec the pod policy refuses gets nothing applied, and phase Failed
-                podpolicy.check_engine(render.with_defaults(base.get("spec")), rt.engine_images)
+                render.check_spec(base.get("spec"), rt.engine_images)
                 await ensure_admin_secret(rt, base)
                 await ensure_configmap(rt, base, preload)
                 await ensure_deployment(rt, base)

@@ -156,6 +156,11 @@ def _engine_env(engine: dict) -> list[dict]:
     return [e for e in env if e["name"] not in names] + user
 
 
+def check_spec(spec: dict | None, image_prefixes: tuple[str, ...] = DEFAULT_ENGINE_IMAGE_PREFIXES) -> None:
+    """Raise podpolicy.PolicyViolation when the base's engine pod would not be allowed."""
+    check_engine(with_defaults(spec), image_prefixes)
+
+
 def adapter_cache_size(engine: dict) -> str:
     """The sizeLimit of the adapter downloads' emptyDir: the disk budget and a quarter more."""
     return f"{math.ceil(int(engine['adapterDiskBytes']) * 1.25 / 2**20)}Mi"
@@ -169,8 +174,8 @@ def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | N
     Raises podpolicy.PolicyViolation for an image or a volume `image_prefixes` and the policy
     do not allow."""
     name = bmd["metadata"]["name"]
+    check_spec(bmd.get("spec"), image_prefixes)
     spec = with_defaults(bmd.get("spec"))
-    check_engine(spec, image_prefixes)
     engine = spec["engine"]
     port = int(engine["port"])
     http_get = lambda path: {"path": path, "port": C.ENGINE_PORT_NAME}  # noqa: E731
