@@ -179,10 +179,14 @@ def test_images_build_and_load(cluster: Cluster):
 
 def test_helm_install_elects_one_leader(cluster: Cluster):
     with cluster.step("helm install"):
+        # Namespaced RBAC (the chart's default): the demo's namespace exists first, is watched, and
+        # its engine image (loaded into kind under a local name) is allowed.
+        cluster.kubectl("apply", "-k", str(REPO / "manifests/namespaces"))
         run("helm", "install", "loraplex", "charts/loraplex", "--kubeconfig", str(cluster.kubeconfig),
             "-n", "loraplex-system", "--create-namespace", "--wait", "--timeout", "5m",
             "--set", "image.repository=loraplex-operator", "--set", f"image.tag={TAG}",
-            "--set", "image.pullPolicy=Never")
+            "--set", "image.pullPolicy=Never", "--set", f"watchNamespaces={{{NS}}}",
+            "--set", "engineImages.allowedPrefixes={loraplex-engine-demo}")
         pods = cluster.json("pods", "-n", "loraplex-system", "-l", "app.kubernetes.io/name=loraplex-operator")["items"]
         assert len(pods) == 2
         holder = wait_for(lambda: cluster.json("lease", "loraplex-operator", "-n", "loraplex-system")["spec"].get(

@@ -132,8 +132,10 @@ class FakeApi:
         if method == "GET" and key:
             obj = self.objects.get(key)
             return (200, obj) if obj else status(404, "NotFound", f"{plural} {name!r} not found")
-        if method == "GET":
-            return 200, {"items": [o for k, o in self.objects.items() if k.startswith(coll + "/")]}
+        if method == "GET":  # a list: in one namespace, or of a namespaced kind in all of them
+            everywhere = "/" + "/".join(parts[:root]) + "/namespaces/"
+            return 200, {"items": [o for k, o in self.objects.items() if k.startswith(coll + "/") or (
+                ns is None and k.startswith(everywhere) and k.rsplit("/", 2)[1] == plural)]}
         if method == "POST":
             key = f"{coll}/{body['metadata']['name']}"
             if key in self.objects:

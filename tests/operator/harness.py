@@ -413,6 +413,9 @@ class EnginePod:
                 for item in vol["secret"].get("items") or [{"key": k, "path": k} for k in secret["data"]]:
                     (local / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
             mounts[m["mountPath"]] = str(local)
+        # The pod's /tmp scratch volume is not rewritten: no rendered argument points into it, and
+        # the tests' own paths (pytest's tmp_path, e.g. the model folder) live under the host's /tmp.
+        mounts.pop("/tmp", None)
         for i, a in enumerate(args):
             for src, dst in mounts.items():
                 if a.startswith(src + "/"):

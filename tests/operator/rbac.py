@@ -106,13 +106,14 @@ def ungranted(docs: list[dict], sa_name: str, sa_namespace: str,
     return sorted(missing)
 
 
-def assert_chart_grants_operator_requests(cluster) -> int:
+def assert_chart_grants_operator_requests(cluster, values: dict | None = None) -> int:
     """Every request the operator(s) made to a FakeCluster (harness.py) is allowed by the Helm
-    chart's rendered RBAC for its ServiceAccount; returns how many were checked."""
+    chart's rendered RBAC for its ServiceAccount; returns how many were checked. `values`: the
+    chart's values for the operator's scope; default: cluster-wide (the tests' operators run -A)."""
     from .harness import from_operator
     from .test_deploy_files import operator_identity, render
 
-    docs = render()
+    docs = render({"rbac": {"clusterWide": True}, "networkPolicy": {"enabled": False}} if values is None else values)
     sa_name, sa_ns = operator_identity(docs)
     requests = [(str(getattr(r.method, "value", r.method)), r.url.path, dict(r.params))
                 for r in cluster.requests() if from_operator(r)]

@@ -33,7 +33,7 @@ def operator(c: FakeCluster, tmp, name: str) -> tuple[OperatorProcess, str]:
     port = free_port(["127.0.0.1"])
     url = f"http://127.0.0.1:{port}"
     env = {**ENV, "LORAPLEX_CATALOG_PORT": str(port), "LORAPLEX_CATALOG_ADDR": "127.0.0.1",
-           "LORAPLEX_CATALOG_URL": url}
+           "LORAPLEX_CATALOG_URL": url, "LORAPLEX_CATALOG_REFRESH_INTERVAL": "0.5"}
     return OperatorProcess(c.kubeconfig, tmp / f"{name}.log", env=env, name=name).start(), url
 
 
@@ -164,9 +164,10 @@ def test_lookup_refuses_deleting_and_failed_adapters():
         rt._kube = Kube()
         cache = ObjectCache()
         try:
-            going = await lookup(rt, cache, "ns", "b", "going", "tok")
-            failed = await lookup(rt, cache, "ns", "b", "failed", "tok")
-            fixed = await lookup(rt, cache, "ns", "b", "fixed", "tok")  # a new generation is tried again
+            base = objects[("basemodeldeployments", "b")]  # authenticated before (catalog_auth.TokenTable)
+            going = await lookup(rt, cache, "ns", "b", "going", base)
+            failed = await lookup(rt, cache, "ns", "b", "failed", base)
+            fixed = await lookup(rt, cache, "ns", "b", "fixed", base)  # a new generation is tried again
             return going, failed, fixed
         finally:
             await rt.aclose()
@@ -203,6 +204,20 @@ def test_object_cache_is_bounded_and_expires():
         assert len(reads) == 10_000
         await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "a0"))  # pushed out: read again
         assert len(reads) == 10_001
+        # Names that are no object (made-up adapter names) never push out the objects found.
+        class Missing:
+            async def get(self, ref):
+                reads.append(ref.name)
+                return None
+
+        class Nothing:
+            kube = Missing()
+
+        for i in range(1000):
+            assert await cache.get(Nothing, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", f"nobody{i}")) is None
+        assert len(cache.items) == 100 and len(cache.missing) == 100
+        await cache.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "a9999"))  # still a hit
+        assert reads[-1] == "nobody999"
         expired = ObjectCache(ttl=0, max_entries=100)
         for _ in range(2):
             await expired.get(Rt, Ref("loraplex.dev/v1alpha1", "loraadapters", "ns", "x"))
@@ -213,32 +228,122 @@ def test_object_cache_is_bounded_and_expires():
 
 def test_api_trouble_is_503_with_retry_after_and_a_forbidden_namespace_is_403():
     """Over HTTP (the aiohttp app in-process): the API server failing -> 503 + Retry-After (the
-    engine asks again later); a namespace the operator's RBAC does not cover -> 403, as any base
-    that is not the operator's."""
+    engine asks again later), before the bases were ever read too; a namespace the operator's RBAC
+    does not cover -> 403, as any base that is not the operator's."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from loraplex.operator.catalog import make_app
+    from loraplex.operator.catalog_auth import TokenTable
     from loraplex.operator.config import OperatorConfig
     from loraplex.operator.kube import ApiError
     from loraplex.operator.runtime import Runtime
 
     class Kube:
+        up = False
+
+        async def list(self, ref):
+            if ref.namespace == "other-team":
+                raise ApiError(403, "forbidden")
+            if not self.up:
+                raise ApiError(500, "no")
+            return [{"metadata": {"name": "b", "namespace": "team"}, "spec": {}}]
+
         async def get(self, ref):
-            raise ApiError(403 if ref.namespace == "other-team" else 500, "no")
+            if ref.plural == "secrets":
+                return {"data": {"token": base64.b64encode(b"tok").decode()}}
+            raise ApiError(500, "no")
 
         async def aclose(self):
             pass
 
     async def run():
-        rt = Runtime(OperatorConfig())
+        rt = Runtime(OperatorConfig(catalog_refresh_interval=0.05))
         rt._kube = Kube()
-        async with TestClient(TestServer(make_app(rt))) as client:
+        async with TestClient(TestServer(make_app(rt, TokenTable(("team", "other-team"))))) as client:
             auth = {"Authorization": "Bearer tok"}
+            unread = await client.get("/catalog/v1/team/b/adapters/a", headers=auth)
+            rt._kube.up = True
+            await asyncio.sleep(0.3)
             down = await client.get("/catalog/v1/team/b/adapters/a", headers=auth)
             forbidden = await client.get("/catalog/v1/other-team/b/adapters/a", headers=auth)
-            out = (down.status, down.headers.get("Retry-After"), (await down.json())["error"]["code"],
+            out = (unread.status, (await unread.json())["error"]["code"],
+                   down.status, down.headers.get("Retry-After"), (await down.json())["error"]["code"],
                    forbidden.status, (await forbidden.json())["error"]["code"])
         await rt.aclose()
         return out
 
-    assert asyncio.run(run()) == (503, "2", "catalog_unavailable", 403, "forbidden")
+    assert asyncio.run(run()) == (503, "catalog_unavailable", 503, "2", "catalog_unavailable", 403, "forbidden")
+
+
+def test_strangers_cost_no_api_call_and_each_caller_has_its_own_rate(monkeypatch):
+    """Issue 20, finding 7, over HTTP against the in-memory API server (fake_api.py counts every
+    request). 3,000 lookups with a made-up token for made-up bases used to cost 3,000 API GETs;
+    now the catalog authenticates from the table it refreshes in the background: zero API requests,
+    403 until the caller's bucket is spent, then 429 with Retry-After. A base's engines forwarding
+    made-up names spend that base's bucket only: another base is still answered."""
+    from collections import Counter
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from loraplex.operator.catalog import make_app
+    from loraplex.operator.config import OperatorConfig
+    from loraplex.operator.runtime import Runtime
+
+    from .fake_api import FakeApi
+
+    # Set through the environment (as the chart does): one refresh at start, a small bucket.
+    monkeypatch.setenv("LORAPLEX_CATALOG_REFRESH_INTERVAL", "3600")
+    monkeypatch.setenv("LORAPLEX_CATALOG_RATE", "5")
+    monkeypatch.setenv("LORAPLEX_CATALOG_BURST", "40")
+    api = FakeApi()
+    root = "/apis/loraplex.dev/v1alpha1/namespaces/team"
+    tokens = {"b": "token-of-b", "c": "token-of-c"}
+    for base, token in tokens.items():
+        api.put(f"{root}/basemodeldeployments/{base}", {"apiVersion": API, "kind": "BaseModelDeployment", "metadata": {
+            "name": base, "namespace": "team", "generation": 1}, "spec": {"model": {"id": "org/m"}}})
+        api.put(f"/api/v1/namespaces/team/secrets/{base}-admin-token", {"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": f"{base}-admin-token", "namespace": "team"}, "data": {"token": base64.b64encode(token.encode()).decode()}})
+        api.put(f"{root}/loraadapters/{base}-real", {"apiVersion": API, "kind": "LoraAdapter", "metadata": {
+            "name": f"{base}-real", "namespace": "team", "generation": 1}, "spec": {
+                "baseModel": base, "source": {"type": "hub", "uri": f"org/{base}-real"}}})
+
+    async def run():
+        rt = Runtime(OperatorConfig.from_env())
+        rt._kube = await api.client()
+        try:
+            async with TestClient(TestServer(make_app(rt))) as client:
+                async def get(base: str, name: str, token: str | None):
+                    headers = {"Authorization": f"Bearer {token}"} if token else {}
+                    r = await client.get(f"/catalog/v1/team/{base}/adapters/{name}", headers=headers)
+                    return r.status, await r.json(), r.headers.get("Retry-After")
+
+                for _ in range(200):  # the first refresh of the bases' tokens
+                    if (await get("b", "b-real", tokens["b"]))[0] == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                before = api.received
+                strangers = [await get(f"made-up-{i}", "b-real", "made-up-token") for i in range(3000)]
+                stranger_calls = api.received - before
+                anonymous = [await get("b", "b-real", None) for _ in range(50)]
+                before = dict(api.requests)
+                forwarded = [await get("b", f"nobody-{i}", tokens["b"]) for i in range(300)]
+                adapter_reads = api.requests["GET loraadapters"] - before.get("GET loraadapters", 0)
+                other_base = await get("c", "c-real", tokens["c"])
+                return stranger_calls, strangers, anonymous, forwarded, adapter_reads, other_base
+        finally:
+            await rt.aclose()
+            await api.aclose()
+
+    stranger_calls, strangers, anonymous, forwarded, adapter_reads, other_base = asyncio.run(run())
+    assert stranger_calls == 0, f"{stranger_calls} API requests for 3,000 lookups with a made-up token"
+    codes = Counter(status for status, _, _ in strangers)
+    assert set(codes) == {403, 429} and codes[429] >= 2900, codes
+    status, body, retry_after = next(s for s in strangers if s[0] == 429)
+    assert body["error"]["code"] == "rate_limited" and body["error"]["type"] == "rate_limit_error"
+    assert set(body["error"]) == {"message", "type", "param", "code"} and int(retry_after) >= 1
+    assert {s[0] for s in anonymous} <= {401, 429}
+    # The base's own engines asking for 300 names nobody registered: at most its burst (+ what
+    # refills while they ask) reach the API; the rest are 429 for that base alone.
+    assert Counter(s for s, _, _ in forwarded)[429] >= 200 and adapter_reads <= 60, adapter_reads
+    assert {s for s, _, _ in forwarded} == {404, 429}
+    assert other_base[0] == 200 and other_base[1]["name"] == "c-real"

@@ -56,7 +56,7 @@ def test_chart_renders_operator_and_rbac():
     docs = render()
     kinds = by_kind(docs)
     assert set(kinds) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                          "Deployment", "PodDisruptionBudget", "Service"}
+                          "Deployment", "PodDisruptionBudget", "Service", "NetworkPolicy"}
     dep = kinds["Deployment"]
     assert dep["metadata"]["namespace"] == "loraplex-system"
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
@@ -64,7 +64,8 @@ def test_chart_renders_operator_and_rbac():
     assert pod["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
     (c,) = pod["containers"]
     assert c["image"] == "ghcr.io/loraplex/loraplex-operator:0.1.0"
-    assert "--standalone" in c["args"] and "--all-namespaces" in c["args"]
+    assert "--standalone" in c["args"] and "--namespace=loraplex-system" in c["args"], "the release namespace"
+    assert "--all-namespaces" not in c["args"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env["LORAPLEX_MAX_FAILURES"] == "5" and env["LORAPLEX_METRICS_PORT"] == "9090"
@@ -90,7 +91,8 @@ def test_chart_renders_operator_and_rbac():
     assert binding["roleRef"]["name"] == kinds["ClusterRole"]["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": kinds["ServiceAccount"]["metadata"]["name"],
                                     "namespace": "loraplex-system"}]
-    assert not {d["kind"] for d in docs} & OPTIONAL_KINDS, "optional objects are off by default"
+    assert not {d["kind"] for d in docs} & (OPTIONAL_KINDS - {"NetworkPolicy"}), "optional objects are off by default"
+    assert len(of_kind(docs, "NetworkPolicy")) == 2, "the engines' and the operator's policies are on by default"
     assert not [d for d in of_kind(docs, "ConfigMap")], "no dashboard by default"
 
 
@@ -114,8 +116,11 @@ def grants_of(docs: list[dict]) -> set[tuple]:
             for rule in d["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
+CLUSTER_WIDE = {"rbac": {"clusterWide": True}, "networkPolicy": {"enabled": False}}
+
+
 def test_chart_rbac_is_least_privilege():
-    grants = grants_of(render())
+    grants = grants_of(render(CLUSTER_WIDE))  # the widest RBAC the chart renders
     assert not any("*" in (g, r, v) for _, _, g, r, v, _ in grants), "no wildcards"
     assert not any(v in ("deletecollection", "escalate", "bind", "impersonate") for *_, v, _ in grants)
     updates = {(r, names) for _, _, _, r, v, names in grants if v == "update"}
@@ -140,7 +145,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
     chart grants it."""
     from .rbac import ungranted
 
-    docs = render()
+    docs = render(CLUSTER_WIDE)
     sa, ns = operator_identity(docs)
     granted = [("GET", "/api/v1/pods", {"watch": "true"}),
                ("PATCH", "/apis/loraplex.dev/v1alpha1/namespaces/team-a/loraadapters/a1/status", {}),
@@ -184,7 +189,7 @@ def test_watch_namespaces_make_rbac_namespaced():
     roles = {d["metadata"]["namespace"]: d for d in of_kind(docs, "Role") if not d["metadata"]["name"].endswith("election")}
     assert set(roles) == {"team-a", "team-b"}
     # The namespaced Roles hold exactly the namespaced part of the cluster-wide role.
-    default_rules = of_kind(render(), "ClusterRole")[0]["rules"]
+    default_rules = of_kind(render(CLUSTER_WIDE), "ClusterRole")[0]["rules"]
     assert roles["team-a"]["rules"] == [r for r in default_rules if r["resources"] not in (
         ["customresourcedefinitions"], ["namespaces"])]
 
@@ -196,6 +201,101 @@ def test_watch_namespaces_make_rbac_namespaced():
     assert not can("GET", "/api/v1/pods", "watch=1") and not can("GET", "/api/v1/secrets")
     assert can("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", "watch=1")
     assert can("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator")
+
+
+def test_rbac_is_namespaced_unless_cluster_wide_is_chosen():
+    """Issue 20, finding 8: without watchNamespaces the chart used to bind a ClusterRole that reads
+    Secrets and creates Deployments in every namespace. By default it now watches the release
+    namespace only, and the operator's flags say the same as its RBAC."""
+    from .rbac import allowed, attributes
+
+    docs = render()
+    sa, ns = operator_identity(docs)
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {"customresourcedefinitions",
+                                                                              "namespaces"}
+    assert {d["metadata"]["namespace"] for d in of_kind(docs, "Role")} == {"loraplex-system"}
+    args = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace") or a.endswith("-namespaces")] == ["--namespace=loraplex-system"]
+
+    def can(method, path, query=""):
+        return allowed(docs, sa, ns, attributes(method, path, query))
+
+    assert can("GET", "/api/v1/namespaces/loraplex-system/secrets/b-admin-token")
+    assert can("POST", "/apis/apps/v1/namespaces/loraplex-system/deployments")
+    for where in ("kube-system", "team-a"):
+        assert not can("GET", f"/api/v1/namespaces/{where}/secrets/x"), where
+        assert not can("POST", f"/apis/apps/v1/namespaces/{where}/deployments"), where
+    # Cluster-wide is an explicit choice, and then the flags say -A.
+    wide = by_kind(render(CLUSTER_WIDE))
+    assert "--all-namespaces" in wide["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "Role" in wide and wide["ClusterRole"]["rules"] != cluster_role["rules"]
+    with pytest.raises(Exception, match="leave watchNamespaces empty"):
+        render({"rbac": {"clusterWide": True}, "watchNamespaces": ["team-a"]})
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+            for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+
+
+def unprivileged_problems(where: str, pod: dict) -> list[str]:
+    """What lets a container of `pod` run as root, escalate, keep capabilities or run unconfined."""
+    problems = []
+    psc = pod.get("securityContext") or {}
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        csc = c.get("securityContext") or {}
+        name = f"{where} container {c['name']}"
+        if not (csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if csc.get("runAsUser", psc.get("runAsUser")) in (None, 0):
+            problems.append(f"{name}: no non-zero runAsUser")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if csc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if "ALL" not in (csc.get("capabilities") or {}).get("drop", []) or (csc.get("capabilities") or {}).get("add"):
+            problems.append(f"{name}: capabilities not dropped (ALL)")
+        if (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: no RuntimeDefault seccomp profile")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: writable root file system")
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        problems.append(f"{where}: host namespaces")
+    if any("hostPath" in v for v in pod.get("volumes") or []):
+        problems.append(f"{where}: hostPath volume")
+    return problems
+
+
+def test_every_container_runs_unprivileged_and_engines_mount_no_token():
+    """Issue 20, finding 8: every container the chart installs and every engine container the
+    operator renders runs as non-root (uid 65532) without privilege escalation, with every
+    capability dropped, RuntimeDefault seccomp and a read-only root file system; engine pods
+    mount no service-account token (the engine never calls the Kubernetes API)."""
+    from loraplex.operator.render import render_deployment
+
+    pods = pod_templates(render()) + pod_templates(render(ALL_ON)) + pod_templates(render(CLUSTER_WIDE))
+    assert len(pods) == 3
+    bmds = [{"model": {"id": "m"}},
+            {"model": {"id": "m"}, "engine": {"tensorParallelSize": 2, "args": ["--adapter-dir", "/adapters"],
+                                              "volumes": [{"name": "a", "persistentVolumeClaim": {"claimName": "c"}}],
+                                              "volumeMounts": [{"name": "a", "mountPath": "/adapters"}]}}]
+    engines = [(f"engine {i}", render_deployment({"metadata": {"name": "b", "namespace": "team-a", "uid": "u"},
+                                                  "spec": spec}, 1)["spec"]["template"]["spec"])
+               for i, spec in enumerate(bmds)]
+    problems = [p for where, pod in pods + engines for p in unprivileged_problems(where, pod)]
+    assert not problems, "\n".join(problems)
+    for where, pod in engines:
+        assert pod["automountServiceAccountToken"] is False, where
+        assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["fsGroup"] == 65532
+        # The writable places of a read-only root: /tmp and the caches, each an emptyDir.
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        assert {"/tmp", "/var/cache/loraplex", "/var/cache/loraplex/adapters"} <= set(mounts)
+        assert {mounts["/tmp"], mounts["/var/cache/loraplex"], mounts["/var/cache/loraplex/adapters"]} <= empty
+    # The checker has teeth: what the old renders lacked is reported.
+    bare = {"containers": [{"name": "engine", "image": "x"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    assert len(unprivileged_problems("old", bare)) == 7
 
 
 def test_every_optional_feature_renders_and_selects_the_real_pods():
@@ -223,7 +323,7 @@ def test_every_optional_feature_renders_and_selects_the_real_pods():
     assert monitors["engines"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     assert monitors["operator"]["selector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
     assert monitors["operator"]["podMetricsEndpoints"][0]["port"] in operator_ports
-    cluster_wide = of_kind(render({"monitoring": {"podMonitor": {"enabled": True}}}), "PodMonitor")
+    cluster_wide = of_kind(render({**CLUSTER_WIDE, "monitoring": {"podMonitor": {"enabled": True}}}), "PodMonitor")
     assert [m["spec"]["namespaceSelector"] for m in cluster_wide if m["metadata"]["name"].endswith("-engines")] \
         == [{"any": True}], "without watched namespaces the engines are found in any namespace"
 
@@ -247,8 +347,8 @@ def test_every_optional_feature_renders_and_selects_the_real_pods():
         op_peer = rule["from"][0]
         assert op_peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "loraplex-system"}
         assert op_peer["podSelector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
-    with pytest.raises(Exception, match="networkPolicy.enabled needs"):
-        render({"networkPolicy": {"enabled": True}})
+    with pytest.raises(Exception, match="networkPolicy.enabled with rbac.clusterWide needs engineNamespaces"):
+        render({"rbac": {"clusterWide": True}})
 
     (dash,) = of_kind(docs, "ConfigMap")
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -393,10 +493,25 @@ def test_kustomize_cpu_demo():
 
 
 @pytest.mark.parametrize("tree", ["manifests/base", "manifests/overlays/production", "manifests/cpu-demo", "crds",
-                                  "manifests/argocd/health-checks"])
+                                  "manifests/argocd/health-checks", "manifests/namespaces"])
 def test_kustomize_trees_validate_against_schemas(tree):
     docs = kustomize(tree)
     assert docs and not schema_errors(docs), schema_errors(docs)
+
+
+@pytest.mark.parametrize("tree", ["manifests/base", "manifests/overlays/production", "manifests/cpu-demo"])
+def test_example_models_pass_the_engine_pod_policy(tree):
+    """The examples' images come from the chart's default allow-list and their volumes are of
+    allowed types: the operator renders them (podpolicy.py)."""
+    from loraplex.operator.config import DEFAULT_ENGINE_IMAGE_PREFIXES
+    from loraplex.operator.render import render_deployment
+
+    (bmd,) = of_kind(kustomize(tree), "BaseModelDeployment")
+    chart_prefixes = tuple(yaml.safe_load((CHART / "values.yaml").read_text())["engineImages"]["allowedPrefixes"])
+    assert chart_prefixes == DEFAULT_ENGINE_IMAGE_PREFIXES
+    bmd["metadata"].update(uid="u", namespace=bmd["metadata"].get("namespace", "default"))
+    assert render_deployment(bmd, 1, None, chart_prefixes)["spec"]["template"]["spec"]["containers"][0]["image"] \
+        == bmd["spec"]["engine"]["image"]
 
 
 def test_kustomize_crds():
@@ -462,7 +577,9 @@ def test_argocd_applications_point_at_real_paths_in_waves():
         assert (REPO / a["spec"]["source"]["path"]).is_dir(), a["spec"]["source"]["path"]
         assert a["spec"]["syncPolicy"]["automated"]["selfHeal"] is True
     wave = {n: int(a["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for n, a in apps.items()}
-    assert wave["loraplex-crds"] < wave["loraplex-operator"] < wave["loraplex-cpu-demo"] == wave["loraplex-models"]
+    assert wave["loraplex-namespaces"] < wave["loraplex-crds"] < wave["loraplex-operator"] < wave["loraplex-cpu-demo"] \
+        == wave["loraplex-models"]
+    assert apps["loraplex-namespaces"]["spec"]["syncPolicy"]["automated"]["prune"] is False
     assert apps["loraplex-crds"]["spec"]["source"]["path"] == "crds"
     assert "ServerSideApply=true" in apps["loraplex-crds"]["spec"]["syncPolicy"]["syncOptions"]
     assert apps["loraplex-crds"]["spec"]["syncPolicy"]["automated"]["prune"] is False, "pruning a CRD deletes its objects"
@@ -471,6 +588,14 @@ def test_argocd_applications_point_at_real_paths_in_waves():
     # The chart's values in the Application render (and validate) like any other values.
     docs = render(helm_src["valuesObject"])
     assert {"PodMonitor", "PrometheusRule"} <= {d["kind"] for d in docs} and not schema_errors(docs)
+    # Namespaced RBAC over exactly the models' namespaces, which exist before the operator.
+    watched = set(helm_src["valuesObject"]["watchNamespaces"])
+    assert watched == {apps[n]["spec"]["destination"]["namespace"] for n in ("loraplex-cpu-demo", "loraplex-models")}
+    assert watched == {d["metadata"]["name"] for d in kustomize("manifests/namespaces")}
+    assert watched == {d["metadata"]["namespace"] for d in of_kind(docs, "Role")
+                       if not d["metadata"]["name"].endswith("leader-election")}
+    assert watched == {d["metadata"]["namespace"] for d in of_kind(docs, "NetworkPolicy")
+                       if d["metadata"]["name"].endswith("-engines")}
     for name in ("loraplex-cpu-demo", "loraplex-models"):
         assert "SkipDryRunOnMissingResource=true" in apps[name]["spec"]["syncPolicy"]["syncOptions"]
 

@@ -109,7 +109,7 @@ class Fleet:
         port = free_port(["127.0.0.1"])
         self.catalog_url = self.catalog_url or f"http://127.0.0.1:{port}"
         env = {**ENV, "LORAPLEX_CATALOG_PORT": str(port), "LORAPLEX_CATALOG_ADDR": "127.0.0.1",
-               "LORAPLEX_CATALOG_URL": self.catalog_url}
+               "LORAPLEX_CATALOG_URL": self.catalog_url, "LORAPLEX_CATALOG_REFRESH_INTERVAL": "0.5"}
         op = OperatorProcess(self.kubeconfig, self.tmp / f"{name}.log", env=env, name=name).start()
         self.operators.append(op)
         return op

@@ -101,3 +101,39 @@ def test_adapter_before_base_then_unreachable_pod_then_bounded_deletion(cluster:
     assert not base["metadata"].get("annotations")
     assert base["status"]["kopf"]["lastHandledConfiguration"]
     assert base["metadata"]["finalizers"] == ["loraplex.dev/operator"]
+
+
+def test_a_base_asking_for_a_host_path_or_a_foreign_image_is_failed_and_gets_nothing(cluster: FakeCluster):
+    """Issue 20, finding 8: a BaseModelDeployment was as strong as a pod (any volume, any image).
+    Now a volume type outside the allow-list or an image outside the allowed prefixes makes it
+    Failed with the reason in its conditions and a Warning Event, and the operator creates none
+    of its objects; fixing the spec brings them."""
+    c = cluster
+    log = c.operator.log  # type: ignore[attr-defined]
+    bad = {"node": {"engine": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+                               "volumeMounts": [{"name": "root", "mountPath": "/host"}]}},
+           "foreign": {"engine": {"image": "evil.example.com/miner:latest"}},
+           "lookalike": {"engine": {"image": "ghcr.io/loraplex-evil/loraplex-engine:0.1.0"}}}
+    for name, spec in bad.items():
+        c.create({"apiVersion": API, "kind": "BaseModelDeployment", "metadata": {"name": name, "namespace": NS},
+                  "spec": {"model": {"id": "org/model"}, **spec}})
+    expected = {"node": "volume type hostPath is not allowed", "foreign": "spec.engine.image 'evil.example.com",
+                "lookalike": "not from an allowed registry"}
+    for name, words in expected.items():
+        st = wait_for(lambda: (s := status(c, "basemodeldeployments", name)).get("phase") == "Failed" and s, 30,
+                      f"{name} Failed", on_timeout=log)
+        assert cond(st, "Progressing")["reason"] == "InvalidSpec" and words in cond(st, "Progressing")["message"]
+        assert words in cond(st, "Degraded")["message"]
+        wait_for(lambda: [e for e in c.list("v1", "events", NS) if e["reason"] == "Failed"
+                          and e["involvedObject"]["name"] == name and words in e["message"]], 10,
+                 f"a Warning Event on {name}", on_timeout=log)
+    for name in bad:
+        assert c.get("apps/v1", "deployments", NS, name) is None, f"{name}: no Deployment"
+        assert c.get("v1", "services", NS, name) is None, f"{name}: no Service"
+        assert c.get("v1", "configmaps", NS, f"{name}-adapters") is None, f"{name}: no ConfigMap"
+        assert c.get("v1", "secrets", NS, f"{name}-admin-token") is None, f"{name}: no admin Secret"
+    # The same base with a volume from the allow-list is rendered.
+    c.update_spec(API, "basemodeldeployments", NS, "node", {"engine": {
+        "volumes": [{"name": "root", "emptyDir": {}}], "volumeMounts": [{"name": "root", "mountPath": "/host"}]}})
+    dep = wait_for(lambda: c.get("apps/v1", "deployments", NS, "node"), 30, "the Deployment", on_timeout=log)
+    assert {"name": "root", "emptyDir": {}} in dep["spec"]["template"]["spec"]["volumes"]

@@ -136,12 +136,12 @@ def test_plan_create_then_unchanged_with_server_defaults():
 def test_plan_patch_on_change_and_nulls_dropped_keys():
     before = render.render_deployment(bmd({"engine": {"nodeSelector": {"gpu": "a100"}}}), 1)
     _, live = apply.plan(None, before)
-    after = render.render_deployment(bmd({"engine": {"image": "img:2"}}), 1)
+    after = render.render_deployment(bmd({"engine": {"image": "ghcr.io/loraplex/img:2"}}), 1)
     action, patch = apply.plan(live, after)
     assert action == "patch"
     pod = patch["spec"]["template"]["spec"]
     assert pod["nodeSelector"] is None, "a key the operator set and no longer wants is removed"
-    assert pod["containers"][0]["image"] == "img:2"
+    assert pod["containers"][0]["image"] == "ghcr.io/loraplex/img:2"
     assert "name" not in patch["metadata"] and "namespace" not in patch["metadata"]
 
 
@@ -237,3 +237,75 @@ def test_tensor_parallel_pods_get_the_flag_and_a_shared_memory_volume():
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": C.TP_SHM_SIZE}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+
+
+# --- the engine pod policy (issue 20, finding 8; podpolicy.py) ---------------------------------
+
+@pytest.mark.parametrize("volume", [
+    {"name": "v", "hostPath": {"path": "/var/run/docker.sock"}},
+    {"name": "v", "nfs": {"server": "10.0.0.1", "path": "/"}},
+    {"name": "v", "csi": {"driver": "any.csi.example.com"}},
+    {"name": "v", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}},
+    {"name": "v", "iscsi": {"targetPortal": "10.0.0.1", "iqn": "iqn.x", "lun": 0}},
+    {"name": "v"},  # no type at all
+])
+def test_a_volume_outside_the_allow_list_is_refused(volume):
+    from loraplex.operator.podpolicy import PolicyViolation
+
+    with pytest.raises(PolicyViolation, match=r"spec.engine.volumes\[1\] \('v'\): volume type .* is not allowed"):
+        render.render_deployment(bmd({"engine": {"volumes": [{"name": "ok", "emptyDir": {}}, volume]}}), 1)
+
+
+@pytest.mark.parametrize("kind", [{"configMap": {"name": "c"}}, {"secret": {"secretName": "s"}}, {"emptyDir": {}},
+                                  {"persistentVolumeClaim": {"claimName": "p"}}, {"downwardAPI": {"items": []}},
+                                  {"ephemeral": {"volumeClaimTemplate": {"spec": {}}}}])
+def test_volumes_of_the_allow_list_are_rendered(kind):
+    pod = render.render_deployment(bmd({"engine": {"volumes": [{"name": "v", **kind}]}}), 1)["spec"]["template"]["spec"]
+    assert {"name": "v", **kind} in pod["volumes"]
+
+
+@pytest.mark.parametrize("image, prefixes, allowed", [
+    ("ghcr.io/loraplex/loraplex-engine:0.1.0", ("ghcr.io/loraplex/",), True),
+    ("ghcr.io/loraplex/loraplex-engine-demo@sha256:" + "a" * 64, ("ghcr.io/loraplex/",), True),
+    ("ghcr.io/loraplex-evil/loraplex-engine:0.1.0", ("ghcr.io/loraplex/",), False),
+    ("ghcr.io/loraplex", ("ghcr.io/loraplex/",), False),
+    ("docker.io/library/ubuntu:24.04", ("ghcr.io/loraplex/",), False),
+    ("registry.example.com/ml/engine:2", ("registry.example.com/ml/engine",), True),   # a repository: any tag
+    ("registry.example.com/ml/engine-evil:2", ("registry.example.com/ml/engine",), False),
+    ("registry.example.com/ml/engine/sub:2", ("registry.example.com/ml/engine",), False),
+    ("anything:1", ("*",), True),
+    ("ghcr.io/loraplex/loraplex-engine:0.1.0", (), False),
+])
+def test_engine_image_allow_list(image, prefixes, allowed):
+    from loraplex.operator.podpolicy import PolicyViolation
+
+    body = bmd({"engine": {"image": image}})
+    if allowed:
+        assert render.render_deployment(body, 1, None, prefixes)["spec"]["template"]["spec"]["containers"][0][
+            "image"] == image
+    else:
+        with pytest.raises(PolicyViolation, match="not from an allowed registry or repository"):
+            render.render_deployment(body, 1, None, prefixes)
+
+
+def test_engine_image_prefixes_come_from_the_environment(monkeypatch):
+    from loraplex.operator.config import DEFAULT_ENGINE_IMAGE_PREFIXES, engine_image_prefixes_from_env
+
+    monkeypatch.delenv("LORAPLEX_ENGINE_IMAGE_PREFIXES", raising=False)
+    assert engine_image_prefixes_from_env() == DEFAULT_ENGINE_IMAGE_PREFIXES == ("ghcr.io/loraplex/",)
+    assert C.DEFAULT_ENGINE_IMAGE.startswith(DEFAULT_ENGINE_IMAGE_PREFIXES[0]), "the default image is allowed"
+    monkeypatch.setenv("LORAPLEX_ENGINE_IMAGE_PREFIXES", " mirror.example.com/loraplex/ ,ghcr.io/loraplex/,")
+    assert engine_image_prefixes_from_env() == ("mirror.example.com/loraplex/", "ghcr.io/loraplex/")
+
+
+def test_adapter_downloads_have_a_disk_budget_and_a_matching_size_limit():
+    """The disk tier had no default --adapter-disk-bytes and its emptyDir no sizeLimit: tenants'
+    Hub/S3 adapters could fill the node's disk. Now 10 GiB by default (spec.engine.adapterDiskBytes),
+    and the emptyDir's sizeLimit is that plus a quarter (a download lands before the LRU eviction)."""
+    for spec, budget, limit in (({}, 10 * 2**30, "12800Mi"), ({"engine": {"adapterDiskBytes": 2**30}}, 2**30, "1280Mi")):
+        pod = render.render_deployment(bmd(spec), 1)["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        assert args[args.index("--adapter-disk-bytes") + 1] == str(budget)
+        assert args[args.index("--adapter-cache-dir") + 1] == C.ADAPTER_CACHE_DIR
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == C.ADAPTER_CACHE_DIR)
+        assert {"name": mount["name"], "emptyDir": {"sizeLimit": limit}} in pod["volumes"]

@@ -27,9 +27,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The namespaces engine pods run in: engineNamespaces, else watchNamespaces (a JSON list). */}}
+{{/* The namespaces the operator watches, as a JSON list; empty = all of them (rbac.clusterWide
+only). Namespaced by default: watchNamespaces, else the release namespace. */}}
+{{- define "loraplex.watchNamespaces" -}}
+{{- if .Values.rbac.clusterWide -}}
+{{- if .Values.watchNamespaces -}}
+{{- fail "rbac.clusterWide watches every namespace: leave watchNamespaces empty (or set rbac.clusterWide: false)" -}}
+{{- end -}}
+{{- toJson list -}}
+{{- else -}}
+{{- toJson (.Values.watchNamespaces | default (list .Release.Namespace)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The namespaces engine pods run in: engineNamespaces, else the watched ones (a JSON list). */}}
 {{- define "loraplex.engineNamespaces" -}}
-{{- $ns := .Values.engineNamespaces | default .Values.watchNamespaces | default list -}}
+{{- $ns := .Values.engineNamespaces | default (include "loraplex.watchNamespaces" . | fromJsonArray) | default list -}}
 {{- toJson $ns -}}
 {{- end -}}
 

@@ -9,19 +9,25 @@ and gets the adapter's manifest, the very one the operator pushes to its placed 
 source, revision, sha256 and tenant key HASHES, never raw keys), so that a just-in-time load
 obeys the adapter's tenant rules and digest there too (engine/loraplex/engine/core/adapters/catalog_source.py).
 
-Answers: 200 manifest JSON; 401 without a bearer token; 403 when the base does not exist or the
-token is not that base's (one answer for both: base names are not confirmed to strangers); 404
-when the base has no such adapter; 409 when it exists but cannot be served (spec problem, Failed,
-being deleted), with the reason; 503 with Retry-After when the API server cannot be read now.
-Errors use the engine's shape {"error": {"message", "type", "param", "code"}}.
+Who may ask is decided before the API is read (catalog_auth.py): the token must be the admin
+token of that very base, checked against a table each replica refreshes in the background, and
+each caller (the base, or the client's address when it is not authenticated) has a token bucket.
 
-Every replica answers, the standbys included: a lookup reads the LoraAdapter and its base by name
-from the API (two GETs, cached for a few seconds; Secrets through the runtime's cache) and builds
-the manifest with the same function the reconcile pass uses; at most LOOKUPS_AT_ONCE lookups
-read the API at once. A standby has no kopf indexes (it
+Answers: 200 manifest JSON; 401 without a bearer token; 403 when the base is not one this operator
+serves or the token is not that base's (one answer for both: base names are not confirmed to
+strangers); 429 with Retry-After when the caller is past its rate; 404 when the base has no such
+adapter; 409 when it exists but cannot be served (spec problem, Failed, being deleted), with the
+reason; 503 with Retry-After when the API server cannot be read now (or the table was never
+loaded). Errors use the engine's shape {"error": {"message", "type", "param", "code"}}.
+
+Every replica answers, the standbys included: after the token check a lookup reads the LoraAdapter
+by name from the API (one GET, cached for a few seconds; its Secrets through the runtime's cache)
+and builds the manifest with the same function the reconcile pass uses; at most LOOKUPS_AT_ONCE
+lookups read the API at once. Names that are no adapter are cached apart from the adapters found,
+so a stream of made-up names cannot push real entries out. A standby has no kopf indexes (it
 waits for the Lease), and readiness cannot route only to the leader without stalling the chart's
 rolling update (maxUnavailable 0), so reading by name is what lets any replica answer. A lookup
-never lists: its cost does not grow with the number of adapters.
+never lists adapters: its cost does not grow with their number.
 
 Served with aiohttp (kopf's own HTTP stack) on LORAPLEX_CATALOG_PORT (9091; 0: off), beside
 /metrics on 9090. LORAPLEX_CATALOG_URL is how engines reach it (the chart's Service); the
@@ -30,10 +36,8 @@ operator renders `--adapter-catalog-url <it>/catalog/v1/<namespace>/<base>` into
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -44,6 +48,8 @@ from loraplex.manifest import DNS1123_LABEL
 
 from . import adapters as A
 from . import constants as C
+from .catalog_auth import CallerLimits, TokenTable
+from . import config
 from .kube import ApiError, Ref
 from .reconcile import desired_manifest
 from .runtime import Runtime
@@ -56,13 +62,12 @@ CACHE_SECONDS = 2.0  # a burst of pods asking for one adapter costs one read of 
 CACHE_ENTRIES = 4096
 LOOKUPS_AT_ONCE = 32  # lookups reading the API at once; more wait (a cold fleet asks in bursts)
 
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          409: "invalid_request_error", 503: "service_unavailable"}
+          409: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+def _error(status: int, message: str, code: str, retry_after: int = RETRY_AFTER_SECONDS) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
     return web.json_response({"error": {"message": message, "type": _TYPES.get(status, "server_error"),
                                         "param": None, "code": code}}, status=status, headers=headers)
 
@@ -75,44 +80,34 @@ def _bearer(request: web.Request) -> str | None:
 
 
 class ObjectCache:
-    """Custom resources read by name, kept CACHE_SECONDS (bounded; the oldest go first)."""
+    """Custom resources read by name, kept CACHE_SECONDS (bounded; the oldest go first). Names
+    found missing are kept in a map of their own, so that misses never evict what exists."""
 
     def __init__(self, ttl: float = CACHE_SECONDS, max_entries: int = CACHE_ENTRIES):
         self.ttl, self.max_entries = ttl, max_entries
         self.items: OrderedDict[tuple, tuple[float, dict | None]] = OrderedDict()
+        self.missing: OrderedDict[tuple, tuple[float, dict | None]] = OrderedDict()
 
     async def get(self, rt: Runtime, ref: Ref) -> dict | None:
         key = (ref.plural, ref.namespace, ref.name)
         now = time.monotonic()
-        hit = self.items.get(key)
+        hit = self.items.get(key) or self.missing.get(key)
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
         body = await rt.kube.get(ref)
         self.items.pop(key, None)
-        self.items[key] = (now, body)
-        while len(self.items) > self.max_entries:
-            self.items.popitem(last=False)
+        self.missing.pop(key, None)
+        kept = self.items if body is not None else self.missing
+        kept[key] = (now, body)
+        while len(kept) > self.max_entries:
+            kept.popitem(last=False)
         return body
 
 
 async def lookup(rt: Runtime, cache: ObjectCache, namespace: str, base_name: str, name: str,
-                 token: str | None) -> tuple[int, Any]:
-    """(HTTP status, manifest JSON or (code, message)). The whole decision, without aiohttp."""
-    if token is None:
-        return 401, ("missing_token", "send 'Authorization: Bearer <admin token of the base>'")
-    # Names become API paths: only what Kubernetes allows as these names goes any further.
-    valid_base = DNS1123_LABEL.match(namespace) and len(namespace) <= 63 and DNS1123_SUBDOMAIN.match(base_name) \
-        and len(base_name) <= 253
-    base = await cache.get(rt, Ref(C.API_VERSION, C.BMD_PLURAL, namespace, base_name)) if valid_base else None
-    expected = None
-    if base is not None and not (base.get("metadata") or {}).get("deletionTimestamp"):
-        ref = A.admin_token_ref(base.get("spec"), base_name)
-        try:
-            expected = A.admin_token(ref, await rt.get_secret(namespace, ref.name))
-        except A.SpecProblem:
-            expected = None
-    if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
-        return 403, ("forbidden", f"unknown base {namespace}/{base_name}, or not its admin token")
+                 base: dict) -> tuple[int, Any]:
+    """(HTTP status, manifest JSON or (code, message)) for a caller already authenticated as the
+    engines of `base` (catalog_auth.TokenTable). The whole decision, without aiohttp."""
     if len(name) > 63 or not DNS1123_LABEL.match(name):
         return 404, ("model_not_found", f"{name[:80]!r} is not a LoraAdapter name")
     adapter = await cache.get(rt, Ref(C.API_VERSION, C.LORA_PLURAL, namespace, name))
@@ -133,15 +128,40 @@ async def lookup(rt: Runtime, cache: ObjectCache, namespace: str, base_name: str
     return 200, A.manifest_json(manifest)
 
 
-def make_app(rt: Runtime) -> web.Application:
+def authenticate(table: TokenTable, limits: CallerLimits, request: web.Request) -> web.Response | dict:
+    """The base the caller's token belongs to, or the answer that refuses it. No I/O: an unknown
+    base or a wrong token costs no API call. Each caller spends its own bucket (the base when
+    authenticated, else the client's address)."""
+    ns, base_name = request.match_info["namespace"], request.match_info["base"]
+    token = _bearer(request)
+    base = table.authenticate(ns, base_name, token) if token is not None else None
+    wait = limits.take(f"base:{ns}/{base_name}" if base is not None else f"addr:{request.remote}")
+    if wait:
+        return _error(429, f"too many catalog requests; retry in {limits.retry_after(wait)} s", "rate_limited",
+                      limits.retry_after(wait))
+    if base is not None:
+        return base
+    if token is None:
+        return _error(401, "send 'Authorization: Bearer <admin token of the base>'", "missing_token")
+    if not table.loaded:
+        return _error(503, "the operator has not read the bases' admin tokens yet", "catalog_unavailable")
+    return _error(403, f"unknown base {ns[:63]}/{base_name[:253]}, or not its admin token", "forbidden")
+
+
+def make_app(rt: Runtime, table: TokenTable | None = None) -> web.Application:
     cache = ObjectCache()
     limit = asyncio.Semaphore(LOOKUPS_AT_ONCE)
+    table = table if table is not None else TokenTable(config.WATCHED_NAMESPACES)
+    limits = CallerLimits(rt.config.catalog_rate, rt.config.catalog_burst)
 
     async def get_adapter(request: web.Request) -> web.Response:
         ns, base, name = (request.match_info[k] for k in ("namespace", "base", "name"))
+        caller = authenticate(table, limits, request)
+        if isinstance(caller, web.Response):
+            return caller
         try:
             async with limit:
-                status, result = await lookup(rt, cache, ns, base, name, _bearer(request))
+                status, result = await lookup(rt, cache, ns, base, name, caller)
         except (ApiError, OSError, RuntimeError) as e:  # API server unreachable, not logged in yet
             if isinstance(e, ApiError) and e.status == 403:
                 # A namespace this operator may not read (--namespace): none of its bases is there.
@@ -155,9 +175,15 @@ def make_app(rt: Runtime) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def refresh_tokens(app: web.Application):
+        task = asyncio.get_running_loop().create_task(table.keep_fresh(rt, rt.config.catalog_refresh_interval))
+        yield
+        task.cancel()
+
     app = web.Application(client_max_size=4096)  # GETs only: no body worth reading
     app.router.add_get(PREFIX + "/{namespace}/{base}/adapters/{name}", get_adapter)
     app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.append(refresh_tokens)
     return app
 
 

@@ -23,7 +23,11 @@ def kopf_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     from kopf import cli
 
-    cli.main(args=kopf_argv(sys.argv[1:] if argv is None else argv), prog_name="loraplex-operator")
+    from . import config
+
+    args = kopf_argv(sys.argv[1:] if argv is None else argv)
+    config.WATCHED_NAMESPACES = config.watch_namespaces(args)  # the adapter catalog lists bases there
+    cli.main(args=args, prog_name="loraplex-operator")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 
 
@@ -49,6 +50,12 @@ class OperatorConfig:
     lease_duration: float = 15.0
     lease_renew_deadline: float = 10.0
     lease_retry_period: float = 2.0
+    # The adapter catalog (catalog.py, catalog_auth.py): how often each replica re-reads the
+    # bases and their admin tokens it authenticates callers with, and each caller's token
+    # bucket (requests a second, burst).
+    catalog_refresh_interval: float = 5.0
+    catalog_rate: float = 20.0
+    catalog_burst: int = 100
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -65,6 +72,9 @@ class OperatorConfig:
             raise ValueError("LORAPLEX_*_CONCURRENCY must be >= 1")
         if cfg.push_batch_size < 1 or cfg.push_batch_bytes < 1:
             raise ValueError("LORAPLEX_PUSH_BATCH_SIZE and LORAPLEX_PUSH_BATCH_BYTES must be >= 1")
+        if cfg.catalog_refresh_interval <= 0 or cfg.catalog_rate <= 0 or cfg.catalog_burst < 1:
+            raise ValueError("LORAPLEX_CATALOG_REFRESH_INTERVAL and LORAPLEX_CATALOG_RATE must be > 0, "
+                             "LORAPLEX_CATALOG_BURST >= 1")
         return cfg
 
 
@@ -74,3 +84,41 @@ def catalog_url_from_env() -> str | None:
     get no --adapter-catalog-url (an unplaced pod then answers 404 for adapters it was not given)."""
     url = os.environ.get("LORAPLEX_CATALOG_URL", "").strip().rstrip("/")
     return url or None
+
+
+# The namespaces the operator watches, set by `loraplex-operator` (cli.main) from its command line
+# before kopf starts; None: all of them.
+WATCHED_NAMESPACES: tuple[str, ...] | None = None
+
+
+def watch_namespaces(argv: list[str]) -> tuple[str, ...] | None:
+    """The namespaces kopf watches, from its command line (`--namespace X`, `--namespace=X`,
+    `-n X`, repeated); None for all of them (`-A`, no flag, or a glob/negation pattern, which
+    only a cluster-wide read can follow). The adapter catalog lists bases there (catalog_auth.py)."""
+    names: list[str] = []
+    args = iter(argv)
+    for a in args:
+        if a in ("-A", "--all-namespaces"):
+            return None
+        if a in ("-n", "--namespace"):
+            names.append(next(args, ""))
+        elif a.startswith("--namespace="):
+            names.append(a.split("=", 1)[1])
+        elif a.startswith("-n") and not a.startswith("--"):
+            names.append(a[2:])
+    if not names or any(not n or n.startswith("!") or re.search(r"[*?\[]", n) for n in names):
+        return None
+    return tuple(dict.fromkeys(names))
+
+
+DEFAULT_ENGINE_IMAGE_PREFIXES = ("ghcr.io/loraplex/",)
+
+
+def engine_image_prefixes_from_env() -> tuple[str, ...]:
+    """Where BaseModelDeployment engine images may come from (LORAPLEX_ENGINE_IMAGE_PREFIXES,
+    comma-separated; the chart sets it from engineImages.allowedPrefixes). Default: the
+    project's own repository. See podpolicy.check_image."""
+    raw = os.environ.get("LORAPLEX_ENGINE_IMAGE_PREFIXES")
+    if raw is None:
+        return DEFAULT_ENGINE_IMAGE_PREFIXES
+    return tuple(p.strip() for p in raw.split(",") if p.strip())

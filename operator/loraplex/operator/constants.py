@@ -35,6 +35,11 @@ MANIFEST_KEY = "adapters.json"
 MANIFEST_DIR = "/etc/loraplex/adapters"
 MANIFEST_PATH = f"{MANIFEST_DIR}/{MANIFEST_KEY}"
 CACHE_DIR = "/var/cache/loraplex"
+# The disk tier of Hub/S3 adapter downloads: its own emptyDir, bounded by the engine's
+# --adapter-disk-bytes (spec.engine.adapterDiskBytes) and a sizeLimit a quarter above it (a
+# download lands before the tier evicts the least recently used ones).
+ADAPTER_CACHE_DIR = f"{CACHE_DIR}/adapters"
+DEFAULT_ADAPTER_DISK_BYTES = 10 * 2**30
 ADMIN_TOKEN_DIR = "/etc/loraplex/admin"
 ADMIN_TOKEN_PATH = f"{ADMIN_TOKEN_DIR}/token"
 # /dev/shm for a tensor-parallel pod: a cap (NCCL buffers use a few hundred MiB), not a reservation.

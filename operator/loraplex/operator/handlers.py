@@ -29,7 +29,9 @@ from . import catalog
 from . import constants as C
 from . import lease
 from . import metrics
+from . import podpolicy
 from . import reconcile as R
+from . import render
 from . import status as S
 from .config import OperatorConfig
 from . import kube
@@ -226,20 +228,30 @@ async def base_changed(event: Mapping, namespace: str, name: str, memo: kopf.Mem
 
 # --- BaseModelDeployment -----------------------------------------------------------------------
 
-@kopf.on.create(**BMD)
-@kopf.on.update(**BMD)
+def _allowed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
+    """Whether the pod policy (podpolicy.py) accepts the base: a refused one gets no object
+    applied by these handlers; its loop (reconcile_base) reports it, phase Failed."""
+    try:
+        render.check_spec(plain(body.get("spec")), runtime(memo).engine_images)
+        return True
+    except podpolicy.PolicyViolation:
+        return False
+
+
+@kopf.on.create(**BMD, when=_allowed)
+@kopf.on.update(**BMD, when=_allowed)
 async def apply_deployment(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await R.ensure_deployment(runtime(memo), plain(body))
 
 
-@kopf.on.create(**BMD)
-@kopf.on.update(**BMD)
+@kopf.on.create(**BMD, when=_allowed)
+@kopf.on.update(**BMD, when=_allowed)
 async def apply_service(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await R.ensure_service(runtime(memo), plain(body))
 
 
-@kopf.on.create(**BMD)
-@kopf.on.update(**BMD)
+@kopf.on.create(**BMD, when=_allowed)
+@kopf.on.update(**BMD, when=_allowed)
 async def apply_ingress(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     try:
         await R.ensure_ingress(runtime(memo), plain(body))

@@ -178,7 +178,8 @@ async def ensure_deployment(rt: Runtime, base: dict) -> str:
     async with rt.lock(("deployment", meta["namespace"], meta["name"])):
         live = await rt.kube.get(ref)
         if not spec["autoscaling"]["enabled"]:
-            desired = render.render_deployment(base, render.deployment_replicas(spec, None), rt.catalog_url)
+            desired = render.render_deployment(base, render.deployment_replicas(spec, None), rt.catalog_url,
+                                               rt.engine_images)
             result = await apply.ensure(rt.kube, desired, live)
         else:
             # Under autoscaling the autoscaler owns the replica count: render it only to create
@@ -186,7 +187,7 @@ async def ensure_deployment(rt: Runtime, base: dict) -> str:
             observed = ((live or {}).get("spec") or {}).get("replicas")
             held = render.deployment_replicas(spec, observed)
             replicas = held if observed is not None and held != observed else None
-            desired = render.render_deployment(base, replicas, rt.catalog_url)
+            desired = render.render_deployment(base, replicas, rt.catalog_url, rt.engine_images)
             result = await apply.ensure(rt.kube, desired, live, on_create={"spec": {"replicas": held}},
                                         keep=frozenset({("spec", "replicas")}))
     await announce(rt, base, desired, result)
@@ -285,7 +286,8 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
             rt.owned_stale.discard((ns, name))
             render_error = None
             pool_condition = None
-            try:
+            try:  # a spec the pod policy refuses gets nothing applied, and phase Failed
+                render.check_spec(base.get("spec"), rt.engine_images)
                 await ensure_admin_secret(rt, base)
                 await ensure_configmap(rt, base, preload)
                 await ensure_deployment(rt, base)

@@ -7,12 +7,15 @@ garbage collector remove the Deployment, Service, Ingress and the adapters Confi
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from loraplex.manifest import AdapterManifest, dump_manifest_list
 
 from . import constants as C
 from .adapters import admin_token_ref
+from .config import DEFAULT_ENGINE_IMAGE_PREFIXES
+from .podpolicy import check_engine, container_security_context, pod_security_context
 
 # The defaults, mirrored from the CRD's OpenAPI `default:` values (a unit test keeps the two
 # equal). They are applied here too because the operator must behave the same when the API
@@ -23,6 +26,7 @@ BMD_DEFAULTS: dict[str, Any] = {
         "image": C.DEFAULT_ENGINE_IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "port": C.DEFAULT_ENGINE_PORT,
+        "adapterDiskBytes": C.DEFAULT_ADAPTER_DISK_BYTES,
     },
     "replicas": 1,
     "autoscaling": {
@@ -132,7 +136,7 @@ def engine_args(spec: dict, catalog: str | None = None) -> list[str]:
         if engine.get(key) is not None:
             args += [flag, str(engine[key])]
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
-             "--adapter-cache-dir", f"{C.CACHE_DIR}/adapters"]
+             "--adapter-cache-dir", C.ADAPTER_CACHE_DIR, "--adapter-disk-bytes", str(int(engine["adapterDiskBytes"]))]
     args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]  # always: the admin routes are never open
     if catalog:
         # Unplaced adapters load just in time with their own manifest (tenants, sha256, source);
@@ -143,17 +147,34 @@ def engine_args(spec: dict, catalog: str | None = None) -> list[str]:
 
 
 def _engine_env(engine: dict) -> list[dict]:
-    env = [{"name": "HF_HOME", "value": f"{C.CACHE_DIR}/hf"}]
+    # The root file system is read-only: every cache goes to the cache emptyDir.
+    env = [{"name": "HF_HOME", "value": f"{C.CACHE_DIR}/hf"},
+           {"name": "TRITON_CACHE_DIR", "value": f"{C.CACHE_DIR}/triton"},
+           {"name": "XDG_CACHE_HOME", "value": f"{C.CACHE_DIR}/xdg"}]
     user = list(engine.get("env") or [])
     names = {e.get("name") for e in user}
     return [e for e in env if e["name"] not in names] + user
 
 
-def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | None = None) -> dict:
-    """The engine Deployment. `replicas=None` leaves the replica count out (the autoscaler owns
-    it); the caller then sets it only when creating. `catalog_base_url`: the operator's catalog
-    (LORAPLEX_CATALOG_URL), rendered as the engines' --adapter-catalog-url."""
+def check_spec(spec: dict | None, image_prefixes: tuple[str, ...] = DEFAULT_ENGINE_IMAGE_PREFIXES) -> None:
+    """Raise podpolicy.PolicyViolation when the base's engine pod would not be allowed."""
+    check_engine(with_defaults(spec), image_prefixes)
+
+
+def adapter_cache_size(engine: dict) -> str:
+    """The sizeLimit of the adapter downloads' emptyDir: the disk budget and a quarter more."""
+    return f"{math.ceil(int(engine['adapterDiskBytes']) * 1.25 / 2**20)}Mi"
+
+
+def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | None = None,
+                      image_prefixes: tuple[str, ...] = DEFAULT_ENGINE_IMAGE_PREFIXES) -> dict:
+    """The engine Deployment, hardened (podpolicy.py). `replicas=None` leaves the replica count
+    out (the autoscaler owns it); the caller then sets it only when creating. `catalog_base_url`:
+    the operator's catalog (LORAPLEX_CATALOG_URL), rendered as the engines' --adapter-catalog-url.
+    Raises podpolicy.PolicyViolation for an image or a volume `image_prefixes` and the policy
+    do not allow."""
     name = bmd["metadata"]["name"]
+    check_spec(bmd.get("spec"), image_prefixes)
     spec = with_defaults(bmd.get("spec"))
     engine = spec["engine"]
     port = int(engine["port"])
@@ -173,16 +194,23 @@ def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | N
         "startupProbe": {"httpGet": http_get("/health"), "periodSeconds": 10, "failureThreshold": 180},
         "livenessProbe": {"httpGet": http_get("/health"), "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {"httpGet": http_get("/ready"), "periodSeconds": 5, "failureThreshold": 3},
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "adapters-manifest", "mountPath": C.MANIFEST_DIR, "readOnly": True},
-            {"name": "cache", "mountPath": C.CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": C.CACHE_DIR},  # the model (HF_HOME) and compiler caches
+            {"name": "adapter-cache", "mountPath": C.ADAPTER_CACHE_DIR},
         ] + list(engine.get("volumeMounts") or []),
     }
     pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # the engine never calls the Kubernetes API
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
             {"name": "adapters-manifest", "configMap": {"name": C.configmap_name(name)}},
+            {"name": "tmp", "emptyDir": {}},
             {"name": "cache", "emptyDir": {}},
+            {"name": "adapter-cache", "emptyDir": {"sizeLimit": adapter_cache_size(engine)}},
         ] + list(engine.get("volumes") or []),
     }
     # The admin routes (adapter pushes) need this token; the operator reads the same Secret.

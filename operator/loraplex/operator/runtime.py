@@ -11,7 +11,7 @@ import time
 from typing import Any, Hashable, Iterable
 
 from .fleet import PodMemory, PodRecord
-from .config import OperatorConfig, catalog_url_from_env
+from .config import OperatorConfig, catalog_url_from_env, engine_image_prefixes_from_env
 from .engine_client import EngineClient
 from .kube import KubeClient, Ref
 
@@ -56,6 +56,7 @@ class Runtime:
     def __init__(self, config: OperatorConfig):
         self.config = config
         self.catalog_url = catalog_url_from_env()  # rendered into the engines (render.engine_args)
+        self.engine_images = engine_image_prefixes_from_env()  # allowed engine images (podpolicy.py)
         self._kube: KubeClient | None = None
         self._old_kubes: list[KubeClient] = []
         self.engine = EngineClient(timeout=config.engine_timeout, connect_timeout=config.engine_connect_timeout,
