@@ -156,16 +156,16 @@ def test_merges_have_their_own_budget_and_never_starve_other_adapters(iso_server
         r = wait_until(lambda: (lambda x: x if x.status_code == 200 else None)(merge_request(iso_server, 0.8)),
                        timeout=60, what="the fourth merge once older ones are no longer in use", interval=1.0)
     assert r.status_code == 200, r.text
+    # An adapter nobody loaded yet still loads and serves at once (it hung here before).
+    t0 = time.monotonic()
+    assert generate(iso_server, KEY_A, adapter_id="cold").status_code == 200
+    print(f"cold adapter after four merges: {time.monotonic() - t0:.2f} s")
     merged = [a for a in adapters_listed(iso_server) if a["name"].startswith("merged-")]
     assert len(merged) == 3, [a["name"] for a in merged]
     samples = scrape(iso_server)
     assert metric(samples, "loraplex_adapter_budget_bytes", tier="merged") == iso_server.budget
     assert 0 < metric(samples, "loraplex_adapter_bytes", tier="merged") <= iso_server.budget
     assert metric(samples, "loraplex_adapter_bytes", tier="host") <= iso_server.budget
-    # An adapter nobody loaded yet still loads and serves at once (it hung here before).
-    t0 = time.monotonic()
-    assert generate(iso_server, KEY_A, adapter_id="cold").status_code == 200
-    print(f"cold adapter after four merges: {time.monotonic() - t0:.2f} s")
 
 
 def test_a_request_whose_adapter_does_not_load_ends_with_503_and_is_counted(iso_server, slow_s3):

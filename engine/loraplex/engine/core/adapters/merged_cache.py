@@ -23,7 +23,7 @@ from loraplex.engine.core.adapters.registry import AdapterEntry
 from loraplex.engine.core.errors import RequestError
 
 MAX_MERGED = 16  # merged adapters kept, whatever their size
-IN_USE_GRACE_SECONDS = 10.0  # a merge just made or found: its request is on its way to the queue
+IN_USE_GRACE_SECONDS = 5.0  # a merge just made or found: its request is on its way to the queue
 
 
 class MergeCapacityError(RequestError):
