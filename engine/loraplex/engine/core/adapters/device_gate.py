@@ -45,9 +45,11 @@ class DeviceGate:
             return entry is not None and entry.slot is None and entry.weights is not None
 
     def load_overdue(self, seq, now: float) -> bool:
-        """seq has waited --adapter-wait-timeout-seconds since it arrived and its adapter is still
-        not loaded (not in RAM, not in a slot): the step loop ends it instead of letting it hang."""
-        if seq.adapter is None or now - seq.arrival_time < self.config.adapter_wait_timeout_seconds:
+        """seq has not started, has waited --adapter-wait-timeout-seconds since it arrived, and its
+        adapter is still not loaded (not in RAM, not in a slot): the step loop ends it instead of
+        letting it hang. A preempted sequence (it has streamed output already) is never ended so."""
+        if seq.adapter is None or seq.first_scheduled_time is not None \
+                or now - seq.arrival_time < self.config.adapter_wait_timeout_seconds:
             return False
         with self.lock:
             entry = self.registry.get(seq.adapter)

@@ -1,4 +1,4 @@
-"""The adapter manager: the registry and its three tiers behind one lock.
+"""The adapter manager: the registry and its tiers behind one lock.
 
 - registry.py: names -> entries (registered, or dynamic: resolved by name on first use)
 - dynamic_names.py (a mixin): unregistered names, just in time, through resolver.py and
