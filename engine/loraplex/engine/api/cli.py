@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adapter-host-bytes", type=_bytes, default=e["adapter_host_bytes"], help="host-RAM tier budget")
     a.add_argument("--adapter-disk-bytes", type=_bytes, default=None,
                    help="disk tier budget for Hub/S3 downloads under --adapter-cache-dir (default: unbounded)")
+    a.add_argument("--adapter-merged-bytes", type=_bytes, default=e["adapter_merged_bytes"],
+                   help="RAM for merged adapters (LoRAX merged_adapters), beside --adapter-host-bytes")
+    a.add_argument("--max-concurrent-merges", type=_positive_int, default=e["max_concurrent_merges"],
+                   help="merged_adapters built at once; more are answered 429 with Retry-After")
+    a.add_argument("--adapter-wait-timeout-seconds", type=_positive_float, default=e["adapter_wait_timeout_seconds"],
+                   help="a request whose adapter is still not loaded this long after it arrived gets 503")
     a.add_argument("--adapter-fairness-seconds", type=_non_negative_float, default=e["adapter_fairness_seconds"],
                    help="a request that waited this long for a device slot gets the next one that frees")
     a.add_argument("--max-lora-rank", type=_positive_int, default=e["max_lora_rank"])
@@ -167,6 +173,8 @@ def configs_from_args(args: argparse.Namespace):
         adapter_catalog_ttl_seconds=args.adapter_catalog_ttl_seconds, adapter_device_bytes=args.adapter_device_bytes,
         adapter_memory_fraction=args.adapter_memory_fraction, adapter_host_bytes=args.adapter_host_bytes,
         adapter_disk_bytes=args.adapter_disk_bytes, adapter_fairness_seconds=args.adapter_fairness_seconds,
+        adapter_merged_bytes=args.adapter_merged_bytes, max_concurrent_merges=args.max_concurrent_merges,
+        adapter_wait_timeout_seconds=args.adapter_wait_timeout_seconds,
         preload_adapters=[n.strip() for n in args.preload_adapters.split(",") if n.strip()],
         num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, tensor_parallel_timeout=args.tensor_parallel_timeout,

@@ -25,7 +25,7 @@ from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
 from loraplex.engine.api.structured import compile_grammar, lorax_spec
 from loraplex.engine.api.serving import (ServerState, adapter_name_for, collect, count_prompt_tokens, get_state, make_sequences,
                                   merge_streams, off_loop, output_error, resolve_dynamic, resolve_model, sse, sse_response, token_text,
-                                  until_disconnect)
+                                  until_disconnect, wait_for_adapter)
 from loraplex.engine.core.adapters.merge import MergeSpec, ensure_merged
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -104,7 +104,8 @@ class LoraxRun:
                 raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
                                    param="merged_adapters.ids")
             Authenticator.check_adapter(principal, manifest)
-        return await asyncio.to_thread(ensure_merged, mgr, spec)
+        return await wait_for_adapter(self.state, asyncio.to_thread(ensure_merged, mgr, spec), spec.name,
+                                      param="merged_adapters")
 
     @property
     def tokenizer(self):
@@ -208,7 +209,7 @@ class LoraxRun:
                     self.timer.tokens(len(out.new_token_ids))
                     generated = out.completion_tokens
                     if out.finished and (out.finish_reason == "abort" or out.error):
-                        raise output_error(self.state, self.target.adapter, out.error)
+                        raise output_error(self.state, self.target.adapter, out.error, out.error_code)
                     text += out.new_text
                     ids = out.new_token_ids
                     for j, token_id in enumerate(ids):

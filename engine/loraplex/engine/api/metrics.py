@@ -43,6 +43,7 @@ class _EngineCollector:
         evictions: dict = {}
         tier_bytes: dict = {}
         lookups, negative = 0, 0
+        adapter_waits = {"load": 0, "slot": 0}
         catalog: dict[str, int] | None = None
         if async_engine is not None:
             engine = async_engine.engine
@@ -50,6 +51,7 @@ class _EngineCollector:
             mgr = engine.adapters
             tiers = mgr.tier_counts()
             tier_bytes = mgr.tier_bytes()
+            adapter_waits = mgr.waiting_counts()
             with mgr.lock:
                 loads = dict(mgr.counters.loads)
                 evictions = dict(mgr.counters.evictions)
@@ -63,6 +65,12 @@ class _EngineCollector:
                                 value=stats["num_requests_waiting"])
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1)",
                                 value=stats["kv_cache_usage_ratio"])
+        g = GaugeMetricFamily(PREFIX + "num_requests_waiting_for_adapter", "Queued sequences whose adapter is not "
+                              "on the device yet, by reason: load (not loaded yet), slot (loaded, no free slot)",
+                              labels=["reason"])
+        for reason, n in sorted(adapter_waits.items()):
+            g.add_metric([reason], n)
+        yield g
         g = GaugeMetricFamily(PREFIX + "adapters", "Registered adapters by tier (state)", labels=["tier"])
         for tier, n in sorted(tiers.items()):
             g.add_metric([tier], n)

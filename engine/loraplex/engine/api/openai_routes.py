@@ -214,7 +214,7 @@ class _Run:
                     self.timer.tokens(len(out.new_token_ids))
                     completion[i] = out.completion_tokens
                     if out.finished and (out.finish_reason == "abort" or out.error):
-                        raise output_error(self.state, self.target.adapter, out.error)
+                        raise output_error(self.state, self.target.adapter, out.error, out.error_code)
                     choice = self.chunk_choices(i, out, not started[i])
                     started[i] = True
                     if choice is not None:

@@ -223,7 +223,7 @@ class ResponsesRun:
                     chat.timer.tokens(len(out.new_token_ids))
                     chat.timer.completion_tokens = out.completion_tokens
                     if out.finished and (out.finish_reason == "abort" or out.error):
-                        raise output_error(self.state, chat.target.adapter, out.error)
+                        raise output_error(self.state, chat.target.adapter, out.error, out.error_code)
                     text, calls = chat.stream_text(0, out)
                     if text:
                         if message is None:

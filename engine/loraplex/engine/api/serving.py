@@ -21,7 +21,7 @@ from loraplex.engine.api.metrics import Metrics, RequestTimer
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.core.adapters.sources import registry_name
 from loraplex.engine.core.async_engine import AsyncEngine
-from loraplex.engine.core.errors import RequestError, UnknownAdapterError
+from loraplex.engine.core.errors import AdapterLoadTimeoutError, RequestError, UnknownAdapterError
 from loraplex.engine.core.sequence import RequestOutput, Sequence, TokenLogprob
 
 log = logging.getLogger("loraplex.engine.api")
@@ -95,13 +95,25 @@ async def resolve_dynamic(state: ServerState, request: Request, model: str | Non
         if mgr.dynamic == "admin" and not state.auth.may_register(principal):
             raise APIError(404, f"the model {model!r} does not exist (loading adapters by name needs the admin "
                            "token on this server)", code="model_not_found", param=param)
-        await asyncio.wrap_future(mgr.resolve(model))
+        await wait_for_adapter(state, asyncio.wrap_future(mgr.resolve(model)), model)
     except (APIError, RequestError) as exc:
         err = as_api_error(exc)
         if err.param == "model":
             err.param = param
         timer.finish(err.status)
         raise err from None
+
+
+async def wait_for_adapter(state: ServerState, work, what: str, param: str = "model"):
+    """Await an adapter's resolution or merge for at most --adapter-wait-timeout-seconds, then
+    503 `adapter_load_timeout` (with Retry-After). The work itself goes on (shielded): other
+    requests for the same name share it, and a retry finds it done."""
+    timeout = state.require_engine().engine.config.adapter_wait_timeout_seconds
+    try:
+        return await asyncio.wait_for(asyncio.shield(work), timeout)
+    except asyncio.TimeoutError:
+        raise AdapterLoadTimeoutError(f"adapter {what!r} was not ready within {timeout:g} s "
+                                      "(--adapter-wait-timeout-seconds); retry later", param=param) from None
 
 
 def adapter_name_for(adapter_id: str) -> str:
@@ -197,6 +209,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_code: str | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids += out.new_token_ids
@@ -208,10 +221,13 @@ class ChoiceResult:
         self.completion_tokens = out.completion_tokens
         if out.finished:
             self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+            self.error_code = out.error_code
 
 
-def output_error(state: ServerState, adapter: str | None, error: str | None) -> APIError:
-    """The error for a request the engine aborted (RequestOutput.error set)."""
+def output_error(state: ServerState, adapter: str | None, error: str | None, code: str | None = None) -> APIError:
+    """The error for a request the engine aborted (RequestOutput.error set; `code` its error_code)."""
+    if code == AdapterLoadTimeoutError.code:
+        return APIError.from_request_error(AdapterLoadTimeoutError(error or "adapter load timed out", param="model"))
     engine = state.engine
     if adapter is not None and engine is not None and engine.engine.adapters.failure(adapter) is not None:
         return APIError(424, error or f"adapter {adapter!r} failed to load", code="adapter_failed", param="model")
@@ -235,7 +251,7 @@ async def collect(state: ServerState, seqs: list[Sequence], timer: RequestTimer,
     timer.completion_tokens = sum(r.completion_tokens for r in results)
     for r in results:
         if r.finish_reason == "abort" or r.error:
-            raise output_error(state, adapter, r.error)
+            raise output_error(state, adapter, r.error, r.error_code)
     return results
 
 

@@ -50,6 +50,11 @@ class EngineConfig:
     max_cpu_adapters: int = 64  # host-RAM copies (a cap beside the byte budget)
     adapter_host_bytes: int = 4 << 30  # host tier budget
     adapter_disk_bytes: int | None = None  # disk tier budget for Hub/S3 downloads (None: unbounded)
+    adapter_merged_bytes: int = 1 << 30  # RAM for merged adapters (merged_cache.py), beside the host tier
+    max_concurrent_merges: int = 2  # merged_adapters built at once; more get 429 with Retry-After
+    # A request whose adapter is still not loaded (in RAM or a slot) this long after it arrived
+    # ends with 503 adapter_load_timeout instead of waiting on.
+    adapter_wait_timeout_seconds: float = 60.0
     adapter_fairness_seconds: float = 0.0  # a request starved of a slot this long stops others taking slots
     max_lora_rank: int = 64
     preload_adapters: list[str] = field(default_factory=list)

@@ -43,6 +43,14 @@ class AdapterUnavailableError(RequestError):
     code = "adapter_failed"
 
 
+class AdapterLoadTimeoutError(RequestError):
+    """The adapter was not loaded within --adapter-wait-timeout-seconds of the request's arrival."""
+
+    status = 503
+    code = "adapter_load_timeout"
+    retry_after = 5
+
+
 class QueueFullError(RequestError):
     status = 429
     code = "queue_full"

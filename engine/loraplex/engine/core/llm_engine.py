@@ -27,7 +27,7 @@ from loraplex.engine.core.adapters.device_slots import DeviceSlots, num_slots
 from loraplex.engine.core.adapters.manager import AdapterManager
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
-from loraplex.engine.core.errors import PromptTooLongError, QueueFullError, RequestError
+from loraplex.engine.core.errors import AdapterLoadTimeoutError, PromptTooLongError, QueueFullError, RequestError
 from loraplex.engine.core.model_runner import ModelRunner, profile_kv_blocks
 from loraplex.engine.core.output_processor import OutputProcessor
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -282,12 +282,19 @@ class LLMEngine:
         return outputs
 
     def _fail_waiting_on_failed_adapters(self) -> list[CoreOutput]:
-        """A waiting request whose adapter failed to load ends with that error instead of hanging."""
+        """A waiting request whose adapter failed to load ends with that error instead of hanging;
+        so does one whose adapter is still not loaded --adapter-wait-timeout-seconds after it came."""
         outputs = []
+        now = time.monotonic()
         for seq in list(self.scheduler.waiting):
             message = self.adapters.failure(seq.adapter) if seq.adapter else None
-            if message is not None:
+            if message is None and self.adapters.load_overdue(seq, now):
+                seq.error = (f"adapter {seq.adapter!r} was not loaded within {self.config.adapter_wait_timeout_seconds:g} "
+                             "s (--adapter-wait-timeout-seconds); retry later")
+                seq.error_code = AdapterLoadTimeoutError.code
+            elif message is not None:
                 seq.error = f"adapter {seq.adapter!r} failed to load: {message}"
+            if seq.error is not None:
                 seq.finish("abort")
                 self.scheduler.retire(seq)
                 self.requests.pop(seq.request_id, None)

@@ -50,10 +50,13 @@ class RequestState:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None
+        self.error_code: str | None = None
 
-    def finish(self, reason: str, stop_reason: str | int | None = None, error: str | None = None) -> None:
+    def finish(self, reason: str, stop_reason: str | int | None = None, error: str | None = None,
+               error_code: str | None = None) -> None:
         if not self.finished:
             self.finished, self.finish_reason, self.stop_reason, self.error = True, reason, stop_reason, error
+            self.error_code = error_code
 
     def add_tokens(self, token_ids: list[int], engine_stop: bool) -> int:
         """Append tokens' text, run transforms, check stop strings. Returns how many were taken
@@ -113,13 +116,14 @@ class RequestState:
             finished=self.finished, finish_reason=self.finish_reason,
             prompt_tokens=self.prompt_tokens, completion_tokens=len(self.token_ids),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, error=self.error, stop_reason=self.stop_reason,
+            error_code=self.error_code,
         )
 
     def update(self, core: CoreOutput) -> RequestOutput:
         taken = self.add_tokens(core.new_token_ids, engine_stop=core.finished and core.finish_reason == "stop")
         if core.finished and not self.finished:
             self.flush()
-            self.finish(core.finish_reason, core.stop_reason, core.error)
+            self.finish(core.finish_reason, core.stop_reason, core.error, core.error_code)
         return self.take_output(core.new_token_ids[:taken], core.logprobs[:taken], core.prompt_logprobs)
 
 

@@ -43,6 +43,7 @@ class RequestOutput:
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
     error: str | None = None  # set when the engine aborted the request on an internal error
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    error_code: str | None = None  # with `error`, when the abort has a RequestError code of its own
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CoreOutput:
     stop_reason: int | None = None  # the stop token id that ended it
     error: str | None = None
     prompt_logprobs: list[float | None] | None = None  # once, when the prompt is fully computed
+    error_code: str | None = None  # RequestError.code of the abort, when it has one (adapter_load_timeout)
 
 
 class Sequence:
@@ -81,6 +83,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None
+        self.error_code: str | None = None  # a RequestError code that says why it was aborted
         self.num_preemptions = 0
         # Timestamps (time.monotonic()) for tracing and latency metrics; None until it happens.
         self.arrival_time = time.monotonic()
@@ -153,4 +156,4 @@ class Sequence:
             prompt_lp, self.prompt_logprobs_sent = self.prompt_logprobs, True
         stop_token = self.stop_reason if isinstance(self.stop_reason, int) else None
         return CoreOutput(self.request_id, new_ids, logprobs, self.is_finished, self.finish_reason,
-                          stop_token, self.error, prompt_lp)
+                          stop_token, self.error, prompt_lp, self.error_code)

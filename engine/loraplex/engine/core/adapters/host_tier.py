@@ -1,10 +1,11 @@
 """The host-RAM tier: parsed, scaled adapter weights, bounded in bytes (and in count).
 
 An entry's host copy is *pinned* while it is loading into a slot soon: a request waits for it
-(`waiters`) and it has no slot yet, or it is a preload not yet placed; and always for a merged
-adapter (it has no file). Every other copy may be
+(`waiters`) and it has no slot yet, or it is a preload not yet placed. Every other copy may be
 dropped, least recently used first: an adapter that has a device slot keeps serving from the
-slot, and one that has neither goes back to disk (a later request reloads it).
+slot, and one that has neither goes back to disk (a later request reloads it). Merged adapters,
+which have no file to go back to, are not here: merged_cache.py holds them under a budget of
+their own, so that they can never pin this tier full.
 
 Every method runs under the manager's lock.
 """
@@ -16,8 +17,7 @@ from loraplex.engine.core.adapters.registry import AdapterEntry
 
 
 def pinned_in_host(entry: AdapterEntry) -> bool:
-    """A merged adapter has no file to reload from: its copy stays (merge.py caps how many)."""
-    return entry.merged or (entry.slot is None and (bool(entry.waiters) or entry.manifest.preload))
+    return entry.slot is None and (bool(entry.waiters) or entry.manifest.preload)
 
 
 class HostTier:

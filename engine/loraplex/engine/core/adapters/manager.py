@@ -1,12 +1,15 @@
-"""The adapter manager: the registry and its three tiers behind one lock.
+"""The adapter manager: the registry and its tiers behind one lock.
 
 - registry.py: names -> entries (registered, or dynamic: resolved by name on first use)
-- resolver.py + sources.DefaultSource: unregistered names, just in time, with a negative cache;
-  on an operator-managed engine catalog_source.CatalogSource takes the default source's place
+- dynamic_names.py (a mixin): unregistered names, just in time, through resolver.py and
+  sources.DefaultSource (on an operator-managed engine catalog_source.CatalogSource), one entry
+  per location, never around a registered adapter's tenants
+- device_gate.py (a mixin): the scheduler's gate: device slots, pins, what waits
 - loader.py: fetch (disk tier) + parse, on a thread pool, never on the step loop
 - host_tier.py: parsed weights in RAM, bounded in bytes, LRU
 - device_slots.py: the model's slot buffers, LRU, pinned by running sequences
 - disk_tier.py: Hub/S3 downloads, bounded in bytes, LRU
+- merged_cache.py: merged adapters (merge.py), RAM only, their own budget beside the host tier
 
 Loads start in request order (oldest first), at most --adapter-load-workers at a time, and only
 when the host tier has room for one more adapter after evicting unpinned copies; so host RAM
@@ -19,27 +22,28 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.engine.core.adapters.catalog_source import CatalogSource
 from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, AdapterWeights
+from loraplex.engine.core.adapters.device_gate import DeviceGate
 from loraplex.engine.core.adapters.device_slots import DeviceSlots
 from loraplex.engine.core.adapters.disk_tier import DiskTier
+from loraplex.engine.core.adapters.dynamic_names import DynamicNames, content
 from loraplex.engine.core.adapters.host_tier import HostTier
 from loraplex.engine.core.adapters.loader import AdapterLoader
+from loraplex.engine.core.adapters.merged_cache import MergedCache
 from loraplex.engine.core.adapters.registry import AdapterEntry, Registry
 from loraplex.engine.core.adapters.resolver import NameResolver, NegativeCache
 from loraplex.engine.core.adapters.sources import AdapterSourceError, DefaultSource, location_key
 from loraplex.engine.core.config import EngineConfig
-from loraplex.engine.core.errors import (AdapterUnavailableError, InvalidAdapterError, RequestError,
-                                         UnknownAdapterError)
+from loraplex.engine.core.errors import AdapterUnavailableError, InvalidAdapterError, RequestError, UnknownAdapterError
 from loraplex.engine.model.config import ModelConfig
 from loraplex.manifest import AdapterManifest, AdapterState
 
 log = logging.getLogger("loraplex.adapters")
-MAX_MERGED = 16  # merged adapters kept (their weights live only in RAM)
 
 
 @dataclass
@@ -57,17 +61,7 @@ class AdapterCounters:
         self.evictions[tier] = self.evictions.get(tier, 0) + 1
 
 
-def _content(m: AdapterManifest) -> tuple:
-    return (m.source, m.uri, m.revision, m.sha256)
-
-
-def _done(value) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
-
-
-class AdapterManager:
+class AdapterManager(DynamicNames, DeviceGate):
     def __init__(self, config: EngineConfig, model, model_config: ModelConfig, slots_factory=DeviceSlots):
         self.config = config
         self.model_config = model_config
@@ -102,7 +96,7 @@ class AdapterManager:
         self.resolver = NameResolver(locate, self._register_dynamic, config.max_concurrent_adapter_loads,
                                      NegativeCache(config.adapter_negative_cache_seconds,
                                                    config.adapter_negative_cache_size))
-        self.merged_lru: OrderedDict[str, None] = OrderedDict()  # merged adapters, oldest first
+        self.merged = MergedCache(config.adapter_merged_bytes, config.max_concurrent_merges)
         self.last_sweep = 0.0
 
     # ---- registry (any thread) ------------------------------------------------------------
@@ -122,11 +116,12 @@ class AdapterManager:
                         f"cannot preload {manifest.name!r}: {pinned} of {self.num_slots} device slots are held by "
                         "preloaded adapters and one must stay free for on-demand adapters; raise --max-active-adapters",
                         param="preload")
+            self._repoint_dynamic(key, manifest.name)  # these files are this adapter's (and its tenants') now
             if entry is not None and entry.dynamic and not entry.removed \
-                    and _content(entry.manifest) == _content(manifest):
+                    and content(entry.manifest) == content(manifest):
                 # Loaded just in time (the catalog), now registered here (placed): keep its weights.
                 self.registry.adopt(entry)
-            if entry is None or entry.removed or entry.dynamic or _content(entry.manifest) != _content(manifest):
+            if entry is None or entry.removed or entry.dynamic or content(entry.manifest) != content(manifest):
                 if entry is not None:
                     self._drop(entry)
                 entry = self.registry.add(manifest)
@@ -151,28 +146,34 @@ class AdapterManager:
             if entry is None:
                 return False
             self._drop(entry)
-            self.merged_lru.pop(name, None)
             return True
 
     def register_merged(self, name: str, weights: AdapterWeights, tenants: list[str]) -> None:
-        """Add a merged adapter (merge.py) whose host weights are given. It stays in RAM (pinned in
-        the host tier: there is no file to reload it from) until MAX_MERGED newer merges push it
+        """Add a merged adapter (merge.py) whose weights are given. It stays in RAM, in the merged
+        cache (merged_cache.py: its own budget, outside the host tier), until newer merges push it
         out; then it is unregistered (its slot frees when its last running request ends) and made
-        again on need."""
+        again on need. Raises MergeCapacityError (429) when the merges in use leave no room."""
         with self.lock:
-            if self.registry.get(name) is not None:
-                if name in self.merged_lru:
-                    self.merged_lru.move_to_end(name)
+            entry = self.registry.get(name)
+            if entry is not None:
+                self.merged.touch(entry)
                 return
+            for victim in self.merged.make_room(weights.nbytes):
+                self.unregister(victim.name)
             manifest = AdapterManifest(name=name, source="local", uri=f"merged/{name}", tenants=tenants)
             entry = self.registry.add(manifest)
             entry.merged = True
             self._set_weights(entry, weights)
-            self.host.add(entry)
-            self.merged_lru[name] = None
-            while len(self.merged_lru) > MAX_MERGED:
-                self.unregister(next(iter(self.merged_lru)))
-            self._evict_host()
+            self.merged.add(entry)
+
+    def use_merged(self, name: str) -> bool:
+        """True when the merge `name` is made already (it is marked used: kept a while for the request)."""
+        with self.lock:
+            entry = self.registry.get(name)
+            if entry is None or not entry.merged or entry.weights is None:
+                return False
+            self.merged.touch(entry)
+            return True
 
     def host_weights(self, name: str) -> AdapterWeights | None:
         """The adapter's weights if RAM holds them (merges read their sources through this)."""
@@ -183,6 +184,7 @@ class AdapterManager:
     def _drop(self, entry: AdapterEntry) -> None:
         """Forget an entry's weights; its slot frees now, or when its last running user leaves."""
         entry.removed = True
+        self.merged.drop(entry)
         self.host.drop(entry)
         self.pending_placement.discard(entry.name)
         self.load_queue.pop(entry.name, None)
@@ -191,19 +193,6 @@ class AdapterManager:
             del self.locations[entry.location]
         if entry.slot is not None and self.slots.pins[entry.slot] == 0:
             self.slots.free(entry.slot)
-
-    def _lookup(self, name: str) -> AdapterEntry | None:
-        """The entry serving `name`; None also for a catalog entry due for a new check (the
-        request then resolves it again, through the catalog)."""
-        entry = self.registry.get(name)
-        if entry is None and name in self.aliases:
-            entry = self.registry.get(self.aliases[name])
-            if entry is None:
-                del self.aliases[name]
-        if entry is not None and entry.catalog_checked_at is not None \
-                and time.monotonic() - entry.catalog_checked_at >= self.config.adapter_catalog_ttl_seconds:
-            return None
-        return entry
 
     def get(self, name: str) -> dict | None:
         with self.lock:
@@ -215,16 +204,6 @@ class AdapterManager:
         with self.lock:
             entries = sorted(self.registry.entries.items())
             return [e.summary() if compact else e.describe() for _, e in entries]
-
-    def manifest(self, name: str) -> AdapterManifest | None:
-        """The manifest serving `name`: a registered name, or a name resolved from the default source."""
-        with self.lock:
-            entry = self._lookup(name)
-            if entry is None:
-                return None
-            if entry.dynamic:  # a request is about to use it: keep it until that request is queued
-                entry.resolved_at = time.monotonic()
-            return entry.manifest
 
     def check_servable(self, name: str) -> None:
         with self.lock:
@@ -261,63 +240,11 @@ class AdapterManager:
         with self.lock:
             used_slots = sum(1 for o in self.slots.owner if o is not None)
             host = (self.host.bytes, self.host.budget_bytes)
+            merged = (self.merged.bytes, self.merged.budget_bytes)
         with self.disk.lock:
             disk = (self.disk.bytes, self.disk.budget_bytes)
-        return {"device": (used_slots * per_slot, self.num_slots * per_slot), "host": host, "disk": disk}
-
-    # ---- names from the default source (any thread) ----------------------------------------
-
-    def resolve(self, name: str) -> Future:
-        """A Future of the registry name serving `name`, resolving an unregistered name through
-        the default source. Its exception is a RequestError (400, 404, 422, 424)."""
-        with self.lock:
-            entry = self._lookup(name)
-            if entry is not None and not entry.removed:
-                self.registry.touch(entry)
-                entry.resolved_at = time.monotonic()
-                return _done(entry.name)
-        if self.dynamic == "off":
-            f: Future = Future()
-            f.set_exception(UnknownAdapterError(f"the model {name!r} does not exist", param="model"))
-            return f
-        return self.resolver.resolve(name)
-
-    def _register_dynamic(self, requested: str, manifest: AdapterManifest) -> str:
-        key = location_key(manifest, self.adapter_dir)
-        with self.lock:
-            # A catalog manifest is a LoraAdapter of its own: never served as another registered
-            # adapter that names the same files (that one's tenants are not this one's).
-            registered = self.locations.get(key) if self.catalog is None else None
-            if registered is not None and self.registry.get(registered) is not None:
-                name = registered  # the same files are registered: serve them under that entry (and its tenants)
-            else:
-                entry = self.registry.get(manifest.name)
-                if entry is None or entry.removed or _content(entry.manifest) != _content(manifest):
-                    if entry is not None and not entry.dynamic:
-                        raise UnknownAdapterError(f"the model {requested!r} does not exist (its name is taken by "
-                                                  f"a registered adapter)", param="model")
-                    if entry is not None:
-                        self._drop(entry)  # other files now (a new sha256 in the catalog): never the old weights
-                    entry = self.registry.add(manifest, dynamic=True)
-                    entry.source_name = requested
-                elif entry.dynamic:
-                    entry.manifest = manifest  # checked again in the catalog: its tenants may have changed
-                now = time.monotonic()
-                entry.resolved_at = now
-                if self.catalog is not None and entry.dynamic:
-                    entry.catalog_checked_at = now
-                if not manifest.tenants:
-                    # Start loading now: the request follows at once. A tenant-restricted adapter
-                    # waits for a request that passed its tenant check (`want`), so that a caller
-                    # without the key cannot make the pod load it.
-                    self._enqueue(entry)
-                name = entry.name
-            if requested != name:
-                self.aliases[requested] = name
-                self.aliases.move_to_end(requested)
-                while len(self.aliases) > 4 * self.registry.max_dynamic:
-                    self.aliases.popitem(last=False)
-            return name
+        return {"device": (used_slots * per_slot, self.num_slots * per_slot), "host": host, "merged": merged,
+                "disk": disk}
 
     # ---- loading (thread pool) ------------------------------------------------------------
 
@@ -414,103 +341,6 @@ class AdapterManager:
         if entry.message is not None and entry.source_name:
             self.resolver.forget(entry.source_name, InvalidAdapterError(
                 f"{entry.source_name!r} is not a servable LoRA adapter: {entry.message}", param="model"))
-
-    # ---- device slots (step thread only) --------------------------------------------------
-
-    def acquire(self, seq) -> bool:
-        """Give seq's adapter a device slot and pin it. False: not possible yet (still loading,
-        or every slot is pinned); the scheduler retries next step."""
-        if seq.adapter is None:
-            seq.lora_slot, seq.lora_rank = -1, 0
-            return True
-        with self.lock:
-            entry = self.registry.get(seq.adapter)
-            if entry is None or entry.removed:
-                return False
-            self.registry.touch(entry)
-            if entry.slot is None:
-                if entry.weights is None:
-                    self._enqueue(entry)
-                    return False
-                if not self._place(entry):
-                    return False
-            self.slots.pin(entry.slot)
-            self.host.touch(entry)
-            entry.waiters.discard(seq.request_id)
-            seq.lora_slot, seq.lora_rank = entry.slot, entry.rank
-            seq.adapter_digest = entry.digest
-            return True
-
-    def waiting_for_slot(self, seq) -> bool:
-        """seq's adapter is loaded, but no device slot can take it now (every one is pinned)."""
-        with self.lock:
-            entry = self.registry.get(seq.adapter) if seq.adapter else None
-            return entry is not None and entry.slot is None and entry.weights is not None
-
-    def holds_a_free_slot_hostage(self, seq) -> bool:
-        """Admitting seq would pin a slot that another adapter could otherwise get: true for any
-        adapter but a preload (preload slots are never given to others anyway)."""
-        if seq.adapter is None:
-            return False
-        with self.lock:
-            entry = self.registry.get(seq.adapter)
-            return entry is None or not entry.manifest.preload
-
-    def release(self, seq) -> None:
-        """seq gave its slot back: it finished or was aborted (its waiting mark goes too), or it
-        waits again (preempted, or admitted but then short of KV blocks: it is marked again)."""
-        with self.lock:
-            entry = self.registry.get(seq.adapter) if seq.adapter else None
-            if entry is not None:
-                if seq.is_finished:
-                    entry.waiters.discard(seq.request_id)
-                else:
-                    entry.waiters.add(seq.request_id)
-            if seq.lora_slot >= 0:
-                slot = seq.lora_slot
-                seq.lora_slot = -1
-                owner = self.slots.owner[slot]
-                if self.slots.unpin(slot) == 0 and owner is not None and owner.removed:
-                    self.slots.free(slot)
-            if entry is not None:
-                self._forget_if_done(entry)
-
-    def on_step(self) -> None:
-        """Start loads that waited for room; place loaded preload adapters; once a second, forget
-        dynamic entries that hold nothing (step thread)."""
-        with self.lock:
-            self._pump()
-            now = time.monotonic()
-            if now - self.last_sweep >= 1.0:
-                self.last_sweep = now
-                for entry in self.registry.sweep():
-                    self._remember_failure(entry)
-            for name in list(self.pending_placement):
-                entry = self.registry.get(name)
-                if entry is None or entry.weights is None or entry.slot is not None or self._place(entry):
-                    self.pending_placement.discard(name)
-
-    def _place(self, entry: AdapterEntry) -> bool:
-        taken = self.slots.take()
-        if taken is None:
-            return False
-        slot, evicted = taken
-        if evicted is not None:
-            self.counters.evict("device")
-            self._forget_if_done(evicted)
-        self.slots.write(slot, entry.weights)
-        self.slots.assign(slot, entry)
-        self.counters.load("device", "ok")
-        return True
-
-    def router_view(self) -> tuple[list[str], list[str]]:
-        """(adapters of running sequences, adapters of waiting sequences not yet admitted): what
-        vllm:lora_requests_info reports. Dynamic adapters go by the name requests use."""
-        with self.lock:
-            running = sorted(o.source_name or o.name for s, o in enumerate(self.slots.owner)
-                             if o is not None and self.slots.pins[s])
-            waiting = sorted(e.source_name or e.name for e in self.registry if e.waiters)
-            return running, waiting
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -146,29 +146,31 @@ def merged_tenants(tenant_lists: list[list[str]]) -> list[str]:
 def ensure_merged(manager, spec: MergeSpec) -> str:
     """Make (or find) the merge of spec in `manager`; returns its adapter name. Reads sources
     from RAM when held there, else from their files. Blocking: call it on a worker thread. The
-    caller has checked that every id exists and that the client may use it."""
+    caller has checked that every id exists and that the client may use it. At most
+    --max-concurrent-merges run at once (merged_cache.py): over it, MergeCapacityError (429)."""
     from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, load_adapter
     from loraplex.engine.core.adapters.sources import AdapterSourceError, fetch_adapter
     from loraplex.engine.core.errors import AdapterUnavailableError
 
     name = spec.name
-    if manager.host_weights(name) is not None:
+    if manager.use_merged(name):
         return name
-    sources, tenants = [], []
-    for adapter in spec.ids:
-        manifest = manager.manifest(adapter)
-        if manifest is None:
-            raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
-                               param="merged_adapters.ids")
-        tenants.append(manifest.tenants)
-        weights = manager.host_weights(adapter)
-        if weights is None:
-            try:
-                path = fetch_adapter(manifest, manager.adapter_dir, manager.cache_dir)
-                weights = load_adapter(path, manager.model_config, manager.config.max_lora_rank, manager.dtype)
-            except (AdapterFormatError, AdapterSourceError) as exc:
-                raise AdapterUnavailableError(f"merged_adapters: adapter {adapter!r} failed to load: {exc}",
-                                              param="merged_adapters.ids") from None
-        sources.append(weights)
-    manager.register_merged(name, merge_adapters(sources, spec, manager.dtype), merged_tenants(tenants))
+    with manager.merged.building():
+        sources, tenants = [], []
+        for adapter in spec.ids:
+            manifest = manager.manifest(adapter)
+            if manifest is None:
+                raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
+                                   param="merged_adapters.ids")
+            tenants.append(manifest.tenants)
+            weights = manager.host_weights(adapter)
+            if weights is None:
+                try:
+                    path = fetch_adapter(manifest, manager.adapter_dir, manager.cache_dir)
+                    weights = load_adapter(path, manager.model_config, manager.config.max_lora_rank, manager.dtype)
+                except (AdapterFormatError, AdapterSourceError) as exc:
+                    raise AdapterUnavailableError(f"merged_adapters: adapter {adapter!r} failed to load: {exc}",
+                                                  param="merged_adapters.ids") from None
+            sources.append(weights)
+        manager.register_merged(name, merge_adapters(sources, spec, manager.dtype), merged_tenants(tenants))
     return name

@@ -3,7 +3,9 @@
 An entry is either *registered* (a manifest, the admin API, --preload-adapters) or *dynamic*
 (a name resolved through the default source on first use). Dynamic entries are forgotten again
 once they hold nothing (no weights, no slot, no waiting request), so the registry stays bounded
-by the cache tiers, not by how many names clients try.
+by the cache tiers, not by how many names clients try. Dynamic entries are indexed by location
+(`dynamic_at`, sources.location_key: the resolved folder, S3 uri, Hub repo and revision), so every
+spelling of one folder (`x`, `./x`, `x/`, a symlink to it) shares one entry and one copy.
 
 Every method here runs under the manager's lock (the caller holds it).
 """
@@ -43,7 +45,8 @@ class AdapterEntry:
     load_seconds: float | None = None
     resolved_at: float = 0.0  # time.monotonic() of the last resolution of a dynamic name
     catalog_checked_at: float | None = None  # a dynamic entry from the operator's catalog: when fetched
-    location: tuple | None = None  # its key in the manager's `locations` (sources.location_key), if set
+    location: tuple | None = None  # where its files are (sources.location_key): the manager's `locations` key
+    # for a registered entry, the registry's `dynamic_at` key for a dynamic one
     _digest_of: AdapterManifest | None = field(default=None, repr=False)
     _manifest_digest: str = field(default="", repr=False)
 
@@ -99,14 +102,20 @@ class Registry:
     def __init__(self, max_dynamic: int):
         self.entries: dict[str, AdapterEntry] = {}
         self.dynamic_lru: OrderedDict[str, None] = OrderedDict()
+        self.dynamic_at: dict[tuple, str] = {}  # location -> the dynamic entry serving those files
         self.max_dynamic = max_dynamic
         self._generation = 0
 
     def get(self, name: str) -> AdapterEntry | None:
         return self.entries.get(name)
 
-    def add(self, manifest: AdapterManifest, dynamic: bool = False) -> AdapterEntry:
+    def add(self, manifest: AdapterManifest, dynamic: bool = False, location: tuple | None = None) -> AdapterEntry:
+        """A new entry under manifest.name (replacing any there). A dynamic one is indexed by
+        `location`, the key of the files it serves."""
         self._generation += 1
+        old = self.entries.get(manifest.name)
+        if old is not None:
+            self._unindex(old)
         entry = AdapterEntry(manifest=manifest, generation=self._generation, dynamic=dynamic)
         self.entries[manifest.name] = entry
         self.dynamic_lru.pop(manifest.name, None)
@@ -114,11 +123,25 @@ class Registry:
             entry.resolved_at = time.monotonic()
             self._trim_dynamic()
             self.dynamic_lru[manifest.name] = None
+            if location is not None:
+                entry.location = location
+                self.dynamic_at[location] = manifest.name
         return entry
+
+    def dynamic_serving(self, location: tuple) -> AdapterEntry | None:
+        """The dynamic entry that serves the files at `location`, if one does."""
+        name = self.dynamic_at.get(location)
+        entry = self.entries.get(name) if name is not None else None
+        return entry if entry is not None and entry.dynamic and not entry.removed else None
+
+    def _unindex(self, entry: AdapterEntry) -> None:
+        if entry.location is not None and self.dynamic_at.get(entry.location) == entry.name:
+            del self.dynamic_at[entry.location]
 
     def adopt(self, entry: AdapterEntry) -> None:
         """A dynamic entry becomes a registered one (the same files were registered under its
         name): kept as it is, weights and slot included, and no longer forgotten when idle."""
+        self._unindex(entry)
         entry.dynamic = False
         entry.source_name = None
         entry.catalog_checked_at = None
@@ -126,7 +149,10 @@ class Registry:
 
     def pop(self, name: str) -> AdapterEntry | None:
         self.dynamic_lru.pop(name, None)
-        return self.entries.pop(name, None)
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            self._unindex(entry)
+        return entry
 
     def touch(self, entry: AdapterEntry) -> None:
         if entry.dynamic and entry.name in self.dynamic_lru:
