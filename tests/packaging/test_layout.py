@@ -7,6 +7,7 @@ or a `pip install` gets, not what the source tree happens to allow.
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -138,7 +139,9 @@ def test_operator_image_python_path_holds_nothing_of_the_engine(operator_image_w
             "assert not found, found\n"
             "import operator; operator.itemgetter\n"
             "print('imported', len(" + repr(mods) + "))\n")
-    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # The fresh venv's own sys.path only: a PYTHONPATH of the caller's would add the source tree.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"imported {len(mods)}" in out.stdout
 
