@@ -58,7 +58,7 @@ class AdapterCounters:
 
 
 def _content(m: AdapterManifest) -> tuple:
-    return (m.source, m.uri, m.revision, m.sha256)
+    return (m.source, m.uri, m.revision, m.sha256, m.config_sha256)
 
 
 def _done(value) -> Future:
