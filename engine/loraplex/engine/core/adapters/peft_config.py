@@ -24,7 +24,7 @@ from pathlib import Path
 MAX_PATTERN_KEYS = 4096  # per pattern dict: one key per module of a 126-layer model is 882
 MAX_PATTERN_KEY_LENGTH = 256
 MAX_ALPHA = 1e6  # PEFT's alphas are small (r or 2r); any larger one is a mistake or an attack
-KEY_SYNTAX = re.compile(r"^\^?(?:[A-Za-z0-9_-]|\\\.|\.)+\$?$")
+KEY_SYNTAX = re.compile(r"\^?(?:[A-Za-z0-9_-]|\\\.|\.)+\$?")  # fullmatch: a '$' of re would allow a "\n"
 
 
 class AdapterFormatError(ValueError):
@@ -39,7 +39,7 @@ class _Key:
 
 
 def _compile_key(field: str, key) -> _Key:
-    if not isinstance(key, str) or len(key) > MAX_PATTERN_KEY_LENGTH or not KEY_SYNTAX.match(key):
+    if not isinstance(key, str) or len(key) > MAX_PATTERN_KEY_LENGTH or not KEY_SYNTAX.fullmatch(key):
         raise AdapterFormatError(
             f"{field} key {str(key)[:80]!r} is not a module name: keys may hold letters, digits, '_', '-', "
             "'.' and '\\.', with an optional leading '^' (a module name or a dotted suffix of one, "
