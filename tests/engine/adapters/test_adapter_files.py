@@ -175,3 +175,11 @@ def test_the_disk_tier_never_deletes_outside_its_root(tmp_path):
     disk.budget_bytes = 0
     disk._evict()
     assert (outside / "keep.txt").exists() and link not in disk.lru
+
+
+def test_an_s3_prefix_flag_that_walks_up_stops_the_engine_at_start():
+    from loraplex.engine.core.adapters.sources import DefaultSource
+
+    assert DefaultSource("s3", None, None, "s3://bucket/lib").s3_prefix == "s3://bucket/lib/"
+    with pytest.raises(ValueError, match="--adapter-s3-prefix .* '..' path segment"):
+        DefaultSource("s3", None, None, "s3://bucket/../x/")

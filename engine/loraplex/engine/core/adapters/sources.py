@@ -16,6 +16,8 @@ import re
 import uuid
 from pathlib import Path, PurePosixPath
 
+from pydantic import ValidationError
+
 from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, check_checkpoint_folder
 from loraplex.engine.core.errors import AdapterPathError, InvalidAdapterError, UnknownAdapterError
 from loraplex.manifest import DNS1123_LABEL, HUB_REPO, AdapterManifest
@@ -204,6 +206,11 @@ class DefaultSource:
         self.adapter_dir = adapter_dir
         self.cache_dir = cache_dir
         self.s3_prefix = s3_prefix.rstrip("/") + "/" if s3_prefix else None
+        if self.s3_prefix:  # checked once here, as a manifest's uri is: every name goes below it
+            try:
+                AdapterManifest(name="prefix", source="s3", uri=self.s3_prefix + "x")
+            except ValidationError as exc:
+                raise ValueError(f"--adapter-s3-prefix {s3_prefix!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
     @property
     def usable(self) -> bool:
