@@ -2,6 +2,15 @@
 
 This module must stay light (pydantic and the standard library only): the operator imports it
 and its install carries no torch.
+
+Digests: `sha256` is the sha256 of adapter_model.safetensors and `config_sha256` that of
+adapter_config.json, the only two files the engine reads from an adapter. Each is verified on the
+bytes the engine parses; pin both to pin the adapter (the config sets ranks, alphas and patterns).
+
+Paths: a uri (a local path, an S3 key prefix) and a Hub revision are joined under a root by the
+engine, so they may hold no '.', '..' or empty segments, no backslash, no '%' (no
+percent-encoding) and no control character (`path_problem`). The engine checks every path again
+after resolving it (symlinks included) before it reads, writes or deletes anything.
 """
 from __future__ import annotations
 
@@ -18,6 +27,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+BAD_PATH_CHARS = re.compile(r"[\\%\x00-\x1f\x7f]")
+
+
+def path_problem(path: str, absolute_ok: bool = False) -> str | None:
+    """Why `path`, joined under a root, could lead somewhere other than below it; None if it
+    cannot. One trailing '/' is allowed, a leading one only when absolute_ok."""
+    bad = BAD_PATH_CHARS.search(path)
+    if bad:
+        return f"it holds {bad.group()!r} (no backslash, '%' or control character)"
+    parts = path.split("/")
+    if absolute_ok and path.startswith("/"):
+        parts = parts[1:]
+    if len(parts) > 1 and parts[-1] == "":
+        parts = parts[:-1]
+    if any(p in ("", ".", "..") for p in parts):
+        return "it has an empty, '.' or '..' path segment"
+    return None
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -40,7 +66,8 @@ class AdapterManifest(BaseModel):
     source: Literal["local", "hub", "s3"] = "local"
     uri: str = Field(min_length=1)
     revision: str | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # of adapter_model.safetensors
+    config_sha256: str | None = None  # of adapter_config.json
     preload: bool = False
     tenants: list[str] = Field(default_factory=list)
 
@@ -54,11 +81,11 @@ class AdapterManifest(BaseModel):
             )
         return v
 
-    @field_validator("sha256")
+    @field_validator("sha256", "config_sha256")
     @classmethod
-    def _sha256_is_hex(cls, v: str | None) -> str | None:
+    def _sha256_is_hex(cls, v: str | None, info) -> str | None:
         if v is not None and not SHA256_HEX.match(v.lower()):
-            raise ValueError("sha256 must be 64 hexadecimal characters")
+            raise ValueError(f"{info.field_name} must be 64 hexadecimal characters")
         return v.lower() if v else v
 
     @field_validator("tenants")
@@ -77,6 +104,12 @@ class AdapterManifest(BaseModel):
             raise ValueError(f"source hub needs a repo id like org/name, got {self.uri!r}")
         if self.source != "hub" and self.revision is not None:
             raise ValueError("revision applies only to source hub")
+        path = self.uri[len("s3://"):].partition("/")[2] if self.source == "s3" else self.uri  # the key prefix
+        problem = path and path_problem(path, absolute_ok=self.source == "local")  # "": a bucket's root
+        if problem:
+            raise ValueError(f"uri {self.uri!r} is refused: {problem}")
+        if self.revision is not None and (problem := path_problem(self.revision)):
+            raise ValueError(f"revision {self.revision!r} is refused: {problem}")
         return self
 
 

@@ -19,10 +19,11 @@ def secret(**data: str) -> dict:
 
 def test_manifest_from_spec():
     spec = {"baseModel": "llama", "source": {"type": "hub", "uri": "org/adapter", "revision": "v1",
-                                             "sha256": "A" * 64}, "preload": True}
+                                             "sha256": "A" * 64, "configSha256": "b" * 64}, "preload": True}
     m = A.build_manifest("support-acme", spec, [])
     assert (m.name, m.source, m.uri, m.revision, m.preload) == ("support-acme", "hub", "org/adapter", "v1", True)
-    assert m.sha256 == "a" * 64
+    assert m.sha256 == "a" * 64 and m.config_sha256 == "b" * 64
+    assert A.manifest_json(m)["config_sha256"] == "b" * 64
     assert A.manifest_json(m)["tenants"] == []
 
 
@@ -30,6 +31,10 @@ def test_manifest_from_spec():
     ({"type": "s3", "uri": "org/repo"}, "s3://bucket"),
     ({"type": "hub", "uri": "s3://bucket/x"}, "repo id"),
     ({"type": "local", "uri": "/x", "revision": "main"}, "revision"),
+    ({"type": "s3", "uri": "s3://bucket/../../x"}, "'..' path segment"),
+    ({"type": "s3", "uri": "s3://bucket/%2e%2e/x"}, "'%'"),
+    ({"type": "local", "uri": "a\\..\\b"}, "backslash"),
+    ({"type": "hub", "uri": "org/name", "revision": "../../x"}, "'..' path segment"),
 ])
 def test_source_must_fit_its_type(source, fragment):
     with pytest.raises(A.SpecProblem) as e:

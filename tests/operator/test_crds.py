@@ -133,12 +133,17 @@ def test_good_bmds(obj):
     lora(),
     lora({"source": {"type": "s3", "uri": "s3://bucket/prefix/a"}}),
     lora({"source": {"type": "local", "uri": "/adapters/a"}}),
-    lora({"source": {"type": "hub", "uri": "org/name", "revision": "v2", "sha256": "a" * 64}, "rank": 8}),
+    lora({"source": {"type": "hub", "uri": "org/name", "revision": "v2", "sha256": "a" * 64,
+                     "configSha256": "b" * 64}, "rank": 8}),
+    lora({"source": {"type": "hub", "uri": "org/name", "revision": "refs/pr/1"}}),
+    lora({"source": {"type": "s3", "uri": "s3://bucket/prefix/a/"}}),
+    lora({"source": {"type": "s3", "uri": "s3://bucket"}}),
     lora({"access": {"apiKeySecretRefs": [{"name": "keys"}, {"name": "more", "key": "k"}]}}),
     lora(name="a"),
     lora({"placement": {"replicas": "all"}}),
     lora({"placement": {"replicas": 3, "policy": "least-loaded"}}),
-], ids=["hub", "s3", "local", "hub-full", "tenants", "one-char-name", "placement-all", "placement-3"])
+], ids=["hub", "s3", "local", "hub-full", "hub-pr-ref", "s3-trailing-slash", "s3-bucket-root", "tenants",
+        "one-char-name", "placement-all", "placement-3"])
 def test_good_adapters(obj):
     defaulted, errors = admit(LORA, obj)
     assert errors == []
@@ -156,6 +161,11 @@ def test_good_adapters(obj):
     (BMD, bmd({"engine": {"port": 80}}), "less than the minimum"),
     (LORA, lora({"source": {"type": "git", "uri": "x"}}), "is not one of"),
     (LORA, lora({"source": {"type": "hub", "uri": "o/r", "sha256": "xyz"}}), "does not match"),
+    (LORA, lora({"source": {"type": "hub", "uri": "o/r", "configSha256": "xyz"}}), "does not match"),
+    (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket/%2e%2e/%2e%2e/x"}}), "does not match"),
+    (LORA, lora({"source": {"type": "local", "uri": "adapters\\..\\..\\etc"}}), "does not match"),
+    (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket/a\nb"}}), "does not match"),
+    (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "%2e%2e"}}), "does not match"),
     (LORA, lora({"baseModel": "Not_A_Name"}), "does not match"),
     (LORA, lora({"access": {"apiKeySecretRefs": [{"key": "k"}]}}), "'name' is a required property"),
     (LORA, lora({"placement": {"replicas": 0}}), "is not valid under any of the given schemas"),
@@ -163,6 +173,7 @@ def test_good_adapters(obj):
     (LORA, lora({"placement": {"policy": "random"}}), "is not one of"),
     (BMD, bmd({"inferencePool": {"endpointPickerRef": {"port": 70000}}}), "greater than the maximum"),
 ], ids=["no-model-id", "dtype", "replicas", "svc-type", "target-zero", "low-port", "source-type", "sha256",
+        "config-sha256", "uri-percent", "uri-backslash", "uri-newline", "revision-percent",
         "base-name", "secret-ref", "placement-zero", "placement-word", "placement-policy", "epp-port"])
 def test_openapi_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
@@ -186,8 +197,19 @@ def test_openapi_rejects(crd, obj, fragment):
     (LORA, lora({"source": {"type": "hub", "uri": "a/b/c"}}), "repo id like org/name"),
     (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket/x", "revision": "main"}}), "revision applies only"),
     (LORA, lora({"source": {"type": "local", "uri": "http://host/x"}}), "path inside the engine pod"),
+    (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket/../../x"}}), "no empty, '.' or '..' path segments"),
+    (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket/a/./b"}}), "no empty, '.' or '..' path segments"),
+    (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket//x"}}), "no empty, '.' or '..' path segments"),
+    (LORA, lora({"source": {"type": "s3", "uri": "s3://bucket/a/.."}}), "no empty, '.' or '..' path segments"),
+    (LORA, lora({"source": {"type": "local", "uri": "../etc"}}), "no empty, '.' or '..' path segments"),
+    (LORA, lora({"source": {"type": "local", "uri": "/adapters//a"}}), "no empty, '.' or '..' path segments"),
+    (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "../../x"}}), "revision may hold no"),
+    (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "/etc"}}), "revision may hold no"),
+    (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "refs//x"}}), "revision may hold no"),
 ], ids=["min-gt-max", "kv-target", "ingress-host", "bmd-digit", "bmd-long", "upper", "dash", "long", "s3-uri",
-        "s3-bucket", "hub-s3", "hub-3-parts", "revision", "local-url"])
+        "s3-bucket", "hub-s3", "hub-3-parts", "revision", "local-url", "s3-dotdot", "s3-dot", "s3-empty",
+        "s3-trailing-dotdot", "local-dotdot", "local-empty", "revision-dotdot", "revision-absolute",
+        "revision-empty"])
 def test_cel_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors

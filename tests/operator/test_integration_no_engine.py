@@ -137,3 +137,25 @@ def test_a_base_asking_for_a_host_path_or_a_foreign_image_is_failed_and_gets_not
         "volumes": [{"name": "root", "emptyDir": {}}], "volumeMounts": [{"name": "root", "mountPath": "/host"}]}})
     dep = wait_for(lambda: c.get("apps/v1", "deployments", NS, "node"), 30, "the Deployment", on_timeout=log)
     assert {"name": "root", "emptyDir": {}} in dep["spec"]["template"]["spec"]["volumes"]
+
+
+def test_an_adapter_whose_uri_walks_up_is_failed_and_never_pushed(cluster: FakeCluster):
+    """An API server without CEL (or an object from before the rule) lets `s3://b/../../x` through:
+    the operator's own check (loraplex.manifest) fails the adapter with the reason, and no engine
+    or ConfigMap ever gets its manifest."""
+    c = cluster
+    log = c.operator.log  # type: ignore[attr-defined]
+    if c.get("v1", "namespaces", NS, NS) is None:
+        c.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "namespace": NS}})
+    c.create({"apiVersion": API, "kind": "BaseModelDeployment", "metadata": {"name": "walker", "namespace": NS},
+              "spec": {"model": {"id": "org/model"}, "engine": {"port": free_port(["127.0.0.1"])}}})
+    c.create({"apiVersion": API, "kind": "LoraAdapter", "metadata": {"name": "walk-up", "namespace": NS},
+              "spec": {"baseModel": "walker", "preload": True,
+                       "source": {"type": "s3", "uri": "s3://bucket/../../../x"}}})
+    st = wait_for(lambda: (s := status(c, "loraadapters", "walk-up")).get("phase") == "Failed" and s, 20,
+                  "Failed", on_timeout=log)
+    accepted = cond(st, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSource", accepted
+    assert "'..' path segment" in accepted["message"], accepted
+    cm = wait_for(lambda: c.get("v1", "configmaps", NS, "walker-adapters"), 10, "the ConfigMap", on_timeout=log)
+    assert "walk-up" not in cm["data"]["adapters.json"], "a refused adapter is never pushed, even as a preload"

@@ -126,6 +126,8 @@ def build_manifest(name: str, spec: dict, tenants: list[str]) -> AdapterManifest
         data["revision"] = src["revision"]
     if src.get("sha256"):
         data["sha256"] = src["sha256"]
+    if src.get("configSha256"):
+        data["config_sha256"] = src["configSha256"]
     try:
         return AdapterManifest.model_validate(data)
     except ValidationError as e:

@@ -6,27 +6,25 @@ a B [out, r] with the LoRA scaling already folded into B.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
+from loraplex.engine.core.adapters.peft_config import (AdapterFormatError, check_adapter_config, config_bytes,
+                                                       parse_adapter_config, read_adapter_config)
 from loraplex.engine.model.config import ModelConfig
+
+__all__ = ["AdapterFormatError", "AdapterWeights", "check_checkpoint_folder", "load_adapter", "read_adapter_config"]
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
           "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # the last two: fused bases (Phi-3)
-
-
-class AdapterFormatError(ValueError):
-    """The checkpoint is not a LoRA adapter this engine can apply to this base; says why."""
 
 
 @dataclass
@@ -41,68 +39,49 @@ class AdapterWeights:
     scales: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
-def _pattern_value(patterns: dict, module_key: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the module name's tail."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_key):
-            return value
-    return default
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterFormatError(f"missing adapter_config.json in {adapter_dir.name}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"adapter_config.json is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterFormatError("adapter_config.json must hold a JSON object")
-    return cfg
-
-
-def check_adapter_config(cfg: dict) -> None:
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"unsupported peft_type {cfg.get('peft_type')!r}: only LORA adapters are served")
-    if cfg.get("use_dora"):
-        raise AdapterFormatError("DoRA adapters (use_dora: true) are not supported")
-    if cfg.get("modules_to_save"):
-        raise AdapterFormatError(f"modules_to_save {cfg['modules_to_save']} is not supported: an adapter may only add LoRA to the projections")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterFormatError(f"LoRA bias {cfg['bias']!r} is not supported (only bias: none)")
-    for flag in ("use_qalora", "lora_bias"):
-        if cfg.get(flag):
-            raise AdapterFormatError(f"{flag} is not supported")
-
-
-def check_checkpoint_folder(adapter_dir: Path) -> None:
-    """The cheap part of validation (no tensors read): enough to tell a PEFT LoRA checkpoint
-    from any other folder before the adapter is registered."""
-    cfg = read_adapter_config(adapter_dir)
-    check_adapter_config(cfg)
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        if (adapter_dir / "adapter_model.bin").is_file():
-            raise AdapterFormatError("adapter_model.bin (pickle) is refused; convert the adapter to safetensors")
-        raise AdapterFormatError(f"missing adapter_model.safetensors in {adapter_dir.name}")
-
-
-def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: torch.dtype) -> AdapterWeights:
-    """Read, validate and scale one adapter; raises AdapterFormatError with a precise message."""
-    cfg = read_adapter_config(adapter_dir)
-    check_adapter_config(cfg)
+def _weights_file(adapter_dir: Path) -> Path:
     file = adapter_dir / "adapter_model.safetensors"
     if not file.is_file():
         if (adapter_dir / "adapter_model.bin").is_file():
             raise AdapterFormatError("adapter_model.bin (pickle) is refused; convert the adapter to safetensors")
         raise AdapterFormatError(f"missing adapter_model.safetensors in {adapter_dir.name}")
+    return file
+
+
+def check_checkpoint_folder(adapter_dir: Path) -> None:
+    """The cheap part of validation (no tensors read): enough to tell a PEFT LoRA checkpoint
+    from any other folder before the adapter is registered."""
+    check_adapter_config(read_adapter_config(adapter_dir))
+    _weights_file(adapter_dir)
+
+
+def _check_pin(what: str, digest: str, pinned: str | None) -> None:
+    """The manifest's digest of a file against the sha256 of the very bytes that are parsed
+    (never a second read of the file: one swapped after the check changes nothing)."""
+    if pinned is not None and digest != pinned:
+        raise AdapterFormatError(f"sha256 mismatch for {what}: expected {pinned}, got {digest}")
+
+
+def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: torch.dtype,
+                 sha256: str | None = None, config_sha256: str | None = None) -> AdapterWeights:
+    """Read, validate and scale one adapter; raises AdapterFormatError with a precise message.
+    sha256 / config_sha256: the digests the manifest pins for the weights / the config."""
+    cfg = config_bytes(adapter_dir)
+    _check_pin("adapter_config.json", hashlib.sha256(cfg).hexdigest(), config_sha256)
+    scaling = check_adapter_config(parse_adapter_config(cfg))
+    file = _weights_file(adapter_dir)
     try:
-        tensors = load_file(str(file))
-        digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes())
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    except (SafetensorError, OSError, ValueError) as exc:
+        data = file.read_bytes()
+    except OSError as exc:
         raise AdapterFormatError(f"adapter_model.safetensors is unreadable: {exc}") from None
+    weights_digest = hashlib.sha256(data).digest()
+    _check_pin("adapter_model.safetensors", weights_digest.hex(), sha256)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as exc:
+        raise AdapterFormatError(f"adapter_model.safetensors is unreadable: {exc}") from None
+    del data
+    digest = hashlib.sha256(cfg + weights_digest)  # as before: sha256(config bytes + sha256(weights))
 
     shapes = base.projection_shapes()
     # A fused module's LoRA (Phi-3's qkv_proj, gate_up_proj): delta W = B A over the stacked
@@ -125,8 +104,6 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
     if not pairs:
         raise AdapterFormatError("adapter_model.safetensors holds no LoRA weights")
 
-    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     scales: dict[tuple[int, str], float] = {}
     for (layer, module), ab in sorted(pairs.items()):
@@ -145,14 +122,16 @@ def load_adapter(adapter_dir: Path, base: ModelConfig, max_rank: int, dtype: tor
         if r > max_rank:
             raise AdapterFormatError(f"{name}: rank {r} exceeds --max-lora-rank {max_rank}")
         module_key = f"model.layers.{layer}.{PARENT[module]}.{module}"
-        expected_r = _pattern_value(rank_pattern, module_key, r_default)
+        expected_r = scaling.rank(module_key)
         if expected_r != r:
             raise AdapterFormatError(f"{name}: weights have rank {r}, adapter_config says {expected_r}")
-        alpha = _pattern_value(alpha_pattern, module_key, alpha_default)
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterFormatError(f"{name}: weights contain NaN or infinity")
+        scale = scaling.scale(module_key, r)
         a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype)
+        # After the scaling and the cast to the serving dtype: a finite B times a large alpha, or
+        # a value past the dtype's range, is as bad as a NaN in the file.
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterFormatError(f"{name}: weights contain NaN or infinity once scaled by the LoRA scaling "
+                                     f"{scale:g} and cast to {str(dtype).removeprefix('torch.')}")
         if module in fused:
             for part, rows in zip(fused[module], b.split([shapes[p][1] for p in fused[module]])):
                 weights[(layer, part)] = (a, rows.contiguous())

@@ -35,7 +35,7 @@ def done(value) -> Future:
 
 def content(m: AdapterManifest) -> tuple:
     """What a manifest's weights depend on: the same content means the same weights."""
-    return (m.source, m.uri, m.revision, m.sha256)
+    return (m.source, m.uri, m.revision, m.sha256, m.config_sha256)
 
 
 class DynamicNames:

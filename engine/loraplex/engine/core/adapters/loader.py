@@ -12,6 +12,14 @@ from loraplex.engine.core.adapters.sources import download_folder, fetch_adapter
 from loraplex.manifest import AdapterManifest
 
 
+def read_adapter(manifest: AdapterManifest, adapter_dir: Path | None, cache_dir: Path | None, model_config,
+                 max_rank: int, dtype: torch.dtype) -> AdapterWeights:
+    """Fetch the manifest's files and parse them, checked against the digests it pins."""
+    path = fetch_adapter(manifest, adapter_dir, cache_dir)
+    return load_adapter(path, model_config, max_rank, dtype, sha256=manifest.sha256,
+                        config_sha256=manifest.config_sha256)
+
+
 class AdapterLoader:
     def __init__(self, config, model_config, dtype: torch.dtype, adapter_dir: Path | None, cache_dir: Path | None,
                  disk: DiskTier):
@@ -26,8 +34,8 @@ class AdapterLoader:
         folder = download_folder(manifest, self.cache_dir)
         self.disk.open(folder)
         try:
-            path = fetch_adapter(manifest, self.adapter_dir, self.cache_dir)
-            weights = load_adapter(path, self.model_config, self.max_rank, self.dtype)
+            weights = read_adapter(manifest, self.adapter_dir, self.cache_dir, self.model_config, self.max_rank,
+                                   self.dtype)
         finally:
             self.disk.close(folder)
         if self.pin:

@@ -148,8 +148,9 @@ def ensure_merged(manager, spec: MergeSpec) -> str:
     from RAM when held there, else from their files. Blocking: call it on a worker thread. The
     caller has checked that every id exists and that the client may use it. At most
     --max-concurrent-merges run at once (merged_cache.py): over it, MergeCapacityError (429)."""
-    from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, load_adapter
-    from loraplex.engine.core.adapters.sources import AdapterSourceError, fetch_adapter
+    from loraplex.engine.core.adapters.checkpoint import AdapterFormatError
+    from loraplex.engine.core.adapters.loader import read_adapter
+    from loraplex.engine.core.adapters.sources import AdapterSourceError
     from loraplex.engine.core.errors import AdapterUnavailableError
 
     name = spec.name
@@ -166,8 +167,8 @@ def ensure_merged(manager, spec: MergeSpec) -> str:
             weights = manager.host_weights(adapter)
             if weights is None:
                 try:
-                    path = fetch_adapter(manifest, manager.adapter_dir, manager.cache_dir)
-                    weights = load_adapter(path, manager.model_config, manager.config.max_lora_rank, manager.dtype)
+                    weights = read_adapter(manifest, manager.adapter_dir, manager.cache_dir, manager.model_config,
+                                           manager.config.max_lora_rank, manager.dtype)
                 except (AdapterFormatError, AdapterSourceError) as exc:
                     raise AdapterUnavailableError(f"merged_adapters: adapter {adapter!r} failed to load: {exc}",
                                                   param="merged_adapters.ids") from None

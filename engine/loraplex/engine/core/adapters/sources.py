@@ -1,9 +1,12 @@
 """Fetch an adapter named by a manifest to a local folder: local disk, the HF Hub, or S3; and
 find an unregistered name in the default source (`DefaultSource.locate`).
 
-Local paths are confined to the allowed roots (after resolving `..` and symlinks). Remote
-sources are downloaded under --adapter-cache-dir, the disk tier of the cache: a download that is
-there already is used as is (never fetched twice while cached).
+Every path built from a name, a uri, an S3 key or a Hub id is confined to its root after
+resolution (`..` collapsed, symlinks followed), and so are the adapter files in it, before anything
+is read, written or deleted: local paths to the allowed roots, downloads to their folder under
+--adapter-cache-dir, the disk tier of the cache (a download that is there already is used as is,
+never fetched twice while cached). The manifest schema refuses such uris first
+(loraplex.manifest.path_problem); these checks hold whatever reaches them.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import os
 import re
 import uuid
 from pathlib import Path, PurePosixPath
+
+from pydantic import ValidationError
 
 from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, check_checkpoint_folder
 from loraplex.engine.core.errors import AdapterPathError, InvalidAdapterError, UnknownAdapterError
@@ -48,11 +53,23 @@ def registry_name(name: str) -> str:
 
 
 def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
+    return path.is_relative_to(root)
+
+
+def confined(path: Path, root: Path, what: str) -> Path:
+    """`path` if, resolved, it lies strictly below `root` resolved; else AdapterSourceError."""
+    real, top = path.resolve(), root.resolve()
+    if real == top or not real.is_relative_to(top):
+        raise AdapterSourceError(f"{what} leads outside its folder {top}: refused")
+    return path
+
+
+def _files_confined(folder: Path, roots: list[Path], what: str) -> None:
+    """A symlinked file inside the folder could still point out of it."""
+    for name in ADAPTER_FILES:
+        f = folder / name
+        if f.exists() and not any(_inside(f.resolve(), root.resolve()) for root in roots):
+            raise AdapterSourceError(f"{name} of adapter {what} links outside the allowed adapter directories")
 
 
 def resolve_local(uri: str, roots: list[Path]) -> Path:
@@ -62,11 +79,7 @@ def resolve_local(uri: str, roots: list[Path]) -> Path:
     real = candidate.resolve()  # follows symlinks and collapses '..'
     if not any(_inside(real, root.resolve()) for root in roots):
         raise AdapterSourceError(f"adapter path {uri!r} is outside the allowed adapter directories")
-    # A symlinked file inside the folder could still point out of it.
-    for name in ADAPTER_FILES:
-        f = real / name
-        if f.exists() and not any(_inside(f.resolve(), root.resolve()) for root in roots):
-            raise AdapterSourceError(f"{name} of adapter {uri!r} links outside the allowed adapter directories")
+    _files_confined(real, roots, repr(uri))
     if not real.is_dir():
         raise AdapterSourceError(f"adapter directory {uri!r} does not exist")
     return real
@@ -74,34 +87,42 @@ def resolve_local(uri: str, roots: list[Path]) -> Path:
 
 def hub_folder(uri: str, cache_dir: Path | None) -> Path | None:
     """Where huggingface_hub keeps repo `uri` under cache_dir (the unit the disk tier evicts)."""
-    return None if cache_dir is None else cache_dir / ("models--" + uri.replace("/", "--"))
+    if cache_dir is None:
+        return None
+    return confined(cache_dir / ("models--" + uri.replace("/", "--")), cache_dir, f"Hub repo {uri!r}")
 
 
 def fetch_hub(uri: str, revision: str | None, cache_dir: Path | None) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     kwargs = dict(revision=revision, cache_dir=cache_dir, allow_patterns=list(ADAPTER_FILES))
     try:
-        return Path(snapshot_download(uri, local_files_only=True, **kwargs))  # cached: no request at all
+        path = Path(snapshot_download(uri, local_files_only=True, **kwargs))  # cached: no request at all
     except (LocalEntryNotFoundError, OSError, ValueError):
-        pass
-    try:
-        return Path(snapshot_download(uri, **kwargs))
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as exc:
-        # LocalEntryNotFoundError here: offline (HF_HUB_OFFLINE) and not in the cache
-        raise AdapterNotFoundError(f"adapter {uri}@{revision or 'main'} was not found on the Hugging Face Hub "
-                                   f"(or in its cache): {type(exc).__name__}") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise AdapterSourceError(f"could not fetch {uri}@{revision or 'main'} from the Hugging Face Hub: {exc}") from None
+        path = None
+    if path is None:
+        try:
+            path = Path(snapshot_download(uri, **kwargs))
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as exc:
+            # LocalEntryNotFoundError here: offline (HF_HUB_OFFLINE) and not in the cache
+            raise AdapterNotFoundError(f"adapter {uri}@{revision or 'main'} was not found on the Hugging Face Hub "
+                                       f"(or in its cache): {type(exc).__name__}") from None
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise AdapterSourceError(f"could not fetch {uri}@{revision or 'main'} from the Hugging Face Hub: {exc}") from None
+    # A revision names a path in the repo's folder: the snapshot, and its files, must stay in it.
+    folder = hub_folder(uri, cache_dir if cache_dir is not None else Path(constants.HF_HUB_CACHE))
+    confined(path, folder, f"revision {revision!r} of Hub repo {uri!r}")
+    _files_confined(path, [folder], repr(uri))
+    return path
 
 
 def s3_folder(uri: str, cache_dir: Path | None) -> Path | None:
     if cache_dir is None:
         return None
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    return cache_dir / "s3" / bucket / prefix.strip("/")
+    return confined(cache_dir / "s3" / bucket / prefix.strip("/"), cache_dir / "s3", f"S3 uri {uri!r}")
 
 
 def fetch_s3(uri: str, cache_dir: Path | None) -> Path:
@@ -116,6 +137,7 @@ def fetch_s3(uri: str, cache_dir: Path | None) -> Path:
     prefix = prefix.strip("/")
     target = s3_folder(uri, cache_dir)
     if (target / COMPLETE).is_file() and all((target / n).is_file() for n in ADAPTER_FILES):
+        _files_confined(target, [target], repr(uri))
         return target
     target.mkdir(parents=True, exist_ok=True)
     client = boto3.client("s3")
@@ -150,20 +172,14 @@ def download_folder(manifest: AdapterManifest, cache_dir: Path | None) -> Path |
 
 
 def fetch_adapter(manifest: AdapterManifest, adapter_dir: Path | None, cache_dir: Path | None) -> Path:
-    """A local folder holding the adapter's files, digest-checked when the manifest has one."""
+    """A local folder holding the adapter's files (their digests are checked as they are parsed:
+    checkpoint.load_adapter)."""
     if manifest.source == "local":
         roots = [p for p in (adapter_dir, cache_dir) if p is not None]
-        path = resolve_local(manifest.uri, roots)
-    elif manifest.source == "hub":
-        path = fetch_hub(manifest.uri, manifest.revision, cache_dir)
-    else:
-        path = fetch_s3(manifest.uri, cache_dir)
-    weights = path / "adapter_model.safetensors"
-    if manifest.sha256 and weights.is_file():
-        digest = file_sha256(weights)
-        if digest != manifest.sha256:
-            raise AdapterFormatError(f"sha256 mismatch for adapter_model.safetensors: expected {manifest.sha256}, got {digest}")
-    return path
+        return resolve_local(manifest.uri, roots)
+    if manifest.source == "hub":
+        return fetch_hub(manifest.uri, manifest.revision, cache_dir)
+    return fetch_s3(manifest.uri, cache_dir)
 
 
 def location_key(manifest: AdapterManifest, adapter_dir: Path | None) -> tuple:
@@ -190,6 +206,11 @@ class DefaultSource:
         self.adapter_dir = adapter_dir
         self.cache_dir = cache_dir
         self.s3_prefix = s3_prefix.rstrip("/") + "/" if s3_prefix else None
+        if self.s3_prefix:  # checked once here, as a manifest's uri is: every name goes below it
+            try:
+                AdapterManifest(name="prefix", source="s3", uri=self.s3_prefix + "x")
+            except ValidationError as exc:
+                raise ValueError(f"--adapter-s3-prefix {s3_prefix!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
     @property
     def usable(self) -> bool:
