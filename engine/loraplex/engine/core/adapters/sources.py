@@ -235,7 +235,12 @@ class DefaultSource:
             if not all(S3_KEY_PART.match(p) for p in name.split("/")):
                 raise AdapterPathError(f"{name!r} is not a valid adapter key under {self.s3_prefix}", param="model")
             return self.s3_prefix + name
-        return name
+        # A local spelling (`./x`, `x/`, `x//y`) becomes its plain relative path: the manifest refuses
+        # `.` and empty segments, and every spelling of one folder must be one uri.
+        plain = str(PurePosixPath(name))
+        if plain == ".":
+            raise AdapterPathError(f"adapter name {name!r} names the adapter directory itself", param="model")
+        return plain
 
     def locate(self, name: str) -> AdapterManifest:
         uri = self.uri_for(name)
