@@ -48,27 +48,31 @@ REJECTED_SIZE = 1024  # digests of grammars refused for their cost, answered at 
 MIN_CHARGE = 64 * 1024  # a compiled grammar is never charged less than this
 
 
-def _heap_reader():
-    """glibc's mallinfo2 (allocated bytes, all threads), or None where the C library has none."""
+def _glibc():
+    """(glibc's mallinfo2 as a reader of the bytes allocated by all threads, its malloc_trim), or
+    Nones where the C library has neither."""
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in
                     "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2, trim = libc.mallinfo2, libc.malloc_trim
     except (OSError, AttributeError):
-        return None
-    fn.restype = MallInfo2
+        return None, None
+    mallinfo2.restype = MallInfo2
 
     def read() -> int:
-        info = fn()
+        info = mallinfo2()
         return info.uordblks + info.hblkhd  # small blocks in use + mmapped large ones
 
-    return read
+    return read, trim
 
 
-_heap_bytes = _heap_reader()
+# malloc_trim after an eviction: a lexer's many small blocks, once freed, otherwise stay in the
+# process (measured: RSS plateaued ~600 MiB with it off, ~420 MiB on, for a 256 MiB budget).
+_heap_bytes, _malloc_trim = _glibc()
 
 
 class GrammarCompiler:
@@ -118,6 +122,8 @@ class GrammarCompiler:
             raise GrammarBusyError(f"every structured-output compile worker was busy for {timeout:g} s; "
                                    "retry later", param=spec.param)
         message = f"the grammar was not ready within {timeout:g} s (its compile and first token mask)"
+        log.warning("structured output: a %s grammar (%s) missed the %g s time-out; refused", spec.kind,
+                    spec.key[:12], timeout)
         self._reject(spec, message)
         job.add_done_callback(self._drop_late)  # once it ends, its grammar is not kept
         raise GrammarTooComplexError(message, param=spec.param)
@@ -179,6 +185,7 @@ class GrammarCompiler:
             time.sleep(0.05)
 
     def _keep(self, compiled: CompiledGrammar) -> None:
+        evicted = 0
         with self._lock:
             self.compiles += 1
             self.live_bytes += compiled.nbytes
@@ -186,6 +193,7 @@ class GrammarCompiler:
             previous = self._cache.pop(compiled.text, None)  # two workers compiled the same text
             if previous is not None:
                 self.cached_bytes -= previous.nbytes
+            del previous
             self._cache[compiled.text] = compiled
             self.cached_bytes += compiled.nbytes
             # Least recently used first, until the grammars alive fit (an evicted grammar a sequence
@@ -193,7 +201,10 @@ class GrammarCompiler:
             while self.live_bytes > self.cache_bytes and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
                 self.cached_bytes -= old.nbytes
+                evicted += 1
                 del old  # freed now unless a sequence holds it (weakref.finalize -> _release)
+        if evicted and _malloc_trim is not None:
+            _malloc_trim(0)  # on this worker thread, never the step thread
 
     def _release(self, nbytes: int) -> None:
         with self._lock:
