@@ -9,8 +9,8 @@ another tenant's requests time or the pod its memory.
 - The compile and the FIRST mask (where llguidance builds the lexer) run on `workers` threads of
   their own (at most that many at once), never on the step thread. `compile_within` waits
   `timeout` seconds: a grammar not ready by then is refused with 400 `grammar_too_complex` (and,
-  by its digest, for a while after); a request that found no free worker in that time gets 503
-  `grammar_busy`. llguidance cannot be interrupted: a late worker runs on until its fuel ends,
+  by its digest, for a while after); a request that found no free worker, or no room in the
+  budget, in that time gets 503 `grammar_busy`. llguidance cannot be interrupted: a late worker runs on until its fuel ends,
   and its grammar is dropped.
 - Compiled grammars are kept for reuse within `cache_bytes`, each charged the heap growth its
   compile and first mask measured. The same budget also counts the grammars that were evicted
@@ -46,6 +46,7 @@ LIMITS = dict(initial_lexer_fuel=200_000, step_lexer_fuel=200_000, step_max_item
               max_lexer_states=20_000, max_grammar_size=500_000, verbose_errors=False)
 REJECTED_SIZE = 1024  # digests of grammars refused for their cost, answered at once
 MIN_CHARGE = 64 * 1024  # a compiled grammar is never charged less than this
+ROOM_MESSAGE = "the structured-output memory budget is held by running requests; retry later"
 
 
 def _glibc():
@@ -110,7 +111,8 @@ class GrammarCompiler:
         GrammarTooComplexError (400) when not ready in `timeout` s, GrammarBusyError (503) when
         no worker or no room in the budget was free in that time."""
         self._check_rejected(spec)  # at once, without waiting for a worker
-        job = self._pool.submit(self.compile, spec, time.monotonic() + timeout)
+        waiting = threading.Event()  # set while the job waits for room in the budget
+        job = self._pool.submit(self.compile, spec, time.monotonic() + timeout, waiting)
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
         except asyncio.CancelledError:  # the client left: a started compile still ends in the cache
@@ -121,6 +123,8 @@ class GrammarCompiler:
         if job.cancel():  # it never started: no worker was free
             raise GrammarBusyError(f"every structured-output compile worker was busy for {timeout:g} s; "
                                    "retry later", param=spec.param)
+        if waiting.is_set():  # no room in the budget yet (the job gives up at the same deadline)
+            raise GrammarBusyError(ROOM_MESSAGE, param=spec.param)
         message = f"the grammar was not ready within {timeout:g} s (its compile and first token mask)"
         log.warning("structured output: a %s grammar (%s) missed the %g s time-out; refused", spec.kind,
                     spec.key[:12], timeout)
@@ -138,7 +142,8 @@ class GrammarCompiler:
 
     # ---- on a worker thread -----------------------------------------------------------------
 
-    def compile(self, spec: GrammarSpec, deadline: float | None = None) -> CompiledGrammar:
+    def compile(self, spec: GrammarSpec, deadline: float | None = None,
+                waiting: threading.Event | None = None) -> CompiledGrammar:
         """spec compiled with its first mask (or from the cache). Raises GrammarError with the
         reason when it does not compile, GrammarTooComplexError past a limit. Blocks (for as long
         as the limits allow): call it off the event loop and the step loop."""
@@ -157,7 +162,7 @@ class GrammarCompiler:
                 self._cache.move_to_end(text)
                 return compiled
             tokenizer = self._ll_tokenizer()
-        self._wait_for_room(spec, deadline)
+        self._wait_for_room(spec, deadline, waiting)
         before = _heap_bytes() if _heap_bytes else 0
         matcher = LLMatcher(tokenizer, text, log_level=0, limits=LLParserLimits(**self.limits))  # drops the GIL
         if matcher.is_error():
@@ -173,15 +178,18 @@ class GrammarCompiler:
         self._keep(compiled)
         return compiled
 
-    def _wait_for_room(self, spec: GrammarSpec, deadline: float | None) -> None:
+    def _wait_for_room(self, spec: GrammarSpec, deadline: float | None, waiting: threading.Event | None) -> None:
         """Wait until the grammars alive leave room in the budget; GrammarBusyError at the deadline."""
         while True:
             with self._lock:
                 if self.live_bytes - self.cached_bytes < self.cache_bytes:  # evicting the cache would do
+                    if waiting is not None:
+                        waiting.clear()
                     return
+            if waiting is not None:
+                waiting.set()
             if deadline is None or time.monotonic() >= deadline:
-                raise GrammarBusyError("the structured-output memory budget is held by running requests; "
-                                       "retry later", param=spec.param)
+                raise GrammarBusyError(ROOM_MESSAGE, param=spec.param)
             time.sleep(0.05)
 
     def _keep(self, compiled: CompiledGrammar) -> None:
