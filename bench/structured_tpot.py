@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     from loraplex.engine.core.config import EngineConfig
     from loraplex.engine.core.llm_engine import LLMEngine
     from loraplex.engine.core.sampling_params import SamplingParams
-    from loraplex.engine.core.structured_output import GrammarCompiler, GrammarSpec
+    from loraplex.engine.core.grammar_compiler import GrammarCompiler
+    from loraplex.engine.core.structured_output import GrammarSpec
 
     torch.set_num_threads(args.threads)
     from loraplex.engine.core import logits_processors

@@ -8,7 +8,8 @@ import torch
 
 from loraplex.engine.core.logits_processors import apply_logits_processors
 from loraplex.engine.core.sampling_params import SamplingParams
-from loraplex.engine.core.structured_output import GrammarCompiler, GrammarError, GrammarSpec
+from loraplex.engine.core.grammar_compiler import GrammarCompiler
+from loraplex.engine.core.structured_output import GrammarError, GrammarSpec
 from tests.engine.core.conftest import PROMPTS, make_engine
 
 SCHEMA = {

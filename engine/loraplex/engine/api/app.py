@@ -129,6 +129,8 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
                     await t
             if state.prepare_pool is not None:
                 state.prepare_pool.shutdown(wait=False, cancel_futures=True)
+            if getattr(state, "grammar_compiler", None) is not None:
+                state.grammar_compiler[1].shutdown()
             if state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)
             await asyncio.to_thread(tracing.shutdown, tracer_provider)

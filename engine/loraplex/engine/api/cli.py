@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
     sec.add_argument("--prepare-workers", type=_non_negative_int, default=s["prepare_workers"],
                      help="threads that template, tokenize and validate requests (0: on the event loop)")
+    sec.add_argument("--grammar-timeout", type=_positive_float, default=s["grammar_timeout_seconds"],
+                     help="seconds a structured-output grammar may take to compile and give its first token mask; "
+                          "past it: 400 grammar_too_complex")
+    sec.add_argument("--grammar-workers", type=_positive_int, default=s["grammar_workers"],
+                     help="structured-output grammars compiled at once (each on a thread of its own)")
+    sec.add_argument("--grammar-cache-bytes", type=_bytes, default=s["grammar_cache_bytes"],
+                     help="budget for compiled grammars, cached or held by running requests")
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
                      help="distinct per-adapter metric label values; beyond: 'other'")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -183,7 +190,8 @@ def configs_from_args(args: argparse.Namespace):
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
         max_body_bytes=args.max_body_bytes, prepare_workers=args.prepare_workers,
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser, grammar_timeout_seconds=args.grammar_timeout,
+        grammar_workers=args.grammar_workers, grammar_cache_bytes=args.grammar_cache_bytes,
     )
     return config, settings
 

@@ -26,6 +26,12 @@ class ServerSettings:
     tool_call_parser: str = "auto"  # hermes | llama3_json | auto (from the chat template); tools.py
     max_n: int = 16  # OpenAI `n` cap, and the cap on prompts x n of one request
     prepare_workers: int = 2  # threads that template, tokenize and validate requests; 0: on the event loop
+    # Structured output (core/grammar_compiler.py): a grammar's compile and first token mask must be
+    # ready within the time-out; at most `grammar_workers` compile at once; compiled grammars (and
+    # those running requests still hold) stay within the byte budget.
+    grammar_timeout_seconds: float = 5.0
+    grammar_workers: int = 2
+    grammar_cache_bytes: int = 256 << 20
     version: str = field(default_factory=package_version)
     # Called when the engine cannot be brought up (bad checkpoint, bad flag): the CLI stops the
     # server with exit status 1. Tests leave it None: /health then answers 503.

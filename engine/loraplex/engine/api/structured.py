@@ -1,5 +1,7 @@
-"""Structured output for the HTTP layer: which grammar a request asks for, compiled on a worker
-thread before anything is queued (so neither the event loop nor the step loop waits on it).
+"""Structured output for the HTTP layer: which grammar a request asks for, compiled (first token
+mask included) on the compiler's worker threads before anything is queued, so neither the event
+loop nor the step loop waits on it; bounded by --grammar-timeout, --grammar-workers and
+--grammar-cache-bytes (core/grammar_compiler.py).
 
 Sources, at most one per request:
 - OpenAI `response_format`: `json_object` (any JSON object) or `json_schema` (`strict` or not,
@@ -10,12 +12,12 @@ Sources, at most one per request:
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 
 from loraplex.engine.api.errors import APIError
-from loraplex.engine.core.structured_output import CompiledGrammar, GrammarCompiler, GrammarError, GrammarSpec
+from loraplex.engine.core.grammar_compiler import GrammarCompiler
+from loraplex.engine.core.structured_output import CompiledGrammar, GrammarError, GrammarSpec
 
 
 def compiler_for(state) -> GrammarCompiler:
@@ -25,21 +27,26 @@ def compiler_for(state) -> GrammarCompiler:
     if owner is not engine:
         # A copy of its own: the compiler reads it on worker threads (Rust tokenizers must not be
         # shared across threads, huggingface/tokenizers#537).
+        settings = state.settings
         compiler = GrammarCompiler(copy.deepcopy(engine.tokenizer), engine.model_config.vocab_size,
-                                   engine.eos_token_ids)
+                                   engine.eos_token_ids, cache_bytes=settings.grammar_cache_bytes,
+                                   workers=settings.grammar_workers)
+        if owner is not None:
+            state.grammar_compiler[1].shutdown()
         state.grammar_compiler = (engine, compiler)
     return compiler
 
 
 async def compile_grammar(state, spec: GrammarSpec | None) -> CompiledGrammar | None:
-    """Compile spec off the event loop; GrammarError becomes a 400 naming the field at fault."""
+    """Compile spec off the event loop within --grammar-timeout; a GrammarError becomes its 4xx
+    (400 invalid_grammar or grammar_too_complex, 503 grammar_busy) naming the field at fault."""
     if spec is None:
         return None
     compiler = compiler_for(state)
     try:
-        return await asyncio.to_thread(compiler.compile, spec)
+        return await compiler.compile_within(spec, state.settings.grammar_timeout_seconds)
     except GrammarError as exc:
-        raise APIError(400, str(exc), code="invalid_grammar", param=exc.param) from None
+        raise APIError.from_request_error(exc) from None
 
 
 def _one(specs: list[GrammarSpec]) -> GrammarSpec | None:

@@ -1,11 +1,11 @@
 """Structured output: grammars compiled by llguidance, one matcher per sequence.
 
 A `GrammarSpec` says what the output must be (a JSON schema, any JSON object, a regex, one of
-several strings, a Lark grammar). `GrammarCompiler.compile(spec)` compiles it once (cached by
-the grammar text); `CompiledGrammar.matcher()` hands out a fresh `GrammarMatcher` per sequence. Compilation runs in the
-caller (the HTTP layer calls it on a worker thread), before the request is queued, so a grammar
-never costs the step loop more than its per-token mask; a spec that does not compile raises
-`GrammarError` (a 400) with llguidance's reason.
+several strings, a Lark grammar). `GrammarCompiler` (grammar_compiler.py) compiles it once, with
+its first token mask, within llguidance's limits, a time-out and a byte budget, before the
+request is queued; a spec that does not compile raises `GrammarError` (a 400) with the reason.
+`CompiledGrammar.matcher()` hands out a fresh `GrammarMatcher` per sequence; the copies share
+the lexer the first mask built, so the step thread's masks start warm.
 
 On the step thread, `GrammarMatcher.fill` first consumes the tokens the sequence sampled since
 the last step, then writes the allowed-token bitmask of the next one (see logits_processors.py).
@@ -16,10 +16,9 @@ JSON schema against xgrammar's 0.14 ms (one core, this machine), with ~1 ms comp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +30,24 @@ log = logging.getLogger("loraplex.engine")
 # Compact JSON (", " / ": " separators, no free whitespace): the output is what json.dumps writes,
 # and a model cannot pad it with whitespace forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_GRAMMAR_CHARS = 256 * 1024
 
 
 class GrammarError(RequestError):
     code = "invalid_grammar"
+
+
+class GrammarTooComplexError(GrammarError):
+    """The grammar compiles but hits llguidance's limits, or its first mask is not ready in time."""
+
+    code = "grammar_too_complex"
+
+
+class GrammarBusyError(GrammarError):
+    """No compile worker, or no room in the grammar memory budget, within the time-out: retry."""
+
+    status = 503
+    code = "grammar_busy"
+    retry_after = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,11 @@ class GrammarSpec:
             raise GrammarError("choice needs a non-empty list of strings", param=param)
         return cls("choice", json.dumps(list(choices)), param)
 
+    @property
+    def key(self) -> str:
+        """What the spec asks for, as a short digest (the field it came from is not part of it)."""
+        return hashlib.sha256(f"{self.kind}\0{self.value}".encode()).hexdigest()
+
     def grammar(self) -> str:
         """The llguidance grammar text."""
         from llguidance import LLMatcher
@@ -81,9 +98,10 @@ class GrammarSpec:
 class GrammarMatcher:
     """One sequence's position in its grammar. Used only by the step thread once queued."""
 
-    def __init__(self, matcher, eos_token_ids: tuple[int, ...]):
+    def __init__(self, matcher, eos_token_ids: tuple[int, ...], owner: "CompiledGrammar | None" = None):
         self._m = matcher
         self._eos = eos_token_ids
+        self._owner = owner  # keeps the grammar (and its place in the memory budget) alive while this runs
         self.consumed = 0  # output tokens fed to the matcher so far
 
     def fill(self, output_ids: list[int], bitmask: torch.Tensor, row: int) -> None:
@@ -107,65 +125,20 @@ class GrammarMatcher:
             bitmask[row, t // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 words are signed
 
 
-class GrammarCompiler:
-    """Compiles grammars for one tokenizer and keeps the last `cache_size` of them. Thread-safe;
-    the llguidance tokenizer (about 0.5 s for a 49k vocabulary) is built on first use."""
-
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...], cache_size: int = 256):
-        self.hf_tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.cache_size = cache_size
-        self._lock = threading.Lock()
-        self._tokenizer = None
-        self._cache: OrderedDict[str, object] = OrderedDict()  # grammar text -> compiled LLMatcher
-        self.compiles = 0  # cache misses, for tests and metrics
-
-    def _ll_tokenizer(self):
-        if self._tokenizer is None:
-            import llguidance.hf
-
-            self._tokenizer = llguidance.hf.from_tokenizer(
-                self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=list(self.eos_token_ids) or None)
-        return self._tokenizer
-
-    def compile(self, spec: GrammarSpec) -> "CompiledGrammar":
-        """spec compiled (or from the cache). Raises GrammarError with the reason when it does not
-        compile. Can take long for large schemas: call it off the event loop and the step loop."""
-        from llguidance import LLMatcher
-
-        try:
-            text = spec.grammar()
-        except ValueError as exc:
-            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {exc}", param=spec.param) from None
-        if len(text) > MAX_GRAMMAR_CHARS:
-            raise GrammarError(f"the grammar is larger than {MAX_GRAMMAR_CHARS} characters", param=spec.param)
-        with self._lock:
-            compiled = self._cache.get(text)
-            if compiled is not None:
-                self._cache.move_to_end(text)
-            tokenizer = self._ll_tokenizer()
-        if compiled is None:
-            compiled = LLMatcher(tokenizer, text, log_level=0)  # drops the GIL while it compiles
-            if compiled.is_error():
-                raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {compiled.get_error()}",
-                                   param=spec.param)
-            with self._lock:
-                self.compiles += 1
-                self._cache[text] = compiled
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return CompiledGrammar(compiled, self.eos_token_ids)
-
-
 class CompiledGrammar:
-    def __init__(self, matcher, eos_token_ids: tuple[int, ...]):
+    """One compiled grammar (the matcher template at the grammar's start, its first mask computed)
+    and the bytes it is charged in the compiler's budget. Each sequence's matcher keeps it alive:
+    the lexer its copies share is freed only once the cache and every sequence let go of it."""
+
+    def __init__(self, matcher, eos_token_ids: tuple[int, ...], text: str = "", nbytes: int = 0):
         self._template = matcher
         self._eos = eos_token_ids
+        self.text = text
+        self.nbytes = nbytes
 
     def matcher(self) -> GrammarMatcher:
         """A fresh matcher at the grammar's start (a cheap copy), one per sequence."""
-        return GrammarMatcher(self._template.deep_copy(), self._eos)
+        return GrammarMatcher(self._template.deep_copy(), self._eos, owner=self)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
