@@ -75,12 +75,14 @@ class StepPlan:
     """What every rank needs for one forward. `items` are in rank 0's batch order (already
     sorted by LoRA slot), so every rank's `prepare` builds the same flattened inputs: token ids,
     positions, cache slots, prefill spans, decode rows, block tables, context lengths and LoRA
-    segments. `logit_rows`: the rows of the final hidden states whose logits rank 0 needs
-    (prompt logprobs, then the sampling rows): every rank computes its vocabulary slice of them
-    for the gather."""
+    segments. The rows of the final hidden states whose logits rank 0 needs: `logit_chunks`, the
+    prompt-logprob rows in bounded chunks (model_runner.prompt_logprob_chunks), then
+    `sample_rows`; every rank computes its vocabulary slice of each, in this order, for the
+    gathers."""
 
     items: list[PlanItem]
-    logit_rows: list[int] = field(default_factory=list)
+    logit_chunks: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -163,8 +165,9 @@ class Worker:
         with torch.inference_mode():
             step = self.runner.prepare(plan.items)
             hidden = self.model(step.ids, step.positions, step.attn, step.lora, self.runner.ops, self.runner.kv_caches)
-            if plan.logit_rows:
-                self.model.compute_logits(hidden[plan.logit_rows])
+            for rows in [*plan.logit_chunks, plan.sample_rows]:
+                if rows:
+                    self.model.compute_logits(hidden[rows])
 
 
 def _exit_when_orphaned(parent: int) -> None:
