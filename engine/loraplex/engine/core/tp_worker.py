@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loraplex-tp-worker", description="A tensor-parallel worker; started by loraplex-engine.")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
-    p.add_argument("--store-port", type=int, required=True, help="rank 0's TCPStore on 127.0.0.1")
+    p.add_argument("--store-file", required=True, help="rank 0's FileStore (in a folder only this user can read)")
     p.add_argument("--fd", type=int, required=True, help="this worker's socket to rank 0 (inherited)")
     p.add_argument("--device", choices=["cpu", "cuda"], required=True)
     p.add_argument("--timeout", type=float, required=True, help="collective and rendezvous timeout, seconds")
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     # moments, well within the collective timeout it runs under.
     if recv(conn)[0] != "join":
         return 1
-    store = dist.TCPStore("127.0.0.1", args.store_port, args.size, is_master=False, timeout=timeout)
+    store = dist.FileStore(args.store_file, args.size)
+    store.set_timeout(timeout)
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", store=store, rank=args.rank,
                             world_size=args.size, timeout=timeout)
     worker = Worker(conn, args.rank, args.size, device)
