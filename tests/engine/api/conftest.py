@@ -4,7 +4,8 @@
   `--preload-adapters a1`, a bounded queue (--max-waiting 16) and a small body cap. Its S3
   endpoint is a local server that holds every request until the test releases it, so an
   adapter can be kept "loading" for as long as a test needs, without sleeps.
-- `open_server`: no keys, no admin token, per-adapter metric labels capped at 1.
+- `open_server`: no keys, no admin token, per-adapter metric labels capped at 1, browser pages
+  of ALLOWED_ORIGIN allowed cross-site (--allowed-origins).
 
 The tiny checkpoint and three PEFT adapters are made in a temp dir by tests/support/tiny.py.
 """
@@ -34,6 +35,7 @@ KEYS = {"tenant-a": ["key-a"], "tenant-b": ["key-b"]}
 ADMIN_TOKEN = "admin-secret-token"
 MAX_WAITING = 16
 MAX_BODY_BYTES = 64 * 1024
+ALLOWED_ORIGIN = "https://app.example.com"  # the open server's --allowed-origins
 
 
 def free_port() -> int:
@@ -239,7 +241,8 @@ def _servers(assets, stalling_s3):
     ], assets.root / "server.log", env={
         "AWS_ENDPOINT_URL": stalling_s3.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
-    open_ = EngineProcess("open_server", [*common, "--max-adapter-metric-labels", "1"], assets.root / "open.log")
+    open_ = EngineProcess("open_server", [*common, "--max-adapter-metric-labels", "1", "--allowed-origins", ALLOWED_ORIGIN],
+                          assets.root / "open.log")
     try:
         main.wait_ready()
         open_.wait_ready()

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "sha256:<hex>"]}; see docs/api.md')
     sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
+    sec.add_argument("--allowed-origins", default="",
+                     help="comma-separated browser origins (https://app.example.com) allowed to call this "
+                          "server cross-site, with CORS; '*': any. Default: none (403)")
     sec.add_argument("--prepare-workers", type=_non_negative_int, default=s["prepare_workers"],
                      help="threads that template, tokenize and validate requests (0: on the event loop)")
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
@@ -175,6 +178,7 @@ def configs_from_args(args: argparse.Namespace):
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
         max_body_bytes=args.max_body_bytes, prepare_workers=args.prepare_workers,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         tool_call_parser=args.tool_call_parser,
     )
     return config, settings
