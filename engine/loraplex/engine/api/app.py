@@ -96,7 +96,8 @@ async def _watch(state: ServerState) -> None:
 
 def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    auth = Authenticator(settings.api_keys_file, settings.admin_token_file)  # bad files: ValueError now
+    auth = Authenticator(settings.api_keys_file, settings.admin_token_file,  # bad files: ValueError now
+                         settings.metrics_token_file)
     state = ServerState(settings, auth)
 
     @asynccontextmanager

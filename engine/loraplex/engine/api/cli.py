@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preload-adapters", default="", help="comma-separated adapters resident before /ready")
     a.add_argument("--adapter-manifest-file", default=None, help="JSON manifest list, watched and reconciled")
     sec = p.add_argument_group("security and limits")
-    sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "sha256:<hex>"]}; see docs/api.md')
+    sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "pbkdf2_sha256$..."]}; see docs/api.md')
     sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
+    sec.add_argument("--metrics-token-file", default=None,
+                     help="file holding a scraper's bearer token: with it (or the admin token) /metrics, /info "
+                          "and /ready name restricted adapters; without, they show opaque ids")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
     sec.add_argument("--allowed-origins", default="",
                      help="comma-separated browser origins (https://app.example.com) allowed to call this "
@@ -176,6 +179,7 @@ def configs_from_args(args: argparse.Namespace):
     )
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
+        metrics_token_file=args.metrics_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
         max_body_bytes=args.max_body_bytes, prepare_workers=args.prepare_workers,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),

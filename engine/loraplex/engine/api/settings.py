@@ -16,8 +16,9 @@ def package_version() -> str:
 
 @dataclass
 class ServerSettings:
-    api_keys_file: str | None = None  # JSON {"tenant": ["key", "sha256:<hex>", ...]}; see docs/api.md
+    api_keys_file: str | None = None  # JSON {"tenant": ["key", "pbkdf2_sha256$...", ...]}; see docs/api.md
     admin_token_file: str | None = None  # one line: the admin bearer token
+    metrics_token_file: str | None = None  # one line: a scraper's token; /metrics etc. then name restricted adapters
     adapter_manifest_file: str | None = None  # watched; reconciled into the adapter registry
     max_adapter_metric_labels: int = 100  # distinct per-adapter label values; beyond: "other"
     max_body_bytes: int = 1 << 20  # request bodies above this get 413 before any parsing
