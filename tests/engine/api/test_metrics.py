@@ -116,3 +116,26 @@ def test_restricted_adapters_are_not_named_to_anonymous_callers(server, assets):
         info = httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {token}"}).json()
         assert "private-a" in info["manifest_file"]["adapters"]
     assert "private-a" not in httpx.get(server.url + "/metrics", headers=KEY_A).text  # an API key is not enough
+
+
+def test_the_router_metric_lists_redact_each_name():
+    """vllm:lora_requests_info carries adapter names in comma-separated label values: each name
+    is redacted on its own (the list is sorted again), the other labels are left alone."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    from loraplex.engine.api.redaction import RedactedRegistry
+
+    class Router:
+        def collect(self):
+            g = GaugeMetricFamily("vllm:lora_requests_info", "x",
+                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            g.add_metric(["4", "a2,private-a", "private-b"], 1.0)
+            yield g
+
+    registry = CollectorRegistry()
+    registry.register(Router())
+    text = generate_latest(RedactedRegistry(registry, lambda n: "restricted-x" if n.startswith("private") else n))
+    assert b'running_lora_adapters="a2,restricted-x"' in text and b'waiting_lora_adapters="restricted-x"' in text
+    assert b'max_lora="4"' in text and b"private" not in text
+    assert b"private-a" in generate_latest(registry)  # the registry itself is untouched
