@@ -14,9 +14,12 @@ after resolving it (symlinks included) before it reads, writes or deletes anythi
 """
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import json
 import re
+import secrets
 from collections import Counter
 from enum import Enum
 from pathlib import Path
@@ -45,6 +48,10 @@ def path_problem(path: str, absolute_ok: bool = False) -> str | None:
         return "it has an empty, '.' or '..' path segment"
     return None
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# A salted API key hash: pbkdf2_sha256$<iterations>$<salt>$<64 hex> (see salted_key_hash).
+SALTED_KEY_HASH = re.compile(r"^pbkdf2_sha256\$([1-9][0-9]{0,6})\$([A-Za-z0-9._-]{8,64})\$([0-9a-f]{64})$")
+KEY_HASH_ITERATIONS = 1_000
+MAX_KEY_HASH_ITERATIONS = 1_000_000
 
 
 class AdapterState(str, Enum):
@@ -92,8 +99,9 @@ class AdapterManifest(BaseModel):
     @classmethod
     def _tenants_are_hashes(cls, v: list[str]) -> list[str]:
         for t in v:
-            if not SHA256_HEX.match(t):
-                raise ValueError("tenants must be sha256 hex digests of API keys, never raw keys")
+            if not (SHA256_HEX.match(t) or _salted(t)):
+                raise ValueError("tenants must be hashes of API keys (pbkdf2_sha256$<iterations 1..1000000>$<salt: "
+                                 "8-64 of A-Za-z0-9._->$<64 hex>, or a sha256 hex digest), never raw keys")
         return v
 
     @model_validator(mode="after")
@@ -121,8 +129,96 @@ def manifest_digest(manifest: AdapterManifest) -> str:
 
 
 def hash_api_key(key: str) -> str:
-    """The form in which API keys travel and are stored: sha256 hex of the raw key."""
+    """sha256 hex of a raw key: the key's digest, what the engine computes for a presented key
+    and the input of salted_key_hash. As a stored form (in `tenants`, or `sha256:` in a keys
+    file) it is deprecated: unsalted, one digest means one key everywhere."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+# ---- salted API key hashes ----------------------------------------------------------------------
+#
+# pbkdf2_sha256$<iterations>$<salt>$<hex of PBKDF2-HMAC-SHA256(hash_api_key(key), salt, iterations)>
+#
+# The salt makes a stored hash useless beyond its deployment (no precomputed tables, no linking
+# one key's hashes across deployments). The work factor is modest on purpose: a server computes
+# it for every key it has not seen (a flood of made-up keys) and the operator for every tenant
+# key it renders; API keys must be random (128 bits or more), which no iteration count replaces.
+# Matching stays cheap: a key's derived hash per (salt, iterations) is cached (bounded LRU of the
+# digests, never the raw keys), and entries sharing a salt cost one derivation for all of them.
+
+
+def salted_key_hash(key: str, salt: str | None = None, iterations: int = KEY_HASH_ITERATIONS) -> str:
+    """The salted form of an API key (a random salt unless one is given)."""
+    salt = salt or base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+    entry = f"pbkdf2_sha256${iterations}${salt}${_derive(hash_api_key(key), salt, iterations)}"
+    if not _salted(entry):
+        raise ValueError(f"salt must be 8-64 of A-Za-z0-9._- and iterations 1..{MAX_KEY_HASH_ITERATIONS}")
+    return entry
+
+
+@functools.lru_cache(maxsize=16384)  # ~6 MB at most
+def _derive(digest: str, salt: str, iterations: int) -> str:
+    return hashlib.pbkdf2_hmac("sha256", digest.encode(), salt.encode(), iterations).hex()
+
+
+def _salted(entry: str) -> tuple[int, str, str] | None:
+    """(iterations, salt, hex) of a salted entry, else None."""
+    m = SALTED_KEY_HASH.match(entry)
+    if m is None or int(m[1]) > MAX_KEY_HASH_ITERATIONS:
+        return None
+    return int(m[1]), m[2], m[3]
+
+
+def key_matches(digest: str | None, entries: list[str]) -> bool:
+    """Whether the key of this digest (hash_api_key of the presented key) is one of `entries`
+    (salted hashes or plain digests)."""
+    if digest is None:
+        return False
+    for entry in entries:
+        salted = _salted(entry)
+        if salted is None:
+            if entry == digest:
+                return True
+        elif _derive(digest, salted[1], salted[0]) == salted[2]:
+            return True
+    return False
+
+
+class KeyIndex:
+    """Stored key hashes (salted or plain) -> a value (the tenant), looked up by a presented
+    key's digest: one derivation per distinct (salt, iterations), cached."""
+
+    def __init__(self):
+        self.plain: dict[str, str] = {}
+        self.salted: dict[tuple[int, str], dict[str, str]] = {}
+
+    def add(self, entry: str, value: str) -> str | None:
+        """Index `entry`; returns the value it already had, if any. ValueError when `entry` is
+        neither form."""
+        salted = _salted(entry)
+        if salted is not None:
+            table, key = self.salted.setdefault((salted[0], salted[1]), {}), salted[2]
+        elif SHA256_HEX.match(entry):
+            table, key = self.plain, entry
+        else:
+            raise ValueError("not a key hash")
+        other = table.get(key)
+        table.setdefault(key, value)
+        return other
+
+    def get(self, digest: str | None) -> str | None:
+        if digest is None:
+            return None
+        if digest in self.plain:
+            return self.plain[digest]
+        for (iterations, salt), table in self.salted.items():
+            value = table.get(_derive(digest, salt, iterations))
+            if value is not None:
+                return value
+        return None
+
+    def __contains__(self, digest: str | None) -> bool:
+        return self.get(digest) is not None
 
 
 def parse_manifest_list(text: str) -> list[AdapterManifest]:

@@ -6,7 +6,7 @@ import base64
 import httpx
 import pytest
 
-from loraplex.manifest import hash_api_key
+from loraplex.manifest import hash_api_key, key_matches, salted_key_hash
 from loraplex.operator import adapters as A
 from loraplex.operator import constants as C
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable, boot_id_of
@@ -56,12 +56,18 @@ def test_validate():
     A.validate("a", {"baseModel": "b", "rank": 64}, {"engine": {}})  # limit unknown: accepted
 
 
-def test_tenants_are_hashes_of_the_secret_keys():
+def test_tenants_are_salted_hashes_of_the_secret_keys():
     refs = A.api_key_refs({"access": {"apiKeySecretRefs": [{"name": "one", "key": "k"}, {"name": "all"}]}})
+    salt = A.tenant_salt("team-a", "llama")
     hashes = A.tenant_hashes(refs, {"one": secret(k="key-1\n", other="ignored"),
-                                    "all": secret(a="key-2", b="key-3")})
-    assert hashes == sorted(hash_api_key(k) for k in ("key-1", "key-2", "key-3"))
+                                    "all": secret(a="key-2", b="key-3")}, salt)
+    assert hashes == sorted(salted_key_hash(k, salt) for k in ("key-1", "key-2", "key-3"))
+    assert all(h.startswith(f"pbkdf2_sha256$1000${salt}$") for h in hashes)
     assert not any(k in "".join(hashes) for k in ("key-1", "key-2"))
+    assert key_matches(hash_api_key("key-2"), hashes) and not key_matches(hash_api_key("other"), hashes)
+    # one salt per base: stable across passes, different for another base or namespace
+    assert A.tenant_salt("team-a", "llama") == salt
+    assert len({salt, A.tenant_salt("team-b", "llama"), A.tenant_salt("team-a", "qwen")}) == 3
 
 
 @pytest.mark.parametrize("secrets, reason", [
@@ -74,7 +80,7 @@ def test_tenants_are_hashes_of_the_secret_keys():
 def test_tenants_fail_closed(secrets, reason):
     refs = [A.SecretKeyRef("one", "k")]
     with pytest.raises(A.SpecProblem) as e:
-        A.tenant_hashes(refs, secrets)
+        A.tenant_hashes(refs, secrets, "salt-of-the-base")
     assert e.value.reason == reason
 
 

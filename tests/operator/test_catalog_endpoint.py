@@ -18,7 +18,8 @@ import base64
 import httpx
 import pytest
 
-from loraplex.manifest import hash_api_key
+from loraplex.manifest import salted_key_hash
+from loraplex.operator.adapters import tenant_salt
 
 from .harness import FakeCluster, OperatorProcess, free_port, wait_for
 
@@ -90,7 +91,7 @@ def test_catalog_answers_manifests_to_the_bases_engines_only(cluster: FakeCluste
     r = wait_for(lambda: (r := get(url, NS, "base", "keyed", tokens["base"])).status_code == 200 and r, 30,
                  "the manifest of keyed", on_timeout=op.log)
     assert r.json() == {"name": "keyed", "source": "hub", "uri": "org/keyed", "preload": False,
-                        "tenants": [hash_api_key("sk-raw-tenant-key")]}
+                        "tenants": [salted_key_hash("sk-raw-tenant-key", tenant_salt(NS, "base"))]}
     assert "sk-raw-tenant-key" not in r.text
     # A burst of lookups (pods asking at once) costs at most one read of each object: cached 2 s.
     def reads(path: str) -> int:
@@ -121,7 +122,7 @@ def test_catalog_answers_manifests_to_the_bases_engines_only(cluster: FakeCluste
     wait_for(lambda: "waiting for Lease" in standby.log(), 30, "B waiting", on_timeout=standby.log)
     r = wait_for(lambda: (r := get(standby_url, NS, "base", "keyed", tokens["base"])).status_code == 200 and r, 30,
                  "the standby's answer", on_timeout=standby.log)
-    assert r.json()["tenants"] == [hash_api_key("sk-raw-tenant-key")]
+    assert r.json()["tenants"] == [salted_key_hash("sk-raw-tenant-key", tenant_salt(NS, "base"))]
     assert code(get(standby_url, NS, "base", "keyed", tokens["other"])) == (403, "forbidden")
     assert "status of" not in standby.log(), "the standby wrote nothing"
 

@@ -35,7 +35,8 @@ import sys
 import httpx
 import pytest
 
-from loraplex.manifest import hash_api_key
+from loraplex.manifest import salted_key_hash
+from loraplex.operator.adapters import tenant_salt
 from loraplex.operator.config import OperatorConfig
 
 from .fake_api import TOKEN as API_TOKEN
@@ -156,6 +157,6 @@ def test_catalog_with_tenant_keys_through_the_reconcile_pass(engines):
     with httpx.Client(trust_env=False, timeout=30) as http:
         got = http.get(f"http://{IPS[1]}:{port}/v1/adapters/tenant-00007-support",
                        headers={"Authorization": f"Bearer {TOKEN}"}).json()
-        assert got["manifest"]["tenants"] == [hash_api_key("sk-tenant-7")]
+        assert got["manifest"]["tenants"] == [salted_key_hash("sk-tenant-7", tenant_salt(NS, BASE))]
         listing = http.get(f"http://{IPS[0]}:{port}/v1/adapters", headers={"Authorization": f"Bearer {TOKEN}"}).json()
         assert len(listing["data"]) == N

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loraplex.manifest import hash_api_key, parse_manifest_list
+from loraplex.manifest import parse_manifest_list, salted_key_hash
+from loraplex.operator.adapters import tenant_salt
 
 from .harness import BIN, FakeCluster, Kubelet, OperatorProcess, free_port, from_operator, wait_for
 
@@ -219,7 +220,7 @@ def test_adapters_become_servable(env: Env):
         assert parse_manifest_list(cm["data"]["adapters.json"]) == []
         for pod in env.pods():
             pushed = env.http.get(pod.url("/v1/adapters/a2"), headers=ADMIN).json()["manifest"]
-            assert pushed["tenants"] == [hash_api_key(TENANT_KEY)]
+            assert pushed["tenants"] == [salted_key_hash(TENANT_KEY, tenant_salt(NS, BASE))]
             assert TENANT_KEY not in json.dumps(pushed)
         # Transitions that concern many adapters are aggregated into one Event on the base.
         ev = env.wait(lambda: [e for e in env.events(BASE) if e["reason"] == "AdaptersReady"], "an aggregated Event")

@@ -1,17 +1,21 @@
 """From a LoraAdapter custom resource to the adapter manifest the engines get: pure functions.
 
 The manifest schema is loraplex.manifest (shared with the engine). API keys are read from
-Secrets by the caller and enter the manifest only as sha256 hashes (manifest.hash_api_key).
+Secrets by the caller and enter the manifest only as salted hashes (manifest.salted_key_hash),
+with one salt per base (tenant_salt): unique to the deployment, and stable, so that a manifest
+renders the same at every pass (its digest does not churn) and the engines derive a presented
+key's hash once for all the base's adapters.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from loraplex.manifest import DNS1123_LABEL, AdapterManifest, hash_api_key, manifest_digest  # noqa: F401 (A.manifest_digest)
+from loraplex.manifest import DNS1123_LABEL, AdapterManifest, manifest_digest, salted_key_hash  # noqa: F401 (A.manifest_digest)
 
 DEFAULT_SOURCE_TYPE = "hub"
 
@@ -42,8 +46,14 @@ def _decode(value: str) -> str:
     return base64.b64decode(value).decode("utf-8").strip()
 
 
-def tenant_hashes(refs: list[SecretKeyRef], secrets: dict[str, dict | None]) -> list[str]:
-    """sha256 hashes of the API keys the refs point at. `secrets` maps name -> Secret body
+def tenant_salt(namespace: str, base: str) -> str:
+    """The salt of the tenant hashes of one base's adapters."""
+    digest = hashlib.sha256(f"loraplex tenants\0{namespace}\0{base}".encode()).digest()
+    return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+
+
+def tenant_hashes(refs: list[SecretKeyRef], secrets: dict[str, dict | None], salt: str) -> list[str]:
+    """Salted hashes of the API keys the refs point at. `secrets` maps name -> Secret body
     (None when it does not exist). Fails closed: a missing Secret or key is a SpecProblem, never
     an adapter silently opened to everyone."""
     hashes: set[str] = set()
@@ -68,7 +78,7 @@ def tenant_hashes(refs: list[SecretKeyRef], secrets: dict[str, dict | None]) -> 
                                                    f"base64 UTF-8 text: {e}") from e
             if not key:
                 raise SpecProblem("InvalidSecret", f"Secret {ref.name!r} holds an empty API key")
-            hashes.add(hash_api_key(key))
+            hashes.add(salted_key_hash(key, salt))
     return sorted(hashes)
 
 

@@ -86,7 +86,8 @@ async def desired_manifest(rt: Runtime, namespace: str, name: str, spec: dict, b
         raise A.SpecProblem("SecretNotFound", f"source credentials Secret {src_secret!r} not found")
     refs = A.api_key_refs(spec)
     secrets = {r.name: await rt.get_secret(namespace, r.name) for r in refs}
-    return A.build_manifest(name, spec, A.tenant_hashes(refs, secrets))
+    salt = A.tenant_salt(namespace, spec.get("baseModel", ""))
+    return A.build_manifest(name, spec, A.tenant_hashes(refs, secrets, salt))
 
 
 async def engine_token(rt: Runtime, namespace: str, base: dict | None) -> str | None:

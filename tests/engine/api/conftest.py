@@ -1,10 +1,11 @@
 """Real `loraplex-engine` processes for the HTTP tests, shared by the whole session.
 
-- `server`: auth on (API keys for two tenants, an admin token), a watched manifest file,
+- `server`: auth on (API keys for two tenants, an admin token, a metrics token), a watched manifest file,
   `--preload-adapters a1`, a bounded queue (--max-waiting 16) and a small body cap. Its S3
   endpoint is a local server that holds every request until the test releases it, so an
   adapter can be kept "loading" for as long as a test needs, without sleeps.
-- `open_server`: no keys, no admin token, per-adapter metric labels capped at 1.
+- `open_server`: no keys, no admin token, per-adapter metric labels capped at 1, browser pages
+  of ALLOWED_ORIGIN allowed cross-site (--allowed-origins).
 
 The tiny checkpoint and three PEFT adapters are made in a temp dir by tests/support/tiny.py.
 """
@@ -32,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[3]
 ENGINE_BIN = Path(sys.executable).with_name("loraplex-engine")
 KEYS = {"tenant-a": ["key-a"], "tenant-b": ["key-b"]}
 ADMIN_TOKEN = "admin-secret-token"
+METRICS_TOKEN = "metrics-scraper-token"  # the main server's --metrics-token-file
 MAX_WAITING = 16
 MAX_BODY_BYTES = 64 * 1024
+ALLOWED_ORIGIN = "https://app.example.com"  # the open server's --allowed-origins
 
 
 def free_port() -> int:
@@ -129,6 +132,7 @@ class Assets:
     manifest_file: Path
     keys_file: Path
     admin_file: Path
+    metrics_file: Path
     adapters: list[str] = field(default_factory=list)
 
 
@@ -160,11 +164,12 @@ def assets(tmp_path_factory) -> Assets:
         make_tiny_adapter(base, adapter_dir / name, **kw)
     a = Assets(root=root, base=base, adapter_dir=adapter_dir, cache_dir=root / "cache",
                manifest_file=root / "manifest.json", keys_file=root / "keys.json", admin_file=root / "admin.txt",
-               adapters=list(specs))
+               metrics_file=root / "metrics-token.txt", adapters=list(specs))
     a.cache_dir.mkdir()
     write_manifest_file(a.manifest_file, initial_manifests())
     a.keys_file.write_text(json.dumps(KEYS))
     a.admin_file.write_text(ADMIN_TOKEN + "\n")
+    a.metrics_file.write_text(METRICS_TOKEN + "\n")
     return a
 
 
@@ -235,11 +240,13 @@ def _servers(assets, stalling_s3):
         *common, "--served-model-name", "tiny-base",
         "--adapter-manifest-file", str(assets.manifest_file), "--preload-adapters", "a1",
         "--api-keys-file", str(assets.keys_file), "--admin-token-file", str(assets.admin_file),
+        "--metrics-token-file", str(assets.metrics_file),
         "--max-num-seqs", "16", "--max-waiting", str(MAX_WAITING), "--max-body-bytes", str(MAX_BODY_BYTES),
     ], assets.root / "server.log", env={
         "AWS_ENDPOINT_URL": stalling_s3.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
-    open_ = EngineProcess("open_server", [*common, "--max-adapter-metric-labels", "1"], assets.root / "open.log")
+    open_ = EngineProcess("open_server", [*common, "--max-adapter-metric-labels", "1", "--allowed-origins", ALLOWED_ORIGIN],
+                          assets.root / "open.log")
     try:
         main.wait_ready()
         open_.wait_ready()

@@ -1,11 +1,13 @@
 """API keys per tenant, adapter tenant lists, the admin token, and the admin routes."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from loraplex.manifest import hash_api_key
-from tests.engine.api.conftest import ADMIN, KEY_A, KEY_B, assert_error, auth
+from tests.engine.api.conftest import ADMIN, KEY_A, KEY_B, assert_error, auth, wait_until
 
 COMPLETION = {"prompt": "The quick brown fox", "max_tokens": 2, "temperature": 0}
 
@@ -35,13 +37,13 @@ def test_tenant_restricted_adapter(server):
     url = server.url + "/v1/completions"
     body = {"model": "private-a", **COMPLETION}
     assert httpx.post(url, json=body, headers=KEY_A, timeout=60).status_code == 200
-    err = assert_error(httpx.post(url, json=body, headers=KEY_B), 403, "forbidden")
-    assert "key-a" not in err["message"] and "tenant" not in err["message"]
+    # another tenant's key: the adapter does not exist for it (test_another_tenants_adapter_is_a_404)
+    assert_error(httpx.post(url, json=body, headers=KEY_B), 404, "model_not_found")
     assert_error(httpx.post(url, json=body), 401)
     assert_error(httpx.post(url, json=body, headers=auth("wrong")), 401)
     # LoRAX route, same rule
     lorax = {"inputs": "hi", "parameters": {"adapter_id": "private-a", "max_new_tokens": 2}}
-    assert_error(httpx.post(server.url + "/generate", json=lorax, headers=KEY_B), 403)
+    assert_error(httpx.post(server.url + "/generate", json=lorax, headers=KEY_B), 404, "model_not_found")
     assert httpx.post(server.url + "/generate", json=lorax, headers=KEY_A, timeout=60).status_code == 200
     # /v1/models lists for a key only what it may call
     for headers, visible in ((KEY_A, True), (KEY_B, False), (ADMIN, True)):
@@ -92,7 +94,7 @@ def test_manifest_api_put_is_idempotent(server, assets):
     # it serves only its tenant
     body = {"model": "put-test", **COMPLETION}
     assert httpx.post(server.url + "/v1/completions", json=body, headers=KEY_B, timeout=60).status_code == 200
-    assert_error(httpx.post(server.url + "/v1/completions", json=body, headers=KEY_A), 403)
+    assert_error(httpx.post(server.url + "/v1/completions", json=body, headers=KEY_A), 404, "model_not_found")
     got = httpx.get(url, headers=ADMIN).json()
     assert got["state"] in ("host", "device") and got["rank"] == 8
     assert "put-test" in {a["name"] for a in httpx.get(server.url + "/v1/adapters", headers=ADMIN).json()["data"]}
@@ -135,3 +137,68 @@ def test_open_server_needs_no_keys(open_server):
     r = httpx.post(open_server.url + "/v1/completions", timeout=60, json={"model": base, **COMPLETION})
     assert r.status_code == 200, r.text
     assert httpx.get(open_server.url + "/v1/adapters").status_code == 200  # admin routes are open too
+
+
+def replace_file(path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic, as a Secret update is
+
+
+def completion_error(server, model: str, headers: dict) -> tuple[int, dict]:
+    r = httpx.post(server.url + "/v1/completions", json={"model": model, **COMPLETION}, headers=headers, timeout=60)
+    return r.status_code, r.json()["error"]
+
+
+def test_another_tenants_adapter_is_indistinguishable_from_a_missing_one(server, open_server):
+    """A 403 that names an adapter tells every tenant it exists (and its name, on a guess). To a
+    caller whose key it does not list, a restricted adapter answers exactly as a name that does
+    not exist: 404 model_not_found, with or without a key, on a server with or without keys."""
+    def same_answer(server, hidden: str, missing: str, headers: dict) -> None:
+        status, err = completion_error(server, hidden, headers)
+        status_missing, err_missing = completion_error(server, missing, headers)
+        assert (status, err["code"], err["type"], err["param"]) == (404, "model_not_found", "invalid_request_error", "model")
+        assert (status_missing, err_missing["code"], err_missing["type"], err_missing["param"]) == \
+            (status, err["code"], err["type"], err["param"])
+        assert err["message"].replace(hidden, "X") == err_missing["message"].replace(missing, "X"), (err, err_missing)
+
+    same_answer(server, "private-a", "no-such-adapter", KEY_B)
+    # no keys file: a restricted adapter called without a key, or with another key (was 401 / 403)
+    put = httpx.put(open_server.url + "/v1/adapters/open-private", timeout=30,
+                    json={"source": "local", "uri": "a2", "tenants": [hash_api_key("key-a")]})
+    assert put.status_code == 200, put.text
+    try:
+        same_answer(open_server, "open-private", "no-such-adapter", {})
+        same_answer(open_server, "open-private", "no-such-adapter", KEY_B)
+        assert httpx.post(open_server.url + "/v1/completions", json={"model": "open-private", **COMPLETION},
+                          headers=KEY_A, timeout=60).status_code == 200
+    finally:
+        httpx.delete(open_server.url + "/v1/adapters/open-private", timeout=30)
+
+
+def test_salted_key_hashes_in_tenants_and_in_the_keys_file(server, assets):
+    """`pbkdf2_sha256$...` entries (salted) are accepted in a manifest's tenants and in the keys
+    file; plain sha256 digests still are (deprecated)."""
+    from loraplex.manifest import salted_key_hash
+
+    url = server.url + "/v1/adapters/salted"
+    put = httpx.put(url, headers=ADMIN, json={"source": "local", "uri": "a2", "tenants": [salted_key_hash("key-b")]})
+    assert put.status_code == 200, put.text
+    original = assets.keys_file.read_text()
+    try:
+        assert completion_error(server, "salted", KEY_A)[0] == 404
+        assert httpx.post(server.url + "/v1/completions", json={"model": "salted", **COMPLETION}, headers=KEY_B,
+                          timeout=60).status_code == 200
+        # the keys file: a salted key for a new tenant, beside a legacy digest
+        keys = json.loads(original)
+        keys["tenant-c"] = [salted_key_hash("key-c", salt="saltofthisfile"), f"sha256:{hash_api_key('key-d')}"]
+        replace_file(assets.keys_file, json.dumps(keys))
+        for key in ("key-c", "key-d"):
+            wait_until(lambda: httpx.get(server.url + "/v1/models", headers=auth(key)).status_code == 200, 15,
+                       f"{key} accepted")
+        assert_error(httpx.get(server.url + "/v1/models", headers=auth("key-e")), 401, "invalid_api_key")
+    finally:
+        replace_file(assets.keys_file, original)
+        httpx.delete(url, headers=ADMIN, timeout=30)
+    wait_until(lambda: httpx.get(server.url + "/v1/models", headers=auth("key-c")).status_code == 401, 15,
+               "key-c gone with the file's old contents")

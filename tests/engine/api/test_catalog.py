@@ -84,9 +84,15 @@ def lorax_ids(server, name: str, n: int = 8) -> list[int]:
 
 
 def test_lorax_getting_started_example_verbatim(catalog_server, reference):
-    # The command, as a new user types it (only the port differs: the test picks a free one).
-    out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{catalog_server.port}/generate", "-d",
-                          '{"inputs": "Hello", "parameters": {"adapter_id": "tenant-42"}}'],
+    # The command, as a new user types it (only the port differs: the test picks a free one),
+    # with the JSON content type that LoRAX's own example sends: bodies of another type are 415,
+    # since a browser sends form and text/plain bodies cross-site without a preflight (CSRF;
+    # docs/api.md "Browsers and cross-site requests").
+    url = f"http://127.0.0.1:{catalog_server.port}/generate"
+    body = '{"inputs": "Hello", "parameters": {"adapter_id": "tenant-42"}}'
+    bare = subprocess.run(["curl", "-s", url, "-d", body], capture_output=True, text=True, timeout=120)
+    assert json.loads(bare.stdout)["error"]["code"] == "unsupported_media_type", bare.stdout
+    out = subprocess.run(["curl", "-s", url, "-H", "Content-Type: application/json", "-d", body],
                          capture_output=True, text=True, timeout=120)
     body = json.loads(out.stdout)
     assert isinstance(body.get("generated_text"), str) and body["generated_text"], out.stdout

@@ -160,12 +160,22 @@ def test_errors_are_counted(server):
     assert delta(adapter="a1", status="400") == 1
 
 
-def test_json_body_without_json_content_type(server, still_serving):
-    """`curl -d` sends form encoding; every body route takes JSON, so it is read as JSON."""
+@pytest.mark.parametrize("method,path", JSON_ROUTES)
+def test_a_body_that_is_not_sent_as_json_is_415(server, still_serving, method, path):
+    """A web page on another site can make a browser POST a form or text/plain body without a
+    preflight (CSRF): every body must come as application/json, on every route that takes one."""
     body = b'{"model": "a1", "prompt": "hello", "max_tokens": 2}'
-    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
-        headers = {**KEY_A, **({"Content-Type": content_type} if content_type else {})}
-        r = httpx.post(server.url + CMPL, content=body, headers=headers, timeout=60)
-        assert r.status_code == 200, (content_type, r.text)
-    r = httpx.post(server.url + CMPL, content=b"", headers=KEY_A)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", None):
+        headers = {**headers_for(path), **({"Content-Type": content_type} if content_type else {})}
+        r = httpx.request(method, server.url + path, content=body, headers=headers, timeout=60)
+        err = assert_error(r, 415, "unsupported_media_type")
+        assert "application/json" in err["message"], err
+    r = httpx.request(method, server.url + path, content=b"", headers=headers_for(path))  # no body, no type
     assert assert_error(r, 400)["message"] == "the request body must be a JSON object"
+
+
+def test_json_with_a_charset_is_json(server, still_serving):
+    body = b'{"model": "a1", "prompt": "hello", "max_tokens": 2}'
+    r = httpx.post(server.url + CMPL, content=body, timeout=60,
+                   headers={**KEY_A, "Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text

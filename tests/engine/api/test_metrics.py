@@ -1,9 +1,11 @@
 """/metrics, parsed with prometheus_client's parser, before and after known traffic."""
 from __future__ import annotations
 
+import re
+
 import httpx
 
-from tests.engine.api.conftest import ADMIN, metric, parse_metrics, wait_until
+from tests.engine.api.conftest import ADMIN, ADMIN_TOKEN, KEY_A, METRICS_TOKEN, metric, parse_metrics, wait_until
 
 PROMPT = "LoRA adapters share one base model"
 
@@ -89,3 +91,51 @@ def test_adapter_label_cardinality_is_capped(open_server):
     labels = {dict(lbl)["adapter"] for (name, lbl), _ in samples.items() if name == "loraplex_requests_total"}
     assert len(labels - {base, "unknown", "other"}) == 1, labels
     assert metric(samples, "loraplex_requests_total", adapter="other", status="200") >= 2
+
+
+def test_restricted_adapters_are_not_named_to_anonymous_callers(server, assets):
+    """/metrics, /info and /ready need no credentials: there a restricted adapter (one with
+    `tenants`) shows as an opaque `restricted-<12 hex>` id, the same in every view; the admin
+    token and the metrics token (--metrics-token-file) see its name. Open adapters keep theirs."""
+    r = httpx.post(server.url + "/v1/completions", headers=KEY_A, timeout=60,
+                   json={"model": "private-a", "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    anonymous = httpx.get(server.url + "/metrics").text
+    assert "private-a" not in anonymous
+    # (adapters that earlier tests registered and deleted show as ids too: unknown names count
+    # as restricted)
+    shown = {dict(labels)["adapter"] for name, labels in parse_metrics(anonymous) if name == "loraplex_requests_total"}
+    assert {"a2", "tiny-base"} <= shown  # open adapters and the base keep their names
+    # the manifest file holds a2, a3 and private-a: /info shows private-a by the id /metrics uses
+    info = httpx.get(server.url + "/info").json()["manifest_file"]["adapters"]
+    (hidden,) = [n for n in info if n not in ("a2", "a3")]
+    assert re.fullmatch(r"restricted-[0-9a-f]{12}", hidden) and hidden in shown, (info, shown)
+    for token in (ADMIN_TOKEN, METRICS_TOKEN):
+        named = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {token}"}).text
+        assert 'adapter="private-a"' in named and "restricted-" not in named
+        info = httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {token}"}).json()
+        assert "private-a" in info["manifest_file"]["adapters"]
+    assert "private-a" not in httpx.get(server.url + "/metrics", headers=KEY_A).text  # an API key is not enough
+
+
+def test_the_router_metric_lists_redact_each_name():
+    """vllm:lora_requests_info carries adapter names in comma-separated label values: each name
+    is redacted on its own (the list is sorted again), the other labels are left alone."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    from loraplex.engine.api.redaction import RedactedRegistry
+
+    class Router:
+        def collect(self):
+            g = GaugeMetricFamily("vllm:lora_requests_info", "x",
+                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            g.add_metric(["4", "a2,private-a", "private-b"], 1.0)
+            yield g
+
+    registry = CollectorRegistry()
+    registry.register(Router())
+    text = generate_latest(RedactedRegistry(registry, lambda n: "restricted-x" if n.startswith("private") else n))
+    assert b'running_lora_adapters="a2,restricted-x"' in text and b'waiting_lora_adapters="restricted-x"' in text
+    assert b'max_lora="4"' in text and b"private" not in text
+    assert b"private-a" in generate_latest(registry)  # the registry itself is untouched

@@ -145,8 +145,9 @@ def admin_get(engine, name: str) -> httpx.Response:
 def test_unplaced_adapter_is_served_with_its_tenants(engine, catalog):
     catalog.answers["priv"] = manifest("priv", "a2", [hash_api_key("key-a")])
     mark = len(catalog.requests)
-    # A caller whose key the adapter does not list: 403, and the pod does not load it for them.
-    assert_error(complete(engine, "priv", "key-b"), 403, "forbidden")
+    # A caller whose key the adapter does not list: 404 (it does not exist for them), and the pod
+    # does not load it for them.
+    assert_error(complete(engine, "priv", "key-b"), 404, "model_not_found")
     assert admin_get(engine, "priv").json()["state"] == "registered"
     assert_error(complete(engine, "priv", None), 401)
     r = complete(engine, "priv", "key-a")
@@ -203,7 +204,7 @@ def test_a_tenant_change_reaches_the_pod_after_the_ttl(engine, catalog):
     catalog.answers["moving"] = manifest("moving", "a2", [hash_api_key("key-a")])
     assert complete(engine, "moving", "key-a").status_code == 200
     catalog.answers["moving"] = manifest("moving", "a2", [hash_api_key("key-b")])  # key-a revoked
-    wait_until(lambda: complete(engine, "moving", "key-a").status_code == 403, 15, "key-a refused after the TTL",
+    wait_until(lambda: complete(engine, "moving", "key-a").status_code == 404, 15, "key-a refused after the TTL",
                interval=0.5)
     assert complete(engine, "moving", "key-b").status_code == 200
     del catalog.answers["moving"]  # deleted: gone from this pod too once the TTL is over

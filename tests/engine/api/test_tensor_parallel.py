@@ -14,11 +14,15 @@
   (or the server has exited), and the server exits non-zero within KILL_BOUND_SECONDS.
 - A worker SIGSTOPped (hung, not dead): the same, once the collective timeout runs out.
 - Rank 0 SIGKILLed: its worker exits within ORPHAN_BOUND_SECONDS.
+- Rendezvous: no process of a size-2 engine (rank 0 and its worker) listens on an address
+  other than loopback (the store is a FileStore in a private folder; gloo binds lo), and prompt
+  logprobs of a prompt longer than one logits chunk match size 1.
 - Start-up errors: a size that does not divide the heads exits 1 with the reason, before any
   worker starts; an fp8 base whose blocks the shards would cut is refused, naming the projections.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -298,3 +302,62 @@ def test_cli_maps_the_tensor_parallel_flags():
     assert (config.tensor_parallel_size, config.tensor_parallel_timeout) == (4, 7.5)
     defaults, _ = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
     assert defaults.tensor_parallel_size == 1  # size 1: no process group, no workers
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """"address:port" of every listening TCP socket the process holds (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = []
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                hex_addr, hex_port = local.split(":")
+                # /proc prints the address as 32-bit words in host (little-endian) order
+                raw = b"".join(bytes.fromhex(hex_addr[i:i + 8])[::-1] for i in range(0, len(hex_addr), 8))
+                found.append(f"{ipaddress.ip_address(raw[:size])}:{int(hex_port, 16)}")
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+@pytest.mark.slow
+def test_the_rendezvous_listens_on_loopback_only(checkpoints, tmp_path):
+    """The store and the collectives' sockets of a tensor-parallel engine must not be reachable
+    from the pod network: every listening socket of rank 0 and of its worker is loopback."""
+    model, adapters = checkpoints["llama"]
+    server = EngineProcess("tp2-sockets", tp_args(model, adapters), tmp_path / "sockets.log", env=ENV)
+    try:
+        server.wait_ready()
+        (worker,) = httpx.get(server.url + "/info").json()["tensor_parallel_worker_pids"]
+        # a step, so that every lazily made connection exists
+        long_prompt = " ".join(PROMPTS * 4)  # more prompt rows than one logits chunk (128)
+        requests = [(long_prompt, None), (long_prompt, "all")]
+        got = generate_concurrently(server.url, requests)
+        sockets = {pid: listening_sockets(pid) for pid in (server.proc.pid, worker)}
+        print(f"listening sockets by pid: {sockets}")
+        assert f"127.0.0.1:{server.port}" in sockets[server.proc.pid]  # the test sees the HTTP socket
+        exposed = {pid: [a for a in addrs if not is_loopback(a)] for pid, addrs in sockets.items()}
+        assert not any(exposed.values()), exposed
+    finally:
+        server.stop()
+    want = size_1_reference(model, adapters, requests)
+    for ref, details in zip(want, got):
+        assert len(details["prefill"]) > 128
+        served = [t["logprob"] for t in details["prefill"][1:]]
+        assert max(abs(s - e) for s, e in zip(served, ref["prompt_logprobs"][1:])) <= LOGPROB_ATOL
+        assert [t["id"] for t in details["tokens"]] == ref["token_ids"]

@@ -61,3 +61,42 @@ def test_prompt_logprobs_through_the_engine_api(tiny_models, hf_models):
     got = out["prompt_logprobs"]
     assert got[0] is None and len(got) == ids.shape[1]
     assert torch.allclose(torch.tensor(got[1:]), expected, atol=LOGIT_ATOL)
+
+
+def test_prompt_logprobs_are_computed_in_bounded_chunks(tiny_models, hf_models, monkeypatch):
+    """Prompt logprobs take full-vocabulary logits for every prompt row: they are computed at
+    most PROMPT_LOGPROB_CHUNK_ROWS rows at a time (here 4), whatever the prompt lengths, and
+    give what transformers gives and what one unchunked computation gives."""
+    from loraplex.engine.core import model_runner
+
+    prompts = PROMPTS[:3]  # 3 sampling rows: within the chunk bound too
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_CHUNK_ROWS", 10**6, raising=False)
+    whole = [o["prompt_logprobs"] for o in make_engine(tiny_models["llama"]).generate(prompts, params)]
+
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_CHUNK_ROWS", 4, raising=False)
+    engine = make_engine(tiny_models["llama"])
+    rows_per_call = []
+    compute_logits = engine.runner.model.compute_logits
+
+    def spy(hidden):
+        rows_per_call.append(hidden.shape[0])
+        return compute_logits(hidden)
+
+    monkeypatch.setattr(engine.runner.model, "compute_logits", spy)
+    outs = engine.generate(prompts, params)
+    lengths = [len(engine.tokenizer.encode(p)) for p in prompts]
+    print(f"prompt lengths {lengths}; logits rows per call {rows_per_call}")
+    assert max(rows_per_call) <= 4 < max(lengths)
+    assert sum(rows_per_call) == sum(n - 1 for n in lengths) + len(prompts)  # every prompt row once, plus sampling
+    worst = 0.0
+    for prompt, out, ref_whole in zip(prompts, outs, whole):
+        got = out["prompt_logprobs"]
+        ids = torch.tensor([engine.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            ref = hf_models("llama")(ids).logits[0].log_softmax(-1)
+        assert got[0] is None and ref_whole[0] is None and len(got) == len(ref_whole) == ids.shape[1]
+        assert torch.allclose(torch.tensor(got[1:]), ref[:-1].gather(1, ids[0, 1:, None])[:, 0], atol=LOGIT_ATOL)
+        worst = max(worst, (torch.tensor(got[1:]) - torch.tensor(ref_whole[1:])).abs().max().item())
+    print(f"largest difference chunked vs unchunked: {worst:.1e}")
+    assert worst <= 1e-5

@@ -17,13 +17,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 
 from loraplex.engine.api import admin_routes, lorax_routes, openai_routes, responses_routes, system_routes, tracing
 from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import install_error_handlers
 from loraplex.engine.api.manifest_watcher import ManifestWatcher
 from loraplex.engine.api.metrics import UNKNOWN
-from loraplex.engine.api.middleware import BodyLimitMiddleware
+from loraplex.engine.api.middleware import BodyLimitMiddleware, RequestGuardMiddleware
 from loraplex.engine.api.serving import ServerState, adapter_name_for
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.core.async_engine import AsyncEngine
@@ -95,7 +96,8 @@ async def _watch(state: ServerState) -> None:
 
 def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    auth = Authenticator(settings.api_keys_file, settings.admin_token_file)  # bad files: ValueError now
+    auth = Authenticator(settings.api_keys_file, settings.admin_token_file,  # bad files: ValueError now
+                         settings.metrics_token_file)
     state = ServerState(settings, auth)
 
     @asynccontextmanager
@@ -151,6 +153,10 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
 
     app.add_exception_handler(RequestValidationError, counted_validation_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuardMiddleware, allowed_origins=settings.allowed_origins)
+    if settings.allowed_origins:  # outermost: answers the preflights of the pages it allows
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     app.include_router(system_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)

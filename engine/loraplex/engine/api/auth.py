@@ -1,16 +1,23 @@
 """API keys (tenants) and the admin token.
 
 API keys file (`--api-keys-file`), JSON: tenant name -> list of keys (or one key):
-    {"tenant-a": ["sk-a1", "sk-a2"], "tenant-b": "sk-b1", "tenant-c": ["sha256:<64 hex>"]}
-A value `sha256:<hex>` is a key's digest (loraplex.manifest.hash_api_key), so the file need not
-hold raw keys. Only digests are kept in memory. With the file set, every inference route needs
-`Authorization: Bearer <key>`. An adapter's manifest `tenants` (key digests) restricts it further.
+    {"tenant-a": ["sk-a1", "sk-a2"], "tenant-b": "sk-b1",
+     "tenant-c": ["pbkdf2_sha256$1000$<salt>$<64 hex>", "sha256:<64 hex>"]}
+A `pbkdf2_sha256$...` value is a key's salted hash (loraplex.manifest.salted_key_hash), so the
+file need not hold raw keys; `sha256:<hex>` (an unsalted digest) is still read, deprecated.
+Only hashes are kept in memory. With the file set, every inference route needs
+`Authorization: Bearer <key>`. An adapter's manifest `tenants` (key hashes) restricts it further;
+to a caller whose key it does not list, such an adapter does not exist (404, as unknown names).
 
 Admin token file (`--admin-token-file`): the token on its first line. With it set, admin routes
 need `Authorization: Bearer <admin token>` (compared in constant time). The admin token is also
 accepted on inference routes and may call every adapter.
 
-Both files are re-read when they change (Kubernetes Secret updates), by the app's watcher.
+Metrics token file (`--metrics-token-file`), the token on its first line: a read-only
+credential for scrapers. With it (or the admin token) as a bearer token, /metrics, /info and
+/ready name restricted adapters; without, they show them by opaque ids (redaction.py).
+
+The files are re-read when they change (Kubernetes Secret updates), by the app's watcher.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from pathlib import Path
 from fastapi import Request
 
 from loraplex.engine.api.errors import APIError
-from loraplex.manifest import SHA256_HEX, AdapterManifest, hash_api_key
+from loraplex.engine.core.errors import UnknownAdapterError
+from loraplex.manifest import SHA256_HEX, AdapterManifest, KeyIndex, hash_api_key, key_matches
 
 log = logging.getLogger("loraplex.engine.api.auth")
 
@@ -46,32 +54,37 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-def parse_api_keys(text: str) -> dict[str, str]:
-    """Key digest -> tenant. Raises ValueError with a clear message on a malformed file."""
+def parse_api_keys(text: str) -> KeyIndex:
+    """Key hash -> tenant. Raises ValueError with a clear message on a malformed file."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"the API keys file is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError('the API keys file must hold a JSON object {"tenant": ["key", ...]}')
-    by_hash: dict[str, str] = {}
+    index = KeyIndex()
     for tenant, keys in data.items():
         if isinstance(keys, str):
             keys = [keys]
         if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
             raise ValueError(f"tenant {tenant!r}: keys must be a non-empty string or a list of them")
         for key in keys:
-            if key.startswith("sha256:"):
-                digest = key[len("sha256:"):].lower()
-                if not SHA256_HEX.match(digest):
+            if key.startswith("pbkdf2_sha256$"):
+                entry = key
+            elif key.startswith("sha256:"):
+                entry = key[len("sha256:"):].lower()
+                if not SHA256_HEX.match(entry):
                     raise ValueError(f"tenant {tenant!r}: 'sha256:' must be followed by 64 hex characters")
             else:
-                digest = hash_api_key(key)
-            other = by_hash.get(digest)
+                entry = hash_api_key(key)
+            try:
+                other = index.add(entry, tenant)
+            except ValueError:
+                raise ValueError(f"tenant {tenant!r}: a 'pbkdf2_sha256$' key must be pbkdf2_sha256$<iterations "
+                                 "1..1000000>$<salt: 8-64 of A-Za-z0-9._->$<64 hex>") from None
             if other is not None and other != tenant:
                 raise ValueError(f"one key is listed for two tenants ({other!r} and {tenant!r})")
-            by_hash[digest] = tenant
-    return by_hash
+    return index
 
 
 class WatchedFile:
@@ -114,6 +127,11 @@ class WatchedFile:
         return True
 
 
+def _same(token: str | None, file: WatchedFile | None) -> bool:
+    """The token equals the file's (constant-time comparison)."""
+    return bool(token) and file is not None and hmac.compare_digest(token.encode(), file.value.encode())
+
+
 def _parse_token(text: str) -> str:
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
@@ -122,14 +140,16 @@ def _parse_token(text: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, api_keys_file: str | None = None, admin_token_file: str | None = None):
+    def __init__(self, api_keys_file: str | None = None, admin_token_file: str | None = None,
+                 metrics_token_file: str | None = None):
         self.keys = WatchedFile(api_keys_file, parse_api_keys) if api_keys_file else None
         self.admin = WatchedFile(admin_token_file, _parse_token) if admin_token_file else None
+        self.metrics = WatchedFile(metrics_token_file, _parse_token) if metrics_token_file else None
         if self.admin is None:
             log.warning("no --admin-token-file: the adapter admin routes are open to every caller")
 
     def reload(self) -> None:
-        for f in (self.keys, self.admin):
+        for f in (self.keys, self.admin, self.metrics):
             if f is not None and f.reload():
                 log.info("reloaded %s", f.path)
 
@@ -142,8 +162,14 @@ class Authenticator:
         return self.admin is not None
 
     def _is_admin_token(self, token: str | None) -> bool:
-        return bool(token) and self.admin is not None and hmac.compare_digest(
-            token.encode(), self.admin.value.encode())
+        return _same(token, self.admin)
+
+    def may_see_names(self, request: Request) -> bool:
+        """Whether the caller of /metrics, /info or /ready sees restricted adapters' names: it
+        presents the admin or the metrics token (a server without an admin token has no
+        restricted names to hide from its open admin routes either)."""
+        token = bearer_token(request)
+        return self.admin is None or _same(token, self.admin) or _same(token, self.metrics)
 
     def inference(self, request: Request) -> Principal:
         """Who calls an inference route. 401 when keys are required and the key is missing/unknown."""
@@ -178,14 +204,19 @@ class Authenticator:
         return self.admin is None or principal.is_admin
 
     @staticmethod
-    def may_use(principal: Principal, manifest: AdapterManifest) -> bool:
-        return not manifest.tenants or principal.is_admin or principal.key_hash in manifest.tenants
+    def may_see(principal: Principal, tenants: list[str]) -> bool:
+        """Whether an adapter restricted to `tenants` (none: open) exists for this caller."""
+        return not tenants or principal.is_admin or key_matches(principal.key_hash, tenants)
 
     @staticmethod
-    def check_adapter(principal: Principal, manifest: AdapterManifest) -> None:
-        """401 without a key, 403 with a key the adapter does not list (and nothing more)."""
-        if Authenticator.may_use(principal, manifest):
-            return
-        if principal.key_hash is None:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        raise APIError(403, f"this API key may not call the model {manifest.name!r}", code="forbidden", param="model")
+    def may_use(principal: Principal, manifest: AdapterManifest) -> bool:
+        return Authenticator.may_see(principal, manifest.tenants)
+
+    @staticmethod
+    def check_adapter(principal: Principal, manifest: AdapterManifest, model: str | None = None,
+                      param: str = "model") -> None:
+        """An adapter the caller may not use answers as a name that does not exist (404, the
+        message and code of an unknown model): neither its name nor its existence leaks to
+        other tenants, with a key or without one. `model`: the name as requested."""
+        if not Authenticator.may_use(principal, manifest):
+            raise UnknownAdapterError(f"the model {model or manifest.name!r} does not exist", param=param)

@@ -140,9 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preload-adapters", default="", help="comma-separated adapters resident before /ready")
     a.add_argument("--adapter-manifest-file", default=None, help="JSON manifest list, watched and reconciled")
     sec = p.add_argument_group("security and limits")
-    sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "sha256:<hex>"]}; see docs/api.md')
+    sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "pbkdf2_sha256$..."]}; see docs/api.md')
     sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
+    sec.add_argument("--metrics-token-file", default=None,
+                     help="file holding a scraper's bearer token: with it (or the admin token) /metrics, /info "
+                          "and /ready name restricted adapters; without, they show opaque ids")
     sec.add_argument("--max-body-bytes", type=_positive_int, default=s["max_body_bytes"])
+    sec.add_argument("--allowed-origins", default="",
+                     help="comma-separated browser origins (https://app.example.com) allowed to call this "
+                          "server cross-site, with CORS; '*': any. Default: none (403)")
     sec.add_argument("--prepare-workers", type=_non_negative_int, default=s["prepare_workers"],
                      help="threads that template, tokenize and validate requests (0: on the event loop)")
     sec.add_argument("--grammar-timeout", type=_positive_float, default=s["grammar_timeout_seconds"],
@@ -188,8 +194,10 @@ def configs_from_args(args: argparse.Namespace):
     )
     settings = ServerSettings(
         api_keys_file=args.api_keys_file, admin_token_file=args.admin_token_file,
+        metrics_token_file=args.metrics_token_file,
         adapter_manifest_file=args.adapter_manifest_file, max_adapter_metric_labels=args.max_adapter_metric_labels,
         max_body_bytes=args.max_body_bytes, prepare_workers=args.prepare_workers,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         tool_call_parser=args.tool_call_parser, grammar_timeout_seconds=args.grammar_timeout,
         grammar_workers=args.grammar_workers, grammar_cache_bytes=args.grammar_cache_bytes,
     )

@@ -178,9 +178,10 @@ class Metrics:
         for s in seconds:
             self.adapter_load_seconds.observe(s)
 
-    def render(self) -> bytes:
+    def render(self, view: Callable | None = None) -> bytes:
+        """The exposition text; `view` wraps the registry first (redaction.RedactedRegistry)."""
         self.drain_adapter_loads()
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if view is None else view(self.registry))
 
 
 class RequestTimer:

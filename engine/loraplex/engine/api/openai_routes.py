@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from loraplex.engine.api.auth import Principal
+from loraplex.engine.api.auth import Authenticator, Principal
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finite
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
@@ -26,10 +26,6 @@ DONE = "data: [DONE]\n\n"
 
 # ---- models ---------------------------------------------------------------------------------
 
-def _may_list(principal: Principal, tenants: list[str]) -> bool:
-    return not tenants or principal.is_admin or principal.key_hash in tenants
-
-
 def model_cards(state: ServerState, principal: Principal) -> list[dict]:
     engine = state.require_engine().engine
     base = engine.served_model_name
@@ -38,7 +34,7 @@ def model_cards(state: ServerState, principal: Principal) -> list[dict]:
               "root": engine.config.model_id, "parent": None, "max_model_len": engine.max_model_len}]
     for d in engine.adapters.list():
         manifest = d["manifest"]
-        if _may_list(principal, manifest.get("tenants") or []):
+        if Authenticator.may_see(principal, manifest.get("tenants") or []):
             cards.append({"id": d["name"], "object": "model", "created": created, "owned_by": "loraplex",
                           "root": manifest.get("uri"), "parent": base, "max_model_len": engine.max_model_len,
                           "state": d["state"]})

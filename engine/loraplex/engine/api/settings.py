@@ -16,11 +16,15 @@ def package_version() -> str:
 
 @dataclass
 class ServerSettings:
-    api_keys_file: str | None = None  # JSON {"tenant": ["key", "sha256:<hex>", ...]}; see docs/api.md
+    api_keys_file: str | None = None  # JSON {"tenant": ["key", "pbkdf2_sha256$...", ...]}; see docs/api.md
     admin_token_file: str | None = None  # one line: the admin bearer token
+    metrics_token_file: str | None = None  # one line: a scraper's token; /metrics etc. then name restricted adapters
     adapter_manifest_file: str | None = None  # watched; reconciled into the adapter registry
     max_adapter_metric_labels: int = 100  # distinct per-adapter label values; beyond: "other"
     max_body_bytes: int = 1 << 20  # request bodies above this get 413 before any parsing
+    # Browser origins (scheme://host[:port]) whose cross-site requests are let through and get
+    # CORS answers; "*": every origin. Empty: cross-site POST/PUT/DELETE get 403 (middleware.py).
+    allowed_origins: tuple[str, ...] = ()
     watch_interval_seconds: float = 1.0  # manifest and secret file polling
     adapter_load_wait_seconds: float = 120.0  # POST /v1/load_lora_adapter waits this long for the load
     tool_call_parser: str = "auto"  # hermes | llama3_json | auto (from the chat template); tools.py

@@ -1,4 +1,5 @@
-"""Probes and introspection: /health, /ready, /info, /metrics (no auth: kubelet and Prometheus)."""
+"""Probes and introspection: /health, /ready, /info, /metrics (no auth: kubelet and Prometheus).
+Restricted adapters' names show only to callers with the admin or metrics token (redaction.py)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -6,6 +7,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.engine.api.errors import APIError
+from loraplex.engine.api.metrics import OTHER, UNKNOWN
+from loraplex.engine.api.redaction import RedactedRegistry, redact_list, redactor
 from loraplex.engine.api.serving import get_state
 
 router = APIRouter()
@@ -37,11 +40,14 @@ async def ready(request: Request):
     mgr = state.engine.engine.adapters
     ok, missing = mgr.preload_ready()
     if not ok:
+        redact = redactor(request, state) or (lambda name: name)
         details = {}
         for name in missing:
             d = mgr.get(name)
             if d is not None:
-                details[name] = {"state": d["state"], "message": d["message"]}
+                shown = redact(name)  # a restricted adapter's message may name it or its files
+                details[shown] = {"state": d["state"], "message": d["message"] if shown == name else None}
+        missing = [redact(n) for n in missing]
         body = APIError(503, f"not ready: preload adapters not resident yet: {', '.join(missing)}",
                         code="not_ready").body()
         body.update({"status": "not_ready", "model_loaded": True, "missing_preload_adapters": missing,
@@ -60,7 +66,7 @@ async def info(request: Request):
     watcher = state.watcher
     manifest_file = None if watcher is None else {
         "path": str(watcher.path), "versions_applied": watcher.generation, "error": watcher.last_error,
-        "adapters": sorted(watcher.names)}
+        "adapters": sorted(redact_list(watcher.names, redactor(request, state)))}
     return {
         "model_id": cfg.model_id,
         "revision": cfg.revision,
@@ -95,4 +101,7 @@ async def info(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    state = get_state(request)
+    redact = redactor(request, state, keep=(state.metrics.base_label, UNKNOWN, OTHER))
+    view = None if redact is None else (lambda registry: RedactedRegistry(registry, redact))
+    return Response(state.metrics.render(view), media_type=CONTENT_TYPE_LATEST)

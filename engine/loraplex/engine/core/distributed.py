@@ -2,11 +2,13 @@
 in one torch.distributed process group, sends them their messages (tp_worker.py lists them)
 and watches them.
 
-Start-up: rank 0 opens a TCPStore on a free loopback port, starts each worker as
-`python -m loraplex.engine.core.tp_worker` with one end of a socket pair, waits for every
-worker's hello (a worker that dies on import fails the start at once, with its exit code),
-then tells them to join and all ranks join the group (gloo on the CPU, NCCL on CUDA) through
-the store.
+Start-up: rank 0 makes a private folder (mode 0700) for the rendezvous store (a FileStore: no
+socket, so nothing outside the pod, nor another user in it, can read or fill it), starts each
+worker as `python -m loraplex.engine.core.tp_worker` with one end of a socket pair, waits for
+every worker's hello (a worker that dies on import fails the start at once, with its exit
+code), then tells them to join and all ranks join the group (gloo on the CPU, NCCL on CUDA)
+through the store. The collectives' own sockets are bound to loopback (LOOPBACK_ENV): tensor
+parallelism is single-pod.
 
 Failure: a watchdog thread polls the workers every WATCH_SECONDS. When one exits, the group is
 failed: `failure` says why, the other workers are killed (so that a collective rank 0 is
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -36,6 +41,9 @@ log = logging.getLogger("loraplex.engine.tp")
 WATCH_SECONDS = 0.2
 START_SECONDS = 300.0  # for a worker's hello: a cold start imports torch (slow on a busy node)
 STOP_SECONDS = 5.0  # a worker asked to stop gets this long before it is killed
+# Where gloo and NCCL bind their sockets (else the address the host name resolves to: the pod
+# IP). Set in rank 0's environment and in its workers'.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
 
 class WorkerGroupError(RuntimeError):
@@ -51,6 +59,7 @@ class WorkerGroup:
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         self.failure: str | None = None
+        self.store_dir: str | None = None
         self._stopping = False
         self._lock = threading.Lock()
 
@@ -69,10 +78,14 @@ class WorkerGroup:
         if self.device_type == "cuda" and torch.cuda.device_count() < self.size:
             raise ValueError(f"--tensor-parallel-size {self.size} needs {self.size} CUDA devices; "
                              f"torch sees {torch.cuda.device_count()}")
-        store = dist.TCPStore("127.0.0.1", 0, self.size, is_master=True, wait_for_workers=False, timeout=self.timeout)
+        os.environ.update(LOOPBACK_ENV)
+        self.store_dir = tempfile.mkdtemp(prefix="loraplex-tp-")  # mode 0700
+        store_file = os.path.join(self.store_dir, "store")
         try:
+            store = dist.FileStore(store_file, self.size)
+            store.set_timeout(self.timeout)
             for rank in range(1, self.size):
-                self._spawn(rank, store.port)
+                self._spawn(rank, store_file)
             for rank, conn in enumerate(self.conns, start=1):
                 self._wait_hello(rank, conn)
             for conn in self.conns:
@@ -88,13 +101,14 @@ class WorkerGroup:
         log.info("tensor parallel: %d ranks (%s), worker pids %s", self.size, self.device_type, self.pids)
         return self
 
-    def _spawn(self, rank: int, port: int) -> None:
+    def _spawn(self, rank: int, store_file: str) -> None:
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "loraplex.engine.core.tp_worker", "--rank", str(rank), "--size", str(self.size),
-               "--store-port", str(port), "--fd", str(theirs.fileno()), "--device", self.device_type,
+               "--store-file", store_file, "--fd", str(theirs.fileno()), "--device", self.device_type,
                "--timeout", str(self.timeout.total_seconds()), "--log-level", self.log_level]
         # Workers inherit stdout/stderr: their logs land in the engine's.
-        self.procs.append(subprocess.Popen(cmd, pass_fds=[theirs.fileno()], close_fds=True))
+        self.procs.append(subprocess.Popen(cmd, pass_fds=[theirs.fileno()], close_fds=True,
+                                           env={**os.environ, **LOOPBACK_ENV}))
         theirs.close()
         self.conns.append(Connection(ours.detach()))
 
@@ -205,6 +219,8 @@ class WorkerGroup:
                 proc.wait()
         for conn in self.conns:
             conn.close()
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
         import torch.distributed as dist
 
         if dist.is_initialized() and self.failure is None:

@@ -215,8 +215,47 @@ class ModelRunner:
 
     def _record_prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> None:
         """For requests that asked, the logprob of each prompt token given the ones before it."""
-        for seq, lo, hi, row in prompt_logprob_spans(batch):
-            record_prompt_logprobs(seq, lo, hi, self.model.compute_logits(hidden[row:row + hi - lo]))
+        for chunk in prompt_logprob_chunks(batch):
+            record_chunk(chunk, self.model.compute_logits(hidden[chunk_rows(chunk)]))
+
+
+# Prompt logprobs need full-vocabulary fp32 logits for every prompt row of a step, up to
+# max_num_batched_tokens rows, outside the KV budget (2,048 rows x 128k vocab x 4 bytes = 1 GiB
+# per copy). They are computed this many rows at a time: the extra peak is then about
+# 3 x PROMPT_LOGPROB_CHUNK_ROWS x vocab x 4 bytes (the head's output, its fp32 copy, the
+# log-softmax), ~200 MB at a 128k vocabulary, below the sampling logits the KV sizing reserves.
+PROMPT_LOGPROB_CHUNK_ROWS = 128
+
+
+def prompt_logprob_chunks(batch: list[ScheduledSeq], max_rows: int | None = None) -> list[list[tuple]]:
+    """The spans of prompt_logprob_spans cut and packed into chunks of at most `max_rows` rows
+    (PROMPT_LOGPROB_CHUNK_ROWS): one logits computation each. Every rank of a tensor-parallel
+    engine computes the same chunks (tp_worker.StepPlan.logit_chunks)."""
+    max_rows = max_rows or PROMPT_LOGPROB_CHUNK_ROWS
+    chunks: list[list[tuple]] = []
+    size = max_rows  # rows in the last chunk: a full one starts the next
+    for seq, lo, hi, row in prompt_logprob_spans(batch):
+        while hi > lo:
+            if size == max_rows:
+                chunks.append([])
+                size = 0
+            n = min(hi - lo, max_rows - size)
+            chunks[-1].append((seq, lo, lo + n, row))
+            lo, row, size = lo + n, row + n, size + n
+    return chunks
+
+
+def chunk_rows(chunk: list[tuple]) -> list[int]:
+    """The batch rows whose logits a chunk needs, in order."""
+    return [r for _, lo, hi, row in chunk for r in range(row, row + hi - lo)]
+
+
+def record_chunk(chunk: list[tuple], logits: torch.Tensor) -> None:
+    """Record the prompt logprobs of a chunk from its logits ([rows of the chunk, vocab])."""
+    k = 0
+    for seq, lo, hi, _ in chunk:
+        record_prompt_logprobs(seq, lo, hi, logits[k:k + hi - lo])
+        k += hi - lo
 
 
 def prompt_logprob_spans(batch: list[ScheduledSeq]) -> list[tuple]:

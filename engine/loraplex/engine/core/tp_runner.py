@@ -3,8 +3,8 @@
 `TPModelRunner.run` is `ModelRunner.run` plus the step plan: before its own forward, rank 0
 sends every worker the plan of the step (tp_worker.StepPlan), then all ranks run the forward on
 their shards in lockstep (the collectives are in the model, parallel.py). Logits are computed
-once per step, for every row rank 0 needs (prompt logprobs, then the sampling rows), so the
-workers know which rows to join the gather for. No CUDA graphs (each rank would have to capture
+for the rows rank 0 needs (prompt logprobs in bounded chunks, then the sampling rows), and the
+plan lists them, so the workers join the same gathers in the same order. No CUDA graphs (each rank would have to capture
 and replay in step, with the collectives inside; not done yet).
 
 Any error inside a TP step is fatal for the engine: after a failed or half-done collective the
@@ -21,7 +21,7 @@ import torch
 
 from loraplex.engine.core.adapters.device_slots import DeviceSlots
 from loraplex.engine.core.distributed import WorkerGroup, WorkerGroupError
-from loraplex.engine.core.model_runner import ModelRunner, prompt_logprob_spans, record_prompt_logprobs
+from loraplex.engine.core.model_runner import ModelRunner, chunk_rows, prompt_logprob_chunks, record_chunk
 from loraplex.engine.core.sampler import sample
 from loraplex.engine.core.scheduler import ScheduledSeq
 from loraplex.engine.core.tp_worker import LoRAShard, PlanItem, StepPlan
@@ -39,30 +39,29 @@ class TPModelRunner(ModelRunner):
     def run(self, batch: list[ScheduledSeq]) -> list[tuple[ScheduledSeq, int | None]]:
         self.workers.check()
         batch = sorted(batch, key=lambda item: item.seq.lora_slot) if len(batch) > 1 else batch
-        spans = prompt_logprob_spans(batch)
-        rows = [r for _, lo, hi, row in spans for r in range(row, row + hi - lo)]
-        sampling, end = [], 0
+        chunks = prompt_logprob_chunks(batch)
+        logit_chunks = [chunk_rows(chunk) for chunk in chunks]
+        sampling, rows, end = [], [], 0
         for item in batch:
             end += item.num_tokens
             if item.samples:
                 sampling.append(item)
                 rows.append(end - 1)
         try:
-            self.workers.send(("step", StepPlan([PlanItem.of(item) for item in batch], rows)))
+            self.workers.send(("step", StepPlan([PlanItem.of(item) for item in batch], logit_chunks, rows)))
             step = self.prepare(batch)
             hidden = self.model(step.ids, step.positions, step.attn, step.lora, self.ops, self.kv_caches)
+            # the same computations, in the same order, as every worker (tp_worker.Worker.on_step)
+            for chunk, chunk_ids in zip(chunks, logit_chunks):
+                record_chunk(chunk, self.model.compute_logits(hidden[chunk_ids]))
             logits = self.model.compute_logits(hidden[rows]) if rows else None
         except Exception as exc:
             if not isinstance(exc, WorkerGroupError):
                 self.workers.fail_step(exc)
             raise WorkerGroupError(self.workers.failure) from exc
-        k = 0
-        for seq, lo, hi, _ in spans:
-            record_prompt_logprobs(seq, lo, hi, logits[k:k + hi - lo])
-            k += hi - lo
         tokens: dict[int, int] = {}
         if sampling:
-            sampled = sample(logits[k:], [item.seq for item in sampling], self.generator)
+            sampled = sample(logits, [item.seq for item in sampling], self.generator)
             tokens = {id(item): t for item, t in zip(sampling, sampled)}
         return [(item, tokens.get(id(item))) for item in batch]
 

@@ -75,12 +75,14 @@ class StepPlan:
     """What every rank needs for one forward. `items` are in rank 0's batch order (already
     sorted by LoRA slot), so every rank's `prepare` builds the same flattened inputs: token ids,
     positions, cache slots, prefill spans, decode rows, block tables, context lengths and LoRA
-    segments. `logit_rows`: the rows of the final hidden states whose logits rank 0 needs
-    (prompt logprobs, then the sampling rows): every rank computes its vocabulary slice of them
-    for the gather."""
+    segments. The rows of the final hidden states whose logits rank 0 needs: `logit_chunks`, the
+    prompt-logprob rows in bounded chunks (model_runner.prompt_logprob_chunks), then
+    `sample_rows`; every rank computes its vocabulary slice of each, in this order, for the
+    gathers."""
 
     items: list[PlanItem]
-    logit_rows: list[int] = field(default_factory=list)
+    logit_chunks: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -163,8 +165,9 @@ class Worker:
         with torch.inference_mode():
             step = self.runner.prepare(plan.items)
             hidden = self.model(step.ids, step.positions, step.attn, step.lora, self.runner.ops, self.runner.kv_caches)
-            if plan.logit_rows:
-                self.model.compute_logits(hidden[plan.logit_rows])
+            for rows in [*plan.logit_chunks, plan.sample_rows]:
+                if rows:
+                    self.model.compute_logits(hidden[rows])
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loraplex-tp-worker", description="A tensor-parallel worker; started by loraplex-engine.")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
-    p.add_argument("--store-port", type=int, required=True, help="rank 0's TCPStore on 127.0.0.1")
+    p.add_argument("--store-file", required=True, help="rank 0's FileStore (in a folder only this user can read)")
     p.add_argument("--fd", type=int, required=True, help="this worker's socket to rank 0 (inherited)")
     p.add_argument("--device", choices=["cpu", "cuda"], required=True)
     p.add_argument("--timeout", type=float, required=True, help="collective and rendezvous timeout, seconds")
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     # moments, well within the collective timeout it runs under.
     if recv(conn)[0] != "join":
         return 1
-    store = dist.TCPStore("127.0.0.1", args.store_port, args.size, is_master=False, timeout=timeout)
+    store = dist.FileStore(args.store_file, args.size)
+    store.set_timeout(timeout)
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", store=store, rank=args.rank,
                             world_size=args.size, timeout=timeout)
     worker = Worker(conn, args.rank, args.size, device)
