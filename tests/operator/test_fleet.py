@@ -12,10 +12,9 @@ from loraplex.operator import constants as C
 from loraplex.operator.adapters import is_transient
 from loraplex.operator.config import OperatorConfig
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable
-from loraplex.manifest import AdapterManifest, manifest_digest
-from loraplex.operator.fleet import (Op, PodMemory, PodRecord, backoff, batches, fold_error, fold_report,
+from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest
+from loraplex.operator.fleet import (Op, PodMemory, PodRecord, backoff, batches, fold_error, fold_report, next_wakeup,
                                      plan_adapter, sync_pod)
-from loraplex.operator.reconcile import next_wakeup
 from loraplex.operator.status import PodView
 
 CFG = OperatorConfig(backoff_base=1.0, backoff_max=8.0, max_failures=3, resync_interval=30, poll_interval=2)
@@ -215,7 +214,7 @@ def test_a_first_push_costs_one_request_per_batch_and_a_refused_manifest_fails_a
     assert out.calls == 2 + 3 and engine.calls.count("POST /v1/adapters:batch") == 3  # 451 = 200 + 200 + 51
     assert len(out.pushed) == 450 and out.failed_pushes == 1
     bad = out.records["refused-1"]
-    assert bad.state == C.STATE_FAILED and bad.permanent and "invalid adapter manifest" in bad.message
+    assert bad.state == AdapterState.FAILED and bad.permanent and "invalid adapter manifest" in bad.message
 
 
 def test_batches_bound_count_and_bytes():

@@ -51,7 +51,7 @@ from . import constants as C
 from .catalog_auth import CallerLimits, TokenTable
 from . import config
 from .kube import ApiError, Ref
-from .reconcile import desired_manifest
+from .sync import desired_manifest
 from .runtime import Runtime
 
 log = logging.getLogger("loraplex.operator.catalog")
