@@ -13,7 +13,7 @@ from loraplex.operator.adapters import is_transient
 from loraplex.operator.config import OperatorConfig
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable
 from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest
-from loraplex.operator.fleet import (Op, PodMemory, PodRecord, backoff, batches, fold_error, fold_report, next_wakeup,
+from loraplex.operator.fleet import (Op, Payload, PodMemory, PodRecord, backoff, batches, fold_error, fold_report, next_wakeup,
                                      plan_adapter, sync_pod)
 from loraplex.operator.status import PodView
 
@@ -172,7 +172,7 @@ def test_sync_pod_pushes_only_the_difference(batch):
     engine.adapters["jit-loaded"] = listed("jit-loaded")        # not ours: left alone
     engine.adapters["moved-off"] = listed("moved-off")          # ours, placed elsewhere now
     engine.adapters["served-jit"] = {**listed("served-jit"), "dynamic": True}  # loaded just in time here
-    placed = {f"a{i}": (manifest(f"a{i}"), digest(f"a{i}")) for i in range(50)}
+    placed = {f"a{i}": Payload(manifest(f"a{i}"), digest(f"a{i}")) for i in range(50)}
     mem = PodMemory()
     first = run_pass(engine, mem, placed, {}, set(placed) | {"moved-off", "served-jit"})
     assert sorted(first.pushed) == sorted(placed) and first.removed == ["moved-off"]
@@ -200,7 +200,7 @@ def test_sync_pod_pushes_only_the_difference(batch):
 def test_a_first_push_costs_one_request_per_batch_and_a_refused_manifest_fails_alone():
     engine = FakeEngine()
     names = [f"a{i}" for i in range(450)] + ["refused-1"]
-    placed = {n: (manifest(n), digest(n)) for n in names}
+    placed = {n: Payload(manifest(n), digest(n)) for n in names}
     cfg = OperatorConfig(backoff_base=1.0, max_failures=3, push_batch_size=200)
     client = EngineClient(transport=httpx.MockTransport(engine))
     pod = PodView(name="p0", uid="u", ip="10.0.0.1", port=8080, ready=True)

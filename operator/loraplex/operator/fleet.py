@@ -169,6 +169,23 @@ def next_wakeup(records: Iterable[PodRecord], cfg: OperatorConfig, now: float) -
     return max(delay, 0.05)
 
 
+@dataclass(frozen=True)
+class Payload:
+    """What should be on a pod for one placed adapter: its manifest (JSON) and that manifest's digest."""
+
+    manifest: dict
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One request-worthy decision of a pass over a pod: an adapter, its Op and its record."""
+
+    name: str
+    op: Op
+    rec: PodRecord
+
+
 @dataclass
 class PodPass:
     """What one pass over one pod did (for status, Events, metrics and tests)."""
@@ -196,10 +213,10 @@ class PodMemory:
     streak: int = 0
 
 
-async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: Mapping[str, tuple[dict, str]],
+async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: Mapping[str, Payload],
                    records: Mapping[str, PodRecord], managed: set[str], cfg: OperatorConfig,
                    token: str | None, limit: asyncio.Semaphore, now: Callable[[], float] = time.monotonic) -> PodPass:
-    """One pass over one pod. `placed`: adapter -> (manifest, digest) that should be on it;
+    """One pass over one pod. `placed`: adapter -> Payload (manifest, digest) that should be on it;
     `records`: what we knew about them there; `managed`: every adapter name of the base (only
     those are ever removed from a pod: names others registered, or loaded just in time, stay).
     Never raises for engine trouble."""
@@ -236,8 +253,9 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
     mem.streak, mem.next_attempt = 0, 0.0
     boot = out.boot_id = mem.boot_id
 
-    ops: list[tuple[str, Op, PodRecord]] = []
-    for name, (manifest, digest) in placed.items():
+    ops: list[Planned] = []
+    for name, payload in placed.items():
+        manifest, digest = payload.manifest, payload.digest
         rec = records.get(name)
         if rec is not None and rec.boot_id and rec.boot_id != boot:
             out.restarted = True
@@ -248,14 +266,15 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
         op, rec = plan_adapter(rec, listing.get(name), manifest, now(), cfg, digest)
         out.records[name] = rec
         if op is not Op.NONE and op is not Op.WAIT:
-            ops.append((name, op, rec))
+            ops.append(Planned(name, op, rec))
     # Registrations of ours that are not placed here any more. An entry the engine loaded just in
     # time (`dynamic`, from the catalog) is the engine's own, even under a managed name:
     # its LRU forgets it, and removing it would only make the next request load it again.
     extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")]
 
-    async def unload_first(name: str, op: Op, rec: PodRecord) -> bool:
+    async def unload_first(planned: Planned) -> bool:
         """RETRY and UNLOAD start with a DELETE; False when nothing is to be pushed after it."""
+        name, rec = planned.name, planned.rec
         async with limit:
             try:
                 out.calls += 1
@@ -264,38 +283,39 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
                 out.failed_pushes += 1
                 out.records[name] = fold_error(rec, e, now(), cfg)
                 return False
-        if op is Op.UNLOAD:
+        if planned.op is Op.UNLOAD:
             out.records[name] = replace(rec, message=f"{rec.message} (unloaded from this pod after "
                                                      f"{rec.failures} attempts so that its readiness "
                                                      "does not wait on it)")
             return False
         return True
 
-    async def push(batch: list[tuple[str, Op, PodRecord]]) -> None:
+    async def push(batch: list[Planned]) -> None:
         async with limit:
             try:
-                result = await engine.put_adapters(pod.ip, pod.port, [placed[n][0] for n, _, _ in batch],
+                result = await engine.put_adapters(pod.ip, pod.port, [placed[p.name].manifest for p in batch],
                                                    token)  # type: ignore[arg-type]
                 out.calls += result.calls
                 reports = result.reports
             except (EngineError, EngineUnreachable) as e:
                 out.calls += 1
-                reports = {n: e for n, _, _ in batch}
-        for name, op, rec in batch:
+                reports = {p.name: e for p in batch}
+        for p in batch:
+            name, rec = p.name, p.rec
             report = reports.get(name) or EngineError(502, "no answer for this adapter in the batch")
             if isinstance(report, (EngineError, EngineUnreachable)):
                 out.failed_pushes += 1
                 out.records[name] = fold_error(rec, report, now(), cfg)
             else:
-                (out.retried if op is Op.RETRY else out.pushed).append(name)
+                (out.retried if p.op is Op.RETRY else out.pushed).append(name)
                 out.records[name] = fold_report(rec, report.state, report.message, now(), cfg, new_attempt=True)
 
     async def run_all() -> None:
-        deleted_first = [o for o in ops if o[1] in (Op.RETRY, Op.UNLOAD)]
-        kept = await asyncio.gather(*(unload_first(*o) for o in deleted_first))
-        retry = {o[0] for o, k in zip(deleted_first, kept) if k}
-        to_push = [o for o in ops if o[1] is Op.PUSH or o[0] in retry]
-        await asyncio.gather(*(push(b) for b in batches(to_push, lambda o: placed[o[0]][0], cfg)))
+        deleted_first = [p for p in ops if p.op in (Op.RETRY, Op.UNLOAD)]
+        kept = await asyncio.gather(*(unload_first(p) for p in deleted_first))
+        retry = {p.name for p, k in zip(deleted_first, kept) if k}
+        to_push = [p for p in ops if p.op is Op.PUSH or p.name in retry]
+        await asyncio.gather(*(push(b) for b in batches(to_push, lambda p: placed[p.name].manifest, cfg)))
 
     async def remove(name: str) -> None:
         async with limit:

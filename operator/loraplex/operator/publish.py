@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from loraplex.manifest import AdapterState
-
 from . import adapters as A
 from . import constants as C
 from . import metrics
@@ -105,6 +103,15 @@ def problem_status(problem: A.SpecProblem, generation, old: dict, cfg: OperatorC
     return new
 
 
+@dataclass(frozen=True)
+class StatusWrite:
+    """An adapter's status as it is and as it should be."""
+
+    adapter: dict
+    old: dict
+    new: dict
+
+
 @dataclass
 class AdapterStatuses:
     """The adapters' statuses of one pass: the Events on the base and the next wake-up."""
@@ -123,7 +130,7 @@ async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: Operator
     now_mono = time.monotonic()
     out = AdapterStatuses(delay=cfg.resync_interval)
     transitions: dict[str, list[str]] = {}
-    writes = []
+    writes: list[StatusWrite] = []
     for a in adapters:
         name = a["name"]
         if a.get("deleting"):
@@ -145,28 +152,29 @@ async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: Operator
             out.delay = min(out.delay, next_wakeup(recs, cfg, now_mono))
         if old.get("phase") != new["phase"]:
             transitions.setdefault(new["phase"], []).append(name)
-        writes.append((a, old, new))
+        writes.append(StatusWrite(a, old, new))
 
     limit = asyncio.Semaphore(cfg.status_concurrency)
 
-    async def write(a: dict, old: dict, new: dict) -> None:
+    async def write(w: StatusWrite) -> None:
+        a = w.adapter
         async with limit:
             try:
-                await write_status(kube, memory, lora_ref(ns, a["name"]), adapter_body(ns, a), new,
-                                   S.adapter_warnings, old=old)
+                await write_status(kube, memory, lora_ref(ns, a["name"]), adapter_body(ns, a), w.new,
+                                   S.adapter_warnings, old=w.old)
             except ApiError as e:
                 if e.status != 404:  # deleted meanwhile: nothing to report on
                     log.warning("status of adapter %s/%s not written: %s", ns, a["name"], e)
 
-    await asyncio.gather(*(write(*w) for w in writes if S.differs(w[1], w[2])))
+    await asyncio.gather(*(write(w) for w in writes if S.differs(w.old, w.new)))
     for phase, names in sorted(transitions.items()):
         names.sort()
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         kind = "Warning" if phase in ("Failed", "Degraded") else "Normal"
         out.events.append((kind, f"Adapters{phase}", f"{len(names)} adapter(s) now {phase}: {shown}"))
     counts: dict[str, int] = {}
-    for _, _, new in writes:
-        counts[new["phase"]] = counts.get(new["phase"], 0) + 1
+    for w in writes:
+        counts[w.new["phase"]] = counts.get(w.new["phase"], 0) + 1
     memory.phase_counts[Key(ns, bname)] = counts
     metrics.set_adapter_phases(memory.phase_counts)
     return out

@@ -22,7 +22,7 @@ from . import placement as P
 from . import status as S
 from .constants import Key
 from .engine_client import EngineError, EngineUnreachable
-from .fleet import PodMemory, PodPass, PodRecord, sync_pod
+from .fleet import Payload, PodMemory, PodPass, PodRecord, sync_pod
 from .publish import Event
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ async def sync_pods(rt: Runtime, base: dict, adapters: list[dict], accepted: Acc
     token = await engine_token(rt, ns, base)
     by_name = {a["name"]: a for a in adapters}
     per_pod = P.by_pod(placed)
-    payload = {name: (A.manifest_json(m), A.manifest_digest(m)) for name, m in accepted.manifests.items()}
+    payload = {name: Payload(A.manifest_json(m), A.manifest_digest(m)) for name, m in accepted.manifests.items()}
     records = {name: rt.sync.seed(Key(ns, name), by_name[name].get("status") or {}) for name in accepted.manifests}
     memory = rt.sync.pods.setdefault(bkey, {})
 
@@ -214,7 +214,7 @@ async def sync_pods(rt: Runtime, base: dict, adapters: list[dict], accepted: Acc
     rt.sync.last_pass[bkey] = PassSummary(engine_calls=calls, pods=len(passes), pushed=pushed, removed=removed)
     metrics.ENGINE_CALLS.labels(namespace=ns, base=bname).set(calls)
     return PodSync(records=records, took_part={p.pod for p in passes if p.took_part},
-                   digests={name: digest for name, (_, digest) in payload.items()}, events=events)
+                   digests={name: p.digest for name, p in payload.items()}, events=events)
 
 
 async def unload_adapter(rt: Runtime, body: dict, base: dict | None, pods: list[S.PodView]) -> list[str]:
