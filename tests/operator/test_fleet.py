@@ -13,8 +13,8 @@ from loraplex.operator.adapters import is_transient
 from loraplex.operator.config import OperatorConfig
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable
 from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest
-from loraplex.operator.fleet import (Op, Payload, PodMemory, PodRecord, backoff, batches, fold_error, fold_report, next_wakeup,
-                                     plan_adapter, sync_pod)
+from loraplex.operator.fleet import (Op, Payload, PodMemory, PodRecord, backoff, batches, fold_error, fold_report,
+                                     next_wakeup, plan_adapter, sync_pod)
 from loraplex.operator.status import PodView
 
 CFG = OperatorConfig(backoff_base=1.0, backoff_max=8.0, max_failures=3, resync_interval=30, poll_interval=2)
@@ -227,3 +227,11 @@ def test_batches_bound_count_and_bytes():
     huge = [{"name": "big", "uri": "y" * 10 * one}] + items[:2]
     assert [len(b) for b in batches(huge, lambda m: m, cfg)] == [1, 2]  # too big alone: sent alone
     assert batches([], lambda m: m, cfg) == []
+
+
+def test_one_backoff_formula_for_pods_the_api_server_and_failed_passes():
+    from loraplex.operator import backoff as B
+    assert [B.exponential(n, 1.0, 8.0) for n in (0, 1, 2, 3, 4, 5)] == [1, 1, 2, 4, 8, 8]
+    assert [backoff(n, CFG) for n in (1, 2, 3)] == [B.exponential(n, CFG.backoff_base, CFG.backoff_max)
+                                                    for n in (1, 2, 3)]
+    assert B.jittered(4.0, rand=lambda: 0.0) == 2.0 and B.jittered(4.0, rand=lambda: 1.0) == 4.0

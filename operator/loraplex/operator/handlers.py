@@ -251,7 +251,8 @@ def _allowed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
 async def spec_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """A new or changed base: its loop applies the owned objects now (the spec is part of what
     owned.ensure_owned compares). The owned objects have one writer, that loop: applying them
-    here too would race it with a second view of the same base."""
+    here too would race it with a second view of the same base. (A change handler rather than
+    an event handler, so that kopf's bookkeeping in status.kopf stays what it was.)"""
     runtime(memo).wakers.wake(Wake("base", namespace, name))
 
 
