@@ -1,4 +1,5 @@
-"""Names shared by the operator's modules, the CRDs and the Helm chart."""
+"""Names shared by the operator's modules, the CRDs and the Helm chart, and `Key`, the typed key of
+the operator's memory (a namespaced object)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
