@@ -13,6 +13,7 @@ pass, after the last, and its peak).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from loraplex.operator import constants as C
 from loraplex.operator import reconcile as R
 from loraplex.operator.config import OperatorConfig
+from loraplex.operator.constants import Key
 from loraplex.operator.kube import KubeClient, Ref
 from loraplex.operator.runtime import Runtime
 from loraplex.operator.status import PodView
@@ -67,7 +69,7 @@ async def main(url: str, token: str, ns: str, base_name: str, port: int, ips: li
         async def one_pass() -> None:
             before, t = Counter(kube.counts), time.monotonic()
             await R.reconcile_base(rt, base, pods, adapters)
-            passes.append({"engine_calls": rt.last_pass[(ns, base_name)]["engine_calls"],
+            passes.append({"engine_calls": rt.sync.last_pass[Key(ns, base_name)].engine_calls,
                            "api_requests": dict(kube.counts - before), "seconds": round(time.monotonic() - t, 2)})
 
         while True:
@@ -80,7 +82,7 @@ async def main(url: str, token: str, ns: str, base_name: str, port: int, ips: li
         ready_s = time.monotonic() - t0
         await one_pass()  # a settled pass
         return {"adapters": len(adapters), "ready_s": round(ready_s, 1), "passes": passes,
-                "settled": dict(rt.last_pass[(ns, base_name)]), "rss_start": rss_start, "rss": memory("VmRSS"),
+                "settled": dataclasses.asdict(rt.sync.last_pass[Key(ns, base_name)]), "rss_start": rss_start, "rss": memory("VmRSS"),
                 "rss_peak": memory("VmHWM")}
     finally:
         await rt.aclose()

@@ -12,10 +12,9 @@ from loraplex.operator import constants as C
 from loraplex.operator.adapters import is_transient
 from loraplex.operator.config import OperatorConfig
 from loraplex.operator.engine_client import EngineClient, EngineError, EngineUnreachable
-from loraplex.manifest import AdapterManifest, manifest_digest
-from loraplex.operator.fleet import (Op, PodMemory, PodRecord, backoff, batches, fold_error, fold_report,
-                                     plan_adapter, sync_pod)
-from loraplex.operator.reconcile import next_wakeup
+from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest
+from loraplex.operator.fleet import (Op, Payload, PodMemory, PodRecord, backoff, batches, fold_error, fold_report,
+                                     next_wakeup, plan_adapter, sync_pod)
 from loraplex.operator.status import PodView
 
 CFG = OperatorConfig(backoff_base=1.0, backoff_max=8.0, max_failures=3, resync_interval=30, poll_interval=2)
@@ -173,7 +172,7 @@ def test_sync_pod_pushes_only_the_difference(batch):
     engine.adapters["jit-loaded"] = listed("jit-loaded")        # not ours: left alone
     engine.adapters["moved-off"] = listed("moved-off")          # ours, placed elsewhere now
     engine.adapters["served-jit"] = {**listed("served-jit"), "dynamic": True}  # loaded just in time here
-    placed = {f"a{i}": (manifest(f"a{i}"), digest(f"a{i}")) for i in range(50)}
+    placed = {f"a{i}": Payload(manifest(f"a{i}"), digest(f"a{i}")) for i in range(50)}
     mem = PodMemory()
     first = run_pass(engine, mem, placed, {}, set(placed) | {"moved-off", "served-jit"})
     assert sorted(first.pushed) == sorted(placed) and first.removed == ["moved-off"]
@@ -201,7 +200,7 @@ def test_sync_pod_pushes_only_the_difference(batch):
 def test_a_first_push_costs_one_request_per_batch_and_a_refused_manifest_fails_alone():
     engine = FakeEngine()
     names = [f"a{i}" for i in range(450)] + ["refused-1"]
-    placed = {n: (manifest(n), digest(n)) for n in names}
+    placed = {n: Payload(manifest(n), digest(n)) for n in names}
     cfg = OperatorConfig(backoff_base=1.0, max_failures=3, push_batch_size=200)
     client = EngineClient(transport=httpx.MockTransport(engine))
     pod = PodView(name="p0", uid="u", ip="10.0.0.1", port=8080, ready=True)
@@ -215,7 +214,7 @@ def test_a_first_push_costs_one_request_per_batch_and_a_refused_manifest_fails_a
     assert out.calls == 2 + 3 and engine.calls.count("POST /v1/adapters:batch") == 3  # 451 = 200 + 200 + 51
     assert len(out.pushed) == 450 and out.failed_pushes == 1
     bad = out.records["refused-1"]
-    assert bad.state == C.STATE_FAILED and bad.permanent and "invalid adapter manifest" in bad.message
+    assert bad.state == AdapterState.FAILED and bad.permanent and "invalid adapter manifest" in bad.message
 
 
 def test_batches_bound_count_and_bytes():
@@ -228,3 +227,11 @@ def test_batches_bound_count_and_bytes():
     huge = [{"name": "big", "uri": "y" * 10 * one}] + items[:2]
     assert [len(b) for b in batches(huge, lambda m: m, cfg)] == [1, 2]  # too big alone: sent alone
     assert batches([], lambda m: m, cfg) == []
+
+
+def test_one_backoff_formula_for_pods_the_api_server_and_failed_passes():
+    from loraplex.operator import backoff as B
+    assert [B.exponential(n, 1.0, 8.0) for n in (0, 1, 2, 3, 4, 5)] == [1, 1, 2, 4, 8, 8]
+    assert [backoff(n, CFG) for n in (1, 2, 3)] == [B.exponential(n, CFG.backoff_base, CFG.backoff_max)
+                                                    for n in (1, 2, 3)]
+    assert B.jittered(4.0, rand=lambda: 0.0) == 2.0 and B.jittered(4.0, rand=lambda: 1.0) == 4.0

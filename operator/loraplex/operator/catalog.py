@@ -40,6 +40,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -51,7 +52,7 @@ from . import constants as C
 from .catalog_auth import CallerLimits, TokenTable
 from . import config
 from .kube import ApiError, Ref
-from .reconcile import desired_manifest
+from .sync import desired_manifest
 from .runtime import Runtime
 
 log = logging.getLogger("loraplex.operator.catalog")
@@ -79,26 +80,34 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() or None
 
 
+@dataclass(frozen=True)
+class Cached:
+    """An object as read at `at` (None: it did not exist)."""
+
+    at: float
+    body: dict | None
+
+
 class ObjectCache:
     """Custom resources read by name, kept CACHE_SECONDS (bounded; the oldest go first). Names
     found missing are kept in a map of their own, so that misses never evict what exists."""
 
     def __init__(self, ttl: float = CACHE_SECONDS, max_entries: int = CACHE_ENTRIES):
         self.ttl, self.max_entries = ttl, max_entries
-        self.items: OrderedDict[tuple, tuple[float, dict | None]] = OrderedDict()
-        self.missing: OrderedDict[tuple, tuple[float, dict | None]] = OrderedDict()
+        self.items: OrderedDict[Ref, Cached] = OrderedDict()
+        self.missing: OrderedDict[Ref, Cached] = OrderedDict()
 
     async def get(self, rt: Runtime, ref: Ref) -> dict | None:
-        key = (ref.plural, ref.namespace, ref.name)
+        key = ref
         now = time.monotonic()
         hit = self.items.get(key) or self.missing.get(key)
-        if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
+        if hit is not None and now - hit.at < self.ttl:
+            return hit.body
         body = await rt.kube.get(ref)
         self.items.pop(key, None)
         self.missing.pop(key, None)
         kept = self.items if body is not None else self.missing
-        kept[key] = (now, body)
+        kept[key] = Cached(now, body)
         while len(kept) > self.max_entries:
             kept.popitem(last=False)
         return body

@@ -24,9 +24,11 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from . import adapters as A
 from . import constants as C
+from .constants import Key
 from .kube import ApiError, Ref
 from .runtime import Runtime
 
@@ -39,18 +41,26 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+@dataclass(frozen=True)
+class KnownBase:
+    """A base as the last refresh found it: the sha256 of its admin token, and its body."""
+
+    token_digest: bytes
+    body: dict
+
+
 class TokenTable:
-    """(namespace, base) -> (sha256 of its admin token, the base's body), from the last refresh.
+    """Per base (namespace, name): its KnownBase, from the last refresh.
 
     `namespaces`: the watched namespaces (config.watch_namespaces), None for all of them."""
 
     def __init__(self, namespaces: tuple[str, ...] | None):
         self.namespaces = namespaces
-        self.bases: dict[tuple[str, str], tuple[bytes, dict]] = {}
+        self.bases: dict[Key, KnownBase] = {}
         self.loaded = False  # one refresh has succeeded: until then nobody can be authenticated
 
     async def refresh(self, rt: Runtime) -> None:
-        table: dict[tuple[str, str], tuple[bytes, dict]] = {}
+        table: dict[Key, KnownBase] = {}
         for ns in self.namespaces or (None,):
             try:
                 bases = await rt.kube.list(Ref(C.API_VERSION, C.BMD_PLURAL, ns))
@@ -72,17 +82,17 @@ class TokenTable:
                     rt.forget_secret(meta["namespace"], ref.name)
                     continue
                 try:
-                    table[(meta["namespace"], meta["name"])] = (_digest(A.admin_token(ref, secret)), base)
+                    table[Key(meta["namespace"], meta["name"])] = KnownBase(_digest(A.admin_token(ref, secret)), base)
                 except A.SpecProblem:
                     continue  # no usable token: its engines cannot be told apart from strangers
         self.bases, self.loaded = table, True
 
     def authenticate(self, namespace: str, base: str, token: str) -> dict | None:
         """The base's body when `token` is its admin token, else None. No I/O."""
-        entry = self.bases.get((namespace, base))
+        entry = self.bases.get(Key(namespace, base))
         if entry is None:
             return None
-        return entry[1] if hmac.compare_digest(entry[0], _digest(token)) else None
+        return entry.body if hmac.compare_digest(entry.token_digest, _digest(token)) else None
 
     async def keep_fresh(self, rt: Runtime, interval: float) -> None:
         """Refresh forever (a task of the catalog's server); a failed refresh keeps the last table."""

@@ -1,5 +1,8 @@
-"""Names shared by the operator's modules, the CRDs and the Helm chart."""
+"""Names shared by the operator's modules, the CRDs and the Helm chart, and `Key`, the typed key of
+the operator's memory (a namespaced object)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 GROUP = "loraplex.dev"
 VERSION = "v1alpha1"
@@ -9,7 +12,6 @@ BMD_KIND = "BaseModelDeployment"
 LORA_PLURAL = "loraadapters"
 LORA_KIND = "LoraAdapter"
 
-FIELD_MANAGER = "loraplex-operator"
 FINALIZER = "loraplex.dev/operator"
 
 # Labels the operator puts on everything it renders; the engine pods are selected by
@@ -50,15 +52,17 @@ DEFAULT_ADMIN_TOKEN_KEY = "token"
 CATALOG_PREFIX = "/catalog/v1"
 DEFAULT_CATALOG_PORT = 9091
 
-# Adapter states reported by the engine (loraplex.manifest.AdapterState) plus one of the
-# operator's own: `unreachable` (the pod is Ready for Kubernetes but its engine did not answer).
-SERVABLE_STATES = frozenset({"registered", "host", "device"})
-STATE_REGISTERED = "registered"
-STATE_HOST = "host"
-STATE_DEVICE = "device"
-STATE_LOADING = "loading"
-STATE_FAILED = "failed"
+# Adapter states: the engine's own are loraplex.manifest.AdapterState; the operator adds one,
+# `unreachable` (the pod is Ready for Kubernetes but its engine did not answer).
 STATE_UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class Key:
+    """A namespaced object (a base or an adapter) as a key of the operator's memory."""
+
+    namespace: str
+    name: str
 
 
 def admin_secret_name(base: str) -> str:

@@ -21,13 +21,19 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
+from loraplex.manifest import AdapterState
+
 from . import constants as C
 from .adapters import is_transient
+from .backoff import exponential
 from .config import OperatorConfig
 from .engine_client import EngineClient, EngineError, EngineUnreachable, boot_id_of
 from .status import PodView
 
 log = logging.getLogger("loraplex.operator.fleet")
+
+# The states in which an adapter is registered in an engine and can serve.
+SERVABLE_STATES = frozenset(s.value for s in (AdapterState.REGISTERED, AdapterState.HOST, AdapterState.DEVICE))
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,9 @@ class PodRecord:
 
     @property
     def servable(self) -> bool:
-        if self.state in (C.STATE_HOST, C.STATE_DEVICE):
+        if self.state in (AdapterState.HOST, AdapterState.DEVICE):
             return True
-        return self.state == C.STATE_REGISTERED and self.verified
+        return self.state == AdapterState.REGISTERED and self.verified
 
     @classmethod
     def from_entry(cls, entry: Mapping, digest: str | None) -> "PodRecord":
@@ -65,12 +71,13 @@ class PodRecord:
         return cls(pod=entry["name"], boot_id=entry.get("bootId"), digest=digest,
                    state=None if state in ("unknown", C.STATE_UNREACHABLE) else state,
                    message=entry.get("message") or "", failures=failures,
-                   permanent=state == C.STATE_FAILED and not is_transient(entry.get("message") or ""),
+                   permanent=state == AdapterState.FAILED and not is_transient(entry.get("message") or ""),
                    verified=failures == 0)
 
 
 def backoff(n: int, cfg: OperatorConfig) -> float:
-    return min(cfg.backoff_base * (2 ** max(n - 1, 0)), cfg.backoff_max)
+    """The wait after the n-th failure in a row on a pod (backoff.exponential with the config's bounds)."""
+    return exponential(n, cfg.backoff_base, cfg.backoff_max)
 
 
 class Op(enum.Enum):
@@ -82,7 +89,7 @@ class Op(enum.Enum):
 
 
 def given_up(rec: PodRecord, cfg: OperatorConfig) -> bool:
-    return rec.state == C.STATE_FAILED and rec.permanent and rec.failures >= cfg.max_failures
+    return rec.state == AdapterState.FAILED and rec.permanent and rec.failures >= cfg.max_failures
 
 
 def fold_report(rec: PodRecord, state: str, message: str, now: float, cfg: OperatorConfig,
@@ -91,17 +98,17 @@ def fold_report(rec: PodRecord, state: str, message: str, now: float, cfg: Opera
     `failed` counts once: when it ends an attempt, or when a servable adapter turned failed
     (a request's first use found the checkpoint bad)."""
     message = message or ""
-    if state == C.STATE_FAILED:
-        counts = new_attempt or rec.state != C.STATE_FAILED
+    if state == AdapterState.FAILED:
+        counts = new_attempt or rec.state != AdapterState.FAILED
         failures = rec.failures + 1 if counts else rec.failures
         return replace(rec, state=state, message=message or "load failed", failures=failures,
                        permanent=not is_transient(message), verified=False, streak=0,
                        next_attempt=now + backoff(failures, cfg) if counts else rec.next_attempt)
-    verified = rec.verified or state in (C.STATE_HOST, C.STATE_DEVICE)
-    if state in (C.STATE_HOST, C.STATE_DEVICE):
+    verified = rec.verified or state in (AdapterState.HOST, AdapterState.DEVICE)
+    if state in (AdapterState.HOST, AdapterState.DEVICE):
         return replace(rec, state=state, message=message, failures=0, permanent=False, verified=True,
                        streak=0, next_attempt=0.0)
-    if state == C.STATE_REGISTERED and not verified:
+    if state == AdapterState.REGISTERED and not verified:
         message = message or f"retrying after {rec.failures} failed load(s): {rec.message}"[:1000]
     return replace(rec, state=state, message=message, verified=verified, streak=0)
 
@@ -112,8 +119,8 @@ def fold_error(rec: PodRecord, err: Exception, now: float, cfg: OperatorConfig) 
     with backoff, not counted against the adapter)."""
     if isinstance(err, EngineError) and not err.transient:
         failures = rec.failures + 1
-        return replace(rec, state=C.STATE_FAILED, message=err.message, failures=failures, permanent=True,
-                       verified=False, streak=0, next_attempt=now + backoff(failures, cfg))
+        return replace(rec, state=AdapterState.FAILED.value, message=err.message, failures=failures,
+                       permanent=True, verified=False, streak=0, next_attempt=now + backoff(failures, cfg))
     streak = rec.streak + 1
     msg = err.message if isinstance(err, EngineError) else str(err)
     return replace(rec, state=C.STATE_UNREACHABLE, message=msg, streak=streak,
@@ -138,17 +145,45 @@ def plan_adapter(rec: PodRecord, listed: Mapping | None, manifest: dict, now: fl
     if listed is None or not matches(listed, manifest, digest):
         if given_up(rec, cfg):
             return Op.WAIT, rec  # the same manifest failed for good on this engine: do not hammer it
-        if rec.state == C.STATE_FAILED and now < rec.next_attempt:
+        if rec.state == AdapterState.FAILED and now < rec.next_attempt:
             return Op.WAIT, rec
         return Op.PUSH, rec
     rec = fold_report(rec, str(listed.get("state")), str(listed.get("message") or ""), now, cfg, new_attempt=False)
-    if rec.state != C.STATE_FAILED:
+    if rec.state != AdapterState.FAILED:
         return Op.NONE, rec
     if given_up(rec, cfg):
         return (Op.UNLOAD if manifest.get("preload") else Op.WAIT), rec
     if now < rec.next_attempt:
         return Op.WAIT, rec
     return Op.RETRY, rec
+
+
+def next_wakeup(records: Iterable[PodRecord], cfg: OperatorConfig, now: float) -> float:
+    """Seconds until the next pass should look at these records again."""
+    delay = cfg.resync_interval
+    for r in records:
+        if r.state == AdapterState.LOADING or (r.state == AdapterState.REGISTERED and not r.verified):
+            delay = min(delay, cfg.poll_interval)
+        if r.next_attempt and r.state in (C.STATE_UNREACHABLE, AdapterState.FAILED):
+            delay = min(delay, max(r.next_attempt - now, 0.05))
+    return max(delay, 0.05)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What should be on a pod for one placed adapter: its manifest (JSON) and that manifest's digest."""
+
+    manifest: dict
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One request-worthy decision of a pass over a pod: an adapter, its Op and its record."""
+
+    name: str
+    op: Op
+    rec: PodRecord
 
 
 @dataclass
@@ -178,10 +213,10 @@ class PodMemory:
     streak: int = 0
 
 
-async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: Mapping[str, tuple[dict, str]],
+async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: Mapping[str, Payload],
                    records: Mapping[str, PodRecord], managed: set[str], cfg: OperatorConfig,
                    token: str | None, limit: asyncio.Semaphore, now: Callable[[], float] = time.monotonic) -> PodPass:
-    """One pass over one pod. `placed`: adapter -> (manifest, digest) that should be on it;
+    """One pass over one pod. `placed`: adapter -> Payload (manifest, digest) that should be on it;
     `records`: what we knew about them there; `managed`: every adapter name of the base (only
     those are ever removed from a pod: names others registered, or loaded just in time, stay).
     Never raises for engine trouble."""
@@ -200,7 +235,7 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
             mem.view = pod
         out.calls += 1
         listing = {a["name"]: a for a in await engine.list_adapters(pod.ip, pod.port, token)}  # type: ignore[arg-type]
-        lost = [n for n, r in records.items() if n in placed and r.state in C.SERVABLE_STATES
+        lost = [n for n, r in records.items() if n in placed and r.state in SERVABLE_STATES
                 and r.boot_id == mem.boot_id and n not in listing]
         if lost:  # adapters we had pushed are gone: has the engine restarted under the same Pod?
             out.calls += 1
@@ -218,8 +253,9 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
     mem.streak, mem.next_attempt = 0, 0.0
     boot = out.boot_id = mem.boot_id
 
-    ops: list[tuple[str, Op, PodRecord]] = []
-    for name, (manifest, digest) in placed.items():
+    ops: list[Planned] = []
+    for name, payload in placed.items():
+        manifest, digest = payload.manifest, payload.digest
         rec = records.get(name)
         if rec is not None and rec.boot_id and rec.boot_id != boot:
             out.restarted = True
@@ -230,14 +266,15 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
         op, rec = plan_adapter(rec, listing.get(name), manifest, now(), cfg, digest)
         out.records[name] = rec
         if op is not Op.NONE and op is not Op.WAIT:
-            ops.append((name, op, rec))
+            ops.append(Planned(name, op, rec))
     # Registrations of ours that are not placed here any more. An entry the engine loaded just in
     # time (`dynamic`, from the catalog) is the engine's own, even under a managed name:
     # its LRU forgets it, and removing it would only make the next request load it again.
     extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")]
 
-    async def unload_first(name: str, op: Op, rec: PodRecord) -> bool:
+    async def unload_first(planned: Planned) -> bool:
         """RETRY and UNLOAD start with a DELETE; False when nothing is to be pushed after it."""
+        name, rec = planned.name, planned.rec
         async with limit:
             try:
                 out.calls += 1
@@ -246,38 +283,39 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
                 out.failed_pushes += 1
                 out.records[name] = fold_error(rec, e, now(), cfg)
                 return False
-        if op is Op.UNLOAD:
+        if planned.op is Op.UNLOAD:
             out.records[name] = replace(rec, message=f"{rec.message} (unloaded from this pod after "
                                                      f"{rec.failures} attempts so that its readiness "
                                                      "does not wait on it)")
             return False
         return True
 
-    async def push(batch: list[tuple[str, Op, PodRecord]]) -> None:
+    async def push(batch: list[Planned]) -> None:
         async with limit:
             try:
-                result = await engine.put_adapters(pod.ip, pod.port, [placed[n][0] for n, _, _ in batch],
+                result = await engine.put_adapters(pod.ip, pod.port, [placed[p.name].manifest for p in batch],
                                                    token)  # type: ignore[arg-type]
                 out.calls += result.calls
                 reports = result.reports
             except (EngineError, EngineUnreachable) as e:
                 out.calls += 1
-                reports = {n: e for n, _, _ in batch}
-        for name, op, rec in batch:
+                reports = {p.name: e for p in batch}
+        for p in batch:
+            name, rec = p.name, p.rec
             report = reports.get(name) or EngineError(502, "no answer for this adapter in the batch")
             if isinstance(report, (EngineError, EngineUnreachable)):
                 out.failed_pushes += 1
                 out.records[name] = fold_error(rec, report, now(), cfg)
             else:
-                (out.retried if op is Op.RETRY else out.pushed).append(name)
+                (out.retried if p.op is Op.RETRY else out.pushed).append(name)
                 out.records[name] = fold_report(rec, report.state, report.message, now(), cfg, new_attempt=True)
 
     async def run_all() -> None:
-        deleted_first = [o for o in ops if o[1] in (Op.RETRY, Op.UNLOAD)]
-        kept = await asyncio.gather(*(unload_first(*o) for o in deleted_first))
-        retry = {o[0] for o, k in zip(deleted_first, kept) if k}
-        to_push = [o for o in ops if o[1] is Op.PUSH or o[0] in retry]
-        await asyncio.gather(*(push(b) for b in batches(to_push, lambda o: placed[o[0]][0], cfg)))
+        deleted_first = [p for p in ops if p.op in (Op.RETRY, Op.UNLOAD)]
+        kept = await asyncio.gather(*(unload_first(p) for p in deleted_first))
+        retry = {p.name for p, k in zip(deleted_first, kept) if k}
+        to_push = [p for p in ops if p.op is Op.PUSH or p.name in retry]
+        await asyncio.gather(*(push(b) for b in batches(to_push, lambda p: placed[p.name].manifest, cfg)))
 
     async def remove(name: str) -> None:
         async with limit:

@@ -1,13 +1,16 @@
-"""kopf handlers: thin, one per concern. The work is in reconcile.py (and the pure modules).
+"""kopf handlers: thin, one per concern. The work is in reconcile.py (the base pass) and the
+modules of each concern (owned.py, sync.py, placement.py, scaling.py, publish.py).
 
 - leader election: kopf's startup blocks until this process holds the Lease (lease.py), so
   exactly one operator watches and acts;
 - indexes: engine pods, BaseModelDeployments and LoraAdapters by (namespace, base), in memory;
-- BaseModelDeployment: create/update handlers apply each owned object; one daemon per base is
-  THE reconciler of the base and of all its adapters: each pass applies the owned objects,
+- BaseModelDeployment: one daemon per base is THE reconciler of the base and of all its
+  adapters, and the only writer of the base's owned objects: each pass applies the owned
+  objects (when their inputs changed, after a Deployment event, once per resync interval),
   places the adapters, brings every pod to its placed set (one listing per pod, pushes only
-  for the difference) and writes the statuses that changed. Pod, Deployment and adapter events
-  wake it; a timer autoscales when autoscaling is enabled;
+  for the difference) and writes the statuses that changed. Spec changes (the create/update
+  handler), pod, Deployment and adapter events wake it; a timer autoscales when autoscaling
+  is enabled;
 - LoraAdapter: no daemon (10,000 of them would be 10,000 loops): an event wakes its base's
   loop; an adapter without a base is marked Pending at once; on deletion a finalizer handler
   unloads it from the pods (bounded retries, never stuck when the pods or the base are gone).
@@ -25,17 +28,22 @@ from typing import Any
 
 import kopf
 
+from . import backoff
 from . import catalog
 from . import constants as C
+from . import kube
 from . import lease
 from . import metrics
 from . import podpolicy
+from . import publish
 from . import reconcile as R
 from . import render
+from . import scaling
 from . import status as S
+from . import sync
 from .config import OperatorConfig
-from . import kube
-from .runtime import Runtime
+from .constants import Key
+from .runtime import Runtime, Wake
 
 CONFIG = OperatorConfig.from_env()
 BMD = dict(group=C.GROUP, version=C.VERSION, plural=C.BMD_PLURAL)
@@ -192,14 +200,14 @@ def lora_adapters(namespace: str, name: str, spec: Mapping, meta: Mapping, statu
 
 @kopf.on.event("pods", labels=ENGINE_POD_LABELS)
 def engine_pod_changed(namespace: str, labels: Mapping, memo: kopf.Memo, **_: Any) -> None:
-    runtime(memo).wakers.wake(("pods", namespace, labels[C.LABEL_BASE]))
+    runtime(memo).wakers.wake(Wake("pods", namespace, labels[C.LABEL_BASE]))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_BASE: kopf.PRESENT})
 def engine_deployment_changed(namespace: str, labels: Mapping, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
-    rt.owned_stale.add((namespace, labels[C.LABEL_BASE]))  # re-read (and repair) it next pass
-    rt.wakers.wake(("base", namespace, labels[C.LABEL_BASE]))
+    rt.owned.stale.add(Key(namespace, labels[C.LABEL_BASE]))  # re-read (and repair) it next pass
+    rt.wakers.wake(Wake("base", namespace, labels[C.LABEL_BASE]))
 
 
 @kopf.on.event(**LORA)
@@ -207,7 +215,7 @@ async def adapter_changed(event: Mapping, body: kopf.Body, namespace: str, spec:
                           base_models: kopf.Index, **_: Any) -> None:
     rt = runtime(memo)
     base = spec.get("baseModel")
-    rt.wakers.wake(("base", namespace, base))
+    rt.wakers.wake(Wake("base", namespace, base))
     if event.get("type") != "DELETED" and _base(base_models, namespace, base) is None:
         await R.reconcile_orphan(rt, plain(body))
 
@@ -216,12 +224,12 @@ async def adapter_changed(event: Mapping, body: kopf.Body, namespace: str, spec:
 async def base_changed(event: Mapping, namespace: str, name: str, memo: kopf.Memo,
                        lora_adapters: kopf.Index, **_: Any) -> None:
     rt = runtime(memo)
-    rt.wakers.wake(("base", namespace, name))
+    rt.wakers.wake(Wake("base", namespace, name))
     if event.get("type") == "DELETED":
         # Its adapters wait for a base again (GitOps may re-create it).
         for a in _store(lora_adapters, (namespace, name)):
             if not a.get("deleting"):
-                await R.reconcile_orphan(rt, R.adapter_body(namespace, a) | {"spec": a["spec"]}
+                await R.reconcile_orphan(rt, publish.adapter_body(namespace, a) | {"spec": a["spec"]}
                                          | {"metadata": {"name": a["name"], "namespace": namespace,
                                                          "uid": a.get("uid"), "generation": a.get("generation")}})
 
@@ -229,8 +237,8 @@ async def base_changed(event: Mapping, namespace: str, name: str, memo: kopf.Mem
 # --- BaseModelDeployment -----------------------------------------------------------------------
 
 def _allowed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
-    """Whether the pod policy (podpolicy.py) accepts the base: a refused one gets no object
-    applied by these handlers; its loop (reconcile_base) reports it, phase Failed."""
+    """Whether the pod policy (podpolicy.py) accepts the base. A refused one is reported by its
+    loop (reconcile_base: phase Failed, nothing applied)."""
     try:
         render.check_spec(plain(body.get("spec")), runtime(memo).engine_images)
         return True
@@ -240,32 +248,19 @@ def _allowed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
 
 @kopf.on.create(**BMD, when=_allowed)
 @kopf.on.update(**BMD, when=_allowed)
-async def apply_deployment(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await R.ensure_deployment(runtime(memo), plain(body))
-
-
-@kopf.on.create(**BMD, when=_allowed)
-@kopf.on.update(**BMD, when=_allowed)
-async def apply_service(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await R.ensure_service(runtime(memo), plain(body))
-
-
-@kopf.on.create(**BMD, when=_allowed)
-@kopf.on.update(**BMD, when=_allowed)
-async def apply_ingress(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    try:
-        await R.ensure_ingress(runtime(memo), plain(body))
-    except ValueError as e:
-        raise kopf.PermanentError(str(e)) from e
-    finally:
-        runtime(memo).wakers.wake(("base", namespace, name))
+async def spec_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A new or changed base: its loop applies the owned objects now (the spec is part of what
+    owned.ensure_owned compares). The owned objects have one writer, that loop: applying them
+    here too would race it with a second view of the same base. (A change handler rather than
+    an event handler, so that kopf's bookkeeping in status.kopf stays what it was.)"""
+    runtime(memo).wakers.wake(Wake("base", namespace, name))
 
 
 @kopf.daemon(**BMD, id="reconcile", cancellation_timeout=5.0)
 async def base_loop(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
                     engine_pods: kopf.Index, lora_adapters: kopf.Index, **_: Any) -> None:
     rt = runtime(memo)
-    ev = rt.wakers.register([("base", namespace, name), ("pods", namespace, name)])
+    ev = rt.wakers.register([Wake("base", namespace, name), Wake("pods", namespace, name)])
     try:
         while True:
             delay = rt.config.resync_interval
@@ -276,7 +271,7 @@ async def base_loop(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
             except Exception as e:  # noqa: BLE001 - keep the loop alive; the next pass retries
                 metrics.RECONCILES.labels(kind="BaseModelDeployment", result="error").inc()
                 logger.warning(f"reconcile of {namespace}/{name} failed: {e!r}")
-                delay = min(rt.config.resync_interval, max(rt.config.backoff_base, 1.0))
+                delay = backoff.exponential(1, max(rt.config.backoff_base, 1.0), rt.config.resync_interval)
             pause = min(rt.config.min_pass_interval, delay)
             await asyncio.sleep(pause)
             await rt.wakers.sleep(ev, max(delay - pause, 0.0))
@@ -291,7 +286,7 @@ def _autoscaling_enabled(spec: Mapping, **_: Any) -> bool:
 @kopf.timer(**BMD, id="autoscale", interval=CONFIG.autoscale_interval, when=_autoscaling_enabled)
 async def autoscale(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
                     engine_pods: kopf.Index, **_: Any) -> None:
-    await R.autoscale_base(runtime(memo), plain(body), _store(engine_pods, (namespace, name)))
+    await scaling.autoscale_base(runtime(memo), plain(body), _store(engine_pods, (namespace, name)))
 
 
 # --- LoraAdapter -------------------------------------------------------------------------------
@@ -302,15 +297,15 @@ async def unload(body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, re
     rt = runtime(memo)
     base_name = spec.get("baseModel")
     snapshot = plain(body)
-    failed = await R.unload_adapter(rt, snapshot, _base(base_models, namespace, base_name),
+    failed = await sync.unload_adapter(rt, snapshot, _base(base_models, namespace, base_name),
                                     _store(engine_pods, (namespace, base_name)))
-    rt.wakers.wake(("base", namespace, base_name))
+    rt.wakers.wake(Wake("base", namespace, base_name))
     metrics.RECONCILES.labels(kind="LoraAdapter", result="error" if failed else "ok").inc()
     if failed and retry + 1 < rt.config.unload_attempts:
         raise kopf.TemporaryError(f"could not unload from {failed}", delay=rt.config.unload_retry_delay)
     if failed:
         # Never block the deletion forever: a pod that cannot be reached now has the adapter
         # until its engine restarts (the ConfigMap and the operator no longer list it).
-        await R.post_events(rt, snapshot, [("Warning", "UnloadIncomplete",
-                                            f"gave up after {retry + 1} attempts: {'; '.join(failed)}")])
+        await publish.post_events(rt.kube, snapshot, [("Warning", "UnloadIncomplete",
+                                                       f"gave up after {retry + 1} attempts: {'; '.join(failed)}")])
         logger.warning(f"adapter {namespace}/{name}: unload incomplete on {failed}")

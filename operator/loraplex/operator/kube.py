@@ -22,7 +22,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,8 @@ import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.config import ConfigException
+
+from . import backoff
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -118,7 +119,7 @@ class KubeClient:
                 return min(max(float(retry_after), 0.0), self.RETRY_AFTER_MAX)
             except ValueError:
                 pass  # an HTTP date: rare from an API server; fall back to our own backoff
-        return min(self.BACKOFF_BASE * 2 ** attempt, self.BACKOFF_MAX) * (0.5 + random.random() / 2)
+        return backoff.jittered(backoff.exponential(attempt + 1, self.BACKOFF_BASE, self.BACKOFF_MAX))
 
     async def _request(self, method: str, path: str, *, body: Any = None, content_type: str | None = None,
                        params: dict[str, str] | None = None) -> Any:

@@ -15,12 +15,18 @@ Two policies, after AIBrix's per-adapter replicas:
 
 `replicas: all` places an adapter on every pod (preload adapters always are: every pod must have
 them resident before it is Ready).
+
+The decisions (`resolve`, `place`, `by_pod`) are pure; PlacementMemory keeps the last placement
+of each adapter between passes (seeded from status.placement after a restart), and
+`place_adapters` is the base pass's placement step over it.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .constants import Key
 
 ALL = "all"
 SPREAD = "spread"
@@ -111,3 +117,29 @@ def by_pod(placement: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
         for p in pods:
             out.setdefault(p, set()).add(adapter)
     return out
+
+
+@dataclass
+class PlacementMemory:
+    """The pods each adapter was last placed on."""
+
+    where: dict[Key, list[str]] = field(default_factory=dict)
+
+    def forget(self, key: Key) -> None:
+        self.where.pop(key, None)
+
+
+def place_adapters(memory: PlacementMemory, namespace: str, base_spec: Mapping, adapters: Mapping[str, dict],
+                   manifests: Mapping[str, Any], pods: Iterable[str]) -> dict[str, list[str]]:
+    """Place the accepted adapters (`manifests`: name -> manifest; `adapters`: name -> index
+    entry) of one base on its pods, starting from where they were, and remember the result."""
+    wants, previous = [], {}
+    for name, m in manifests.items():
+        a = adapters[name]
+        replicas, policy = resolve(a["spec"].get("placement"), base_spec.get("placement"), m.preload)
+        wants.append(Want(name, replicas, policy))
+        previous[name] = memory.where.get(Key(namespace, name)) or (a.get("status") or {}).get("placement") or []
+    placed = place(wants, pods, previous)
+    for name, where in placed.items():
+        memory.where[Key(namespace, name)] = where
+    return placed

@@ -9,6 +9,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Iterable
 
+from loraplex.manifest import AdapterState
+
 from . import constants as C
 from .adapters import is_transient
 
@@ -101,12 +103,12 @@ def adapter_verdict(pods: list[dict], max_failures: int) -> AdapterVerdict:
         return AdapterVerdict("Pending", 0, 0, "NoReadyPods", "no ready engine pod of the base yet")
     # `registered` counts as servable only while no load of it has failed there: after a failure
     # (even one seen at a request's first use) only a successful load makes it servable again.
-    servable = [p for p in pods if p.get("state") in (C.STATE_HOST, C.STATE_DEVICE)
-                or (p.get("state") == C.STATE_REGISTERED and not int(p.get("failures") or 0))]
-    final = [p for p in pods if p.get("state") == C.STATE_FAILED and int(p.get("failures") or 0) >= max_failures
+    servable = [p for p in pods if p.get("state") in (AdapterState.HOST, AdapterState.DEVICE)
+                or (p.get("state") == AdapterState.REGISTERED and not int(p.get("failures") or 0))]
+    final = [p for p in pods if p.get("state") == AdapterState.FAILED and int(p.get("failures") or 0) >= max_failures
              and not is_transient(p.get("message") or "")]
     failing = [p for p in pods if p not in servable and p not in final
-               and (p.get("state") == C.STATE_FAILED or int(p.get("failures") or 0))]
+               and (p.get("state") == AdapterState.FAILED or int(p.get("failures") or 0))]
     unreachable = [p for p in pods if p.get("state") == C.STATE_UNREACHABLE]
 
     def problems(items: list[dict]) -> str:
@@ -174,8 +176,8 @@ def adapter_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
     old_pods = {p["name"]: p for p in old.get("pods") or []}
     for p in new.get("pods") or []:
         before = old_pods.get(p["name"])
-        became_failed = p.get("state") == C.STATE_FAILED and (
-            before is None or before.get("state") != C.STATE_FAILED
+        became_failed = p.get("state") == AdapterState.FAILED and (
+            before is None or before.get("state") != AdapterState.FAILED
             or int(before.get("failures") or 0) != int(p.get("failures") or 0))
         if became_failed:
             events.append(("Warning", "LoadFailed",
