@@ -20,7 +20,7 @@ import torch
 
 from loraplex.engine.core.sampler import sample
 from loraplex.engine.core.scheduler import ScheduledSeq
-from loraplex.kernels.lora_ref import LoRABatch
+from loraplex.kernels.lora_batch import LoRABatch
 from loraplex.kernels.ops import KernelOps, get_kernel_ops
 from loraplex.engine.model.attention import AttentionMetadata, PrefillSpan
 from loraplex.engine.model.llama import LlamaForCausalLM
