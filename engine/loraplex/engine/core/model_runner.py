@@ -128,10 +128,6 @@ class ModelRunner:
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
 
-    def _prepare(self, batch: list[ScheduledSeq]):
-        s = self.prepare(batch)
-        return s.ids, s.positions, s.attn, s.lora, s.last_rows
-
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flatten the batch's new tokens into the persistent buffers, one copy per field."""
         input_ids: list[int] = []
