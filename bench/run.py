@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import machine
+
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest"
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench import assets, machine, report, stepbench, systems, workload
+    from bench import assets, report, stepbench, systems, workload
 
     t_start = time.perf_counter()
     load_before = machine.load_average()
