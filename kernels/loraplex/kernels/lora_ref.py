@@ -18,7 +18,6 @@ Triton kernels, are in `lora_batch.py`. Here:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from loraplex.kernels.lora_batch import LoRABatch, LoRASlots
 
