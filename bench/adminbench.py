@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=2_000, help="of them registered with one PUT each")
     ap.add_argument("--batch", type=int, default=200, help="manifests per POST /v1/adapters:batch")
     args = ap.parse_args()
-    from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+    from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

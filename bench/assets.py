@@ -31,6 +31,8 @@ LARGE_SHAPE = dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=2
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
                   tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
+# The seven projections: what "all-linear" adapters target (the default of many training recipes).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -64,6 +66,15 @@ def count_params(shape: dict) -> int:
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
     emb = shape["vocab_size"] * h
     return n * per_layer + emb * (1 if shape["tie_word_embeddings"] else 2) + h
+
+
+def decode_bytes(shape: dict) -> int:
+    """fp32 bytes of the weights one decode step reads: every layer, the final norm and the lm_head
+    (the embedding table is only gathered, a few rows, unless it is the tied lm_head)."""
+    params = count_params(shape)
+    if not shape["tie_word_embeddings"]:
+        params -= shape["vocab_size"] * shape["hidden_size"]
+    return 4 * params
 
 
 def random_llama(path: Path, shape: dict, seed: int = 0) -> Path:

@@ -47,6 +47,7 @@ def log(msg: str) -> None:
 def check_kernels(torch, device, quick: bool) -> list[dict]:
     from loraplex.kernels import attention_ref as AR
     from loraplex.kernels import lora_ref as LR
+    from loraplex.kernels.lora_batch import LoRABatch, LoRASlots
     from loraplex.kernels import triton_attention as TA
     from loraplex.kernels import triton_lora as TL
 
@@ -67,7 +68,7 @@ def check_kernels(torch, device, quick: bool) -> list[dict]:
     T = 40 if quick else 300
     segs = [(2, 5, 1, 8), (5, 6, 3, 16), (8, 8 + (T // 2), 0, 64), (T // 2 + 10, T // 2 + 11, 2, 8),
             (T // 2 + 12, T - 3, 4, 16)]
-    batch = LR.LoRABatch.build(segs, device)
+    batch = LoRABatch.build(segs, device)
     for dtype in dtypes:
         key = str(dtype).split(".")[-1]
         for name, d_in, outs in (("qkv", h, [q, kv, kv]), ("gate_up", h, [i, i]), ("o", q, [h]), ("down", i, [h])):
@@ -75,9 +76,9 @@ def check_kernels(torch, device, quick: bool) -> list[dict]:
             b = [torch.randn(6, o, 64, generator=g) / 4 for o in outs]
             x = torch.randn(T, d_in, generator=g)
             ys = [torch.randn(T, o, generator=g) for o in outs]
-            slots = LR.LoRASlots.from_peft([t.to(dtype).to(device) for t in a], [t.to(dtype).to(device) for t in b])
+            slots = LoRASlots.from_peft([t.to(dtype).to(device) for t in a], [t.to(dtype).to(device) for t in b])
             oracle = LR.add_lora_ref([y.to(dtype).double().to(device) for y in ys], x.to(dtype).double().to(device),
-                                     LR.LoRASlots(slots.a.double(), [t.double() for t in slots.b]), batch)
+                                     LoRASlots(slots.a.double(), [t.double() for t in slots.b]), batch)
             got = TL.add_lora_triton([y.to(dtype).to(device) for y in ys], x.to(dtype).to(device), slots, batch)
             err = max(((gy.double() - oy).abs() / (1 + oy.abs())).max().item() for gy, oy in zip(got, oracle))
             record(f"lora {name} (P={len(outs)})", dtype, err, TOL[key])

@@ -14,20 +14,18 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import machine
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest"
 ALL_SYSTEMS = ("loraplex", "http", "peft")
 
-
-# The seven projections: the "all-linear" adapters of the decode-step measurement.
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STEP_PROMPT = 16  # prompt tokens of the decode-step cohorts
 
 def _ints(text: str) -> list[int]:
@@ -111,54 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---- machine ----------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    info = {"cpu_model": platform.processor() or "unknown", "cores": os.cpu_count(), "memory_gb": 0.0}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        info["cpu_model"] = fields.get("Model name", info["cpu_model"]).strip()
-        info["cores"] = int(fields.get("CPU(s)", info["cores"]).strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
-        pass
-    try:
-        info["memory_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        pass
-    return info
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 # ---- the run ----------------------------------------------------------------------------------
-
-def decode_bytes(shape: dict) -> int:
-    """fp32 bytes of the weights one decode step reads: every layer, the final norm and the lm_head
-    (the embedding table is only gathered, a few rows, unless it is the tied lm_head)."""
-    from bench.assets import count_params
-
-    params = count_params(shape)
-    if not shape["tie_word_embeddings"]:
-        params -= shape["vocab_size"] * shape["hidden_size"]
-    return 4 * params
-
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -178,7 +129,7 @@ def main(argv=None) -> int:
     from bench import assets, report, stepbench, systems, workload
 
     t_start = time.perf_counter()
-    load_before = load_average()
+    load_before = machine.load_average()
     out = args.out.expanduser().resolve()
     tmp_work = None
     if args.quick:
@@ -193,7 +144,7 @@ def main(argv=None) -> int:
         if tmp_work is not None:
             shutil.rmtree(tmp_work, ignore_errors=True)
     result["meta"]["load_before"] = load_before
-    result["meta"]["load_after"] = load_average()
+    result["meta"]["load_after"] = machine.load_average()
     result["meta"]["wall_s"] = time.perf_counter() - t_start
     report.write_outputs(result, out)
     log.info("done in %.0fs: %s", result["meta"]["wall_s"], out)
@@ -235,7 +186,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
     used = sorted({names[r.adapter] for reqs in loads.values() for r in reqs if r.adapter >= 0} |
                   {names[r.adapter] for r in warmup if r.adapter >= 0})
     adapter_mb = sum(a.nbytes for a in adapters) / len(adapters) / 1e6
-    base_bytes = decode_bytes(model.shape)
+    base_bytes = assets.decode_bytes(model.shape)
 
     entries: list[dict] = []
     notes: list[str] = []
@@ -266,7 +217,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
     # only from there).
     all_linear = [] if args.skip_all_linear or "loraplex" not in args.systems else assets.make_adapters(
         model, adapter_dir / "all-linear", min(args.step_batch, args.max_active_adapters), args.ranks,
-        list(ALL_LINEAR), seed=args.seed, prefix="all")
+        list(assets.ALL_LINEAR), seed=args.seed, prefix="all")
     try:
         if "loraplex" in args.systems:
             # KV room for the decode-step cohorts that live beside each other (at most three)
@@ -422,7 +373,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
     return {
         "meta": {
             "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if sys.argv[0].endswith("run.py") or "bench" in sys.argv[0] else [])),
-            "machine": machine_info(), "torch": torch.__version__, "threads": args.threads, "git": git_rev(),
+            "machine": machine.machine_info(), "torch": torch.__version__, "threads": args.threads, "git": machine.git_rev(),
             "python": platform.python_version(), "quick": args.quick, "slo_ttft_s": args.slo_ttft,
             "model": {"label": model.label, "source": model.source, "path": str(model.path),
                       "num_params": model.num_params, "bytes": base_bytes, "shape": model.shape},

@@ -310,18 +310,18 @@ def main(argv=None) -> int:
     import json
     import tempfile
 
-    from bench import assets, report, run, systems
+    from bench import assets, machine, report, systems
 
     distinct = [int(x) for x in args.distinct.split(",") if x.strip()]
     ranks = [int(x) for x in args.ranks.split(",") if x.strip()]
-    load_before = run.load_average()
+    load_before = machine.load_average()
     with tempfile.TemporaryDirectory(prefix="loraplex-stepbench-") as tmp:
         work = Path(tmp) if args.quick else args.cache_dir.expanduser().resolve() / "bench"
         model = assets.main_model(None if args.random_model else args.cache_dir.expanduser().resolve(), work, args.quick)
         adapter_dir = work / f"adapters-{'quick' if args.quick else model.path.name}"
         n = max(distinct)
         qkvo = [] if args.no_qkvo else assets.make_adapters(model, adapter_dir, n, ranks, ["q_proj", "k_proj", "v_proj", "o_proj"])
-        al = assets.make_adapters(model, adapter_dir / "all-linear", n, ranks, list(run.ALL_LINEAR), prefix="all")
+        al = assets.make_adapters(model, adapter_dir / "all-linear", n, ranks, list(assets.ALL_LINEAR), prefix="all")
         per_seq = -(-(16 + args.cycles + 4) // 16)
         settings = systems.EngineSettings(max_num_seqs=args.batch, max_num_batched_tokens=max(256, 16 * args.batch),
                                           max_model_len=16 + args.cycles + 8, max_active_adapters=max(2 * n, 1),
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         results = engine_comparison(engine, args.batch, distinct, [a.name for a in qkvo], [a.name for a in al],
                                     settings.max_active_adapters, args.cycles, 16)
         nbytes = {a.name: a.nbytes for a in qkvo + al}
-        base_bytes = run.decode_bytes(model.shape)
+        base_bytes = assets.decode_bytes(model.shape)
     rows = []
     for (system, d), row in merge_groups(results).items():
         names = ([a.name for a in al] if system.endswith("(all-linear)") else [a.name for a in qkvo])[:d]
@@ -341,10 +341,10 @@ def main(argv=None) -> int:
         rows.append({"system": system, "distinct": d, **row, "bound": report.bytes_bound(base_bytes, d, abytes) if d else 1.0})
     ms = {"batch": args.batch, "rows": rows}
     print(f"{model.label}, batch {args.batch}, {args.cycles} steps per configuration, {args.threads} thread(s); "
-          f"load average before {load_before}, after {run.load_average()}")
+          f"load average before {load_before}, after {machine.load_average()}")
     print("\n".join(report.multi_step_lines(ms, model.label)))
     if args.json:
-        args.json.write_text(json.dumps({"load_before": load_before, "load_after": run.load_average(), **ms}, indent=2))
+        args.json.write_text(json.dumps({"load_before": load_before, "load_after": machine.load_average(), **ms}, indent=2))
     return 0
 
 

@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.tp_step", description=__doc__.split("\n")[0])
@@ -87,7 +85,7 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="tp-step-") as work:
         model = assets.large_model(Path(work), args.quick)
-        (lora,) = assets.make_adapters(model, Path(work) / "adapters", 1, [16], ALL_LINEAR)
+        (lora,) = assets.make_adapters(model, Path(work) / "adapters", 1, [16], list(assets.ALL_LINEAR))
         vocab = min(model.shape["vocab_size"], 50000)
         runs = [measure(model.path, Path(work) / "adapters", lora.name, n, args, vocab) for n in sizes]
     base = runs[0]

@@ -8,7 +8,7 @@ busy patch of a shared machine slows both alike; medians are reported.
 
     .venv/bin/python -m bench.tracing_overhead [--rounds 3] [--requests 48] [--concurrency 8] [--max-tokens 32]
 
-Default model: a random tiny Llama (tests/support/tiny.py) with two adapters, where a step is
+Default model: a random tiny Llama (bench/tiny.py) with two adapters, where a step is
 shortest, so any per-step cost of tracing shows the most.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+            from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
             args.model = str(make_tiny_checkpoint(Path(tmp) / "base", family="llama"))
             args.adapter_dir = str(Path(tmp) / "adapters")

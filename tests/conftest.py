@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.support.tiny import make_tiny_checkpoint
+from bench.tiny import make_tiny_checkpoint
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"]
 

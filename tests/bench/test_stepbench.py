@@ -43,7 +43,7 @@ def test_slot_groups_fit_the_slots_and_the_kv_room():
 
 def test_cohorts_take_turns_in_one_engine_and_decode_what_the_engine_decodes_alone(tiny_models, tmp_path):
     from tests.engine.core.conftest import make_engine
-    from tests.support.tiny import make_tiny_adapter
+    from bench.tiny import make_tiny_adapter
 
     adapter = make_tiny_adapter(tiny_models["llama"], tmp_path / "ad", rank=4,
                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loraplex.kernels import attention_ref, lora_ref, ops
-from loraplex.kernels.lora_ref import LoRABatch
+from loraplex.kernels.lora_batch import LoRABatch, LoRASlots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,7 +61,7 @@ def test_forced_triton_runs_the_kernels(monkeypatch, device):
 
     torch.manual_seed(0)
     x = torch.randn(6, 32, device=device)
-    slots = lora_ref.LoRASlots(torch.randn(2, 8, 32, device=device), [torch.randn(2, 8, 16, device=device)])
+    slots = LoRASlots(torch.randn(2, 8, 32, device=device), [torch.randn(2, 8, 16, device=device)])
     batch = LoRABatch.build([(0, 2, 1, 8), (3, 6, 0, 4)], device)
     y = torch.randn(6, 16, device=device)
     want = lora_ref.add_lora_ref([y.clone()], x, slots, batch)[0]
@@ -78,6 +78,7 @@ def test_forced_triton_on_cpu_after_torch_imported_triton():
         assert "triton" in sys.modules
         os.environ["LORAPLEX_KERNELS"] = "triton"
         from loraplex.kernels import attention_ref, lora_ref
+        from loraplex.kernels.lora_batch import LoRABatch, LoRASlots
         from loraplex.kernels.ops import get_kernel_ops
         k = get_kernel_ops("cpu")
         assert k.name == "triton" and os.environ["TRITON_INTERPRET"] == "1"
@@ -90,8 +91,8 @@ def test_forced_triton_on_cpu_after_torch_imported_triton():
         want = attention_ref.paged_decode_attention_ref(q, kc, vc, bt, lens, 0.2)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
         x, y = torch.randn(5, 32), torch.randn(5, 16)
-        slots = lora_ref.LoRASlots(torch.randn(2, 8, 32), [torch.randn(2, 8, 16)])
-        batch = lora_ref.LoRABatch.build([(0, 2, 1, 8), (3, 5, 0, 4)], "cpu")
+        slots = LoRASlots(torch.randn(2, 8, 32), [torch.randn(2, 8, 16)])
+        batch = LoRABatch.build([(0, 2, 1, 8), (3, 5, 0, 4)], "cpu")
         want = lora_ref.add_lora_ref([y.clone()], x, slots, batch)[0]
         torch.testing.assert_close(k.add_lora([y], x, slots, batch)[0], want, atol=1e-4, rtol=1e-4)
         print("ok")

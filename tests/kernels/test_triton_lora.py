@@ -15,7 +15,8 @@ import random
 import pytest
 import torch
 
-from loraplex.kernels.lora_ref import LoRABatch, LoRASlots, add_lora_ref, lora_expand_ref, lora_shrink_ref
+from loraplex.kernels.lora_batch import LoRABatch, LoRASlots
+from loraplex.kernels.lora_ref import add_lora_ref, lora_expand_ref, lora_shrink_ref
 from loraplex.kernels.triton_lora import add_lora_triton, lora_expand_triton, lora_shrink_triton
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}

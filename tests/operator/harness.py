@@ -86,7 +86,7 @@ def _emulator_class(keep_log: bool):
     (every request since the start), evaluating the filter's criteria on each. The emulator's own
     reactions are such filters. The harness keeps its own log (`log`, in arrival order) and takes
     each request out of kmock's once it has been answered, so that matching looks at the few
-    requests in flight only (bench/kmock_cost.py measures both)."""
+    requests in flight only (tests/operator/kmock_cost.py measures both)."""
     import kmock
 
     if keep_log:

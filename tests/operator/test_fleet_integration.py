@@ -162,7 +162,7 @@ def fleet(tmp_path_factory, assets):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+    from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("fleet-tiny")
     base = make_tiny_checkpoint(root / "base", family="llama")

@@ -14,7 +14,7 @@ with the objects it holds. kmock/_internal/apps.py `RawHandler._handle` tries ea
 i.e. `Filter.__iter__` over `Root._requests`, every request recorded since the server started,
 evaluating the filter's criteria on each. The emulator's own reactions (discovery, list, watch,
 fetch, create, update, delete) are such filters, so request k costs O(k) and a run of R requests
-O(R^2). Measured with bench/kmock_cost.py (docs/operator.md, "Scale").
+O(R^2). Measured with tests/operator/kmock_cost.py (docs/operator.md, "Scale").
 
 Stated and checked: all N Ready (placement 2 of 2 pods) within LIMIT_S; the first pass costs
 2 + N / push_batch_size engine calls per pod and one status write per adapter; a settled pass
@@ -64,7 +64,7 @@ KEYS_PER_SECRET = 100
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+    from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("scale")
     base = make_tiny_checkpoint(root / "base", family="llama")

@@ -91,7 +91,7 @@ class _StepGuard:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+    from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     base = make_tiny_checkpoint(root / "base", family="llama")

@@ -1,6 +1,6 @@
 """Triton SGMV kernels for heterogeneous multi-LoRA: shrink (x -> h) and expand (h -> y).
 
-Same layout and semantics as `lora_ref` (see its docstring and docs/kernels.md):
+Same layout (`lora_batch`) and semantics as `lora_ref` (see their docstrings and docs/kernels.md):
 - `x[T, in]`, `y[T, out]`: the batch's tokens; each `LoRABatch` segment is a contiguous run of
   tokens using one adapter slot at one rank; tokens outside every segment get no LoRA term.
 - A group of P projections sharing an input (`LoRASlots`): `a[num_slots, max_rank * P, in]`
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.lora_ref import LoRABatch, LoRASlots
+from loraplex.kernels.lora_batch import LoRABatch, LoRASlots
 
 _16BIT = (torch.float16, torch.bfloat16)
 

@@ -5,7 +5,7 @@ import torch
 
 from loraplex.manifest import AdapterManifest
 from tests.engine.core.conftest import make_engine  # noqa: F401  (re-exported for the tests here)
-from tests.support.tiny import ALL_MODULES, make_tiny_adapter
+from bench.tiny import ALL_MODULES, make_tiny_adapter
 
 # Four adapters that differ in every way PEFT lets them: rank, targets, alpha, rslora,
 # per-module rank and alpha patterns, and layers.

@@ -12,7 +12,7 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.manifest import AdapterManifest
 from tests.engine.core.conftest import PROMPTS
 from tests.engine.adapters.conftest import make_engine, wait_for
-from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 

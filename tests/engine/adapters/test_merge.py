@@ -9,7 +9,7 @@ from loraplex.engine.core.adapters.checkpoint import load_adapter
 from loraplex.engine.core.adapters.merge import DARE_SEED, MergeSpec, merge_adapters, merged_tenants
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.model.config import LORA_MODULES, ModelConfig
-from tests.support.tiny import ALL_MODULES, make_tiny_adapter
+from bench.tiny import ALL_MODULES, make_tiny_adapter
 
 pytestmark = pytest.mark.slow  # PEFT models are loaded for each reference
 

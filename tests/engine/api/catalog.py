@@ -26,7 +26,7 @@ class Catalog:
 
 
 def make_catalog(base: Path, where: Path, count: int) -> Catalog:
-    from tests.support.tiny import make_tiny_adapter
+    from bench.tiny import make_tiny_adapter
 
     classes = [make_tiny_adapter(base, where / "classes" / f"class-{i}", **spec) for i, spec in enumerate(CLASS_SPECS)]
     root = where / "catalog"

@@ -72,7 +72,7 @@ def merge_adapters_with_peft(base: Path, adapter_dir: Path) -> list[str]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.support.tiny import make_tiny_adapter
+    from bench.tiny import make_tiny_adapter
 
     for name, spec in MERGE_SOURCES.items():
         make_tiny_adapter(base, adapter_dir / name, **spec)

@@ -7,7 +7,7 @@
 - `open_server`: no keys, no admin token, per-adapter metric labels capped at 1, browser pages
   of ALLOWED_ORIGIN allowed cross-site (--allowed-origins).
 
-The tiny checkpoint and three PEFT adapters are made in a temp dir by tests/support/tiny.py.
+The tiny checkpoint and three PEFT adapters are made in a temp dir by bench/tiny.py.
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def write_manifest_file(path: Path, manifests: list[dict]) -> None:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Assets:
-    from tests.support.tiny import make_tiny_adapter, make_tiny_checkpoint
+    from bench.tiny import make_tiny_adapter, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("api")
     base = make_tiny_checkpoint(root / "base", family="llama", seed=0)

@@ -36,7 +36,7 @@ def iso_assets(assets, tmp_path_factory):
     from loraplex.engine.core.adapters.checkpoint import load_adapter
     from loraplex.engine.core.adapters.merge import MergeSpec, merge_adapters
     from loraplex.engine.model.config import ModelConfig
-    from tests.support.tiny import make_tiny_adapter
+    from bench.tiny import make_tiny_adapter
 
     root = tmp_path_factory.mktemp("isolation")
     adapters = root / "adapters"

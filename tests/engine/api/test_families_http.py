@@ -5,7 +5,7 @@ Phi-3 (fused qkv_proj / gate_up_proj weights and a PEFT adapter on the fused nam
 a window on every layer), Mixtral (sparse MoE MLP, LoRA on attention), and a block-wise fp8
 Llama (HF `quant_method: fp8`) against transformers on its dequantized weights, with the
 memory figure of /info. Tiny random checkpoints
-from tests/support/tiny.py.
+from bench/tiny.py.
 
 For the base and for an adapter, through LoRAX's /generate (token ids and logprobs): greedy
 tokens equal transformers' / PeftModel's token for token (past the 8-token windows; Phi-3's
@@ -22,7 +22,7 @@ import torch
 
 from tests.engine.api.conftest import EngineProcess
 from tests.engine.core.conftest import PROMPTS
-from tests.support.tiny import ALL_MODULES, NEW_FAMILIES, make_tiny_adapter, make_tiny_fp8_checkpoint
+from bench.tiny import ALL_MODULES, NEW_FAMILIES, make_tiny_adapter, make_tiny_fp8_checkpoint
 
 pytestmark = pytest.mark.slow  # six engine processes
 

@@ -35,7 +35,7 @@ import pytest
 
 from loraplex.engine.api.cli import build_parser
 from tests.engine.api.conftest import ENGINE_BIN, ROOT, EngineProcess, free_port, metric, parse_metrics, wait_until
-from tests.support.tiny import ALL_MODULES, make_tiny_adapter, make_tiny_checkpoint, make_tiny_fp8_checkpoint
+from bench.tiny import ALL_MODULES, make_tiny_adapter, make_tiny_checkpoint, make_tiny_fp8_checkpoint
 
 LOGPROB_ATOL = 1e-4
 MAX_NEW = 12

@@ -43,10 +43,12 @@ def prefill_in_one_forward(engine, rows: list[tuple[str, str | None]], ops=None)
         engine.block_manager.grow(seq, seq.num_tokens)
     seqs.sort(key=lambda s: s.lora_slot)  # the runner's segment order
     batch = [ScheduledSeq(seq, seq.num_tokens) for seq in seqs]
-    ids, positions, attn, lora, _ = engine.runner._prepare(batch)
     runner = engine.runner
+    step = runner.prepare(batch)
+    lora = step.lora
     with torch.inference_mode():
-        logits = runner.model.compute_logits(runner.model(ids, positions, attn, lora, ops or runner.ops, runner.kv_caches))
+        logits = runner.model.compute_logits(runner.model(step.ids, step.positions, step.attn, lora, ops or runner.ops,
+                                                          runner.kv_caches))
     per_seq, start = [], 0
     for seq in seqs:
         per_seq.append(logits[start:start + seq.num_tokens])

@@ -4,7 +4,7 @@ import torch
 
 from loraplex.engine.model.config import ModelConfig
 from loraplex.engine.model.rope import rope_cos_sin
-from tests.support.tiny import tiny_config
+from bench.tiny import tiny_config
 
 
 def test_longrope_tables_match_transformers_on_both_sides_of_the_training_length():
@@ -62,7 +62,7 @@ def test_mixtral_adapters_target_attention_only(tiny_models, tmp_path):
     import pytest
 
     from loraplex.engine.core.adapters.checkpoint import AdapterFormatError, load_adapter
-    from tests.support.tiny import make_tiny_adapter
+    from bench.tiny import make_tiny_adapter
 
     cfg = ModelConfig.from_dir(tiny_models["mixtral"])
     assert set(cfg.projection_shapes()) == {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -13,7 +13,7 @@ import torch
 from loraplex.engine.core import grammar_compiler
 from loraplex.engine.core.grammar_compiler import GrammarCompiler
 from loraplex.engine.core.structured_output import GrammarBusyError, GrammarSpec, GrammarTooComplexError
-from tests.support.tiny import tiny_tokenizer
+from bench.tiny import tiny_tokenizer
 
 MiB = 1 << 20
 

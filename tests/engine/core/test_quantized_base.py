@@ -12,7 +12,7 @@ from loraplex.engine.model.config import UnsupportedModelError
 from loraplex.kernels.fp8_ref import dequantize_fp8_blockwise_ref, quantize_fp8_blockwise_ref
 from loraplex.manifest import AdapterManifest
 from tests.engine.core.conftest import PROMPTS, make_engine, prefill_in_one_forward
-from tests.support.tiny import make_tiny_adapter, make_tiny_fp8_checkpoint
+from bench.tiny import make_tiny_adapter, make_tiny_fp8_checkpoint
 
 LOGIT_ATOL = 1e-4
 

@@ -102,7 +102,7 @@ def run_to_completion(sched: Scheduler, seqs: list[Sequence], max_steps: int = 2
     for s in seqs:
         sched.add(s)
     steps = []
-    while sched.has_work():
+    while sched.waiting or sched.running:
         before = {s.request_id: s.num_preemptions for s in seqs}
         batch = sched.schedule()
         preempted = {s.request_id for s in seqs if s.num_preemptions > before[s.request_id]}

@@ -1,6 +1,6 @@
 """Text handling: stop strings, incomplete UTF-8 at the end, and faults in one request's text.
 
-Crafted tokenizers (tests/support/tiny.py `with_token_text`) make the model's first greedy token
+Crafted tokenizers (bench/tiny.py `with_token_text`) make the model's first greedy token
 decode to chosen bytes, so each defect is hit on purpose rather than by chance."""
 import asyncio
 import threading
@@ -9,7 +9,7 @@ import pytest
 
 from loraplex.engine.core.sampling_params import SamplingParams
 from tests.engine.core.conftest import PROMPTS, make_engine
-from tests.support.tiny import with_token_text
+from bench.tiny import with_token_text
 
 SPECIAL_IDS = range(5)  # the tiny tokenizer's special tokens
 

@@ -153,14 +153,6 @@ class Authenticator:
             if f is not None and f.reload():
                 log.info("reloaded %s", f.path)
 
-    @property
-    def keys_required(self) -> bool:
-        return self.keys is not None
-
-    @property
-    def admin_required(self) -> bool:
-        return self.admin is not None
-
     def _is_admin_token(self, token: str | None) -> bool:
         return _same(token, self.admin)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loraplex.kernels.lora_ref import LoRABatch
+from loraplex.kernels.lora_batch import LoRABatch
 from loraplex.engine.model.attention import AttentionMetadata
 
 if TYPE_CHECKING:

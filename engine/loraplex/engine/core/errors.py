@@ -54,8 +54,3 @@ class AdapterLoadTimeoutError(RequestError):
 class QueueFullError(RequestError):
     status = 429
     code = "queue_full"
-
-
-class EngineNotReadyError(RequestError):
-    status = 503
-    code = "not_ready"

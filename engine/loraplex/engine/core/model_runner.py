@@ -20,7 +20,7 @@ import torch
 
 from loraplex.engine.core.sampler import sample
 from loraplex.engine.core.scheduler import ScheduledSeq
-from loraplex.kernels.lora_ref import LoRABatch
+from loraplex.kernels.lora_batch import LoRABatch
 from loraplex.kernels.ops import KernelOps, get_kernel_ops
 from loraplex.engine.model.attention import AttentionMetadata, PrefillSpan
 from loraplex.engine.model.llama import LlamaForCausalLM
@@ -127,10 +127,6 @@ class ModelRunner:
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
-
-    def _prepare(self, batch: list[ScheduledSeq]):
-        s = self.prepare(batch)
-        return s.ids, s.positions, s.attn, s.lora, s.last_rows
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flatten the batch's new tokens into the persistent buffers, one copy per field."""

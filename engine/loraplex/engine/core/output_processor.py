@@ -6,18 +6,14 @@ The step loop hands over one `CoreOutput` per changed sequence, once per step, i
 in Rust), so it never shares one with the threads that encode prompts.
 
 Where a request's text-side logic lives, for whoever extends it:
-- `RequestState.add_tokens` appends each token's text, then runs the request's transforms, then
-  looks for stop strings. All finish reasons decided here go through `RequestState.finish`.
-- `Sequence.output_transforms` (set before the request is queued) are per-request hooks:
-  callables `transform(state: RequestState) -> None`, run after each token's text is appended.
-  They may read `state.token_ids` / `state.output_text` and end the request with
-  `state.finish(reason, stop_reason)` (e.g. a grammar that accepted, a finished tool call).
-- A request finished here (a stop string, a transform, a fault) is reported in
+- `RequestState.add_tokens` appends each token's text, then looks for stop strings. All finish
+  reasons decided here go through `RequestState.finish`.
+- A request finished here (a stop string, a fault) is reported in
   `StepResult.finished_early`: the caller must abort it in the engine so it stops generating.
   Tokens the engine produced after that are ignored.
 
-A fault in one request's text handling (a tokenizer error, a transform that raises) ends that
-request with an error; the others in the batch go on.
+A fault in one request's text handling (a tokenizer error) ends that request with an error; the
+others in the batch go on.
 """
 from __future__ import annotations
 
@@ -41,7 +37,6 @@ class RequestState:
         self.params: SamplingParams = seq.params
         self.prompt_tokens = seq.num_prompt_tokens
         self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_ids)
-        self.transforms = list(seq.output_transforms)
         self.token_ids: list[int] = []  # accepted output tokens (none after a text-side finish)
         self.output_text = ""
         self.emitted_text_len = 0  # how much of output_text was streamed out already
@@ -59,7 +54,7 @@ class RequestState:
             self.error_code = error_code
 
     def add_tokens(self, token_ids: list[int], engine_stop: bool) -> int:
-        """Append tokens' text, run transforms, check stop strings. Returns how many were taken
+        """Append tokens' text, check stop strings. Returns how many were taken
         (fewer when the request ends on the text side part-way). With `engine_stop`, the last
         token is the EOS or stop token that ended the sequence: counted, but no text."""
         for k, token_id in enumerate(token_ids):
@@ -80,10 +75,6 @@ class RequestState:
             self._after_text(before)
 
     def _after_text(self, before: int) -> bool:
-        for transform in self.transforms:
-            transform(self)
-            if self.finished:
-                return True
         # As vLLM: stop strings do not count before min_tokens (EOS and stop ids are masked then).
         return bool(self.params.stop) and len(self.token_ids) >= self.params.min_tokens and self._find_stop(before)
 

@@ -99,8 +99,6 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
-        # Text-side hooks the output processor runs for this request (see output_processor.py).
-        self.output_transforms: list = []
         # Handed over to the output processor at the end of each step (take_update).
         self.reported_token_count = 0
         self.pending_logprobs: list[TokenLogprob] = []  # the sampler appends here

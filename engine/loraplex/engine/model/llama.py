@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels.lora_ref import LoRABatch, LoRASlots, SlotFlags
+from loraplex.kernels.lora_batch import LoRABatch, LoRASlots, SlotFlags
 from loraplex.kernels.ops import KernelOps
 from loraplex.engine.model.attention import AttentionMetadata, paged_attention
 from loraplex.engine.model.config import LORA_MODULES, ModelConfig
@@ -61,7 +61,7 @@ class RMSNorm(nn.Module):
 class LoRAGroup(nn.Module):
     """The LoRA slot buffers of the projections that read one input (q/k/v, gate/up, o, down).
 
-    Layout (see `kernels/loraplex/kernels/lora_ref.py`): `lora_a[num_slots, max_rank * P, in]`, interleaved
+    Layout (see `kernels/loraplex/kernels/lora_batch.py`): `lora_a[num_slots, max_rank * P, in]`, interleaved
     rank-major, and per projection `lora_b{p}[num_slots, max_rank, out_p]`, pre-transposed,
     scaling folded in. `project` runs the group's projections with one shrink for the group
     and one expand per projection that some adapter of the batch targets.

@@ -45,9 +45,6 @@ class DeviceSlots:
                 return slot, owner
         return None
 
-    def has_room(self) -> bool:
-        return any(o is None or (self.pins[s] == 0 and not o.manifest.preload) for s, o in enumerate(self.owner))
-
     def assign(self, slot: int, entry: AdapterEntry) -> None:
         self.owner[slot], entry.slot = entry, slot
         self.lru.move_to_end(slot)

@@ -1,4 +1,7 @@
-"""Tiny random checkpoints and adapters, made by the tests themselves (no network here).
+"""Tiny random checkpoints and adapters, made in-process (no network here): the tests' models,
+and the default model of the benchmarks that measure the serving path rather than the model
+(bench.adminbench, bench.tracing_overhead). One copy for both, in bench/ so that the benchmarks
+never import the tests.
 
 Each family differs where the engine must differ: Llama with Llama-3 rope scaling, Mistral,
 Qwen2 with qkv bias and tied embeddings, and the families with quirks (see tiny_config). The tokenizer is a byte-level BPE trained in-process.

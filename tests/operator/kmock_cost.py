@@ -1,8 +1,8 @@
 """What a request to kmock (the test suite's Kubernetes emulator) costs, and what it grows with.
 
-    .venv/bin/python -m bench.kmock_cost [--rounds 4] [--per-round 200]
+    .venv/bin/python -m tests.operator.kmock_cost [--rounds 4] [--per-round 200]
 
-Rounds of sequential requests against tests/operator/harness.FakeCluster, with kmock's
+Rounds of sequential requests against harness.FakeCluster (this folder), with kmock's
 KubernetesEmulator as shipped (`kmock`) and with the harness's emulator that drops answered
 requests from kmock's request log (`harness`, the default in the tests), in one run:
 - `gets`: GET one ConfigMap again and again (1 object held; the requests served grow);
