@@ -21,7 +21,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(LOCKS) Makefile
 	@echo "== setup: ./.venv from requirements/lock.txt (exact versions and hashes)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP_LOCKED) -r requirements/lock.txt || { echo "== setup failed installing requirements/lock.txt:" \
+	@echo "$(PIP_LOCKED) -r requirements/lock.txt"
+	@$(PIP_LOCKED) -r requirements/lock.txt || { echo "== setup failed installing requirements/lock.txt:" \
 	  "check that PyPI is reachable; where torch 2.13.0+cpu is not on local disk, run" \
 	  "make TORCH_INDEX=https://download.pytorch.org/whl/cpu ..."; exit 1; }
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
