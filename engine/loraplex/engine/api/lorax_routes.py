@@ -100,10 +100,10 @@ class LoraxRun:
         mgr = self.state.require_engine().engine.adapters
         for adapter in spec.ids:
             manifest = mgr.manifest(adapter)
-            if manifest is None:
+            # Another tenant's adapter answers exactly as a missing one (it must not be told apart).
+            if manifest is None or not Authenticator.may_use(principal, manifest):
                 raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
                                    param="merged_adapters.ids")
-            Authenticator.check_adapter(principal, manifest)
         return await wait_for_adapter(self.state, asyncio.to_thread(ensure_merged, mgr, spec), spec.name,
                                       param="merged_adapters")
 

@@ -74,7 +74,7 @@ def resolve_model(state: ServerState, principal: Principal, model: str | None, p
     manifest = engine.adapters.manifest(model)
     if manifest is None:
         raise UnknownAdapterError(f"the model {model!r} does not exist", param=param)
-    Authenticator.check_adapter(principal, manifest)
+    Authenticator.check_adapter(principal, manifest, model, param=param)
     return Target(manifest.name, model, state.metrics.adapter_label(manifest.name))
 
 
