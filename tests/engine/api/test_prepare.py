@@ -1,6 +1,6 @@
-"""Request preparation (serving.make_sequences): each prompt is tokenized and validated once,
+"""Request preparation (lifecycle.make_sequences): each prompt is tokenized and validated once,
 however many choices (`n`) share it; the choices still get their own sequences and params."""
-from loraplex.engine.api.serving import make_sequences
+from loraplex.engine.api.lifecycle import make_sequences
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.engine.core.sampling_params import SamplingParams
 from tests.engine.core.conftest import make_engine

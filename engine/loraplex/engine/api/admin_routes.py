@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from loraplex.engine.api.errors import APIError, as_api_error
 from loraplex.engine.api.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
-from loraplex.engine.api.serving import ServerState, get_state
+from loraplex.engine.api.state import ServerState, get_state
 from loraplex.engine.core.errors import RequestError
 from loraplex.manifest import AdapterManifest, AdapterState
 
@@ -28,7 +28,7 @@ MAX_BATCH = 1000  # manifests per POST /v1/adapters:batch (the body cap, --max-b
 def _admin(request: Request) -> tuple[ServerState, object]:
     state = get_state(request)
     state.auth.require_admin(request)
-    return state, state.require_engine().engine.adapters
+    return state, state.require_engine().adapters
 
 
 def _manifest(data: dict, param_prefix: str = "") -> AdapterManifest:

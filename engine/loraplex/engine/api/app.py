@@ -25,7 +25,8 @@ from loraplex.engine.api.errors import install_error_handlers
 from loraplex.engine.api.manifest_watcher import ManifestWatcher
 from loraplex.engine.api.metrics import UNKNOWN
 from loraplex.engine.api.middleware import BodyLimitMiddleware, RequestGuardMiddleware
-from loraplex.engine.api.serving import ServerState, adapter_name_for
+from loraplex.engine.api.model_resolution import adapter_name_for
+from loraplex.engine.api.state import ServerState
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.manifest import AdapterManifest
@@ -49,17 +50,17 @@ async def _bring_up(state: ServerState, source: EngineSource) -> None:
         engine = source if isinstance(source, AsyncEngine) else await asyncio.to_thread(source)
         if not engine.is_alive:
             engine.start()
-        cfg = engine.engine.config
-        mgr = engine.engine.adapters
+        cfg = engine.config
+        mgr = engine.adapters
         for manifest in preload_manifests(cfg.preload_adapters, cfg.adapter_source):
             mgr.register(manifest)
         if settings.adapter_manifest_file:
             state.watcher = ManifestWatcher(settings.adapter_manifest_file, mgr, settings.watch_interval_seconds)
             await asyncio.to_thread(state.watcher.poll)
-        state.metrics.base_label = engine.engine.served_model_name
+        state.metrics.base_label = engine.served_model_name
         state.engine = engine
-        log.info("engine ready: %s on %s (boot %s)", engine.engine.served_model_name, engine.engine.device,
-                 engine.engine.boot_id)
+        log.info("engine ready: %s on %s (boot %s)", engine.served_model_name, engine.device,
+                 engine.boot_id)
     except Exception as exc:
         log.exception("the engine could not be started")
         state.load_error = f"{type(exc).__name__}: {exc}"
@@ -76,7 +77,7 @@ async def _exit_when_dead(state: ServerState) -> None:
     exit, /health and the inference routes answer 503."""
     while state.engine.is_alive:
         await asyncio.sleep(DEAD_POLL_SECONDS)
-    reason = state.engine.engine.failure or "the engine's step loop stopped"
+    reason = state.engine.failure or "the engine's step loop stopped"
     log.error("engine dead: %s; shutting the server down", reason)
     if state.settings.on_fatal is not None:
         state.settings.on_fatal(RuntimeError(reason))

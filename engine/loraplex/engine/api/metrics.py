@@ -46,7 +46,7 @@ class _EngineCollector:
         adapter_waits = {"load": 0, "slot": 0}
         catalog: dict[str, int] | None = None
         if async_engine is not None:
-            engine = async_engine.engine
+            engine = async_engine
             stats.update(engine.stats())
             mgr = engine.adapters
             tiers = mgr.tier_counts()
@@ -171,7 +171,7 @@ class Metrics:
         async_engine = self.engine_getter()
         if async_engine is None:
             return
-        mgr = async_engine.engine.adapters
+        mgr = async_engine.adapters
         with mgr.lock:
             seconds = list(mgr.counters.load_seconds)
             mgr.counters.load_seconds.clear()

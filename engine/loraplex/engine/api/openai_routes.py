@@ -1,22 +1,18 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
 from __future__ import annotations
 
-import time
-import uuid
+from collections.abc import Iterable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
 
-from loraplex.engine.api.auth import Authenticator, Principal
-from loraplex.engine.api.errors import APIError, ClientGone, as_api_error, finite
-from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
-from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
-from loraplex.engine.api.serving import (ServerState, Target, collect, count_prompt_tokens, get_state, make_sequences,
-                                  merge_streams, off_loop, output_error, resolve_dynamic, resolve_model, seed_for, sse, sse_response,
-                                  token_text, until_disconnect)
-from loraplex.engine.api.structured import compile_grammar, openai_spec
 from loraplex.engine.api import tools as tool_calls
-from loraplex.engine.core.errors import RequestError
+from loraplex.engine.api.auth import Authenticator, Principal
+from loraplex.engine.api.errors import APIError, finite
+from loraplex.engine.api.lifecycle import ChoiceResult, InferenceCall, WireFormat
+from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
+from loraplex.engine.api.sse import sse
+from loraplex.engine.api.state import ServerState, get_state
+from loraplex.engine.api.structured import openai_spec
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.sequence import TokenLogprob
 
@@ -27,11 +23,11 @@ DONE = "data: [DONE]\n\n"
 # ---- models ---------------------------------------------------------------------------------
 
 def model_cards(state: ServerState, principal: Principal) -> list[dict]:
-    engine = state.require_engine().engine
+    engine = state.require_engine()
     base = engine.served_model_name
     created = int(state.started)
     cards = [{"id": base, "object": "model", "created": created, "owned_by": "loraplex",
-              "root": engine.config.model_id, "parent": None, "max_model_len": engine.max_model_len}]
+              "root": engine.model_id, "parent": None, "max_model_len": engine.max_model_len}]
     for d in engine.adapters.list():
         manifest = d["manifest"]
         if Authenticator.may_see(principal, manifest.get("tenants") or []):
@@ -79,7 +75,7 @@ def sampling_params(body: _OpenAISampling, max_tokens: int | None, logprobs: int
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if body.top_k is None else body.top_k,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        seed=seed_for(body.seed, i),
+        seed=None if body.seed is None else body.seed + i,  # n choices differ, yet reproducible
         stop=body.stop_list,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
@@ -103,150 +99,69 @@ def finish_reason(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length", "tool_calls") else "stop"
 
 
-class _Run:
-    """One OpenAI request from validation to its answer; subclasses shape the chunks."""
+class _OpenAIWire(WireFormat):
+    """What completions and chat share: the model field, n, sampling, usage and the chunk envelope."""
 
     object_name = ""
     chunk_object = ""
-    id_prefix = ""
 
-    def __init__(self, state: ServerState, request: Request, body: _OpenAISampling):
-        self.state, self.request, self.body = state, request, body
-        self.timer = RequestTimer(state.metrics, UNKNOWN)
-        self.request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.target: Target | None = None
-        self.seqs = []
+    def __init__(self, body: _OpenAISampling):
+        self.body = body
+        self.stream = body.stream
         self.n = body.n
-        self.grammar = None  # CompiledGrammar of the request's structured output, if any
-        self.bias = None
+        self.bias: dict[int, float] | None = None
 
-    def grammar_spec(self):
+    async def model_name(self, call: InferenceCall) -> str | None:
+        return self.body.model
+
+    def prepare(self, call: InferenceCall):
+        self.bias = logit_bias(self.body, call.engine.vocab_size)
         return openai_spec(self.body)
 
-    # subclass hooks
-    def prompts(self, engine) -> list[str | list[int]]:
+    def answer(self, call: InferenceCall, results: list[ChoiceResult]) -> dict:
+        return {"id": call.request_id, "object": self.object_name, "created": call.created, "model": call.model.name,
+                "choices": [self.choice(call, i, r) for i, r in enumerate(results)],
+                "usage": usage(call.timer.prompt_tokens, sum(r.completion_tokens for r in results))}
+
+    def choice(self, call: InferenceCall, index: int, r: ChoiceResult) -> dict:
         raise NotImplementedError
 
-    def params(self, i: int) -> SamplingParams:
+    def chunk_choice(self, call: InferenceCall, index: int, out, first: bool) -> dict | None:
         raise NotImplementedError
 
-    def choice(self, index: int, result) -> dict:
-        raise NotImplementedError
+    def chunk(self, call: InferenceCall, choices: list[dict]) -> dict:
+        return {"id": call.request_id, "object": self.chunk_object, "created": call.created,
+                "model": call.model.name, "choices": choices}
 
-    def chunk_choices(self, index: int, out, first: bool) -> dict | None:
-        raise NotImplementedError
+    def events(self, call: InferenceCall, index: int, out, first: bool) -> Iterable[str]:
+        choice = self.chunk_choice(call, index, out, first)
+        return () if choice is None else (sse(self.chunk(call, [choice])),)
 
-    @property
-    def tokenizer(self):
-        return self.state.require_engine().engine.tokenizer  # the calling thread's own copy
+    def closing(self, call: InferenceCall) -> Iterable[str]:
+        if self.body.include_usage:
+            chunk = self.chunk(call, [])
+            chunk["usage"] = usage(call.timer.prompt_tokens, sum(r.completion_tokens for r in call.results))
+            yield sse(chunk)
+        yield DONE
 
-    # flow
-    async def prepare(self) -> None:
-        try:
-            principal = self.state.auth.inference(self.request)
-            self.target = resolve_model(self.state, principal, self.body.model)
-            self.timer.label = self.target.label
-            engine = self.state.require_engine()
-            self.bias = logit_bias(self.body, engine.engine.model_config.vocab_size)
-            self.grammar = await compile_grammar(self.state, self.grammar_spec())
-            self.seqs = await off_loop(self.state, self._make_sequences, engine)
-            count_prompt_tokens(self.timer, self.seqs, self.n)
-        except (APIError, RequestError) as exc:
-            err = as_api_error(exc)
-            self.timer.finish(err.status)
-            raise err from None
-
-    def _make_sequences(self, engine) -> list:
-        """Blocking (chat template, tokenization, validation): runs on the prepare pool, off the event loop."""
-        prompts = self.prompts(engine.engine)
-        if len(prompts) * self.n > self.state.settings.max_n:
-            raise APIError(400, f"prompts x n must be at most {self.state.settings.max_n}", param="n")
-        return make_sequences(engine, self.request_id, prompts, self.n, self.params, self.target.adapter)
-
-    async def start(self) -> None:
-        """Everything before generation: adapters by name, validation, grammar, sequences."""
-        await resolve_dynamic(self.state, self.request, self.body.model, self.timer)
-        await self.prepare()
-
-    async def results(self):
-        """Non-streamed: run the sequences to the end; None when the client left (499 recorded)."""
-        try:
-            results = await until_disconnect(self.request, collect(self.state, self.seqs, self.timer, self.target.adapter))
-        except ClientGone:
-            self.timer.finish(499)
-            return None
-        except APIError as err:
-            self.timer.finish(err.status)
-            raise
-        self.timer.finish(200)
-        return results
-
-    async def respond(self):
-        await self.start()
-        if self.body.stream:
-            return sse_response(self.stream())
-        results = await self.results()
-        if results is None:
-            return Response(status_code=499)
-        return JSONResponse({
-            "id": self.request_id, "object": self.object_name, "created": self.created, "model": self.target.model,
-            "choices": [self.choice(i, r) for i, r in enumerate(results)],
-            "usage": usage(self.timer.prompt_tokens, self.timer.completion_tokens),
-        })
-
-    def _chunk(self, choices: list[dict]) -> dict:
-        return {"id": self.request_id, "object": self.chunk_object, "created": self.created,
-                "model": self.target.model, "choices": choices}
-
-    async def stream(self):
-        status = 499  # until the stream completes (a disconnect leaves it so)
-        completion = [0] * len(self.seqs)
-        started = [False] * len(self.seqs)
-        stream = merge_streams(self.state.engine, self.seqs)
-        try:
-            try:
-                async for i, out in stream:
-                    self.timer.tokens(len(out.new_token_ids))
-                    completion[i] = out.completion_tokens
-                    if out.finished and (out.finish_reason == "abort" or out.error):
-                        raise output_error(self.state, self.target.adapter, out.error, out.error_code)
-                    choice = self.chunk_choices(i, out, not started[i])
-                    started[i] = True
-                    if choice is not None:
-                        yield sse(self._chunk([choice]))
-            except (APIError, RequestError) as exc:
-                err = as_api_error(exc)
-                status = err.status
-                yield sse(err.body())
-                yield DONE
-                return
-            if self.body.include_usage:
-                chunk = self._chunk([])
-                chunk["usage"] = usage(self.timer.prompt_tokens, sum(completion))
-                yield sse(chunk)
-            yield DONE
-            status = 200
-        finally:
-            self.timer.completion_tokens = sum(completion)
-            self.timer.finish(status)
-            await stream.aclose()
+    def failure(self, call: InferenceCall, err: APIError) -> Iterable[str]:
+        return sse(err.body()), DONE
 
 
 # ---- completions ------------------------------------------------------------------------------
 
-class CompletionRun(_Run):
+class CompletionWire(_OpenAIWire):
     object_name = "text_completion"
     chunk_object = "text_completion"
     id_prefix = "cmpl"
     body: CompletionRequest
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, body: CompletionRequest):
+        super().__init__(body)
         self.offsets: dict[int, int] = {}
         self.prompt_list: list[str | list[int]] = []
 
-    def prompts(self, engine):
+    def prompts(self, call: InferenceCall):
         try:
             self.prompt_list = self.body.prompts()
         except ValueError as exc:
@@ -257,31 +172,32 @@ class CompletionRun(_Run):
     def echo_logprobs(self) -> bool:
         return self.body.echo and self.body.logprobs is not None
 
-    def params(self, i: int) -> SamplingParams:
-        return sampling_params(self.body, self.body.max_tokens, self.body.logprobs, i, self.bias, self.grammar,
+    def sampling(self, call: InferenceCall, i: int) -> SamplingParams:
+        return sampling_params(self.body, self.body.max_tokens, self.body.logprobs, i, self.bias, call.grammar,
                                prompt_logprobs=self.echo_logprobs)
 
-    def prompt_text(self, index: int) -> str:
+    def prompt_text(self, call: InferenceCall, index: int) -> str:
         """echo: the prompt as the client sent it (token ids decoded)."""
         prompt = self.prompt_list[index // self.n]
-        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
+        return prompt if isinstance(prompt, str) else call.engine.tokenizer.decode(prompt, skip_special_tokens=False)
 
-    def logprobs(self, index: int, lps: list[TokenLogprob], prompt_lps: list[float | None] | None = None) -> dict | None:
+    def logprobs(self, call: InferenceCall, index: int, lps: list[TokenLogprob],
+                 prompt_lps: list[float | None] | None = None) -> dict | None:
         if self.body.logprobs is None:
             return None
         tokens, values, tops, offsets = [], [], [], []
         offset = self.offsets.get(index, 0)
         if prompt_lps is not None:  # echo: the prompt's tokens first (the first has no logprob)
-            for token_id, value in zip(self.seqs[index].prompt_ids, prompt_lps):
-                text = token_text(self.tokenizer, token_id)
+            for token_id, value in zip(call.seqs[index].prompt_ids, prompt_lps):
+                text = call.token_text(token_id)
                 tokens.append(text)
                 values.append(None if value is None else finite(value))
                 tops.append(None if value is None else {text: finite(value)})
                 offsets.append(offset)
                 offset += len(text)
         for lp in lps:
-            text = token_text(self.tokenizer, lp.token_id)
-            top = {token_text(self.tokenizer, t): finite(v) for t, v in lp.top}
+            text = call.token_text(lp.token_id)
+            top = {call.token_text(t): finite(v) for t, v in lp.top}
             top.setdefault(text, finite(lp.logprob))
             tokens.append(text)
             values.append(finite(lp.logprob))
@@ -291,27 +207,27 @@ class CompletionRun(_Run):
         self.offsets[index] = offset
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
-    def choice(self, index: int, r) -> dict:
-        text = self.prompt_text(index) + r.text if self.body.echo else r.text
+    def choice(self, call: InferenceCall, index: int, r: ChoiceResult) -> dict:
+        text = self.prompt_text(call, index) + r.text if self.body.echo else r.text
         prompt_lps = r.prompt_logprobs if self.echo_logprobs else None
-        return {"index": index, "text": text, "logprobs": self.logprobs(index, r.logprobs, prompt_lps),
+        return {"index": index, "text": text, "logprobs": self.logprobs(call, index, r.logprobs, prompt_lps),
                 "finish_reason": finish_reason(r.finish_reason), "stop_reason": r.stop_reason}
 
-    def chunk_choices(self, index: int, out, first: bool) -> dict | None:
+    def chunk_choice(self, call: InferenceCall, index: int, out, first: bool) -> dict | None:
         text = out.new_text
         if first and self.body.echo:
-            text = self.prompt_text(index) + text
+            text = self.prompt_text(call, index) + text
         prompt_lps = out.prompt_logprobs if self.echo_logprobs else None
         if not text and not out.finished and not (self.body.logprobs is not None and (out.logprobs or prompt_lps)):
             return None
-        return {"index": index, "text": text, "logprobs": self.logprobs(index, out.logprobs, prompt_lps),
+        return {"index": index, "text": text, "logprobs": self.logprobs(call, index, out.logprobs, prompt_lps),
                 "finish_reason": finish_reason(out.finish_reason) if out.finished else None,
                 "stop_reason": out.stop_reason if out.finished else None}
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await CompletionRun(get_state(request), request, body).respond()
+    return await InferenceCall(get_state(request), request, CompletionWire(body)).respond()
 
 
 # ---- chat ---------------------------------------------------------------------------------------
@@ -333,21 +249,22 @@ def render_chat(tokenizer, body: ChatCompletionRequest) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-class ChatRun(_Run):
+class ChatWire(_OpenAIWire):
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
     body: ChatCompletionRequest
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, body: ChatCompletionRequest):
+        super().__init__(body)
         self.tool_choice: str | None = None  # none | auto | required | named | None (no tools)
         self.parser = None  # the family's tool call parser when tool_choice is auto
         self.streams: dict[int, tool_calls.StreamingToolParser] = {}
         self.buffered: dict[int, str] = {}  # constrained tool calls: the output until it ends
         self.calls_sent: dict[int, int] = {}  # streamed tool calls per choice (their delta index)
 
-    def grammar_spec(self):
+    def prepare(self, call: InferenceCall):
+        self.bias = logit_bias(self.body, call.engine.vocab_size)
         self.tool_choice = tool_calls.tool_choice_of(self.body)
         spec = openai_spec(self.body)
         constrained = tool_calls.constrained_spec(self.body, self.tool_choice)
@@ -360,23 +277,24 @@ class ChatRun(_Run):
     def constrained(self) -> bool:
         return self.tool_choice in ("required", "named")
 
-    def prompts(self, engine):
+    def prompts(self, call: InferenceCall):
+        tokenizer = call.engine.tokenizer
         if self.tool_choice == "auto":
-            self.parser = tool_calls.parser_for(self.state.settings.tool_call_parser, engine.tokenizer.chat_template)
-        return [render_chat(engine.tokenizer, self.body)]
+            self.parser = tool_calls.parser_for(call.state.settings.tool_call_parser, tokenizer.chat_template)
+        return [render_chat(tokenizer, self.body)]
 
-    def params(self, i: int) -> SamplingParams:
+    def sampling(self, call: InferenceCall, i: int) -> SamplingParams:
         k = None
         if self.body.logprobs:
             k = self.body.top_logprobs or 0
-        return sampling_params(self.body, self.body.max_new_tokens, k, i, self.bias, self.grammar)
+        return sampling_params(self.body, self.body.max_new_tokens, k, i, self.bias, call.grammar)
 
-    def logprobs(self, lps: list[TokenLogprob]) -> dict | None:
+    def logprobs(self, call: InferenceCall, lps: list[TokenLogprob]) -> dict | None:
         if not self.body.logprobs:
             return None
 
         def entry(token_id: int, value: float) -> dict:
-            text = token_text(self.tokenizer, token_id)
+            text = call.token_text(token_id)
             return {"token": text, "logprob": finite(value), "bytes": list(text.encode("utf-8"))}
 
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
@@ -395,12 +313,12 @@ class ChatRun(_Run):
     def _finish(reason: str | None, calls) -> str | None:
         return "tool_calls" if calls and reason == "stop" else finish_reason(reason)
 
-    def choice(self, index: int, r) -> dict:
+    def choice(self, call: InferenceCall, index: int, r: ChoiceResult) -> dict:
         content, calls = self.calls_in(r.text, r.finish_reason)
         message = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
-        return {"index": index, "message": message, "logprobs": self.logprobs(r.logprobs),
+        return {"index": index, "message": message, "logprobs": self.logprobs(call, r.logprobs),
                 "finish_reason": self._finish(r.finish_reason, calls), "stop_reason": r.stop_reason}
 
     def stream_text(self, index: int, out) -> tuple[str, list[tool_calls.ParsedCall]]:
@@ -416,7 +334,7 @@ class ChatRun(_Run):
         stream = self.streams.setdefault(index, tool_calls.StreamingToolParser(self.parser))
         return stream.feed(out.new_text, out.finished)
 
-    def chunk_choices(self, index: int, out, first: bool) -> dict | None:
+    def chunk_choice(self, call: InferenceCall, index: int, out, first: bool) -> dict | None:
         text, calls = self.stream_text(index, out)
         delta: dict = {}
         if first:
@@ -433,10 +351,10 @@ class ChatRun(_Run):
         reason = None
         if out.finished:
             reason = self._finish(out.finish_reason, self.calls_sent.get(index, 0))
-        return {"index": index, "delta": delta, "logprobs": self.logprobs(out.logprobs) if has_lp else None,
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(call, out.logprobs) if has_lp else None,
                 "finish_reason": reason}
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await ChatRun(get_state(request), request, body).respond()
+    return await InferenceCall(get_state(request), request, ChatWire(body)).respond()

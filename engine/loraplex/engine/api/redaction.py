@@ -32,7 +32,7 @@ def redactor(request: Request, state, keep: tuple[str, ...] = ()) -> Redact | No
     if auth.may_see_names(request) or state.engine is None:
         return None
     key = hashlib.sha256(b"loraplex adapter label\0" + auth.admin.value.encode()).digest()
-    mgr = state.engine.engine.adapters
+    mgr = state.engine.adapters
     seen: dict[str, str] = {}
 
     def redact(name: str) -> str:

@@ -2,7 +2,7 @@
 
 A request is translated into a chat completion (input items -> messages, `instructions` -> a
 leading system message, `text.format` -> response_format, function tools -> tools) and run by
-the chat machinery (openai_routes.ChatRun: template, grammar, tool parsing); only the answer's
+the chat wire format (openai_routes.ChatWire: template, grammar, tool parsing); only the answer's
 shape differs. Nothing is stored: `previous_response_id` is a 400 and GET /v1/responses/{id}
 a 404, both saying so.
 
@@ -15,20 +15,19 @@ max_output_tokens cut it). Every event carries `type` and `sequence_number`.
 from __future__ import annotations
 
 import json
-import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
 
-from loraplex.engine.api.errors import APIError, as_api_error
-from loraplex.engine.api.metrics import UNKNOWN
-from loraplex.engine.api.openai_routes import ChatRun
+from loraplex.engine.api.errors import APIError
+from loraplex.engine.api.lifecycle import ChoiceResult, InferenceCall, WireFormat
+from loraplex.engine.api.openai_routes import ChatWire
 from loraplex.engine.api.protocol import ChatCompletionRequest, _Body
-from loraplex.engine.api.serving import get_state, merge_streams, output_error, sse_response
-from loraplex.engine.core.errors import RequestError
+from loraplex.engine.api.sse import sse_event
+from loraplex.engine.api.state import get_state
 
 router = APIRouter()
 
@@ -132,45 +131,57 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise APIError(400, f"{param}: {first.get('msg')}", param=param or None) from None
 
 
-class ResponsesRun:
-    def __init__(self, request: Request, body: ResponsesRequest):
-        self.request, self.body = request, body
-        self.state = get_state(request)
-        self.id = f"resp_{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.seq_no = 0
+class ResponsesWire(WireFormat):
+    """The Responses API's shapes over the chat wire format (template, grammar, tool parsing)."""
 
-    async def prepare(self) -> None:
-        try:
-            if self.body.previous_response_id is not None:
-                raise APIError(400, "previous_response_id is not supported: this server does not store responses; "
-                               "send the whole conversation in `input`", param="previous_response_id")
-            chat = chat_request(self.body)
-        except APIError as err:
-            self.state.metrics.requests.labels(UNKNOWN, str(err.status)).inc()
-            raise
-        self.chat = ChatRun(self.state, self.request, chat)
-        await self.chat.start()
+    id_prefix = "resp"
+
+    def __init__(self, body: ResponsesRequest):
+        self.body = body
+        self.stream = body.stream
+        self.chat: ChatWire | None = None
+        self.seq_no = 0
+        self.items: list[dict | None] = []  # the output items streamed so far
+        self.message: dict | None = None  # the open message item: {"id", "index", "text"}
+
+    # ---- the request: the chat's -----------------------------------------------------------
+
+    async def model_name(self, call: InferenceCall) -> str | None:
+        if self.body.previous_response_id is not None:
+            raise APIError(400, "previous_response_id is not supported: this server does not store responses; "
+                           "send the whole conversation in `input`", param="previous_response_id")
+        self.chat = ChatWire(chat_request(self.body))
+        return self.body.model
+
+    def prepare(self, call: InferenceCall):
+        return self.chat.prepare(call)
+
+    def prompts(self, call: InferenceCall):
+        return self.chat.prompts(call)
+
+    def sampling(self, call: InferenceCall, i: int):
+        return self.chat.sampling(call, i)
 
     # ---- shapes ----------------------------------------------------------------------------
 
-    def response(self, status: str, output: list[dict], usage: dict | None = None) -> dict:
-        fmt = self.body.text.format.model_dump(by_alias=True, exclude_none=True) if self.body.text and self.body.text.format else {"type": "text"}
+    def response(self, call: InferenceCall, status: str, output: list, usage: dict | None = None) -> dict:
+        body = self.body
+        fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else {"type": "text"}
         return {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status,
-            "model": self.chat.target.model, "output": output, "usage": usage, "error": None,
+            "id": call.request_id, "object": "response", "created_at": call.created, "status": status,
+            "model": call.model.name, "output": output, "usage": usage, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": self.body.instructions, "max_output_tokens": self.body.max_output_tokens,
-            "temperature": self.body.temperature, "top_p": self.body.top_p, "tools": self.body.tools or [],
-            "tool_choice": self.body.tool_choice or "auto", "parallel_tool_calls": self.body.parallel_tool_calls,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature, "top_p": body.top_p, "tools": body.tools or [],
+            "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": body.parallel_tool_calls,
             "text": {"format": fmt}, "previous_response_id": None, "store": False, "truncation": "disabled",
-            "metadata": self.body.metadata or {}, "user": self.body.user,
+            "metadata": body.metadata or {}, "user": body.user,
         }
 
-    def usage(self) -> dict:
-        t = self.chat.timer
-        return {"input_tokens": t.prompt_tokens, "output_tokens": t.completion_tokens,
-                "total_tokens": t.prompt_tokens + t.completion_tokens,
+    @staticmethod
+    def usage(call: InferenceCall) -> dict:
+        prompt, completion = call.timer.prompt_tokens, sum(r.completion_tokens for r in call.results)
+        return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
 
     @staticmethod
@@ -189,96 +200,73 @@ class ResponsesRun:
 
     # ---- answers ---------------------------------------------------------------------------
 
-    async def respond(self):
-        await self.prepare()
-        if self.body.stream:
-            return sse_response(self.stream())
-        results = await self.chat.results()
-        if results is None:
-            return Response(status_code=499)
+    def answer(self, call: InferenceCall, results: list[ChoiceResult]) -> dict:
         r = results[0]
         content, calls = self.chat.calls_in(r.text, r.finish_reason)
         output = []
         if content:
             output.append(self.message_item(f"msg_{uuid.uuid4().hex}", content))
         output += [self.call_item(c) for c in calls]
-        return JSONResponse(self.response(self.status_of(r.finish_reason), output, self.usage()))
+        return self.response(call, self.status_of(r.finish_reason), output, self.usage(call))
 
     def event(self, kind: str, **fields) -> str:
         data = {"type": kind, "sequence_number": self.seq_no, **fields}
         self.seq_no += 1
-        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return sse_event(kind, data)
 
-    async def stream(self):
-        chat = self.chat
-        status = 499
-        output: list[dict] = []
-        message: dict | None = None  # the open message item: {"id", "index", "text"}
-        stream = merge_streams(self.state.engine, chat.seqs)
-        try:
-            yield self.event("response.created", response=self.response("in_progress", []))
-            yield self.event("response.in_progress", response=self.response("in_progress", []))
-            try:
-                async for _, out in stream:
-                    chat.timer.tokens(len(out.new_token_ids))
-                    chat.timer.completion_tokens = out.completion_tokens
-                    if out.finished and (out.finish_reason == "abort" or out.error):
-                        raise output_error(self.state, chat.target.adapter, out.error, out.error_code)
-                    text, calls = chat.stream_text(0, out)
-                    if text:
-                        if message is None:
-                            message = {"id": f"msg_{uuid.uuid4().hex}", "index": len(output), "text": ""}
-                            output.append(None)  # its place; filled when done
-                            yield self.event("response.output_item.added", output_index=message["index"],
-                                             item=self.message_item(message["id"], "", "in_progress"))
-                            yield self.event("response.content_part.added", item_id=message["id"],
-                                             output_index=message["index"], content_index=0,
-                                             part={"type": "output_text", "text": "", "annotations": []})
-                        message["text"] += text
-                        yield self.event("response.output_text.delta", item_id=message["id"],
-                                         output_index=message["index"], content_index=0, delta=text, logprobs=[])
-                    if calls or out.finished:
-                        for done in self._close_message(message, output):
-                            yield done
-                        message = None
-                    for call in calls:
-                        index = len(output)
-                        item = self.call_item(call)
-                        output.append(item)
-                        yield self.event("response.output_item.added", output_index=index,
-                                         item=self.call_item(call, "in_progress"))
-                        yield self.event("response.function_call_arguments.delta", item_id=item["id"],
-                                         output_index=index, delta=call.arguments)
-                        yield self.event("response.function_call_arguments.done", item_id=item["id"],
-                                         output_index=index, name=call.name, arguments=call.arguments)
-                        yield self.event("response.output_item.done", output_index=index, item=item)
-                    if out.finished:
-                        final = self.status_of(out.finish_reason)
-                        yield self.event(f"response.{final}", response=self.response(final, output, self.usage()))
-            except (APIError, RequestError) as exc:
-                err = as_api_error(exc)
-                status = err.status
-                yield self.event("error", code=err.code, message=err.message, param=err.param)
-                return
-            status = 200
-        finally:
-            chat.timer.finish(status)
-            await stream.aclose()
+    def opening(self, call: InferenceCall) -> Iterable[str]:
+        yield self.event("response.created", response=self.response(call, "in_progress", []))
+        yield self.event("response.in_progress", response=self.response(call, "in_progress", []))
 
-    def _close_message(self, message: dict | None, output: list) -> list[str]:
+    def events(self, call: InferenceCall, index: int, out, first: bool) -> Iterable[str]:
+        text, calls = self.chat.stream_text(0, out)
+        output = self.items
+        if text:
+            if self.message is None:
+                self.message = {"id": f"msg_{uuid.uuid4().hex}", "index": len(output), "text": ""}
+                output.append(None)  # its place; filled when done
+                yield self.event("response.output_item.added", output_index=self.message["index"],
+                                 item=self.message_item(self.message["id"], "", "in_progress"))
+                yield self.event("response.content_part.added", item_id=self.message["id"],
+                                 output_index=self.message["index"], content_index=0,
+                                 part={"type": "output_text", "text": "", "annotations": []})
+            self.message["text"] += text
+            yield self.event("response.output_text.delta", item_id=self.message["id"],
+                             output_index=self.message["index"], content_index=0, delta=text, logprobs=[])
+        if calls or out.finished:
+            yield from self._close_message()
+        for c in calls:
+            i = len(output)
+            item = self.call_item(c)
+            output.append(item)
+            yield self.event("response.output_item.added", output_index=i, item=self.call_item(c, "in_progress"))
+            yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                             delta=c.arguments)
+            yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                             name=c.name, arguments=c.arguments)
+            yield self.event("response.output_item.done", output_index=i, item=item)
+        if out.finished:
+            final = self.status_of(out.finish_reason)
+            yield self.event(f"response.{final}", response=self.response(call, final, output, self.usage(call)))
+
+    def _close_message(self) -> Iterable[str]:
+        message, self.message = self.message, None
         if message is None:
-            return []
+            return
         item = self.message_item(message["id"], message["text"])
-        output[message["index"]] = item
+        self.items[message["index"]] = item
         where = dict(item_id=message["id"], output_index=message["index"], content_index=0)
-        return [self.event("response.output_text.done", **where, text=message["text"], logprobs=[]),
-                self.event("response.content_part.done", **where, part=item["content"][0]),
-                self.event("response.output_item.done", output_index=message["index"], item=item)]
+        yield self.event("response.output_text.done", **where, text=message["text"], logprobs=[])
+        yield self.event("response.content_part.done", **where, part=item["content"][0])
+        yield self.event("response.output_item.done", output_index=message["index"], item=item)
+
+    def failure(self, call: InferenceCall, err: APIError) -> Iterable[str]:
+        return (self.event("error", code=err.code, message=err.message, param=err.param),)
 
 
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request):
-    return await ResponsesRun(request, body).respond()
+    return await InferenceCall(get_state(request), request, ResponsesWire(body)).respond()
 
 
 @router.get("/v1/responses/{response_id}")

@@ -22,13 +22,13 @@ from loraplex.engine.core.structured_output import CompiledGrammar, GrammarError
 
 def compiler_for(state) -> GrammarCompiler:
     """The server's grammar compiler (one per engine: it holds the tokenizer's token trie)."""
-    engine = state.require_engine().engine
+    engine = state.require_engine()
     owner, compiler = getattr(state, "grammar_compiler", (None, None))
     if owner is not engine:
         # A copy of its own: the compiler reads it on worker threads (Rust tokenizers must not be
         # shared across threads, huggingface/tokenizers#537).
         settings = state.settings
-        compiler = GrammarCompiler(copy.deepcopy(engine.tokenizer), engine.model_config.vocab_size,
+        compiler = GrammarCompiler(copy.deepcopy(engine.tokenizer), engine.vocab_size,
                                    engine.eos_token_ids, cache_bytes=settings.grammar_cache_bytes,
                                    workers=settings.grammar_workers)
         if owner is not None:

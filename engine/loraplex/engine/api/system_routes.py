@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from loraplex.engine.api.errors import APIError
 from loraplex.engine.api.metrics import OTHER, UNKNOWN
 from loraplex.engine.api.redaction import RedactedRegistry, redact_list, redactor
-from loraplex.engine.api.serving import get_state
+from loraplex.engine.api.state import get_state
 
 router = APIRouter()
 
@@ -23,7 +23,7 @@ async def health(request: Request):
         return JSONResponse(APIError(503, f"the engine failed to start: {state.load_error}",
                                      code="engine_failed").body(), status_code=503)
     if state.engine is not None and not state.engine.is_alive:
-        reason = state.engine.engine.failure or "the engine's step loop has stopped"
+        reason = state.engine.failure or "the engine's step loop has stopped"
         return JSONResponse(APIError(503, reason, code="engine_dead").body(), status_code=503)
     return {"status": "ok", "model_loaded": state.engine is not None}
 
@@ -37,7 +37,7 @@ async def ready(request: Request):
         body = APIError(503, f"not ready: {reason}", code="not_ready").body()
         body.update({"status": "not_ready", "model_loaded": False, "missing_preload_adapters": []})
         return JSONResponse(body, status_code=503)
-    mgr = state.engine.engine.adapters
+    mgr = state.engine.adapters
     ok, missing = mgr.preload_ready()
     if not ok:
         redact = redactor(request, state) or (lambda name: name)
@@ -59,10 +59,10 @@ async def ready(request: Request):
 @router.get("/info")
 async def info(request: Request):
     state = get_state(request)
-    async_engine = state.require_engine()
-    engine = async_engine.engine
+    engine = state.require_engine()
     cfg = engine.config
     stats = engine.stats()
+    facts = engine.describe()
     watcher = state.watcher
     manifest_file = None if watcher is None else {
         "path": str(watcher.path), "versions_applied": watcher.generation, "error": watcher.last_error,
@@ -71,12 +71,12 @@ async def info(request: Request):
         "model_id": cfg.model_id,
         "revision": cfg.revision,
         "served_model_name": engine.served_model_name,
-        "architecture": engine.model_config.architecture,
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "device": str(engine.device),
+        "architecture": facts["architecture"],
+        "dtype": facts["dtype"],
+        "device": facts["device"],
         "block_size": cfg.block_size,
         "max_lora_rank": cfg.max_lora_rank,
-        "adapter_slots": engine.adapters.num_slots,  # after the device byte budget
+        "adapter_slots": facts["adapter_slots"],  # after the device byte budget
         "max_cpu_adapters": cfg.max_cpu_adapters,
         "max_model_len": engine.max_model_len,
         "max_num_seqs": cfg.max_num_seqs,
@@ -86,11 +86,11 @@ async def info(request: Request):
         "enable_prefix_caching": cfg.enable_prefix_caching,
         # Each rank holds 1/N of the weights and KV heads; weight_bytes below is rank 0's share.
         "tensor_parallel_size": cfg.tensor_parallel_size,
-        "tensor_parallel_worker_pids": engine.workers.pids if engine.workers is not None else [],
+        "tensor_parallel_worker_pids": facts["tensor_parallel_worker_pids"],
         # Base weights in memory, and what they would take unquantized (equal for a full base).
-        "quantization": "fp8" if engine.model_config.fp8_block else None,
-        "weight_bytes": engine.runner.model.weight_bytes,
-        "weight_bytes_unquantized": engine.runner.model.weight_bytes_unquantized,
+        "quantization": facts["quantization"],
+        "weight_bytes": facts["weight_bytes"],
+        "weight_bytes_unquantized": facts["weight_bytes_unquantized"],
         "num_requests_running": stats["num_requests_running"],
         "num_requests_waiting": stats["num_requests_waiting"],
         "version": state.settings.version,
