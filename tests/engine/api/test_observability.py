@@ -232,7 +232,7 @@ def test_tracing_off_loads_nothing_of_opentelemetry():
     instrumentation, and the per-request hook returns before touching a sequence."""
     code = ("import sys\n"
             "from fastapi import FastAPI\n"
-            "from loraplex.engine.api import app, serving, tracing\n"
+            "from loraplex.engine.api import app, lifecycle, tracing\n"
             "assert tracing.setup(FastAPI(), 'v', env={'OTEL_SERVICE_NAME': 'x'}) is None\n"
             "tracing.record_sequences([object()], 'base')  # an object() would fail any attribute read\n"
             "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter',"
