@@ -20,7 +20,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -36,35 +35,7 @@ from loraplex.engine.api.structured import compile_grammar
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
-from loraplex.engine.core.sequence import RequestOutput, Sequence, TokenLogprob
-
-
-@dataclass
-class ChoiceResult:
-    """A sequence's outputs, accumulated."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[float | None] | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    error: str | None = None
-    error_code: str | None = None
-
-    def add(self, out: RequestOutput) -> None:
-        self.token_ids += out.new_token_ids
-        self.text += out.new_text
-        self.logprobs += out.logprobs
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        self.prompt_tokens = out.prompt_tokens
-        self.completion_tokens = out.completion_tokens
-        if out.finished:
-            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
-            self.error_code = out.error_code
+from loraplex.engine.core.sequence import RequestOutput, RequestResult, Sequence
 
 
 class WireFormat:
@@ -99,7 +70,7 @@ class WireFormat:
 
     # ---- the answer ----------------------------------------------------------------------
 
-    def answer(self, call: "InferenceCall", results: list[ChoiceResult]) -> Any:
+    def answer(self, call: "InferenceCall", results: list[RequestResult]) -> Any:
         """The JSON body of a non-streamed answer."""
         raise NotImplementedError
 
@@ -147,7 +118,7 @@ class InferenceCall:
         self.model: ServedModel | None = None
         self.grammar = None  # the CompiledGrammar of the request's structured output, if any
         self.seqs: list[Sequence] = []
-        self.results: list[ChoiceResult] = []
+        self.results: list[RequestResult] = []
         self._streams: list[AsyncIterator[RequestOutput]] = []
         self._submitted = False
         self._finished = False
@@ -176,7 +147,7 @@ class InferenceCall:
             self.seqs = await self.state.off_loop(self._make_sequences)
         except (APIError, RequestError) as exc:
             raise self._failed(exc) from None
-        self.results = [ChoiceResult() for _ in self.seqs]
+        self.results = [RequestResult() for _ in self.seqs]
         n = self.wire.n  # each distinct prompt counts once, however many choices share it
         self.timer.prompt_tokens = sum(self.seqs[k].num_prompt_tokens for k in range(0, len(self.seqs), n))
 
@@ -202,7 +173,7 @@ class InferenceCall:
             raise self._failed(refused)
         self._submitted = True
 
-    async def collect(self) -> list[ChoiceResult]:
+    async def collect(self) -> list[RequestResult]:
         """Non-streamed: run the sequences to the end."""
         status = 499  # until they end (a disconnect cancels this and leaves it so)
         try:

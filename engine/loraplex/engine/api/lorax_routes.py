@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import APIError, finite, lorax_error_type
-from loraplex.engine.api.lifecycle import ChoiceResult, InferenceCall, WireFormat
+from loraplex.engine.api.lifecycle import InferenceCall, WireFormat
 from loraplex.engine.api.model_resolution import adapter_name_for, wait_for_adapter
 from loraplex.engine.api.protocol import LoraxParameters, LoraxRequest
 from loraplex.engine.api.sse import sse
@@ -28,6 +28,7 @@ from loraplex.engine.api.structured import lorax_spec
 from loraplex.engine.core.adapters.merge import MergeSpec, ensure_merged
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.engine.core.sequence import RequestResult
 from loraplex.manifest import AdapterManifest
 
 router = APIRouter()
@@ -149,7 +150,7 @@ class LoraxWire(WireFormat):
     def full_text(self, text: str) -> str:
         return self.body.inputs + text if self.p.return_full_text else text
 
-    def prefill(self, call: InferenceCall, result: ChoiceResult) -> list[dict]:
+    def prefill(self, call: InferenceCall, result: RequestResult) -> list[dict]:
         if not self.p.decoder_input_details:
             return []
         ids = call.seqs[0].prompt_ids
@@ -159,7 +160,7 @@ class LoraxWire(WireFormat):
 
     # ---- answers ---------------------------------------------------------------------------
 
-    def answer(self, call: InferenceCall, results: list[ChoiceResult]):
+    def answer(self, call: InferenceCall, results: list[RequestResult]):
         r = results[0]
         answer: dict = {"generated_text": self.full_text(r.text)}
         if self.p.details:

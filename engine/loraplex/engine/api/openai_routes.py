@@ -8,13 +8,13 @@ from fastapi import APIRouter, Request
 from loraplex.engine.api import tools as tool_calls
 from loraplex.engine.api.auth import Authenticator, Principal
 from loraplex.engine.api.errors import APIError, finite
-from loraplex.engine.api.lifecycle import ChoiceResult, InferenceCall, WireFormat
+from loraplex.engine.api.lifecycle import InferenceCall, WireFormat
 from loraplex.engine.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from loraplex.engine.api.sse import sse
 from loraplex.engine.api.state import ServerState, get_state
 from loraplex.engine.api.structured import openai_spec
 from loraplex.engine.core.sampling_params import SamplingParams
-from loraplex.engine.core.sequence import TokenLogprob
+from loraplex.engine.core.sequence import RequestResult, TokenLogprob
 
 router = APIRouter()
 DONE = "data: [DONE]\n\n"
@@ -56,15 +56,11 @@ async def get_model(model: str, request: Request):
 
 # ---- shared -----------------------------------------------------------------------------------
 
-def logit_bias(body: _OpenAISampling, vocab_size: int) -> dict[int, float] | None:
-    """OpenAI's {"token id": bias}, checked against the vocabulary."""
+def logit_bias(body: _OpenAISampling) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} as ids (the engine checks them against the vocabulary)."""
     if not body.logit_bias:
         return None
-    bias = {int(k): float(v) for k, v in body.logit_bias.items()}
-    bad = [t for t in bias if not 0 <= t < vocab_size]
-    if bad:
-        raise APIError(400, f"logit_bias token ids must be in [0, {vocab_size}), got {bad[0]}", param="logit_bias")
-    return bias
+    return {int(k): float(v) for k, v in body.logit_bias.items()}
 
 
 def sampling_params(body: _OpenAISampling, max_tokens: int | None, logprobs: int | None, i: int,
@@ -115,15 +111,15 @@ class _OpenAIWire(WireFormat):
         return self.body.model
 
     def prepare(self, call: InferenceCall):
-        self.bias = logit_bias(self.body, call.engine.vocab_size)
+        self.bias = logit_bias(self.body)
         return openai_spec(self.body)
 
-    def answer(self, call: InferenceCall, results: list[ChoiceResult]) -> dict:
+    def answer(self, call: InferenceCall, results: list[RequestResult]) -> dict:
         return {"id": call.request_id, "object": self.object_name, "created": call.created, "model": call.model.name,
                 "choices": [self.choice(call, i, r) for i, r in enumerate(results)],
                 "usage": usage(call.timer.prompt_tokens, sum(r.completion_tokens for r in results))}
 
-    def choice(self, call: InferenceCall, index: int, r: ChoiceResult) -> dict:
+    def choice(self, call: InferenceCall, index: int, r: RequestResult) -> dict:
         raise NotImplementedError
 
     def chunk_choice(self, call: InferenceCall, index: int, out, first: bool) -> dict | None:
@@ -207,7 +203,7 @@ class CompletionWire(_OpenAIWire):
         self.offsets[index] = offset
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
-    def choice(self, call: InferenceCall, index: int, r: ChoiceResult) -> dict:
+    def choice(self, call: InferenceCall, index: int, r: RequestResult) -> dict:
         text = self.prompt_text(call, index) + r.text if self.body.echo else r.text
         prompt_lps = r.prompt_logprobs if self.echo_logprobs else None
         return {"index": index, "text": text, "logprobs": self.logprobs(call, index, r.logprobs, prompt_lps),
@@ -264,7 +260,7 @@ class ChatWire(_OpenAIWire):
         self.calls_sent: dict[int, int] = {}  # streamed tool calls per choice (their delta index)
 
     def prepare(self, call: InferenceCall):
-        self.bias = logit_bias(self.body, call.engine.vocab_size)
+        self.bias = logit_bias(self.body)
         self.tool_choice = tool_calls.tool_choice_of(self.body)
         spec = openai_spec(self.body)
         constrained = tool_calls.constrained_spec(self.body, self.tool_choice)
@@ -313,7 +309,7 @@ class ChatWire(_OpenAIWire):
     def _finish(reason: str | None, calls) -> str | None:
         return "tool_calls" if calls and reason == "stop" else finish_reason(reason)
 
-    def choice(self, call: InferenceCall, index: int, r: ChoiceResult) -> dict:
+    def choice(self, call: InferenceCall, index: int, r: RequestResult) -> dict:
         content, calls = self.calls_in(r.text, r.finish_reason)
         message = {"role": "assistant", "content": content}
         if calls:

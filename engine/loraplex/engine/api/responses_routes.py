@@ -23,11 +23,12 @@ from fastapi import APIRouter, Request
 from pydantic import Field, ValidationError
 
 from loraplex.engine.api.errors import APIError
-from loraplex.engine.api.lifecycle import ChoiceResult, InferenceCall, WireFormat
+from loraplex.engine.api.lifecycle import InferenceCall, WireFormat
 from loraplex.engine.api.openai_routes import ChatWire
 from loraplex.engine.api.protocol import ChatCompletionRequest, _Body
 from loraplex.engine.api.sse import sse_event
 from loraplex.engine.api.state import get_state
+from loraplex.engine.core.sequence import RequestResult
 
 router = APIRouter()
 
@@ -200,7 +201,7 @@ class ResponsesWire(WireFormat):
 
     # ---- answers ---------------------------------------------------------------------------
 
-    def answer(self, call: InferenceCall, results: list[ChoiceResult]) -> dict:
+    def answer(self, call: InferenceCall, results: list[RequestResult]) -> dict:
         r = results[0]
         content, calls = self.chat.calls_in(r.text, r.finish_reason)
         output = []
