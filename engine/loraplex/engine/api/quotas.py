@@ -201,6 +201,8 @@ class Admission:
 
 
 class QuotaLimiter:
+    """Every tenant's quota state (one per app); see the module's docstring."""
+
     def __init__(self, max_tenants: int = 1000, clock: Callable[[], float] = time.monotonic):
         if max_tenants < 1:
             raise ValueError(f"max_tenants must be >= 1, got {max_tenants}")
