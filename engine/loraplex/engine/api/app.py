@@ -5,7 +5,10 @@ a worker thread; /ready and inference routes answer 503 until it is up. Given an
 it is set up before the first request. Set-up = start the step loop, register
 --preload-adapters, reconcile the manifest file once; then a background task polls the
 manifest file and the key/token files about once a second. Shutdown stops that task and the
-engine.
+engine, and flushes the usage sinks.
+
+Tenancy lives on ServerState: `quotas` (quotas.QuotaLimiter) and `usage` (usage.UsageMeter),
+which the request lifecycle calls; GET /v1/usage reads the meter.
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
-from loraplex.engine.api import admin_routes, lorax_routes, openai_routes, responses_routes, system_routes, tracing
+from loraplex.engine.api import (admin_routes, lorax_routes, openai_routes, responses_routes, system_routes, tracing,
+                                 usage_routes)
 from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import install_error_handlers
 from loraplex.engine.api.manifest_watcher import ManifestWatcher
 from loraplex.engine.api.metrics import UNKNOWN
 from loraplex.engine.api.middleware import BodyLimitMiddleware, RequestGuardMiddleware
 from loraplex.engine.api.model_resolution import adapter_name_for
+from loraplex.engine.api.quotas import QuotaLimiter
 from loraplex.engine.api.state import ServerState
 from loraplex.engine.api.settings import ServerSettings
+from loraplex.engine.api.usage import create_usage_meter
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.manifest import AdapterManifest
 
@@ -100,6 +106,8 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
     auth = Authenticator(settings.api_keys_file, settings.admin_token_file,  # bad files: ValueError now
                          settings.metrics_token_file)
     state = ServerState(settings, auth)
+    state.quotas = QuotaLimiter(settings.max_tenants)
+    state.usage = create_usage_meter(settings, state.metrics, auth)  # a usage log that cannot be opened: ValueError now
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -137,6 +145,7 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
             if state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)
             await asyncio.to_thread(tracing.shutdown, tracer_provider)
+            await asyncio.to_thread(state.usage.close)
 
     app = FastAPI(title="loraplex engine", version=settings.version, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -163,6 +172,7 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
     app.include_router(responses_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(lorax_routes.router)
+    app.include_router(usage_routes.router)
     # OTEL_* environment variables turn tracing on (docs/api.md, "Tracing").
     tracer_provider = tracing.setup(app, settings.version)
     return app

@@ -1,8 +1,10 @@
 """API keys (tenants) and the admin token.
 
-API keys file (`--api-keys-file`), JSON: tenant name -> list of keys (or one key):
+API keys file (`--api-keys-file`), JSON: tenant name -> list of keys (or one key), or an object
+with the keys and the tenant's weight and quotas (tenants.py has the format):
     {"tenant-a": ["sk-a1", "sk-a2"], "tenant-b": "sk-b1",
-     "tenant-c": ["pbkdf2_sha256$1000$<salt>$<64 hex>", "sha256:<64 hex>"]}
+     "tenant-c": ["pbkdf2_sha256$1000$<salt>$<64 hex>", "sha256:<64 hex>"],
+     "tenant-d": {"keys": ["sk-d1"], "weight": 2, "limits": {"requests_per_minute": 600}}}
 A `pbkdf2_sha256$...` value is a key's salted hash (loraplex.manifest.salted_key_hash), so the
 file need not hold raw keys; `sha256:<hex>` (an unsalted digest) is still read, deprecated.
 Only hashes are kept in memory. With the file set, every inference route needs
@@ -17,12 +19,15 @@ Metrics token file (`--metrics-token-file`), the token on its first line: a read
 credential for scrapers. With it (or the admin token) as a bearer token, /metrics, /info and
 /ready name restricted adapters; without, they show them by opaque ids (redaction.py).
 
+Every caller has a tenant (`Principal.tenant`): the key's tenant; the admin token's requests are
+`admin`'s; without a keys file, the tenant an inference gateway names in
+`x-gateway-inference-fairness-id`, else `default`.
+
 The files are re-read when they change (Kubernetes Secret updates), by the app's watcher.
 """
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,17 +36,20 @@ from pathlib import Path
 from fastapi import Request
 
 from loraplex.engine.api.errors import APIError
+from loraplex.engine.api.tenants import (ADMIN_TENANT, DEFAULT_TENANT, GATEWAY_TENANT_HEADER, UNLIMITED, TenantSettings,
+                                         TenantTable, parse_tenants, tenant_from_gateway)
 from loraplex.engine.core.errors import UnknownAdapterError
-from loraplex.manifest import SHA256_HEX, AdapterManifest, KeyIndex, hash_api_key, key_matches
+from loraplex.manifest import AdapterManifest, hash_api_key, key_matches
 
 log = logging.getLogger("loraplex.engine.api.auth")
 
 
 @dataclass(frozen=True)
 class Principal:
-    tenant: str | None = None  # None: no keys file, or the admin
+    tenant: str = DEFAULT_TENANT  # always set: see the module's docstring
     key_hash: str | None = None  # sha256 of the presented bearer token, if any
     is_admin: bool = False
+    settings: TenantSettings = UNLIMITED  # the tenant's weight and quotas when the request came in
 
 
 def bearer_token(request: Request) -> str | None:
@@ -54,37 +62,10 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-def parse_api_keys(text: str) -> KeyIndex:
-    """Key hash -> tenant. Raises ValueError with a clear message on a malformed file."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the API keys file is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError('the API keys file must hold a JSON object {"tenant": ["key", ...]}')
-    index = KeyIndex()
-    for tenant, keys in data.items():
-        if isinstance(keys, str):
-            keys = [keys]
-        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
-            raise ValueError(f"tenant {tenant!r}: keys must be a non-empty string or a list of them")
-        for key in keys:
-            if key.startswith("pbkdf2_sha256$"):
-                entry = key
-            elif key.startswith("sha256:"):
-                entry = key[len("sha256:"):].lower()
-                if not SHA256_HEX.match(entry):
-                    raise ValueError(f"tenant {tenant!r}: 'sha256:' must be followed by 64 hex characters")
-            else:
-                entry = hash_api_key(key)
-            try:
-                other = index.add(entry, tenant)
-            except ValueError:
-                raise ValueError(f"tenant {tenant!r}: a 'pbkdf2_sha256$' key must be pbkdf2_sha256$<iterations "
-                                 "1..1000000>$<salt: 8-64 of A-Za-z0-9._->$<64 hex>") from None
-            if other is not None and other != tenant:
-                raise ValueError(f"one key is listed for two tenants ({other!r} and {tenant!r})")
-    return index
+def parse_api_keys(text: str) -> TenantTable:
+    """Key hash -> tenant (`.get(digest)`), and tenant -> settings. Raises ValueError with a clear
+    message on a malformed file."""
+    return parse_tenants(text)
 
 
 class WatchedFile:
@@ -167,26 +148,43 @@ class Authenticator:
         """Who calls an inference route. 401 when keys are required and the key is missing/unknown."""
         token = bearer_token(request)
         if self._is_admin_token(token):
-            return Principal(key_hash=hash_api_key(token), is_admin=True)
+            return Principal(tenant=ADMIN_TENANT, key_hash=hash_api_key(token), is_admin=True)
         digest = hash_api_key(token) if token else None
         if self.keys is None:
-            return Principal(key_hash=digest)
+            return Principal(tenant=self._gateway_tenant(request), key_hash=digest)
         if digest is None:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        tenant = self.keys.value.get(digest)
+        table: TenantTable = self.keys.value
+        tenant = table.get(digest)
         if tenant is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
-        return Principal(tenant=tenant, key_hash=digest)
+        return Principal(tenant=tenant, key_hash=digest, settings=table.settings_of(tenant))
+
+    @staticmethod
+    def _gateway_tenant(request: Request) -> str:
+        """Without a keys file, an inference gateway in front names the tenant (its fairness id).
+        With keys, the header is ignored: the key decides."""
+        try:
+            return tenant_from_gateway(request.headers.get(GATEWAY_TENANT_HEADER))
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_tenant") from None
+
+    def tenants(self) -> dict[str, TenantSettings]:
+        """The tenants the keys file names, with their settings (empty without a keys file)."""
+        return {} if self.keys is None else dict(self.keys.value.settings)
+
+    def is_configured(self, tenant: str) -> bool:
+        return self.keys is not None and tenant in self.keys.value.settings
 
     def require_admin(self, request: Request) -> Principal:
         token = bearer_token(request)
         if self.admin is None:
-            return Principal(key_hash=hash_api_key(token) if token else None, is_admin=True)
+            return Principal(tenant=ADMIN_TENANT, key_hash=hash_api_key(token) if token else None, is_admin=True)
         if token is None:
             raise APIError(401, "this route needs the admin token: send 'Authorization: Bearer <token>'",
                            code="missing_admin_token")
         if self._is_admin_token(token):
-            return Principal(key_hash=hash_api_key(token), is_admin=True)
+            return Principal(tenant=ADMIN_TENANT, key_hash=hash_api_key(token), is_admin=True)
         if self.keys is not None and hash_api_key(token) in self.keys.value:
             raise APIError(403, "API keys cannot call admin routes", code="forbidden")
         raise APIError(401, "invalid admin token", code="invalid_admin_token")

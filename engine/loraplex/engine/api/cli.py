@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preload-adapters", default="", help="comma-separated adapters resident before /ready")
     a.add_argument("--adapter-manifest-file", default=None, help="JSON manifest list, watched and reconciled")
     sec = p.add_argument_group("security and limits")
-    sec.add_argument("--api-keys-file", default=None, help='JSON {"tenant": ["key", "pbkdf2_sha256$..."]}; see docs/api.md')
+    sec.add_argument("--api-keys-file", default=None,
+                     help='JSON {"tenant": ["key", "pbkdf2_sha256$..."]} or {"tenant": {"keys": [...], "weight": 1, '
+                          '"limits": {...}}}; see docs/api.md')
     sec.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
     sec.add_argument("--metrics-token-file", default=None,
                      help="file holding a scraper's bearer token: with it (or the admin token) /metrics, /info "
@@ -160,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="budget for compiled grammars, cached or held by running requests")
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
                      help="distinct per-adapter metric label values; beyond: 'other'")
+    ten = p.add_argument_group("tenants and usage")
+    ten.add_argument("--max-tenants", type=_positive_int, default=s["max_tenants"],
+                     help="per-tenant state is kept for at most N tenants: quota buckets (least recently used idle "
+                          "ones go first), and usage totals and metric labels of tenants an inference gateway names "
+                          "(x-gateway-inference-fairness-id, without a keys file; beyond: 'other')")
+    ten.add_argument("--usage-log", default=None,
+                     help="file to append one JSON line per finished request to (rotated); default: none")
+    ten.add_argument("--usage-log-max-bytes", type=_bytes, default=s["usage_log_max_bytes"],
+                     help="--usage-log rotates at this size (e.g. 100MiB)")
+    ten.add_argument("--usage-log-backups", type=_positive_int, default=s["usage_log_backups"],
+                     help="rotated --usage-log files kept (PATH.1 is the newest)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--tool-call-parser", default=s["tool_call_parser"], choices=["auto", "hermes", "llama3_json"],
                    help="how tool calls are read from the output; auto: from the chat template")
@@ -200,6 +213,8 @@ def configs_from_args(args: argparse.Namespace):
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         tool_call_parser=args.tool_call_parser, grammar_timeout_seconds=args.grammar_timeout,
         grammar_workers=args.grammar_workers, grammar_cache_bytes=args.grammar_cache_bytes,
+        max_tenants=args.max_tenants, usage_log=args.usage_log, usage_log_max_bytes=args.usage_log_max_bytes,
+        usage_log_backups=args.usage_log_backups,
     )
     return config, settings
 
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.on_fatal = on_fatal
     try:
         app = create_app(lambda: AsyncEngine(LLMEngine(config)), settings)
-    except ValueError as exc:  # unreadable key/token files
+    except ValueError as exc:  # unreadable key/token files, a usage log that cannot be opened
         print(f"loraplex-engine: {exc}", file=sys.stderr)
         return 2
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

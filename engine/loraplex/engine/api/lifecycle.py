@@ -4,13 +4,16 @@ its wire shapes and this lifecycle) and returns `await InferenceCall(state, requ
 
     prepare   who calls (API key, tenant) -> which model (base, adapter, just in time by name)
               -> the wire format's own checks and grammar -> prompts templated, tokenized and
-              validated once, on the prepare pool (never on the event loop)
+              validated once, on the prepare pool (never on the event loop) -> the tenant's
+              quotas admit it (429 with Retry-After otherwise); its sequences carry the tenant
+              and its weight, for the scheduler's fair share
     submit    every sequence taken by the step loop, or refused (429 queue full) before a byte
-              of the answer is sent
+              of the answer is sent; OpenAI's x-ratelimit-* headers go on every answer
     stream    the n sequences' outputs merged in arrival order, accumulated per choice, shaped
       or      by the wire format into SSE events; or, not streamed, run to the end and answered
     collect   in one body. A client that leaves aborts its sequences (KV blocks freed at once).
-    finish    exactly once, on every path (success, error, disconnect): metrics, tracing spans.
+    finish    exactly once, on every path (success, error, disconnect): the quota settled with
+              the tokens used and its concurrency released, metrics, the usage record, spans.
 
 The call talks to the engine only through `AsyncEngine`'s public interface.
 """
@@ -29,9 +32,11 @@ from loraplex.engine.api import tracing
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.model_resolution import ServedModel, aborted_error, resolve_model
+from loraplex.engine.api.quotas import Admission, RateLimited
 from loraplex.engine.api.sse import sse_response, until_disconnect
 from loraplex.engine.api.state import ServerState
 from loraplex.engine.api.structured import compile_grammar
+from loraplex.engine.api.usage import UsageRecord, wall_time
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -113,6 +118,7 @@ class InferenceCall:
         self.timer = RequestTimer(state.metrics, UNKNOWN)
         self.request_id = f"{wire.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.received = time.time()
         self.engine: AsyncEngine | None = None
         self.principal = None
         self.model: ServedModel | None = None
@@ -120,6 +126,8 @@ class InferenceCall:
         self.seqs: list[Sequence] = []
         self.results: list[RequestResult] = []
         self._streams: list[AsyncIterator[RequestOutput]] = []
+        self.admission: Admission | None = None  # the tenant's quotas, once admitted
+        self.rate_limit: str | None = None  # the quota that refused it
         self._submitted = False
         self._finished = False
 
@@ -129,12 +137,12 @@ class InferenceCall:
         await self.prepare()
         await self.submit()
         if self.wire.stream:
-            return sse_response(self._stream())
+            return sse_response(self._stream(), self.quota_headers())
         try:
             results = await until_disconnect(self.request, self.collect())
         except ClientGone:
             return Response(status_code=499)
-        return JSONResponse(self.wire.answer(self, results))
+        return JSONResponse(self.wire.answer(self, results), headers=self.quota_headers())
 
     async def prepare(self) -> None:
         try:
@@ -145,11 +153,28 @@ class InferenceCall:
             self.timer.label = self.state.metrics.adapter_label(self.model.adapter or self.model.name)
             self.grammar = await compile_grammar(self.state, self.wire.prepare(self))
             self.seqs = await self.state.off_loop(self._make_sequences)
+            n = self.wire.n  # each distinct prompt counts once, however many choices share it
+            self.timer.prompt_tokens = sum(self.seqs[k].num_prompt_tokens for k in range(0, len(self.seqs), n))
+            self._admit()
         except (APIError, RequestError) as exc:
             raise self._failed(exc) from None
         self.results = [RequestResult() for _ in self.seqs]
-        n = self.wire.n  # each distinct prompt counts once, however many choices share it
-        self.timer.prompt_tokens = sum(self.seqs[k].num_prompt_tokens for k in range(0, len(self.seqs), n))
+
+    def _admit(self) -> None:
+        """The tenant's quotas, reserving prompt + the most it may generate (settled at finish);
+        then tag the sequences for the scheduler's fair share."""
+        principal = self.principal
+        most_output = sum(s.max_output for s in self.seqs)
+        self.admission = self.state.quotas.admit(principal.tenant, principal.settings,
+                                                 self.timer.prompt_tokens + most_output)
+        for seq in self.seqs:
+            seq.tenant, seq.tenant_weight = principal.tenant, principal.settings.weight
+
+    def quota_headers(self) -> dict[str, str]:
+        """The x-ratelimit-* headers as of now (none for a tenant without limits)."""
+        if self.principal is None:
+            return {}
+        return self.state.quotas.headers(self.principal.tenant, self.principal.settings)
 
     def _make_sequences(self) -> list[Sequence]:
         prompts = self.wire.prompts(self)
@@ -270,18 +295,45 @@ class InferenceCall:
     def _failed(self, exc: APIError | RequestError) -> APIError:
         err = as_api_error(exc)
         err.param = self.wire.error_param(err.param)
+        if isinstance(err, RateLimited):
+            self.rate_limit = err.limit
+        elif self.principal is not None:  # every answer says where the tenant's quota stands
+            err.headers = {**self.quota_headers(), **(err.headers or {})}
         self.finish(err.status)
         return err
 
     def finish(self, status: int) -> None:
-        """Once per request, whatever ended it: metrics and tracing."""
+        """Once per request, whatever ended it: the quota settled and released, metrics, the
+        usage record, tracing."""
         if self._finished:
             return
         self._finished = True
-        self.timer.completion_tokens = sum(r.completion_tokens for r in self.results)
+        completion = sum(r.completion_tokens for r in self.results)
+        if self.admission is not None:
+            self.admission.settle(self.timer.prompt_tokens + completion)
+            self.admission.release()
+        self.timer.completion_tokens = completion
         self.timer.finish(status)
+        if self.principal is not None:
+            self.state.usage.record(self._usage_record(status, completion))
         if self._submitted:
             tracing.record_sequences(self.seqs, self.engine.served_model_name)
+
+    def _usage_record(self, status: int, completion: int) -> UsageRecord:
+        seqs = self.seqs if self._submitted else []
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        starts = [s.first_scheduled_time for s in seqs if s.first_scheduled_time is not None]
+        model = self.model
+        return UsageRecord(
+            tenant=self.principal.tenant, request_id=self.request_id, route=self.request.url.path, status=status,
+            adapter=None if model is None else (model.adapter or self.engine.served_model_name),
+            adapter_digest=None if model is None else model.revision,
+            prompt_tokens=self.timer.prompt_tokens,
+            cached_prompt_tokens=sum(seqs[k].cached_prompt_tokens for k in range(0, len(seqs), self.wire.n)),
+            completion_tokens=completion, received_at=self.received,
+            started_at=wall_time(min(starts)) if starts else None,
+            first_token_at=wall_time(min(firsts)) if firsts else None,
+            finished_at=time.time(), rate_limit=self.rate_limit)
 
     # ---- helpers for wire formats --------------------------------------------------------
 

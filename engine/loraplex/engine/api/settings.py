@@ -16,7 +16,8 @@ def package_version() -> str:
 
 @dataclass
 class ServerSettings:
-    api_keys_file: str | None = None  # JSON {"tenant": ["key", "pbkdf2_sha256$...", ...]}; see docs/api.md
+    # JSON {"tenant": ["key", "pbkdf2_sha256$...", ...] or {"keys": [...], "weight", "limits"}}; docs/api.md
+    api_keys_file: str | None = None
     admin_token_file: str | None = None  # one line: the admin bearer token
     metrics_token_file: str | None = None  # one line: a scraper's token; /metrics etc. then name restricted adapters
     adapter_manifest_file: str | None = None  # watched; reconciled into the adapter registry
@@ -36,6 +37,12 @@ class ServerSettings:
     grammar_timeout_seconds: float = 5.0
     grammar_workers: int = 2
     grammar_cache_bytes: int = 256 << 20
+    # Tenancy (tenants.py, quotas.py, usage.py): per-tenant state (quota buckets, usage totals and
+    # metric labels) of tenants that an inference gateway names is kept for at most this many.
+    max_tenants: int = 1000
+    usage_log: str | None = None  # a JSON line per finished request (usage_sinks.py)
+    usage_log_max_bytes: int = 100 << 20  # the file rotates at this size...
+    usage_log_backups: int = 5  # ...keeping this many old files
     version: str = field(default_factory=package_version)
     # Called when the engine cannot be brought up (bad checkpoint, bad flag): the CLI stops the
     # server with exit status 1. Tests leave it None: /health then answers 503.

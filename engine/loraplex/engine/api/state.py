@@ -11,7 +11,9 @@ from fastapi import Request
 from loraplex.engine.api.auth import Authenticator
 from loraplex.engine.api.errors import APIError
 from loraplex.engine.api.metrics import Metrics
+from loraplex.engine.api.quotas import QuotaLimiter
 from loraplex.engine.api.settings import ServerSettings
+from loraplex.engine.api.usage import UsageMeter
 from loraplex.engine.core.async_engine import AsyncEngine
 
 
@@ -23,6 +25,8 @@ class ServerState:
         self.load_error: str | None = None
         self.started = time.time()
         self.metrics = Metrics(lambda: self.engine, settings.max_adapter_metric_labels)
+        self.quotas: QuotaLimiter | None = None  # set by create_app
+        self.usage: UsageMeter | None = None  # set by create_app
         self.watcher = None  # ManifestWatcher, when --adapter-manifest-file is set
         # Request preparation (chat templates, tokenization, validation) runs here, not on the
         # event loop: a 100k-character prompt takes ~100 ms to tokenize, and every stream waits.

@@ -144,6 +144,8 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.num_cached_blocks = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_preemptions == 0:  # what the request found cached (usage); not a recompute's own blocks
+            seq.cached_prompt_tokens = seq.num_computed_tokens
         if self.enable_prefix_caching:
             self.queries += seq.num_tokens
             self.hits += seq.num_computed_tokens

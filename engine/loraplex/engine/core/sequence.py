@@ -116,6 +116,7 @@ class Sequence:
         self.num_preemptions = 0
         # Timestamps (time.monotonic()) for tracing and latency metrics; None until it happens.
         self.arrival_time = time.monotonic()
+        self.cached_prompt_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.first_scheduled_time: float | None = None  # first admitted into a batch
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
