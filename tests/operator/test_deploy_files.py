@@ -126,7 +126,8 @@ def test_chart_rbac_is_least_privilege():
     updates = {(r, names) for _, _, _, r, v, names in grants if v == "update"}
     assert updates == {("basemodeldeployments/finalizers", ())}, \
         "the operator never replaces (PUT) an object; finalizers for blockOwnerDeletion"
-    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get", "create"}, "read keys, create admin tokens"
+    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get", "create", "patch"}, \
+        "read keys, create admin tokens, patch the tenants' API keys file; never list or delete"
     assert {v for *_, r, v, _ in grants if r == "pods"} == {"list", "watch"}
     assert ("ClusterRole", "", "loraplex.dev", "loraadapters/status", "patch", ()) in grants
     assert not any(r in ("basemodeldeployments", "loraadapters") and v in ("create", "delete")
@@ -151,6 +152,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
                ("PATCH", "/apis/loraplex.dev/v1alpha1/namespaces/team-a/loraadapters/a1/status", {}),
                ("POST", "/api/v1/namespaces/team-a/events", {}),
                ("GET", "/api/v1/namespaces/team-a/secrets/keys", {}),
+               ("PATCH", "/api/v1/namespaces/team-a/secrets/b-api-keys", {}),
                ("POST", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases", {}),
                ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator", {}),
                ("GET", "/apis", {}), ("GET", "/api/v1", {})]
@@ -158,7 +160,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
     refused = {("DELETE", "/api/v1/namespaces/team-a/configmaps/b-adapters", ""): "delete core/configmaps b-adapters in team-a",
                ("PUT", "/apis/apps/v1/namespaces/team-a/deployments/b", ""): "update apps/deployments b in team-a",
                ("GET", "/api/v1/namespaces/team-a/secrets", ""): "list core/secrets in team-a",
-               ("PATCH", "/api/v1/namespaces/team-a/secrets/b-admin-token", ""): "patch core/secrets b-admin-token in team-a",
+               ("DELETE", "/api/v1/namespaces/team-a/secrets/b-api-keys", ""): "delete core/secrets b-api-keys in team-a",
                ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/other", ""):
                    "patch coordination.k8s.io/leases other in loraplex-system",
                ("GET", "/apis/coordination.k8s.io/v1/namespaces/team-a/leases/loraplex-operator", ""):
@@ -173,7 +175,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
             d["rules"] = [r for r in d["rules"] if r["resources"] != ["pods"]]
     assert ungranted(docs, sa, ns, granted) == ["watch core/pods cluster-wide"]
     # Another ServiceAccount gets nothing.
-    assert len(ungranted(docs, "someone-else", ns, granted)) == 6
+    assert len(ungranted(docs, "someone-else", ns, granted)) == 7
 
 
 def test_watch_namespaces_make_rbac_namespaced():
