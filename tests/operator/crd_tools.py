@@ -2,6 +2,9 @@
 defaulting from the OpenAPI schema, OpenAPI validation (jsonschema), and the CEL rules
 (x-kubernetes-validations) evaluated with a real CEL implementation (cel-python).
 
+The API server's structural checks of `x-kubernetes-list-type: map` lists (the map keys are
+unique: a duplicate is refused before any CEL rule runs) are re-done too.
+
 Not re-done (so not checked here): pruning of unknown fields, CEL cost budgets, the
 `messageExpression`/`fieldPath` extras, and the API server's own format checks.
 """
@@ -53,6 +56,31 @@ def openapi_errors(obj: dict, schema: dict) -> list[str]:
     # Kubernetes CRDs use OpenAPI v3.0 schemas: boolean exclusiveMinimum, like JSON Schema draft 4.
     validator = jsonschema.Draft4Validator(schema)
     return sorted(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj))
+
+
+def list_map_errors(obj: Any, schema: dict, path: str = "") -> list[str]:
+    """Duplicate entries of `x-kubernetes-list-type: map` lists (by their list-map-keys), worded
+    as the API server words them ("Duplicate value")."""
+    errors = []
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None
+        for k, v in obj.items():
+            sub = props.get(k, extra)
+            if sub is not None:
+                errors += list_map_errors(v, sub, f"{path}.{k}" if path else k)
+    elif isinstance(obj, list) and schema.get("type") == "array":
+        if schema.get("x-kubernetes-list-type") == "map":
+            keys = schema.get("x-kubernetes-list-map-keys") or []
+            seen = set()
+            for i, item in enumerate(obj):
+                ident = tuple((item or {}).get(k) for k in keys) if isinstance(item, dict) else (item,)
+                if ident in seen:
+                    errors.append(f"{path}[{i}]: Duplicate value: {dict(zip(keys, ident))}")
+                seen.add(ident)
+        for i, item in enumerate(obj):
+            errors += list_map_errors(item, schema.get("items") or {}, f"{path}[{i}]")
+    return errors
 
 
 def to_cel(value: Any, schema: dict) -> Any:
@@ -139,7 +167,7 @@ def admit(crd_name: str, obj: dict, old: dict | None = None) -> tuple[dict, list
     schema = schema_of(load_crd(crd_name))
     obj = apply_defaults(obj, schema)
     old = apply_defaults(old, schema) if old is not None else None
-    errors = openapi_errors(obj, schema)
+    errors = openapi_errors(obj, schema) + list_map_errors(obj, schema)
     if not errors:  # the API server evaluates CEL only on a schema-valid object
         errors = cel_errors(obj, schema, old)
     return obj, errors

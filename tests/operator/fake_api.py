@@ -4,7 +4,8 @@ server.
 
 GET, list, POST, merge- and JSON-PATCH (also on /status) and DELETE of namespaced objects, API
 discovery, and the API server's size limits, enforced (kmock enforces none): an object whose
-annotations exceed 256 KiB, a ConfigMap with 1 MiB of data or any object over 1.5 MiB is refused
+annotations exceed 256 KiB, a ConfigMap with 1 MiB of data, a Secret with more than 1 MiB of
+(decoded) data or any object over 1.5 MiB is refused
 with 422, as a real API server refuses it. It records every request and the largest body of each
 kind. `fail(...)` queues answers (429, 5xx, with or without Retry-After) served before the next
 requests are handled, to prove the client's retries.
@@ -20,7 +21,8 @@ import jsonpatch
 
 from loraplex.operator.kube import KubeClient
 
-from .sizes import ANNOTATIONS_LIMIT, CONFIGMAP_DATA_LIMIT, OBJECT_LIMIT, annotation_bytes, data_bytes, object_bytes
+from .sizes import (ANNOTATIONS_LIMIT, CONFIGMAP_DATA_LIMIT, OBJECT_LIMIT, SECRET_DATA_LIMIT, annotation_bytes,
+                    data_bytes, object_bytes, secret_data_bytes)
 
 TOKEN = "fake-api-token"
 
@@ -106,6 +108,8 @@ class FakeApi:
             return f"metadata.annotations: Too long: must have at most {ANNOTATIONS_LIMIT} bytes"
         if obj.get("kind") == "ConfigMap" and data_bytes(obj) >= CONFIGMAP_DATA_LIMIT:
             return "ConfigMap data too long: must have at most 1048576 bytes"
+        if obj.get("kind") == "Secret" and secret_data_bytes(obj) > SECRET_DATA_LIMIT:
+            return "Secret data too long: must have at most 1048576 bytes"
         if object_bytes(obj) > OBJECT_LIMIT:
             return "Request entity too large: limit is 3145728"
         kind = obj.get("kind", "?")

@@ -22,6 +22,10 @@ def bmd(spec: dict | None = None, name: str = "llama") -> dict:
             "spec": {"model": {"id": "meta-llama/Llama-3.1-8B"}, **(spec or {})}}
 
 
+def tenant(**fields) -> dict:
+    return {"name": "acme", "apiKeySecretRefs": [{"name": "acme-keys"}], **fields}
+
+
 def lora(spec: dict | None = None, name: str = "support-acme") -> dict:
     base = {"baseModel": "llama", "source": {"type": "hub", "uri": "acme/support-lora"}}
     base.update(spec or {})
@@ -122,7 +126,12 @@ def test_example_manifests_are_admitted():
     bmd({"autoscaling": {"enabled": True, "metric": "kv_cache_usage_ratio", "target": 0.8}}),
     bmd({"ingress": {"enabled": True, "host": "llm.example.com"}}),
     bmd({"engine": {"resources": {"limits": {"nvidia.com/gpu": 1}}, "maxLoraRank": 64}}),
-], ids=["minimal", "min-eq-max", "kv-ratio", "ingress", "gpu"])
+    bmd({"tenants": [{"name": "acme", "apiKeySecretRefs": [{"name": "acme-keys"}, {"name": "more", "key": "k"}],
+                      "weight": 2, "limits": {"requestsPerMinute": 600, "tokensPerMinute": 200000,
+                                              "maxConcurrent": 16}},
+                     {"name": "globex", "apiKeySecretRefs": [{"name": "globex-keys"}]}]}),
+    bmd({"tenants": []}),
+], ids=["minimal", "min-eq-max", "kv-ratio", "ingress", "gpu", "tenants", "no-tenants"])
 def test_good_bmds(obj):
     defaulted, errors = admit(BMD, obj)
     assert errors == []
@@ -172,9 +181,24 @@ def test_good_adapters(obj):
     (LORA, lora({"placement": {"replicas": "most"}}), "is not valid under any of the given schemas"),
     (LORA, lora({"placement": {"policy": "random"}}), "is not one of"),
     (BMD, bmd({"inferencePool": {"endpointPickerRef": {"port": 70000}}}), "greater than the maximum"),
+    (BMD, bmd({"tenants": [tenant(limits={"requestsPerMinute": -1})]}), "less than the minimum"),
+    (BMD, bmd({"tenants": [tenant(limits={"tokensPerMinute": 0})]}), "less than the minimum"),
+    (BMD, bmd({"tenants": [tenant(limits={"maxConcurrent": -16})]}), "less than the minimum"),
+    (BMD, bmd({"tenants": [tenant(weight=0)]}), "less than the minimum"),
+    (BMD, bmd({"tenants": [tenant(weight=1.5)]}), "is not of type 'integer'"),
+    (BMD, bmd({"tenants": [tenant(name="Acme_Corp")]}), "does not match"),
+    (BMD, bmd({"tenants": [tenant(name="a" * 64)]}), "is too long"),
+    (BMD, bmd({"tenants": [tenant(apiKeySecretRefs=[])]}), "should be non-empty"),
+    (BMD, bmd({"tenants": [{"name": "acme"}]}), "'apiKeySecretRefs' is a required property"),
+    (BMD, bmd({"tenants": [tenant(name="a"), tenant(name="b"), tenant(name="a")]}), "Duplicate value: {'name': 'a'}"),
+    (BMD, bmd({"tenants": [tenant(name=f"t{i}") for i in range(257)]}), "is too long"),
+    (BMD, bmd({"tenants": [tenant(apiKeySecretRefs=[{"name": f"k{i}"} for i in range(17)])]}), "is too long"),
 ], ids=["no-model-id", "dtype", "replicas", "svc-type", "target-zero", "low-port", "source-type", "sha256",
         "config-sha256", "uri-percent", "uri-backslash", "uri-newline", "revision-percent",
-        "base-name", "secret-ref", "placement-zero", "placement-word", "placement-policy", "epp-port"])
+        "base-name", "secret-ref", "placement-zero", "placement-word", "placement-policy", "epp-port", "tenant-negative-rpm",
+        "tenant-zero-tpm", "tenant-negative-concurrency", "tenant-zero-weight", "tenant-fractional-weight",
+        "tenant-name", "tenant-long-name", "tenant-no-refs", "tenant-refs-missing", "tenant-duplicate-names",
+        "tenants-over-cap", "tenant-refs-over-cap"])
 def test_openapi_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors

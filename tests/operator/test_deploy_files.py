@@ -126,7 +126,8 @@ def test_chart_rbac_is_least_privilege():
     updates = {(r, names) for _, _, _, r, v, names in grants if v == "update"}
     assert updates == {("basemodeldeployments/finalizers", ())}, \
         "the operator never replaces (PUT) an object; finalizers for blockOwnerDeletion"
-    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get", "create"}, "read keys, create admin tokens"
+    assert {v for *_, r, v, _ in grants if r == "secrets"} == {"get", "create", "patch"}, \
+        "read keys, create admin tokens, patch the tenants' API keys file; never list or delete"
     assert {v for *_, r, v, _ in grants if r == "pods"} == {"list", "watch"}
     assert ("ClusterRole", "", "loraplex.dev", "loraadapters/status", "patch", ()) in grants
     assert not any(r in ("basemodeldeployments", "loraadapters") and v in ("create", "delete")
@@ -151,6 +152,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
                ("PATCH", "/apis/loraplex.dev/v1alpha1/namespaces/team-a/loraadapters/a1/status", {}),
                ("POST", "/api/v1/namespaces/team-a/events", {}),
                ("GET", "/api/v1/namespaces/team-a/secrets/keys", {}),
+               ("PATCH", "/api/v1/namespaces/team-a/secrets/b-api-keys", {}),
                ("POST", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases", {}),
                ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/loraplex-operator", {}),
                ("GET", "/apis", {}), ("GET", "/api/v1", {})]
@@ -158,7 +160,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
     refused = {("DELETE", "/api/v1/namespaces/team-a/configmaps/b-adapters", ""): "delete core/configmaps b-adapters in team-a",
                ("PUT", "/apis/apps/v1/namespaces/team-a/deployments/b", ""): "update apps/deployments b in team-a",
                ("GET", "/api/v1/namespaces/team-a/secrets", ""): "list core/secrets in team-a",
-               ("PATCH", "/api/v1/namespaces/team-a/secrets/b-admin-token", ""): "patch core/secrets b-admin-token in team-a",
+               ("DELETE", "/api/v1/namespaces/team-a/secrets/b-api-keys", ""): "delete core/secrets b-api-keys in team-a",
                ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/loraplex-system/leases/other", ""):
                    "patch coordination.k8s.io/leases other in loraplex-system",
                ("GET", "/apis/coordination.k8s.io/v1/namespaces/team-a/leases/loraplex-operator", ""):
@@ -173,7 +175,7 @@ def test_rbac_check_refuses_what_the_chart_does_not_grant():
             d["rules"] = [r for r in d["rules"] if r["resources"] != ["pods"]]
     assert ungranted(docs, sa, ns, granted) == ["watch core/pods cluster-wide"]
     # Another ServiceAccount gets nothing.
-    assert len(ungranted(docs, "someone-else", ns, granted)) == 6
+    assert len(ungranted(docs, "someone-else", ns, granted)) == 7
 
 
 def test_watch_namespaces_make_rbac_namespaced():
@@ -392,10 +394,77 @@ def test_alerts_cover_what_the_issue_asks_for():
     (rule,) = of_kind(render(ALL_ON), "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert {"LoraplexEngineDown", "LoraplexQueueGrowing", "LoraplexKVCacheNearFull",
-            "LoraplexAdapterLoadsFailing", "LoraplexAdapterFailed"} <= set(alerts)
+            "LoraplexAdapterLoadsFailing", "LoraplexAdapterFailed", "LoraplexTenantThrottled",
+            "LoraplexTenantShareFarFromWeight"} <= set(alerts)
     # `up` of the engine PodMonitor's job (prometheus-operator names it namespace/name).
     (engines,) = [m for m in of_kind(render(ALL_ON), "PodMonitor") if m["metadata"]["name"].endswith("-engines")]
     assert f'job="{engines["metadata"]["namespace"]}/{engines["metadata"]["name"]}"' in alerts["LoraplexEngineDown"]
+
+
+def test_tenant_alerts_group_per_base_tenant_and_follow_their_values():
+    """Issue 22: a tenant throttled for long, and a tenant whose share of the output tokens stays
+    far below its weight's share while it and another tenant wait. The share alert's shape is
+    checked on the parsed expression (Prometheus' grammar; no promtool here): precedence puts the
+    `<` under the `and`, the shares divide many-to-one per base, and contention needs two tenants."""
+    pytest.importorskip("promql_parser", reason="promql-parser is not installed (test extra)")
+    import promql_parser as p
+
+    def tenant_rules(values: dict) -> dict[str, dict]:
+        (rule,) = of_kind(render(values), "PrometheusRule")
+        return {r["alert"]: r for g in rule["spec"]["groups"] if g["name"] == "loraplex.tenants" for r in g["rules"]}
+
+    rules = tenant_rules(ALL_ON)
+    throttled, share = rules["LoraplexTenantThrottled"], rules["LoraplexTenantShareFarFromWeight"]
+    assert throttled["for"] == "15m" and share["for"] == "15m"
+    assert "sum by (namespace, base, tenant, limit) (rate(loraplex_tenant_rate_limited_total[5m])) > 0" \
+        in throttled["expr"]
+    tree = p.parse(share["expr"])
+    assert str(tree.op) == "and" and list(tree.modifier.matching.labels) == ["namespace", "base"]
+    assert str(tree.rhs.expr.rhs) == "2" and str(tree.rhs.expr.op) == ">="  # at least two contending tenants
+    below = tree.lhs
+    assert str(below.op) == "<" and str(below.rhs.op) == "*" and str(below.rhs.lhs) == "0.5"
+    for side in (below.lhs.expr, below.rhs.rhs.expr):  # token share, weight share
+        assert str(side.op) == "/" and side.modifier.card == p.VectorMatchCardinality.ManyToOne
+        assert list(side.modifier.matching.labels) == ["namespace", "base"]
+    assert "loraplex_tenant_completion_tokens_total[10m]" in share["expr"]
+    assert "min_over_time(sum by (namespace, base, tenant) (loraplex_tenant_requests_waiting)[10m:1m]) > 0" \
+        in share["expr"], "contending: requests waited at every minute of the window"
+    # Values: thresholds, windows, toggles.
+    tuned = tenant_rules({**ALL_ON, "monitoring": {**ALL_ON["monitoring"], "prometheusRule": {
+        "enabled": True, "tenantThrottled": {"rateAbove": 0.5, "for": "30m"},
+        "tenantShare": {"window": "20m", "belowWeightShare": 0.25, "for": "1h"}}}})
+    assert tuned["LoraplexTenantThrottled"]["for"] == "30m" and "> 0.5" in tuned["LoraplexTenantThrottled"]["expr"]
+    assert tuned["LoraplexTenantShareFarFromWeight"]["for"] == "1h"
+    assert "[20m:1m]" in tuned["LoraplexTenantShareFarFromWeight"]["expr"]
+    assert "< 0.25 *" in tuned["LoraplexTenantShareFarFromWeight"]["expr"]
+    off = tenant_rules({**ALL_ON, "monitoring": {**ALL_ON["monitoring"], "prometheusRule": {
+        "enabled": True, "tenantThrottled": {"enabled": False}, "tenantShare": {"enabled": False}}}})
+    assert off == {}, "no empty group either"
+    # `base` comes from the engine PodMonitor's relabeling of the pods' base label.
+    (engines,) = [m for m in of_kind(render(ALL_ON), "PodMonitor") if m["metadata"]["name"].endswith("-engines")]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_loraplex_dev_base_model"], "targetLabel": "base"} \
+        in engines["spec"]["podMetricsEndpoints"][0]["relabelings"]
+
+
+def test_dashboard_has_the_tenant_panels():
+    dashboard = json.loads((CHART / "dashboards/loraplex.json").read_text())
+    panels = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard["panels"]}
+    wanted = {"Tokens / s by tenant (output, prompt)": ["loraplex_tenant_completion_tokens_total",
+                                                        "loraplex_tenant_prompt_tokens_total"],
+              "Share of output tokens by tenant, and weight share": ["loraplex_tenant_completion_tokens_total",
+                                                                     "loraplex_tenant_weight"],
+              "Time to first token by tenant (p50, p99)": ["loraplex_tenant_time_to_first_token_seconds_bucket"],
+              "Rate-limited (429) / s by tenant and limit": ["loraplex_tenant_rate_limited_total"],
+              "Requests / s by tenant and outcome": ["loraplex_tenant_requests_total"],
+              "Requests waiting and running by tenant": ["loraplex_tenant_requests_waiting",
+                                                         "loraplex_tenant_requests_running"]}
+    for title, names in wanted.items():
+        assert title in panels, title
+        assert all(any(n in e for e in panels[title]) for n in names), (title, panels[title])
+    assert "by (tenant, le)" in panels["Time to first token by tenant (p50, p99)"][0]
+    assert "by (tenant, limit)" in panels["Rate-limited (429) / s by tenant and limit"][0]
+    assert "by (tenant, outcome)" in panels["Requests / s by tenant and outcome"][0]
+    assert "tenant" in [v["name"] for v in dashboard["templating"]["list"]]
 
 
 def test_chart_lints_clean_and_ships_the_crds():

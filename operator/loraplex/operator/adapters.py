@@ -37,9 +37,13 @@ class SecretKeyRef:
     key: str | None  # None: every entry of the Secret is one API key
 
 
+def secret_key_refs(refs: list[dict] | None) -> list[SecretKeyRef]:
+    """`apiKeySecretRefs` ({name, key?} items: a LoraAdapter's access, a base's tenants) as refs."""
+    return [SecretKeyRef(name=str(r["name"]), key=r.get("key")) for r in refs or []]
+
+
 def api_key_refs(spec: dict) -> list[SecretKeyRef]:
-    refs = ((spec.get("access") or {}).get("apiKeySecretRefs")) or []
-    return [SecretKeyRef(name=str(r["name"]), key=r.get("key")) for r in refs]
+    return secret_key_refs((spec.get("access") or {}).get("apiKeySecretRefs"))
 
 
 def _decode(value: str) -> str:

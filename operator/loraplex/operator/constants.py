@@ -47,6 +47,13 @@ ADMIN_TOKEN_PATH = f"{ADMIN_TOKEN_DIR}/token"
 # /dev/shm for a tensor-parallel pod: a cap (NCCL buffers use a few hundred MiB), not a reservation.
 TP_SHM_SIZE = "4Gi"
 DEFAULT_ADMIN_TOKEN_KEY = "token"
+# The tenants' API keys file (spec.tenants, tenants.py): the Secret `<base>-api-keys`, key
+# api-keys.json, mounted here; the engines run with --api-keys-file API_KEYS_PATH.
+API_KEYS_KEY = "api-keys.json"
+API_KEYS_DIR = "/etc/loraplex/tenants"
+API_KEYS_PATH = f"{API_KEYS_DIR}/{API_KEYS_KEY}"
+# On that Secret: the number of ready engine pods its limits were divided by.
+ANN_TENANT_DIVISOR = "loraplex.dev/tenant-limits-divisor"
 
 # The operator's adapter catalog (catalog.py): engines look up adapters they were not given.
 CATALOG_PREFIX = "/catalog/v1"
@@ -67,6 +74,10 @@ class Key:
 
 def admin_secret_name(base: str) -> str:
     return f"{base}-admin-token"
+
+
+def api_keys_secret_name(base: str) -> str:
+    return f"{base}-api-keys"
 
 
 def configmap_name(base: str) -> str:

@@ -3,6 +3,7 @@ as a short sequence of calls into the module of each concern. Each step reads wh
 it with what should be, and writes only the difference.
 
   sync.accept_adapters    the adapters -> manifests (or the spec problem of each)
+  tenants.ensure_api_keys the tenants -> the API keys Secret (limits divided over the ready pods)
   owned.ensure_owned      admin Secret, ConfigMap, Deployment, Service, Ingress, InferencePool
   placement.place_adapters which pods keep which adapter warm
   sync.sync_pods          every pod brought to its placed set
@@ -22,6 +23,7 @@ from . import publish
 from . import render
 from . import status as S
 from . import sync
+from . import tenants
 from .constants import Key
 from .runtime import Runtime
 
@@ -39,6 +41,8 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
     # longer managed, and nothing would remove it again); passes after it skip its uid (rt.sync.unloaded).
     async with rt.sync.locks[Key(ns, name)]:
         accepted = await sync.accept_adapters(rt, base, adapters)
+        # Before the Deployment that mounts it: a new base's pods find their keys file.
+        tenants_ready = await tenants.ensure_api_keys(rt, base, pods)
         applied = await owned.ensure_owned(rt, base, sync.preload_manifests(accepted, adapters))
         placed = P.place_adapters(rt.placements, ns, base.get("spec") or {}, {a["name"]: a for a in adapters},
                                   accepted.manifests, [p.name for p in pods if p.candidate])
@@ -47,13 +51,13 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
                                                   placed, pods_synced.records, pods_synced.took_part,
                                                   pods_synced.digests)
         await publish.post_events(rt.kube, base, pods_synced.events + statuses.events)
-    await write_base_status(rt, base, pods, adapters, applied)
+    await write_base_status(rt, base, pods, adapters, applied, [tenants_ready] if tenants_ready else [])
     metrics.RECONCILE_SECONDS.labels(kind="BaseModelDeployment").observe(time.monotonic() - started)
     return statuses.delay
 
 
 async def write_base_status(rt: Runtime, base: dict, pods: list[S.PodView], adapters: list[dict],
-                            applied: owned.Applied) -> None:
+                            applied: owned.Applied, conditions: list[dict]) -> None:
     ns, name = base["metadata"]["namespace"], base["metadata"]["name"]
     desired = ((applied.deployment or {}).get("spec") or {}).get("replicas")
     if desired is None:
@@ -65,7 +69,7 @@ async def write_base_status(rt: Runtime, base: dict, pods: list[S.PodView], adap
         endpoint=render.endpoint(base), selector=C.selector_string(name),
         deployment=applied.deployment, render_error=applied.render_error,
         old=publish.current_status(rt.status, ref, base),
-        extra_conditions=[applied.pool_condition] if applied.pool_condition else [],
+        extra_conditions=([applied.pool_condition] if applied.pool_condition else []) + conditions,
         admin_secret=A.admin_token_ref(base.get("spec"), name).name)
     await publish.write_status(rt.kube, rt.status, ref, base, new, S.base_events)
 

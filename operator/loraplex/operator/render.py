@@ -6,6 +6,7 @@ garbage collector remove the Deployment, Service, Ingress and the adapters Confi
 """
 from __future__ import annotations
 
+import base64
 import copy
 import math
 from typing import Any
@@ -104,13 +105,31 @@ def render_configmap(bmd: dict, manifests: list[AdapterManifest]) -> dict:
 def render_admin_secret(bmd: dict, token: str) -> dict:
     """The admin-token Secret the operator creates when the base names none (created once,
     never rewritten: the token stays stable for the engines that mounted it)."""
-    import base64
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": _metadata(bmd, C.admin_secret_name(bmd["metadata"]["name"])),
         "data": {C.DEFAULT_ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def has_tenants(spec: dict | None) -> bool:
+    """Whether the base declares tenants: then its engines run with --api-keys-file."""
+    return bool((spec or {}).get("tenants"))
+
+
+def render_api_keys_secret(bmd: dict, keys_file: str, divisor: int) -> dict:
+    """The `<base>-api-keys` Secret: the engines' API keys file (tenants.keys_file: salted key
+    hashes, weights and per-pod limits), and the ready-pod count those limits were divided by."""
+    meta = _metadata(bmd, C.api_keys_secret_name(bmd["metadata"]["name"]))
+    meta["annotations"] = {C.ANN_TENANT_DIVISOR: str(int(divisor))}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": meta,
+        "data": {C.API_KEYS_KEY: base64.b64encode(keys_file.encode()).decode()},
     }
 
 
@@ -138,6 +157,8 @@ def engine_args(spec: dict, catalog: str | None = None) -> list[str]:
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
              "--adapter-cache-dir", C.ADAPTER_CACHE_DIR, "--adapter-disk-bytes", str(int(engine["adapterDiskBytes"]))]
     args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]  # always: the admin routes are never open
+    if has_tenants(spec):
+        args += ["--api-keys-file", C.API_KEYS_PATH]  # the tenants' keys, weights and per-pod limits
     if catalog:
         # Unplaced adapters load just in time with their own manifest (tenants, sha256, source);
         # names the catalog does not know are 404, never looked up in a default source.
@@ -218,6 +239,11 @@ def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | N
     pod_spec["volumes"].append({"name": "admin-token", "secret": {
         "secretName": token_ref.name, "items": [{"key": token_ref.key, "path": "token"}]}})
     container["volumeMounts"].append({"name": "admin-token", "mountPath": C.ADMIN_TOKEN_DIR, "readOnly": True})
+    if has_tenants(spec):
+        # Re-read by the engine when the kubelet syncs a change (limits re-divided, keys rotated).
+        pod_spec["volumes"].append({"name": "api-keys", "secret": {
+            "secretName": C.api_keys_secret_name(name), "items": [{"key": C.API_KEYS_KEY, "path": C.API_KEYS_KEY}]}})
+        container["volumeMounts"].append({"name": "api-keys", "mountPath": C.API_KEYS_DIR, "readOnly": True})
     if int(engine.get("tensorParallelSize") or 1) > 1:
         # The ranks' collectives (NCCL) use shared memory; a container's default /dev/shm is 64 MiB,
         # which NCCL outgrows. A memory-backed emptyDir counts against the pod's memory limit.

@@ -1,5 +1,6 @@
 """The operator's in-memory state, kept in kopf's `memo`: clients, wake-ups, the Secret cache, and
-the typed state of each concern (owned.py, sync.py, placement.py, scaling.py, publish.py).
+the typed state of each concern (owned.py, sync.py, placement.py, scaling.py, publish.py,
+tenants.py).
 
 Nothing here is the source of truth: after a restart everything is rebuilt from the API (kopf's
 indexes) and from the custom resources' status, so memory only saves calls.
@@ -21,6 +22,7 @@ from .placement import PlacementMemory
 from .publish import StatusMemory
 from .scaling import ScaleMemory
 from .sync import SyncState
+from .tenants import TenantState
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Runtime:
         self.placements = PlacementMemory()   # placement.py: where each adapter was placed
         self.scaling = ScaleMemory()          # scaling.py: the autoscaler's history per base
         self.status = StatusMemory()          # publish.py: this operator's own last status writes
+        self.tenants = TenantState()          # tenants.py: the last rendering of each base's API keys
         self._secrets: dict[Key, CachedSecret] = {}
 
     # --- Kubernetes client, made at each kopf login (handlers.login) ----------------------------

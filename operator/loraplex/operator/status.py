@@ -257,14 +257,30 @@ def base_status(*, bmd: dict, pods: list[PodView], desired_replicas: int, adapte
     return out
 
 
+def condition_events(old: dict | None, new: dict, type_: str) -> list[tuple[str, str, str]]:
+    """A Warning (reason: the condition's) when the condition turns not True, or its reason or
+    message changes while not True; a Normal `<type_>` when it turns True again."""
+    before, after = get_condition(old, type_), get_condition(new, type_)
+    if after is None:
+        return []
+    if after["status"] != "True":
+        if before is None or any(before.get(k) != after.get(k) for k in ("status", "reason", "message")):
+            return [("Warning", after.get("reason") or type_, after.get("message", ""))]
+        return []
+    if before is not None and before.get("status") != "True":
+        return [("Normal", type_, after.get("message", ""))]
+    return []
+
+
 def base_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
     old = old or {}
-    if old.get("phase") == new.get("phase"):
-        return []
-    kind = "Warning" if new["phase"] in ("Failed", "Degraded") else "Normal"
-    deg = get_condition(new, "Degraded") or {}
-    prog = get_condition(new, "Progressing") or {}
-    return [(kind, new["phase"], deg.get("message") or prog.get("message") or "")]
+    events = []
+    if old.get("phase") != new.get("phase"):
+        kind = "Warning" if new["phase"] in ("Failed", "Degraded") else "Normal"
+        deg = get_condition(new, "Degraded") or {}
+        prog = get_condition(new, "Progressing") or {}
+        events.append((kind, new["phase"], deg.get("message") or prog.get("message") or ""))
+    return events + condition_events(old, new, "TenantsReady")
 
 
 def _engine_port(spec: dict) -> int:
