@@ -127,17 +127,16 @@ def test_previous_entries_ignore_what_is_not_a_salted_hash():
 
 
 def test_the_file_is_what_the_engine_reads():
-    """The contract with the engine's parser, once the engine reads the per-tenant format
-    (weight, limits): the same tenants, keys and limits come out."""
-    auth = pytest.importorskip("loraplex.engine.api.auth", reason="the engine is not installed")
-    text = T.keys_file(T.resolve([ACME, GLOBEX], SECRETS, SALT, 3, {}).entries)
-    try:
-        parsed = auth.parse_api_keys(text)
-    except ValueError as e:
-        pytest.skip(f"this engine does not read the per-tenant format yet: {e}")
-    index = getattr(parsed, "keys", parsed) if not hasattr(parsed, "get") else parsed
-    if hasattr(index, "get"):
-        assert index.get(hash_api_key("sk-acme-2")) == "acme" and index.get(hash_api_key("sk-globex-1")) == "globex"
+    """The contract with the engine's parser: the same tenants, keys, weights and per-pod limits
+    come out of what the operator renders (3 ready pods: each limit divided by 3, rounded up)."""
+    auth = pytest.importorskip("loraplex.engine.api.auth", reason="the engine is not installed (operator-only venv)")
+    parsed = auth.parse_api_keys(T.keys_file(T.resolve([ACME, GLOBEX], SECRETS, SALT, 3, {}).entries))
+    assert parsed.get(hash_api_key("sk-acme-2")) == "acme" and parsed.get(hash_api_key("sk-globex-1")) == "globex"
+    assert parsed.get(hash_api_key("sk-not-this-one")) is None
+    acme = parsed.settings_of("acme")
+    assert acme.weight == 2
+    assert (acme.limits.requests_per_minute, acme.limits.tokens_per_minute, acme.limits.max_concurrent) == (200, 66667, 6)
+    assert parsed.settings_of("globex").weight == 1 and not parsed.settings_of("globex").limits.any()
 
 
 # --- the rendered objects ------------------------------------------------------------------------
