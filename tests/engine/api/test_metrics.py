@@ -116,6 +116,12 @@ def test_restricted_adapters_are_not_named_to_anonymous_callers(server, assets):
         info = httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {token}"}).json()
         assert "private-a" in info["manifest_file"]["adapters"]
     assert "private-a" not in httpx.get(server.url + "/metrics", headers=KEY_A).text  # an API key is not enough
+    # tenant names are one customer's business too: ids to anonymous callers, names to the tokens
+    tenants = {dict(labels)["tenant"] for name, labels in parse_metrics(anonymous)
+               if name == "loraplex_tenant_requests_total"}
+    assert "tenant-a" not in tenants and any(re.fullmatch(r"tenant-[0-9a-f]{12}", t) for t in tenants), tenants
+    named = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    assert 'tenant="tenant-a"' in named
 
 
 def test_the_router_metric_lists_redact_each_name():

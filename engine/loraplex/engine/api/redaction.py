@@ -5,7 +5,8 @@
 
 A restricted adapter's name is one tenant's business: to a caller without the admin or the
 metrics token (`Authenticator.may_see_names`) it shows as `restricted-<12 hex>`, an HMAC of
-the name. The HMAC key is derived from the admin token, so the pods of one deployment give
+the name. Tenant names (the `tenant` label of the `loraplex_tenant_*` metrics) are shown the
+same way, as `tenant-<12 hex>`, except `default`, `admin` and `other`, which name no customer. The HMAC key is derived from the admin token, so the pods of one deployment give
 an adapter the same id (dashboards that sum over pods still see one series per adapter), and
 nobody without the token can test a guessed name against an id. A name the engine no longer
 knows counts as restricted (it may have been).
@@ -21,6 +22,8 @@ from fastapi import Request
 from loraplex.engine.core.adapters.sources import registry_name
 
 PREFIX = "restricted-"
+TENANT_PREFIX = "tenant-"
+PLAIN_TENANTS = ("default", "admin", "other")
 
 Redact = Callable[[str], str]
 
@@ -48,6 +51,21 @@ def redactor(request: Request, state, keep: tuple[str, ...] = ()) -> Redact | No
     return redact
 
 
+def tenant_redactor(request: Request, state) -> Redact | None:
+    """None when the caller may see tenant names; else tenant -> `tenant-<12 hex>`."""
+    auth = state.auth
+    if auth.may_see_names(request):
+        return None
+    key = hashlib.sha256(b"loraplex tenant label\0" + auth.admin.value.encode()).digest()
+
+    def redact(tenant: str) -> str:
+        if not tenant or tenant in PLAIN_TENANTS:
+            return tenant
+        return TENANT_PREFIX + hmac.new(key, tenant.encode(), "sha256").hexdigest()[:12]
+
+    return redact
+
+
 def redact_list(names: list[str], redact: Redact | None) -> list[str]:
     return list(names) if redact is None else [redact(n) for n in names]
 
@@ -62,15 +80,18 @@ class RedactedRegistry:
     generate_latest (which needs only `collect`). Families are built afresh at each collect, so
     relabelling them leaves the registry as it was."""
 
-    def __init__(self, registry, redact: Redact):
+    def __init__(self, registry, redact: Redact, redact_tenant: Redact | None = None):
         self.registry = registry
         self.redact = redact
+        self.redact_tenant = redact_tenant
 
     def _labels(self, labels: dict) -> dict:
         out = dict(labels)
         for k in NAME_LABELS:
             if k in out:
                 out[k] = self.redact(out[k])
+        if self.redact_tenant is not None and "tenant" in out:
+            out["tenant"] = self.redact_tenant(out["tenant"])
         for k in LIST_LABELS:
             if out.get(k):
                 out[k] = ",".join(sorted(self.redact(n) for n in out[k].split(",")))

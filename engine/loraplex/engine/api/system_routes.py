@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.engine.api.errors import APIError
 from loraplex.engine.api.metrics import OTHER, UNKNOWN
-from loraplex.engine.api.redaction import RedactedRegistry, redact_list, redactor
+from loraplex.engine.api.redaction import RedactedRegistry, redact_list, redactor, tenant_redactor
 from loraplex.engine.api.state import get_state
 
 router = APIRouter()
@@ -103,5 +103,6 @@ async def info(request: Request):
 async def metrics(request: Request):
     state = get_state(request)
     redact = redactor(request, state, keep=(state.metrics.base_label, UNKNOWN, OTHER))
-    view = None if redact is None else (lambda registry: RedactedRegistry(registry, redact))
+    view = None if redact is None else (
+        lambda registry: RedactedRegistry(registry, redact, tenant_redactor(request, state)))
     return Response(state.metrics.render(view), media_type=CONTENT_TYPE_LATEST)
