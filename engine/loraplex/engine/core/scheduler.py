@@ -147,7 +147,8 @@ class Scheduler:
         # 2. waiting sequences, oldest first (4. tenant by tenant)
         starved = False  # 3. an older sequence waits for a slot: younger ones may not pin one
         now = time.monotonic()
-        order = self._waiting_order(now)
+        can_admit = self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
+        order = self._waiting_order(now) if can_admit else FifoOrder(self.waiting)  # built only when needed
         while budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = order.head()
             if seq is None:
@@ -184,7 +185,8 @@ class Scheduler:
 
     def _waiting_order(self, now: float) -> FifoOrder | TenantOrder:
         """The order step 2 walks the waiting queue in. With one tenant waiting, tenant order is
-        queue order (and costs nothing)."""
+        queue order; with more, a heap over the waiting tenants (their queues are kept by
+        TenantShare), plus one look along the queue for rule 3's oldest starved sequence."""
         if self.config.tenant_scheduling == "fcfs" or self.tenants.num_queued < 2:
             return FifoOrder(self.waiting)
         # 3. outranks 4.: the oldest sequence starved of a slot (skipped before) goes first.

@@ -53,8 +53,9 @@ M(t1), so it gets no more than any waiting tenant beyond the same bound.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraplex.engine.core.sequence import Sequence
 
@@ -66,12 +67,17 @@ OUTPUT_COST = 2.0  # w_q: per token sampled
 class TenantState:
     counter: float  # weighted service received, plus lifts
     weight: float
-    waiting: int = 0
     running: int = 0
+    queue: deque[Sequence] = field(default_factory=deque)  # its waiting sequences, in the scheduler's order
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
 
 
 class TenantShare:
-    """Per-tenant counters and counts, kept in step with the scheduler's queues by its calls."""
+    """Per-tenant counters and queues, kept in step with the scheduler's by its calls: each
+    tenant's queue is the scheduler's waiting queue restricted to that tenant, in order."""
 
     def __init__(self, prompt_cost: float = PROMPT_COST, output_cost: float = OUTPUT_COST):
         self.prompt_cost = prompt_cost
@@ -83,21 +89,24 @@ class TenantShare:
     # ---- the scheduler's transitions ------------------------------------------------------
 
     def arrived(self, seq: Sequence) -> None:
-        """A new request joins the waiting queue. A tenant's weight is its latest request's."""
+        """A new request joins the back of the waiting queue. A tenant's weight is its latest
+        request's."""
         state = self._state(seq)
         state.weight = seq.tenant_weight
         self._join(state)
+        state.queue.append(seq)
+
+    def preempted(self, seq: Sequence) -> None:
+        """A running sequence goes back to the front of the waiting queue."""
+        state = self._state(seq)
+        state.running = max(0, state.running - 1)
+        self._join(state)
+        state.queue.appendleft(seq)
 
     def admitted(self, seq: Sequence) -> None:
         state = self._state(seq)
         state.running += 1
-        self._leave(state)
-
-    def preempted(self, seq: Sequence) -> None:
-        """A running sequence goes back to the waiting queue."""
-        state = self._state(seq)
-        state.running = max(0, state.running - 1)
-        self._join(state)
+        self._leave(state, seq)
 
     def left(self, seq: Sequence, was_waiting: bool) -> None:
         """seq ended (finished, aborted, failed) from the waiting queue or the running batch."""
@@ -105,7 +114,7 @@ class TenantShare:
         if state is None:
             return
         if was_waiting:
-            self._leave(state)
+            self._leave(state, seq)
         else:
             state.running = max(0, state.running - 1)
         self._drop_if_idle(seq.tenant, state)
@@ -115,23 +124,37 @@ class TenantShare:
         state = self.tenants.get(seq.tenant)
         if state is None:  # not queued through the scheduler (cannot happen in the engine)
             return
-        start, end, prompt = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens, seq.num_prompt_tokens
-        new_prompt = max(0, min(end, prompt) - max(start, seq.prompt_tokens_charged))
-        seq.prompt_tokens_charged = max(seq.prompt_tokens_charged, min(end, prompt))
-        cost = self.prompt_cost * new_prompt + (self.output_cost if end == seq.num_tokens else 0.0)
+        # Plain arithmetic, no properties: this runs for every row of every step.
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        prompt = len(seq.prompt_ids)
+        cost = self.output_cost if end == prompt + len(seq.output_ids) else 0.0  # the step samples
+        charged = seq.prompt_tokens_charged
+        if charged < prompt:  # prompt tokens in [max(start, charged), min(end, prompt)) are new
+            top, low = min(end, prompt), max(start, charged)
+            if top > low:
+                cost += self.prompt_cost * (top - low)
+                seq.prompt_tokens_charged = top
         state.counter += cost / state.weight
 
     # ---- reads ----------------------------------------------------------------------------
-
-    def counter(self, tenant: str) -> float:
-        state = self.tenants.get(tenant)
-        return state.counter if state is not None else self.floor
 
     def stats(self) -> dict[str, dict]:
         """Per tenant with work: waiting and running sequences, counter, weight. Safe to call
         from another thread (a scrape): the dict is copied in one C-level call, then only read."""
         return {name: {"waiting": s.waiting, "running": s.running, "virtual_service": s.counter, "weight": s.weight}
                 for name, s in self.tenants.copy().items()}
+
+    def check(self, waiting: deque[Sequence], running: list[Sequence]) -> None:
+        """The tenants' queues and counts match the scheduler's (tests call this)."""
+        by_tenant: dict[str, list[Sequence]] = {}
+        for seq in waiting:
+            by_tenant.setdefault(seq.tenant, []).append(seq)
+        assert {t: list(s.queue) for t, s in self.tenants.items() if s.queue} == by_tenant
+        assert {t: s.running for t, s in self.tenants.items() if s.running} == \
+            {t: sum(1 for s in running if s.tenant == t) for t in {s.tenant for s in running}}
+        assert all(s.queue or s.running for s in self.tenants.values()), "state kept for an idle tenant"
+        assert self.num_queued == len(by_tenant)
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -142,76 +165,87 @@ class TenantShare:
         return state
 
     def _join(self, state: TenantState) -> None:
-        if state.waiting == 0:
+        """Before a sequence joins state's queue: the lift, if the tenant had nothing waiting."""
+        if not state.queue:
             if self.num_queued:
-                self.floor = max(self.floor, min(s.counter for s in self.tenants.values() if s.waiting))
+                self.floor = max(self.floor, min(s.counter for s in self.tenants.values() if s.queue))
             state.counter = max(state.counter, self.floor)
             self.num_queued += 1
-        state.waiting += 1
 
-    def _leave(self, state: TenantState) -> None:
-        if state.waiting == 0:  # not counted as waiting (a sequence the scheduler never queued)
+    def _leave(self, state: TenantState, seq: Sequence) -> None:
+        if state.queue and state.queue[0] is seq:
+            state.queue.popleft()
+        elif seq in state.queue:  # behind sequences passed over this step
+            state.queue.remove(seq)
+        else:  # never queued through the scheduler
             return
-        state.waiting -= 1
-        if state.waiting == 0:
+        if not state.queue:
             self.num_queued -= 1
             if self.num_queued == 0:  # the floor keeps the last waiting tenant's counter
                 self.floor = max(self.floor, state.counter)
 
     def _drop_if_idle(self, name: str, state: TenantState) -> None:
-        if state.waiting == 0 and state.running == 0:
+        if not state.queue and state.running == 0:
             del self.tenants[name]
             if not self.tenants:  # nobody left to compare with: start from zero again
                 self.floor = 0.0
 
 
 class TenantOrder:
-    """One step's admission order over the waiting queue: the tenant with the smallest counter
-    first (ties: the tenant whose next sequence is older), each tenant's sequences in queue
-    order. `first`: a sequence whose tenant goes first until it has been visited (the
-    scheduler's adapter-fairness rule, which outranks tenant order).
+    """One step's admission order: the tenant with the smallest counter first (ties: the tenant
+    whose next sequence arrived first), each tenant's sequences in queue order. `first`: a
+    sequence whose tenant goes first until it has been visited (the scheduler's adapter-fairness
+    rule, which outranks tenant order).
 
-    The scheduler calls head() for the next candidate, then pass_over() (skipped, it keeps its
-    place) or take() (admitted), and done() at the end, which removes the admitted sequences
-    from the queue."""
+    The scheduler calls head() for the next candidate, then pass_over() (skipped: it keeps its
+    place) or take() (admitted: it leaves the waiting queue; the scheduler then tells the
+    TenantShare), and done() at the end. A heap over the waiting tenants, so a step costs
+    O(tenants) to start and O(log tenants) a candidate, whatever the queue's length."""
 
     def __init__(self, share: TenantShare, waiting: deque[Sequence], first: Sequence | None = None):
         self.share = share
         self.waiting = waiting
         self.first = first
-        self.queues: dict[str, deque[tuple[int, Sequence]]] = {}
-        for i, seq in enumerate(waiting):
-            self.queues.setdefault(seq.tenant, deque()).append((i, seq))
-        self.taken: set[int] = set()
+        self.passed: dict[str, int] = {}  # tenant -> sequences at its queue's front passed over
+        self.heap = [self._key(name, state) for name, state in share.tenants.items() if state.queue]
+        heapq.heapify(self.heap)
+
+    def _key(self, name: str, state: TenantState, passed: int = 0) -> tuple:
+        return (state.counter, state.queue[passed].arrival_time, name)
+
+    def _next_of(self, name: str) -> Sequence | None:
+        state = self.share.tenants.get(name)
+        passed = self.passed.get(name, 0)
+        return state.queue[passed] if state is not None and passed < len(state.queue) else None
 
     def head(self) -> Sequence | None:
-        if not self.queues:
-            return None
         if self.first is not None:
-            return self.queues[self.first.tenant][0][1]
-        tenant = min(self.queues, key=lambda t: (self.share.counter(t), self.queues[t][0][0]))
-        return self.queues[tenant][0][1]
+            return self._next_of(self.first.tenant)
+        while self.heap:
+            counter, arrival, name = self.heap[0]
+            seq = self._next_of(name)
+            if seq is None:  # every one of its sequences was visited
+                heapq.heappop(self.heap)
+                continue
+            state = self.share.tenants[name]
+            if (counter, arrival) != (state.counter, seq.arrival_time):  # charged or moved on since pushed
+                heapq.heapreplace(self.heap, (state.counter, seq.arrival_time, name))
+                continue
+            return seq
+        return None
 
     def pass_over(self, seq: Sequence) -> None:
-        self._pop(seq)
-
-    def take(self, seq: Sequence) -> None:
-        self._pop(seq)
-        self.taken.add(id(seq))
-
-    def done(self) -> None:
-        if self.taken:
-            kept = [s for s in self.waiting if id(s) not in self.taken]
-            self.waiting.clear()
-            self.waiting.extend(kept)
-
-    def _pop(self, seq: Sequence) -> None:
-        queue = self.queues[seq.tenant]
-        queue.popleft()
-        if not queue:
-            del self.queues[seq.tenant]
+        self.passed[seq.tenant] = self.passed.get(seq.tenant, 0) + 1
         if seq is self.first:
             self.first = None
+
+    def take(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        if seq is self.first:
+            self.first = None
+
+    def done(self) -> None:
+        pass
 
 
 class FifoOrder:
