@@ -164,7 +164,7 @@ def replay(engine, policy: str, arrivals: list[Arrival], window: int, drain: int
 
 
 def run_fairness_point(model_path: Path, *, max_num_seqs: int = 32, shape: Shape | None = None, rho: float = 0.5,
-                       ratio: float = 10.0, window: int = 56, drain: int = 24, warm: int = 16, calibrate_steps: int = 12,
+                       ratio: float = 10.0, window: int = 48, drain: int = 16, warm: int = 16, calibrate_steps: int = 12,
                        vocab: int = 50000, seed: int = 0, threads: int | None = None) -> dict:
     from loraplex.engine.core.config import EngineConfig
     from loraplex.engine.core.llm_engine import LLMEngine
@@ -239,8 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=None, help="a checkpoint folder to use as it is (overrides --cache-dir)")
     p.add_argument("--quick", action="store_true", help="tiny random model, short window: a smoke test")
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--window", type=int, default=56, help="steps with arrivals")
-    p.add_argument("--drain", type=int, default=24, help="at most this many steps after the window for light first tokens")
+    p.add_argument("--window", type=int, default=48, help="steps with arrivals")
+    p.add_argument("--drain", type=int, default=16, help="at most this many steps after the window for light first tokens")
     p.add_argument("--warm", type=int, default=16, help="steps before the token shares are counted")
     p.add_argument("--rho", type=float, default=0.5, help="light's rate as a share of the measured capacity")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-decode-efficiency", action="store_true")
     f = p.add_argument_group("fairness point (two tenants, one at 10x the other's rate; fcfs against vtc)")
     f.add_argument("--skip-fairness", action="store_true")
-    f.add_argument("--fairness-window", type=int, default=56, help="steps with arrivals per replay")
+    f.add_argument("--fairness-window", type=int, default=48, help="steps with arrivals per replay")
     f.add_argument("--fairness-rho", type=float, default=0.5, help="light tenant's rate as a share of capacity")
     p.add_argument("--skip-all-linear", action="store_true",
                    help="skip the decode-step measurement with adapters on all seven projections")
@@ -321,7 +321,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         try:
             fairness_point = fairness.run_fairness_point(
                 model.path, max_num_seqs=args.max_num_seqs, rho=args.fairness_rho, window=args.fairness_window,
-                drain=args.fairness_window * 3 // 7, warm=args.fairness_window * 2 // 7,
+                drain=args.fairness_window // 3, warm=args.fairness_window // 3,
                 calibrate_steps=8 if args.quick else 12, seed=args.seed,
                 threads=args.threads)
             v, f = fairness_point["vtc"], fairness_point["fcfs"]
