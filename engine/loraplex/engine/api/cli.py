@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--max-model-len", type=_positive_int, default=None)
     kv.add_argument("--max-waiting", type=_non_negative_int, default=e["max_waiting"],
                     help="bounded request queue: beyond it requests get 429")
+    kv.add_argument("--tenant-scheduling", default=e["tenant_scheduling"], choices=["vtc", "fcfs"],
+                    help="admission order across tenants: vtc (least weighted service first, no credit for idle "
+                         "time) or fcfs (arrival order)")
     kv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=e["enable_prefix_caching"],
                     help="share the KV blocks of equal prompt prefixes under the same adapter")
     a = p.add_argument_group("adapters")
@@ -187,7 +190,7 @@ def configs_from_args(args: argparse.Namespace):
         device=args.device, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting, adapter_source=args.adapter_source, adapter_dir=args.adapter_dir,
+        max_waiting=args.max_waiting, tenant_scheduling=args.tenant_scheduling, adapter_source=args.adapter_source, adapter_dir=args.adapter_dir,
         adapter_cache_dir=args.adapter_cache_dir, max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
         adapter_s3_prefix=args.adapter_s3_prefix, dynamic_adapters=args.dynamic_adapters,

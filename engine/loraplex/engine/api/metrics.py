@@ -2,7 +2,8 @@
 
 Request metrics are observed by the routes. Engine and adapter state is read at scrape time by
 a collector: `LLMEngine.stats()` (lengths of the scheduler's queues and the block free list:
-plain reads, no mutation) and the adapter manager's counters under its lock. Adapter load
+plain reads, no mutation), `Scheduler.tenant_stats()` (per tenant with work: queue counts and
+virtual counter, read from a copy) and the adapter manager's counters under its lock. Adapter load
 durations are drained from the manager into a histogram at each scrape.
 
 Beside them, the model-server metrics that inference-gateway endpoint pickers scrape (the
@@ -45,9 +46,11 @@ class _EngineCollector:
         lookups, negative = 0, 0
         adapter_waits = {"load": 0, "slot": 0}
         catalog: dict[str, int] | None = None
+        tenants: dict[str, dict] = {}
         if async_engine is not None:
             engine = async_engine
             stats.update(engine.stats())
+            tenants = engine.scheduler.tenant_stats()
             mgr = engine.adapters
             tiers = mgr.tier_counts()
             tier_bytes = mgr.tier_bytes()
@@ -65,6 +68,21 @@ class _EngineCollector:
                                 value=stats["num_requests_waiting"])
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1)",
                                 value=stats["kv_cache_usage_ratio"])
+        # Per tenant with work (the scheduler keeps no state for idle tenants, so the label set is
+        # bounded by the queue and the batch): docs/engine.md "Fairness across tenants".
+        families = [
+            (GaugeMetricFamily(PREFIX + "tenant_requests_waiting", "Sequences of the tenant queued, not yet running",
+                               labels=["tenant"]), "waiting"),
+            (GaugeMetricFamily(PREFIX + "tenant_requests_running", "Sequences of the tenant in the running batch",
+                               labels=["tenant"]), "running"),
+            (GaugeMetricFamily(PREFIX + "tenant_virtual_service", "The tenant's virtual token counter: service "
+                               "received / weight (prompt token 1, output token 2), lifted on return from idle",
+                               labels=["tenant"]), "virtual_service"),
+        ]
+        for family, key in families:
+            for tenant, row in sorted(tenants.items()):
+                family.add_metric([tenant], row[key])
+            yield family
         g = GaugeMetricFamily(PREFIX + "num_requests_waiting_for_adapter", "Queued sequences whose adapter is not "
                               "on the device yet, by reason: load (not loaded yet), slot (loaded, no free slot)",
                               labels=["reason"])
