@@ -1,12 +1,11 @@
 """The per-tenant gauges (loraplex_tenant_*), read at scrape time from a real engine's scheduler."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from prometheus_client import generate_latest
 
 from loraplex.engine.api.metrics import Metrics
+from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.llm_engine import LLMEngine
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -23,7 +22,8 @@ def engine(tmp_path_factory) -> LLMEngine:
 
 
 def test_tenant_gauges_follow_the_scheduler(engine):
-    metrics = Metrics(lambda: SimpleNamespace(engine=engine))
+    facade = AsyncEngine(engine)  # the HTTP layer's view of the engine (its threads are not started)
+    metrics = Metrics(lambda: facade)
 
     def scrape() -> dict:
         return parse_metrics(generate_latest(metrics.registry).decode())

@@ -50,7 +50,7 @@ class _EngineCollector:
         if async_engine is not None:
             engine = async_engine
             stats.update(engine.stats())
-            tenants = engine.scheduler.tenant_stats()
+            tenants = engine.tenant_stats()
             mgr = engine.adapters
             tiers = mgr.tier_counts()
             tier_bytes = mgr.tier_bytes()
