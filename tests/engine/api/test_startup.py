@@ -18,25 +18,7 @@ from loraplex.engine.api.app import create_app
 from loraplex.engine.api.cli import build_parser, configs_from_args
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.core.config import EngineConfig
-from tests.engine.api.conftest import ENGINE_BIN, ROOT, assert_error, free_port, wait_until
-
-
-class InProcessServer:
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
+from tests.engine.api.conftest import ENGINE_BIN, ROOT, InProcessServer, assert_error, free_port, wait_until
 
 
 def _engine_factory(model_dir, gate: threading.Event | None = None, **overrides):
