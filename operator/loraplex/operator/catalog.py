@@ -29,6 +29,20 @@ waits for the Lease), and readiness cannot route only to the leader without stal
 rolling update (maxUnavailable 0), so reading by name is what lets any replica answer. A lookup
 never lists adapters: its cost does not grow with their number.
 
+A pod that starts (a scale-up, from zero or not) asks which adapters are placed on it, to load
+them before it reports Ready (the engine's warm start, docs/engine.md "Warm start"):
+
+    GET /catalog/v1/{namespace}/{base}/placement/{pod}?limit=N   (same token, same bucket)
+
+answers {"adapters": [manifest, ...], "placed": <how many are placed on it in all>}: hottest
+first (ties, and every adapter while no rates are known, by name), at most N (default and cap
+PLACEMENT_MAX), preload adapters left out (the base's ConfigMap carries them, and every pod loads
+them before Ready anyway). The plan is placement.py's own (`place`) over the pods of the base's
+last pass plus the asking pod, so a new pod gets what the next pass will push to it. It is made
+from what this replica's Runtime holds after a pass over the base (`base_view`): a replica that
+holds none (a standby, or the leader before its first pass) answers 503 with Retry-After and
+closes the connection, so the engine's retry may reach another replica behind the Service.
+
 Served with aiohttp (kopf's own HTTP stack) on LORAPLEX_CATALOG_PORT (9091; 0: off), beside
 /metrics on 9090. LORAPLEX_CATALOG_URL is how engines reach it (the chart's Service); the
 operator renders `--adapter-catalog-url <it>/catalog/v1/<namespace>/<base>` into every engine.
@@ -36,21 +50,25 @@ operator renders `--adapter-catalog-url <it>/catalog/v1/<namespace>/<base>` into
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
-from loraplex.manifest import DNS1123_LABEL
+from loraplex.manifest import DNS1123_LABEL, AdapterManifest
 
 from . import adapters as A
 from . import constants as C
+from . import placement as P
 from .catalog_auth import CallerLimits, TokenTable
 from . import config
+from .constants import Key
 from .kube import ApiError, Ref
 from .sync import desired_manifest
 from .runtime import Runtime
@@ -62,8 +80,16 @@ RETRY_AFTER_SECONDS = 2
 CACHE_SECONDS = 2.0  # a burst of pods asking for one adapter costs one read of it
 CACHE_ENTRIES = 4096
 LOOKUPS_AT_ONCE = 32  # lookups reading the API at once; more wait (a cold fleet asks in bursts)
+# Manifests in one placement answer: a pod warms at most what its host tier and device slots
+# hold (--max-cpu-adapters 64 and 8 slots by default), and 256 manifests with a few tenant
+# hashes each are ~100 kB of JSON.
+PLACEMENT_MAX = 256
+PLACEMENT_RETRY_SECONDS = 1
+POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a DNS-1123 subdomain
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+Rates = Callable[[str, str], Mapping[str, float]]  # (namespace, base) -> adapter -> requests a second
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           409: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
@@ -137,6 +163,65 @@ async def lookup(rt: Runtime, cache: ObjectCache, namespace: str, base_name: str
     return 200, A.manifest_json(manifest)
 
 
+@dataclass(frozen=True)
+class BaseView:
+    """One base as this replica's Runtime holds it after a pass: the candidate pods of that pass,
+    what each accepted adapter asks of placement, its manifest, and where it was placed."""
+
+    pods: tuple[str, ...]
+    wants: tuple[P.Want, ...]
+    manifests: Mapping[str, AdapterManifest]
+    previous: Mapping[str, list[str]]
+
+
+def base_view(rt: Runtime, namespace: str, base_name: str, base: dict) -> BaseView | None:
+    """The base as the last pass left it in memory, or None when this replica made no pass over
+    it. sync.accept_adapters keeps each accepted manifest under the canonical spec it was built
+    from (CachedManifest.stamp[0]), which says the adapter's base and placement."""
+    pods = rt.sync.pods.get(Key(namespace, base_name))
+    if pods is None:
+        return None
+    base_spec = base.get("spec") or {}
+    wants, manifests, previous = [], {}, {}
+    for key, cached in list(rt.sync.manifests.items()):
+        if key.namespace != namespace or not isinstance(cached.result, AdapterManifest):
+            continue
+        try:
+            spec = json.loads(cached.stamp[0])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if not isinstance(spec, dict) or spec.get("baseModel") != base_name:
+            continue
+        replicas, policy = P.resolve(spec.get("placement"), base_spec.get("placement"), cached.result.preload)
+        wants.append(P.Want(key.name, replicas, policy))
+        manifests[key.name] = cached.result
+        previous[key.name] = list(rt.placements.where.get(key) or ())
+    return BaseView(tuple(sorted(pods)), tuple(wants), manifests, previous)
+
+
+def placed_on_pod(pod: str, view: BaseView, rates: Mapping[str, float] | None = None,
+                  limit: int = PLACEMENT_MAX) -> tuple[list[AdapterManifest], int]:
+    """(the manifests placed on `pod`, hottest first, at most `limit`; how many are placed on it
+    in all). Pure: placement.place over the view's pods plus `pod` (a pod not in the last pass
+    is a new one, and gets what the next pass will give it), preload adapters left out."""
+    plan = P.place(view.wants, {*view.pods, pod}, view.previous)
+    mine = [name for name, pods in plan.items() if pod in pods and not view.manifests[name].preload]
+    rates = rates or {}
+    mine.sort(key=lambda name: (-float(rates.get(name, 0.0)), name))
+    return [view.manifests[name] for name in mine[:limit]], len(mine)
+
+
+def _limit(request: web.Request) -> int | None:
+    text = request.query.get("limit")
+    if text is None:
+        return PLACEMENT_MAX
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if 1 <= value <= PLACEMENT_MAX else None
+
+
 def authenticate(table: TokenTable, limits: CallerLimits, request: web.Request) -> web.Response | dict:
     """The base the caller's token belongs to, or the answer that refuses it. No I/O: an unknown
     base or a wrong token costs no API call. Each caller spends its own bucket (the base when
@@ -157,7 +242,9 @@ def authenticate(table: TokenTable, limits: CallerLimits, request: web.Request) 
     return _error(403, f"unknown base {ns[:63]}/{base_name[:253]}, or not its admin token", "forbidden")
 
 
-def make_app(rt: Runtime, table: TokenTable | None = None) -> web.Application:
+def make_app(rt: Runtime, table: TokenTable | None = None, rates: Rates | None = None) -> web.Application:
+    """The catalog's app. `rates`: per base, its adapters' request rates (the hottest are warmed
+    first); none known: every adapter alike, by name."""
     cache = ObjectCache()
     limit = asyncio.Semaphore(LOOKUPS_AT_ONCE)
     table = table if table is not None else TokenTable(config.WATCHED_NAMESPACES)
@@ -181,6 +268,28 @@ def make_app(rt: Runtime, table: TokenTable | None = None) -> web.Application:
             return _error(status, result[1], result[0])
         return web.json_response(result)
 
+    async def get_placement(request: web.Request) -> web.Response:
+        ns, base, pod = (request.match_info[k] for k in ("namespace", "base", "pod"))
+        caller = authenticate(table, limits, request)
+        if isinstance(caller, web.Response):
+            return caller
+        if len(pod) > 253 or not POD_NAME.match(pod):
+            return _error(400, f"{pod[:80]!r} is not a pod name", "invalid_pod")
+        limit = _limit(request)
+        if limit is None:
+            return _error(400, f"limit must be an integer from 1 to {PLACEMENT_MAX}", "invalid_limit")
+        view = base_view(rt, ns, base, caller)
+        if view is None:
+            # A standby (or a leader before its first pass over the base): the next connection
+            # may reach the replica that holds the placement.
+            answer = _error(503, f"this operator replica has not placed the adapters of {ns}/{base} (a standby, "
+                                 "or the leader before its first pass); retry", "placement_unknown",
+                            PLACEMENT_RETRY_SECONDS)
+            answer.force_close()
+            return answer
+        adapters, placed = placed_on_pod(pod, view, (rates or _no_rates)(ns, base), limit)
+        return web.json_response({"adapters": [A.manifest_json(m) for m in adapters], "placed": placed})
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -191,9 +300,14 @@ def make_app(rt: Runtime, table: TokenTable | None = None) -> web.Application:
 
     app = web.Application(client_max_size=4096)  # GETs only: no body worth reading
     app.router.add_get(PREFIX + "/{namespace}/{base}/adapters/{name}", get_adapter)
+    app.router.add_get(PREFIX + "/{namespace}/{base}/placement/{pod}", get_placement)
     app.router.add_get("/healthz", healthz)
     app.cleanup_ctx.append(refresh_tokens)
     return app
+
+
+def _no_rates(_namespace: str, _base: str) -> Mapping[str, float]:
+    return {}
 
 
 async def serve(rt: Runtime) -> web.AppRunner | None:
