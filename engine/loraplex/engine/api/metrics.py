@@ -7,8 +7,9 @@ virtual counter, read from a copy) and the adapter manager's counters under its 
 durations are drained from the manager into a histogram at each scrape.
 
 Beside them, the model-server metrics that inference-gateway endpoint pickers scrape (the
-Gateway API Inference Extension's model server protocol, with vLLM's names): see
-`_router_metrics` and docs/api.md "Router metrics".
+Gateway API Inference Extension's model server protocol, with vLLM's names), and what the
+adapter tiers hold (`loraplex_adapter_resident`, capped; `loraplex_lora_resident_info` in vLLM's
+label format): see `_router_metrics`, `_residency` and docs/api.md "Router metrics".
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 
 
 class _EngineCollector:
-    def __init__(self, engine_getter: Callable):
+    def __init__(self, engine_getter: Callable, max_resident: int = 256, warm_start_getter: Callable | None = None):
         self.engine_getter = engine_getter
+        self.max_resident = max_resident
+        self.warm_start_getter = warm_start_getter or (lambda: None)
 
     def describe(self):
         return []
@@ -62,6 +65,20 @@ class _EngineCollector:
             if mgr.catalog is not None:
                 catalog = mgr.catalog.counts()
             yield from _router_metrics(engine, stats)
+            yield from _residency(mgr, self.max_resident)
+        warm = self.warm_start_getter()
+        view = warm.view() if warm is not None else None
+        if view is not None and view["seconds"] is not None:  # only where a warm start ran (or runs)
+            yield GaugeMetricFamily(PREFIX + "warm_start_seconds", "Seconds the warm start took (so far, while it "
+                                    "runs): from the model being up to all placed adapters resident or the budget "
+                                    "spent", value=view["seconds"])
+            g = GaugeMetricFamily(PREFIX + "warm_start_adapters", "Adapters the warm start was given (listed) "
+                                  "and of those resident", labels=["state"])
+            g.add_metric(["listed"], view["listed"])
+            g.add_metric(["resident"], view["resident"])
+            yield g
+            yield GaugeMetricFamily(PREFIX + "warm_start_timed_out", "1 when the warm start's budget was spent "
+                                    "before every placed adapter was resident", value=int(view["timed_out"]))
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch",
                                 value=stats["num_requests_running"])
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Sequences queued, not yet running",
@@ -152,8 +169,32 @@ def _router_metrics(engine, stats: dict):
     yield g
 
 
+def _residency(mgr, cap: int):
+    """Which adapters each tier holds, for endpoint pickers that route by residency (vLLM's
+    lora_requests_info names adapters in flight, not resident): one series per adapter in a
+    device slot or the host tier, at most `cap` (the most recently used), the rest counted; and
+    the device tier in vLLM's label format, for an EPP pointed at it (docs/api.md)."""
+    rows, left_out = mgr.residency(cap)
+    g = GaugeMetricFamily(PREFIX + "adapter_resident", "1 for each adapter held in a tier (device: a slot; host: "
+                          "RAM), the most recently used first, capped by --max-residency-metric-adapters",
+                          labels=["adapter", "tier"])
+    for name, tier in rows:
+        g.add_metric([name, tier], 1)
+    yield g
+    yield GaugeMetricFamily(PREFIX + "adapter_resident_truncated", "Resident adapters left out of "
+                            "loraplex_adapter_resident by its cap", value=left_out)
+    _, waiting = mgr.router_view()
+    on_device = mgr.on_device()
+    g = GaugeMetricFamily(PREFIX + "lora_resident_info", "vllm:lora_requests_info's labels with running_lora_adapters "
+                          "= the adapters in device slots (resident, whether or not a request runs on them)",
+                          labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    g.add_metric([str(mgr.num_slots), ",".join(on_device), ",".join(waiting)], time.time())
+    yield g
+
+
 class Metrics:
-    def __init__(self, engine_getter: Callable, max_adapter_labels: int = 100):
+    def __init__(self, engine_getter: Callable, max_adapter_labels: int = 100, max_resident: int = 256,
+                 warm_start_getter: Callable | None = None):
         disable_created_metrics()  # no *_created series: they double the output and nothing reads them
         self.engine_getter = engine_getter
         self.max_adapter_labels = max_adapter_labels
@@ -172,7 +213,7 @@ class Metrics:
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.adapter_load_seconds = Histogram(PREFIX + "adapter_load_seconds", "Adapter fetch + parse time",
                                               buckets=LOAD_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine_getter))
+        r.register(_EngineCollector(engine_getter, max_resident, warm_start_getter))
 
     def adapter_label(self, name: str | None) -> str:
         """The `adapter` label for a model name, cardinality-capped. The base keeps its name."""
