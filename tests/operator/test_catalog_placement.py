@@ -186,3 +186,44 @@ def test_placement_answers_the_plan_hottest_first_bounded_and_authenticated(monk
     assert (status, body["error"]["code"]) == (503, "placement_unknown")
     assert headers["Retry-After"] == "1" and headers.get("Connection", "").lower() == "close"
 
+
+
+def test_placed_on_pod_is_what_place_plans_for_the_pods_plus_the_asking_one():
+    """`placed_on_pod` decides spread adapters from their last placement (two hashes each, not
+    one per pod); over random fleets (spread and least-loaded, 1 to 3 or all replicas, preloads)
+    its answer for every pod of the pass and for a new one is what placement.place plans."""
+    import random
+
+    from loraplex.operator.catalog import base_view, placed_on_pod
+
+    async def run(seed: int) -> list[tuple[str, list[str], list[str]]]:
+        rng = random.Random(seed)
+        rt = Runtime(OperatorConfig())  # no Secret is referenced: no API call
+        pods = [f"p-{seed}-{i}" for i in range(rng.randint(1, 6))]
+        base = {"metadata": {"name": "b", "namespace": NS}, "spec": {"placement": {"replicas": rng.choice([1, 2])}}}
+        adapters = []
+        for i in range(rng.randint(1, 40)):
+            spec = {"baseModel": "b", "source": {"type": "hub", "uri": f"org/a{i}"}, "preload": rng.random() < 0.1}
+            if rng.random() < 0.7:
+                spec["placement"] = {"replicas": rng.choice([1, 2, 3, "all"]),
+                                     "policy": "least-loaded" if seed % 3 == 0 and rng.random() < 0.5 else "spread"}
+            adapters.append({"name": f"a{i}", "uid": f"u{i}", "spec": spec, "deleting": False, "status": {}})
+        accepted = await sync.accept_adapters(rt, base, adapters)
+        P.place_adapters(rt.placements, NS, base["spec"], {a["name"]: a for a in adapters}, accepted.manifests, pods)
+        rt.sync.pods[Key(NS, "b")] = {p: PodMemory() for p in pods}
+        wants = [P.Want(a["name"], *P.resolve(a["spec"].get("placement"), base["spec"]["placement"],
+                                              a["spec"]["preload"])) for a in adapters]
+        previous = {name: rt.placements.where[Key(NS, name)] for name in accepted.manifests}
+        out = []
+        for pod in [*pods, f"p-{seed}-new"]:
+            got, placed = placed_on_pod(pod, base_view(rt, NS, "b", base), limit=PLACEMENT_MAX)
+            plan = P.place(wants, {*pods, pod}, previous)
+            want = sorted(n for n, on in plan.items() if pod in on and not accepted.manifests[n].preload)
+            out.append((pod, sorted(m.name for m in got), want))
+            assert placed == len(want)
+        await rt.aclose()
+        return out
+
+    for seed in range(40):
+        for pod, got, want in asyncio.run(run(seed)):
+            assert got == want, (seed, pod)
