@@ -20,6 +20,7 @@ from tests.engine.core.conftest import PROMPTS, make_engine
     ("hi", SamplingParams(temperature=-0.5), RequestError, "temperature"),
     ("hi", SamplingParams(top_p=0), RequestError, "top_p"),
     ("hi", SamplingParams(logprobs=99), RequestError, "logprobs"),
+    ("hi", SamplingParams(logit_bias={10**6: 1.0}), RequestError, "logit_bias token ids"),
 ])
 def test_bad_requests_are_refused_and_others_still_run(tiny_models, prompt, params, error, fragment):
     engine = make_engine(tiny_models["llama"], max_model_len=128)

@@ -1,160 +1,68 @@
-"""The synchronous engine: owns the model, the KV cache, the scheduler and the adapters.
+"""The synchronous engine: wires the parts start-up built, validates requests, runs the step.
+
+Start-up (the checkpoint download, tensor-parallel launch, model loading, KV sizing) is
+startup.py's; `LLMEngine(config)` runs it, then wires the scheduler, block manager and adapters.
 
 Two halves, as in vLLM v1:
-- the core: `add_sequence`, `abort_core` and `step_core` (schedule, forward, sample, engine-side
-  stops), which hands over one `CoreOutput` batch per step. Only one thread may call these
-  (AsyncEngine's step loop does).
+- the core: `add_sequence`, `abort_core` and `step_core` (schedule -> run the forward and sample
+  -> hand off), which hands over one `CoreOutput` batch per step. Only one thread may call these
+  (AsyncEngine's step loop does); the queue-full check is `add_sequence`'s, on that thread.
 - text: the `OutputProcessor` turns those batches into RequestOutputs (detokenization, stop
   strings). AsyncEngine runs it on a thread of its own; `step()`, `abort()`, `add_request()`
   and `generate()` run both halves in the caller's thread for tests, benchmarks and scripts.
 
-`prompt_ids` and `make_sequence` (validation, tokenization) are safe to call from any thread:
-they read only immutable state, so bad requests are refused before they reach the loop.
+`make_sequence` (with `prompt_ids`) is the one place the engine validates a request. It and
+`prompt_ids` are safe to call from any thread: they read only immutable state, so bad requests
+are refused before they reach the loop.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 
-import torch
+from tokenizers import Tokenizer
 
-from loraplex.engine.core.adapters.device_slots import DeviceSlots, num_slots
 from loraplex.engine.core.adapters.manager import AdapterManager
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.errors import AdapterLoadTimeoutError, PromptTooLongError, QueueFullError, RequestError
-from loraplex.engine.core.model_runner import ModelRunner, profile_kv_blocks
 from loraplex.engine.core.output_processor import OutputProcessor
 from loraplex.engine.core.sampling_params import SamplingParams
-from loraplex.engine.core.scheduler import Scheduler, SchedulerConfig
-from loraplex.engine.core.sequence import CoreOutput, RequestOutput, Sequence
-from loraplex.engine.core.distributed import WorkerGroup
-from loraplex.engine.core.tp_runner import ShardedDeviceSlots, TPModelRunner
-from loraplex.engine.core.tp_worker import LoadSpec
-from loraplex.engine.model.config import ModelConfig
-from loraplex.engine.model.loader import load_model
-from loraplex.engine.model.parallel import TensorParallel, check_tensor_parallel
+from loraplex.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from loraplex.engine.core.sequence import CoreOutput, RequestOutput, RequestResult, Sequence
+from loraplex.engine.core.startup import EngineParts, start_up
 
 log = logging.getLogger("loraplex.engine")
 
 
-def resolve_model_dir(model_id: str, revision: str | None) -> Path:
-    """A local folder as is; anything else is a Hub repo id, fetched (or found in the cache)."""
-    path = Path(model_id)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
-        from tokenizers import Tokenizer
-        from transformers import AutoTokenizer
-
+    def __init__(self, config: EngineConfig, parts: EngineParts | None = None):
+        """Start up (`startup.start_up`), unless given `parts` already built, and wire the parts."""
+        parts = parts if parts is not None else start_up(config)
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         self.boot_id = str(uuid.uuid4())
-        self.model_dir = resolve_model_dir(config.model_id, config.revision)
-        self.model_config = ModelConfig.from_dir(self.model_dir)
         self.served_model_name = config.served_model_name or config.model_id.rstrip("/").split("/")[-1]
-        self.device = config.resolve_device()
-        self.dtype = config.resolve_dtype(self.device, self.model_config.torch_dtype)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        # Sliding windows are honoured by the attention (model/attention.py): no cap needed.
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model_dir, self.model_config = parts.model_dir, parts.model_config
+        self.device, self.dtype, self.max_model_len = parts.device, parts.dtype, parts.max_model_len
+        self.eos_token_ids = parts.eos_token_ids
+        self._tokenizer = parts.tokenizer
         self._thread_tokenizers = threading.local()
-        backend = getattr(self._tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ValueError(f"{self.model_dir} has no fast (tokenizers) tokenizer; the engine decodes with tokenizers")
         # The output processor decodes with an instance of its own: Rust tokenizers must not be
         # shared across threads (huggingface/tokenizers#537).
-        self.output_processor = OutputProcessor(Tokenizer.from_str(backend.to_str()))
-        self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
-            (self._tokenizer.eos_token_id,) if self._tokenizer.eos_token_id is not None else ())
-
-        slots = num_slots(config, self.model_config, self.dtype, self.device)  # device tier: bytes -> slots
-        self.workers = None  # tensor parallel: the worker processes (distributed.WorkerGroup)
-        if config.tensor_parallel_size > 1:
-            model = self._start_tensor_parallel(slots)
-        else:
-            model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
-                               max_lora_rank=config.max_lora_rank, max_positions=self.max_model_len)
-        try:
-            num_blocks = self._num_kv_blocks(model)
-            if num_blocks * config.block_size < self.max_model_len:
-                raise ValueError(f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence "
-                                 f"of max_model_len {self.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
-            slots_factory = DeviceSlots
-            if self.workers is None:
-                self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, seed=config.seed,
-                                          max_num_seqs=config.max_num_seqs)
-            else:
-                self.runner = self._tensor_parallel_runner(model, num_blocks)
-                slots_factory = functools.partial(ShardedDeviceSlots, workers=self.workers)
-        except BaseException:
-            if self.workers is not None:
-                self.workers.shutdown()
-            raise
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.adapters = AdapterManager(config, model, self.model_config, slots_factory)
+        self.output_processor = OutputProcessor(Tokenizer.from_str(parts.tokenizer.backend_tokenizer.to_str()))
+        self.workers = parts.workers  # tensor parallel: the worker processes (distributed.WorkerGroup)
+        self.runner = parts.runner
+        self.block_manager = BlockManager(parts.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.adapters = AdapterManager(config, parts.model, self.model_config, parts.slots_factory)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.adapter_fairness_seconds),
                                    self.block_manager, self.adapters)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
         self.last_step_seconds = 0.0
-
-    def _start_tensor_parallel(self, slots: int):
-        """Check the split, start the workers, load every rank's shard (the workers' in parallel
-        with rank 0's); returns rank 0's shard of the model."""
-        cfg = self.config
-        check_tensor_parallel(self.model_config, cfg.tensor_parallel_size)  # before any process starts
-        self.workers = WorkerGroup(cfg.tensor_parallel_size, self.device.type, cfg.tensor_parallel_timeout,
-                                   logging.getLevelName(log.getEffectiveLevel()).lower()).start()
-        try:
-            self.workers.send(("load", LoadSpec(str(self.model_dir), str(self.dtype).removeprefix("torch."), slots,
-                                                cfg.max_lora_rank, self.max_model_len, cfg.num_threads)))
-            tp = TensorParallel(0, cfg.tensor_parallel_size)
-            model = load_model(self.model_dir, self.dtype, self.device, num_lora_slots=slots,
-                               max_lora_rank=cfg.max_lora_rank, max_positions=self.max_model_len, tp=tp)
-            self.workers.collect()
-            return model
-        except BaseException:
-            self.workers.shutdown()
-            raise
-
-    def _tensor_parallel_runner(self, model, num_blocks: int):
-        cfg = self.config
-        kwargs = dict(num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs)
-        self.workers.send(("runner", kwargs))
-        runner = TPModelRunner(model, device=self.device, dtype=self.dtype, workers=self.workers, seed=cfg.seed, **kwargs)
-        self.workers.collect()
-        return runner
-
-    def _num_kv_blocks(self, model) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks:
-            return cfg.num_kv_blocks
-        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
-        if self.device.type == "cuda":  # measured: one profiling forward at the largest step
-            args = (cfg.block_size, cfg.kv_cache_memory_fraction, cfg.max_num_batched_tokens, cfg.max_num_seqs)
-            if self.workers is None:
-                return profile_kv_blocks(model, self.device, self.dtype, *args)
-            # Every rank runs the profiling forward (it has collectives); the tightest rank decides.
-            self.workers.send(("profile", dict(zip(("block_size", "memory_fraction", "max_num_batched_tokens",
-                                                    "max_num_seqs"), args))))
-            mine = profile_kv_blocks(model, self.device, self.dtype, *args)
-            return min([mine, *self.workers.collect()])
-        enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-        return max(1, min(enough, cfg.cpu_kv_cache_bytes // per_block))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -191,7 +99,9 @@ class LLMEngine:
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                       adapter: str | None = None, *, validated_ids: list[int] | None = None) -> Sequence:
-        """Validate and tokenize a request. Raises RequestError (a 4xx) for bad input.
+        """The engine's one validation of a request: its sampling settings, its prompt
+        (`prompt_ids`), prompt + max_tokens within the context, logit_bias within the vocabulary,
+        its adapter servable. Raises RequestError (a 4xx) for bad input.
         `validated_ids`: the prompt's ids from `prompt_ids`, to skip doing that again."""
         params.validate()
         ids = validated_ids if validated_ids is not None else self.prompt_ids(prompt)
@@ -199,11 +109,17 @@ class LLMEngine:
             raise RequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids)} prompt "
                 f"tokens plus max_tokens {params.max_tokens} were requested", param="max_tokens")
+        vocab = self.model_config.vocab_size
+        outside = [t for t in params.logit_bias or () if not 0 <= t < vocab]
+        if outside:
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab}), got {outside[0]}", param="logit_bias")
         if adapter is not None:
             self.adapters.check_servable(adapter)
         return Sequence(request_id, ids, params, self.max_model_len, eos_token_ids=self.eos_token_ids, adapter=adapter)
 
     def add_sequence(self, seq: Sequence) -> None:
+        """Queue a validated sequence. On the step loop's thread, so the queue-full check here
+        sees the true queue; raises RequestError (duplicate id) or QueueFullError (a 429)."""
         if seq.request_id in self.requests:
             raise RequestError(f"duplicate request id {seq.request_id!r}")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
@@ -248,37 +164,50 @@ class LLMEngine:
         return result.outputs
 
     def step_core(self) -> list[CoreOutput]:
-        """Schedule, run one forward over the mixed batch, sample, and report what changed."""
+        """One step: schedule, run the forward and sample, hand off what changed."""
         t0 = time.perf_counter()
-        self.adapters.on_step()
+        self.adapters.on_step()  # loaded preloads into device slots
         outputs = self._fail_waiting_on_failed_adapters()
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        results = self._run(batch)
+        outputs += self._hand_off(batch, results)
+        self.num_steps += 1
+        self.last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _run(self, batch: list[ScheduledSeq]) -> list[tuple[ScheduledSeq, int | None]]:
+        """The forward over the mixed batch and sampling: (item, its token or None if it only
+        prefilled), in the runner's row order. A failure aborts this batch's requests alone,
+        with the error in their output."""
         now = time.monotonic()
         for item in batch:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
         try:
-            results = self.runner.run(batch)
+            return self.runner.run(batch)
         except Exception as exc:  # a bug or device fault must not take the process down
             log.exception("forward pass failed; aborting the %d requests of this batch", len(batch))
             for item in batch:
                 item.seq.error = f"internal error during generation: {exc}"
                 item.seq.finish("abort")
-            results = [(item, None) for item in batch]
+            return [(item, None) for item in batch]
+
+    def _hand_off(self, batch: list[ScheduledSeq], results: list[tuple[ScheduledSeq, int | None]]) -> list[CoreOutput]:
+        """Append the tokens (engine-side stops), let the scheduler retire and cache blocks, and
+        report each sequence that changed; finished ones leave `requests`."""
         for item, token in results:
             if token is not None and not item.seq.is_finished:
                 item.seq.append_token(token)
         self.scheduler.finish_step(batch)
+        outputs = []
         for item, token in results:
             seq = item.seq
             if token is not None or seq.is_finished:
                 outputs.append(seq.take_update())
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
-        self.num_steps += 1
-        self.last_step_seconds = time.perf_counter() - t0
         return outputs
 
     def _fail_waiting_on_failed_adapters(self) -> list[CoreOutput]:
@@ -305,29 +234,22 @@ class LLMEngine:
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
                  adapters: list[str | None] | None = None) -> list[dict]:
-        """Run requests to completion (tests, benchmarks): one dict per prompt, in order."""
+        """Run requests to completion (tests, benchmarks): one dict per prompt, in order, with
+        the `RequestResult` fields token_ids, text, finish_reason, logprobs, prompt_logprobs, error."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)
-        ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
-        results = {rid: {"token_ids": [], "text": "", "finish_reason": None, "logprobs": [], "prompt_logprobs": None, "error": None}
-                   for rid in ids}
-        for rid, prompt, p, a in zip(ids, prompts, params_list, adapters):
+        results = {f"gen-{uuid.uuid4().hex}": RequestResult() for _ in prompts}
+        for rid, prompt, p, a in zip(results, prompts, params_list, adapters):
             self.add_request(rid, prompt, p, a)
-        while any(results[r]["finish_reason"] is None for r in ids):
+        while any(r.finish_reason is None for r in results.values()):
             outputs = self.step()
             if not outputs and not self.scheduler.running:
                 time.sleep(0.005)  # adapters still loading off the loop
             for out in outputs:
-                if out.request_id not in results:
-                    continue
-                r = results[out.request_id]
-                r["token_ids"] += out.new_token_ids
-                r["text"] += out.new_text
-                r["logprobs"] += out.logprobs
-                r["prompt_logprobs"] = out.prompt_logprobs or r["prompt_logprobs"]
-                if out.finished:
-                    r["finish_reason"], r["error"] = out.finish_reason, out.error
-        return [results[r] for r in ids]
+                if out.request_id in results:
+                    results[out.request_id].add(out)
+        return [{"token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason, "logprobs": r.logprobs,
+                 "prompt_logprobs": r.prompt_logprobs, "error": r.error} for r in results.values()]
 
     @property
     def failure(self) -> str | None:

@@ -45,7 +45,7 @@ def _logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows, cols, vals = [], [], []
     for i, seq in enumerate(seqs):
         for t, v in (seq.params.logit_bias or {}).items():
-            if 0 <= t < vocab:  # the HTTP layer refuses others; never index out of range here
+            if 0 <= t < vocab:  # make_sequence refuses others; never index out of range here
                 rows.append(i)
                 cols.append(t)
                 vals.append(v)

@@ -2,7 +2,8 @@
 
 The step loop owns `Sequence` (token ids, KV blocks, engine-side stops: EOS, stop token ids,
 length). Text (detokenization, stop strings, streamed deltas) lives in the output processor
-(output_processor.py); each step hands it one `CoreOutput` per sequence that changed.
+(output_processor.py); each step hands it one `CoreOutput` per sequence that changed, and it
+hands back `RequestOutput` deltas, which `RequestResult` adds up for a non-streamed answer.
 """
 from __future__ import annotations
 
@@ -44,6 +45,34 @@ class RequestOutput:
     error: str | None = None  # set when the engine aborted the request on an internal error
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     error_code: str | None = None  # with `error`, when the abort has a RequestError code of its own
+
+
+@dataclass
+class RequestResult:
+    """A request's RequestOutputs, accumulated (a non-streamed answer; `LLMEngine.generate`)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # None until the request finished
+    stop_reason: str | int | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.new_token_ids
+        self.text += out.new_text
+        self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:  # sent once, when the prompt is fully computed
+            self.prompt_logprobs = out.prompt_logprobs
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+            self.error_code = out.error_code
 
 
 @dataclass
