@@ -24,6 +24,7 @@ class ServerState:
         self.started = time.time()
         self.metrics = Metrics(lambda: self.engine, settings.max_adapter_metric_labels)
         self.watcher = None  # ManifestWatcher, when --adapter-manifest-file is set
+        self.token_texts: dict[int, str] = {}  # token id -> its text in logprobs (at most the vocabulary)
         # Request preparation (chat templates, tokenization, validation) runs here, not on the
         # event loop: a 100k-character prompt takes ~100 ms to tokenize, and every stream waits.
         self.prepare_pool = concurrent.futures.ThreadPoolExecutor(
