@@ -203,7 +203,8 @@ def saturation_lines(point: dict) -> list[str]:
 
     rows = [[label, spread(e["tok_s"], "{:.1f}"),
              spread(e["ratio_vs_in_process"], "{:.3f}") if "ratio_vs_in_process" in e else "1",
-             spread(e.get("cpu_s_per_1k_tokens") or {}, "{:.2f}"), _ms(e["ttft_p50_s"]), str(e["errors"])]
+             spread(e.get("cpu_s_per_1k_tokens") or {}, "{:.2f}"),
+             spread(e.get("beside_step_cpu_s_per_1k_tokens") or {}, "{:.3f}"), _ms(e["ttft_p50_s"]), str(e["errors"])]
             for label, e in point["systems"].items()]
     return [
         "## Saturation: over HTTP against in process", "",
@@ -214,9 +215,11 @@ def saturation_lines(point: dict) -> list[str]:
         "logprobs 0 (one SSE event per token). The systems take turns, "
         f"{point['rounds']} rounds, the order rotating every round. Output tok/s: median [min–max] over the rounds; "
         "ratio: per round, this system / in process, median [min–max]. CPU: seconds of the server process plus the "
-        "bench process (the in-process engine, or the HTTP client) per 1,000 output tokens: a steadier cross-check "
-        "of what HTTP adds on a shared machine.", "",
-        _table(["system", "out tok/s", "ratio vs in process", "CPU s / 1k tokens", "TTFT p50 ms", "errors"], rows), "",
+        "bench process (the in-process engine, or the HTTP client) per 1,000 output tokens; beside the step: the "
+        "same less the step loop's thread (the busiest), i.e. the output thread, the event loop, the prepare pool "
+        "and the HTTP client, what HTTP adds in CPU, steadier than the wall-clock ratio on a shared machine.", "",
+        _table(["system", "out tok/s", "ratio vs in process", "CPU s / 1k tokens", "beside the step", "TTFT p50 ms",
+                "errors"], rows), "",
     ]
 
 

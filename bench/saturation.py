@@ -155,6 +155,17 @@ def tree_env(tree: Path) -> dict:
                                           for d in ("", "engine", "kernels", "operator"))}
 
 
+def beside_step_cpu_s(m: dict) -> float | None:
+    """CPU seconds of everything but the step loop, taken as the busiest thread of the process
+    that runs the engine (true wherever forward passes cost more than serving a token): the
+    output thread, the event loop and the prepare pool, plus the HTTP client over HTTP."""
+    engine_side = "server" if m.get("server_cpu_s") is not None else "bench"
+    threads = m.get(f"{engine_side}_busiest_threads_cpu_s")
+    if not threads or m.get("bench_cpu_s") is None:
+        return None
+    return (m["bench_cpu_s"] or 0) + (m.get("server_cpu_s") or 0) - threads[0]
+
+
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "per_round": [round(v, 4) for v in values]} if values else {}
@@ -220,6 +231,8 @@ def run_point(model, settings: systems.EngineSettings, adapters: list, adapter_d
             entry["source"] = sources.get(label)
         cpu_per_ktok = [1000 * ((m["bench_cpu_s"] or 0) + (m["server_cpu_s"] or 0)) / t for m, t in zip(ms, tokens) if t]
         entry["cpu_s_per_1k_tokens"] = _spread(cpu_per_ktok)
+        entry["beside_step_cpu_s_per_1k_tokens"] = _spread([1000 * beside_step_cpu_s(m) / t for m, t in zip(ms, tokens)
+                                                            if t and beside_step_cpu_s(m) is not None])
         systems_out[label] = entry
     return {"requests": len(requests), "rounds": rounds, "workload": workload.summary(requests),
             "arrivals": "all at t = 0", "adapters": len(adapters), "target_modules": "all-linear (7 projections)",

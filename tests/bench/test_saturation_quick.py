@@ -23,6 +23,7 @@ def test_saturation_quick_serves_both_sides_and_reports_the_ratio(tmp_path):
         for run in entry["runs"]:  # every request ran to its full length on both sides
             assert run["completed"] == run["requests"] == point["requests"] and run["short_outputs"] == 0
             assert run["throughput_tok_s"] > 0 and run["bench_cpu_s"] is not None
+        assert entry["cpu_s_per_1k_tokens"] and entry["beside_step_cpu_s_per_1k_tokens"]
     http = point["systems"]["http"]
     assert len(http["ratio_vs_in_process"]["per_round"]) == rounds
     r = http["ratio_vs_in_process"]
