@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--catalog-requests", type=int, default=None, help="requests of the catalog point (default: --num-requests)")
     c.add_argument("--skip-catalog", action="store_true")
     s = p.add_argument_group("saturation point (over HTTP against in process; needs the loraplex and http systems)")
-    s.add_argument("--saturation-requests", type=int, default=48, help="requests, all arriving at t = 0")
+    s.add_argument("--saturation-requests", type=int, default=40, help="requests, all arriving at t = 0")
     s.add_argument("--saturation-adapters", type=int, default=8, help="distinct all-linear adapters they spread over")
     s.add_argument("--saturation-rounds", type=int, default=4, help="turns of in process and over HTTP")
     s.add_argument("--skip-saturation", action="store_true")

@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-model", action="store_true",
                     help="the tiny random Llama with the other settings as given: its steps take microseconds, so "
                          "the serving layer (event loop, SSE, client) is the bottleneck, a stress test of it")
-    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--adapters", type=int, default=8, help="distinct all-linear adapters the requests spread over")
     ap.add_argument("--input-range", default="8-32")
