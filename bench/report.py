@@ -191,9 +191,40 @@ def markdown(result: dict) -> str:
         from bench.fairness import markdown as fairness_markdown
 
         lines += fairness_markdown(result["fairness"])
+    if result.get("saturation"):
+        lines += saturation_lines(result["saturation"])
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)
+
+
+def saturation_lines(point: dict) -> list[str]:
+    """The saturation point's section (bench.saturation.run_point's result)."""
+    w = point["workload"]
+
+    def spread(d: dict, fmt: str) -> str:
+        return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}–{fmt.format(d['max'])}]" if d else "–"
+
+    rows = [[label, spread(e["tok_s"], "{:.1f}"),
+             spread(e["ratio_vs_in_process"], "{:.3f}") if "ratio_vs_in_process" in e else "1",
+             spread(e.get("cpu_s_per_1k_tokens") or {}, "{:.2f}"),
+             spread(e.get("beside_step_cpu_s_per_1k_tokens") or {}, "{:.3f}"), _ms(e["ttft_p50_s"]), str(e["errors"])]
+            for label, e in point["systems"].items()]
+    return [
+        "## Saturation: over HTTP against in process", "",
+        f"{point['requests']} requests, all arriving at t = 0 (the batch cap is {point['max_num_seqs']}), over "
+        f"{w['distinct_adapters']} adapters on all seven projections; input {w['mean_input_len']:.0f} and output "
+        f"{w['mean_output_len']:.0f} tokens on average. In process: an AsyncEngine (the server's step and output "
+        "threads) driven from the bench process. Over HTTP: loraplex-engine, streaming /v1/completions with "
+        "logprobs 0 (one SSE event per token). The systems take turns, "
+        f"{point['rounds']} rounds, the order rotating every round. Output tok/s: median [min–max] over the rounds; "
+        "ratio: per round, this system / in process, median [min–max]. CPU: seconds of the server process plus the "
+        "bench process (the in-process engine, or the HTTP client) per 1,000 output tokens; beside the step: the "
+        "same less the step loop's thread (the busiest), i.e. the output thread, the event loop, the prepare pool "
+        "and the HTTP client, what HTTP adds in CPU, steadier than the wall-clock ratio on a shared machine.", "",
+        _table(["system", "out tok/s", "ratio vs in process", "CPU s / 1k tokens", "beside the step", "TTFT p50 ms",
+                "errors"], rows), "",
+    ]
 
 
 # ---- plots ------------------------------------------------------------------------------------

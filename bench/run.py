@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--catalog-adapters", type=int, default=2048, help="adapters on disk (hard links of the run's adapters)")
     c.add_argument("--catalog-requests", type=int, default=None, help="requests of the catalog point (default: --num-requests)")
     c.add_argument("--skip-catalog", action="store_true")
+    s = p.add_argument_group("saturation point (over HTTP against in process; needs the loraplex and http systems)")
+    s.add_argument("--saturation-requests", type=int, default=40, help="requests, all arriving at t = 0")
+    s.add_argument("--saturation-adapters", type=int, default=8, help="distinct all-linear adapters they spread over")
+    s.add_argument("--saturation-rounds", type=int, default=4, help="turns of in process and over HTTP")
+    s.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--skip-decode-efficiency", action="store_true")
     f = p.add_argument_group("fairness point (two tenants, one at 10x the other's rate; fcfs against vtc)")
     f.add_argument("--skip-fairness", action="store_true")
@@ -111,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.decode_batches = [1, 4]
         args.catalog_requests = 12
         args.fairness_window = 16
+        args.saturation_requests, args.saturation_rounds = 8, 2
     return args
 
 
@@ -390,6 +396,25 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         except Exception as exc:  # the report says what failed instead of losing the rest
             log.exception("the catalog point failed")
             notes.append(f"the catalog point failed: {type(exc).__name__}: {exc}"[:500])
+    saturation_point = None
+    if {"loraplex", "http"} <= set(args.systems) and not args.skip_saturation and systems.engine_command() is not None:
+        from bench import saturation
+
+        try:
+            sat_adapters = (all_linear or assets.make_adapters(
+                model, adapter_dir / "all-linear", min(args.step_batch, args.max_active_adapters), args.ranks,
+                list(assets.ALL_LINEAR), seed=args.seed, prefix="all"))[:max(1, args.saturation_adapters)]
+            vocab = model.shape["vocab_size"]
+            saturation_point = saturation.run_point(
+                model, settings, sat_adapters, adapter_dir / "all-linear", work / "saturation",
+                saturation.saturation_requests(args.saturation_requests, len(sat_adapters), args.input_range,
+                                               args.output_range, vocab, args.seed),
+                saturation.saturation_requests(min(8, args.saturation_requests), len(sat_adapters), args.input_range,
+                                               (2, 4), vocab, args.seed + 1),
+                args.saturation_rounds, slo_ttft=args.slo_ttft)
+        except Exception as exc:  # the report says what failed instead of losing the rest
+            log.exception("the saturation point failed")
+            notes.append(f"the saturation point failed: {type(exc).__name__}: {exc}"[:500])
     if args.quick:
         notes.append("--quick: a tiny random model and a handful of requests; the numbers only prove the pipeline runs.")
     first_spec = spec(0)
@@ -417,6 +442,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         "decode_efficiency": decode_eff,
         "catalog": catalog_point,
         "fairness": fairness_point,
+        "saturation": saturation_point,
         "notes": notes,
     }
 

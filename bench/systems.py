@@ -324,13 +324,28 @@ def engine_command() -> list[str] | None:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "loraplex.engine.api.cli"]
 
 
+async def sse_data(resp):
+    """The `data:` payloads of a server-sent-events response. Lines end at LF (or CRLF), as the
+    SSE format says, and nowhere else: httpx's `aiter_lines` also breaks at U+2028, U+0085 and the
+    other characters of `str.splitlines`, which JSON written with ensure_ascii=False leaves raw
+    inside strings (a random model's text has them), and would cut such an event in two."""
+    buffer = ""
+    async for text in resp.aiter_text():
+        buffer += text
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if line.startswith("data:"):
+                yield line[5:].removeprefix(" ").removesuffix("\r")
+
+
 class HttpEngine:
     """`loraplex-engine` as a subprocess on a loopback address (127.0.0.1 unless `host` says
-    another, e.g. one per replica of a loopback fleet), adapters registered by a manifest file."""
+    another, e.g. one per replica of a loopback fleet), adapters registered by a manifest file.
+    `env` adds to the inherited environment (bench.saturation runs another tree's server so)."""
 
     def __init__(self, model: ModelInfo, settings: EngineSettings, adapters: list[AdapterInfo], adapter_dir: Path,
                  work_dir: Path, startup_timeout: float = 300.0, host: str = "127.0.0.1",
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         from loraplex.manifest import AdapterManifest, dump_manifest_list
 
         cmd = engine_command()
@@ -353,7 +368,7 @@ class HttpEngine:
         ]
         self.log_path = work_dir / "engine.log"
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))  # env: e.g. another source tree's PYTHONPATH
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._wait_ready(startup_timeout, {a.name for a in adapters})
 
@@ -403,10 +418,7 @@ class HttpEngine:
                     if resp.status_code != 200:
                         rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                         return
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
+                    async for data in sse_data(resp):
                         if data == "[DONE]":
                             break
                         chunk = json.loads(data)

@@ -16,7 +16,7 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     result = json.loads((out / "results.json").read_text())
-    for key in ("meta", "count_sweep", "alpha_sweep", "overhead", "multi_step", "decode_efficiency", "plots"):
+    for key in ("meta", "count_sweep", "alpha_sweep", "overhead", "multi_step", "decode_efficiency", "saturation", "plots"):
         assert key in result, key
     meta = result["meta"]
     assert meta["machine"]["cores"] >= 1 and meta["machine"]["cpu_model"]
@@ -29,6 +29,10 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
         assert cat and cat["adapters_on_disk"] >= 2000, result["notes"]
         assert cat["catalog"]["errors"] == 0 and cat["one_adapter"]["errors"] == 0, cat["catalog"]["first_error"]
         assert cat["cold_requests"] >= 1 and cat["cold_ttft_p50_s"] is not None and cat["tok_s_ratio"] is not None
+        sat = result["saturation"]  # the same requests in process and over HTTP, in turns
+        assert sat and set(sat["systems"]) == {"in-process", "http"}, result["notes"]
+        assert all(e["errors"] == 0 for e in sat["systems"].values())
+        assert len(sat["systems"]["http"]["ratio_vs_in_process"]["per_round"]) == sat["rounds"]
     # the base-model ceiling, and every adapter count of the quick sweep for each multi-LoRA system
     assert any(e["system"] == "loraplex" and e["num_adapters"] == 0 for e in result["count_sweep"])
     for system in ("loraplex", "transformers+peft"):
@@ -60,6 +64,8 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
     assert "| loraplex (all-linear) | 1 |" in md and "ratio vs no adapter [IQR]" in md
     assert "## Catalog:" in md
     assert "## Fairness across tenants" in md and "| vtc |" in md
+    if result["saturation"]:
+        assert "## Saturation: over HTTP against in process" in md
 
     assert set(result["plots"]) >= {"throughput_vs_adapters.png", "ttft_cdf.png"}
     for name in result["plots"]:

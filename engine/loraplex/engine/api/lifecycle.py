@@ -10,8 +10,9 @@ its wire shapes and this lifecycle) and returns `await InferenceCall(state, requ
     submit    every sequence taken by the step loop, or refused (429 queue full) before a byte
               of the answer is sent; OpenAI's x-ratelimit-* headers go on every answer
     stream    the n sequences' outputs merged in arrival order, accumulated per choice, shaped
-      or      by the wire format into SSE events; or, not streamed, run to the end and answered
-    collect   in one body. A client that leaves aborts its sequences (KV blocks freed at once).
+      or      by the wire format into SSE events (those of outputs already delivered together go
+    collect   out in one write); or, not streamed, run to the end and answered in one body. A
+              client that leaves aborts its sequences (KV blocks freed at once).
     finish    exactly once, on every path (success, error, disconnect): the quota settled with
               the tokens used and its concurrency released, metrics, the usage record, spans.
 
@@ -37,7 +38,7 @@ from loraplex.engine.api.sse import sse_response, until_disconnect
 from loraplex.engine.api.state import ServerState
 from loraplex.engine.api.structured import compile_grammar
 from loraplex.engine.api.usage import UsageRecord, wall_time
-from loraplex.engine.core.async_engine import AsyncEngine
+from loraplex.engine.core.async_engine import AsyncEngine, OutputStream
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.sequence import RequestOutput, RequestResult, Sequence
@@ -125,7 +126,8 @@ class InferenceCall:
         self.grammar = None  # the CompiledGrammar of the request's structured output, if any
         self.seqs: list[Sequence] = []
         self.results: list[RequestResult] = []
-        self._streams: list[AsyncIterator[RequestOutput]] = []
+        self._streams: list[OutputStream] = []
+        self._merge_queue: asyncio.Queue | None = None  # n > 1: the sequences' outputs, merged
         self.admission: Admission | None = None  # the tenant's quotas, once admitted
         self.rate_limit: str | None = None  # the quota that refused it
         self._submitted = False
@@ -220,18 +222,25 @@ class InferenceCall:
         try:
             for event in wire.opening(self):
                 yield event
+            # Outputs that are already here when one is answered (the client or this loop fell
+            # behind the steps, or the n choices of one step) go out in the same write: the same
+            # events, but one send through the ASGI stack, h11 and the socket instead of one each.
+            # Nothing ever waits to be coalesced.
+            pending: list[str] = []
             try:
                 async for index, out, first in self.outputs():
-                    for event in wire.events(self, index, out, first):
-                        yield event
+                    pending += wire.events(self, index, out, first)
+                    if pending and not self._ready():
+                        yield "".join(pending)
+                        pending = []
             except (APIError, RequestError) as exc:
                 err = self._failed(exc)
                 status = err.status
-                for event in wire.failure(self, err):
-                    yield event
+                yield "".join([*pending, *wire.failure(self, err)])
                 return
-            for event in wire.closing(self):
-                yield event
+            last = "".join([*pending, *wire.closing(self)])
+            if last:
+                yield last
             status = 200
         finally:
             await self._close_streams()
@@ -251,33 +260,40 @@ class InferenceCall:
             yield i, out, not started[i]
             started[i] = True
 
+    def _ready(self) -> bool:
+        """Whether the next output is already delivered (taking it will not wait)."""
+        if self._merge_queue is not None:
+            return not self._merge_queue.empty()
+        return len(self._streams) == 1 and self._streams[0].ready() > 0
+
     async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self._streams) == 1:
             async for out in self._streams[0]:
                 yield 0, out
             return
         queue: asyncio.Queue = asyncio.Queue()
+        self._merge_queue = queue
 
         async def pump(i: int, stream) -> None:
             try:
                 async for out in stream:
                     queue.put_nowait((i, out, None))
-                queue.put_nowait((i, None, None))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - handed to the consumer
                 queue.put_nowait((i, None, exc))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams)]
+        # A stream ends with a finished output or raises, so the queue holds only outputs and
+        # errors, and _ready() never mistakes an end marker for an output.
         remaining = len(tasks)
         try:
             while remaining:
                 i, out, exc = await queue.get()
                 if exc is not None:
                     raise exc
-                if out is None:
+                if out.finished:
                     remaining -= 1
-                    continue
                 yield i, out
         finally:
             for t in tasks:
@@ -338,4 +354,9 @@ class InferenceCall:
     # ---- helpers for wire formats --------------------------------------------------------
 
     def token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        # A token's text never changes: each is decoded once per server (logprobs name every
+        # token of a stream, on the event loop).
+        text = self.state.token_texts.get(token_id)
+        if text is None:
+            text = self.state.token_texts[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text

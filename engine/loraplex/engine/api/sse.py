@@ -12,13 +12,18 @@ from starlette.responses import StreamingResponse
 from loraplex.engine.api.errors import ClientGone
 
 
+# What json.dumps(data, ensure_ascii=False, separators=(",", ":")) builds on every call, built
+# once: an event per token per stream is encoded with it.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_encode(data)}\n\n"
 
 
 def sse_event(kind: str, data: Any) -> str:
     """A named event (`event: kind`), as the Responses API streams them."""
-    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {kind}\ndata: {_encode(data)}\n\n"
 
 
 class ClosingStreamingResponse(StreamingResponse):

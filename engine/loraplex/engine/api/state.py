@@ -31,6 +31,7 @@ class ServerState:
         self.usage: UsageMeter | None = None  # set by create_app
         self.watcher = None  # ManifestWatcher, when --adapter-manifest-file is set
         self.warm_start: WarmStart | None = None  # set at bring-up; /ready waits for it (app.py)
+        self.token_texts: dict[int, str] = {}  # token id -> its text in logprobs (at most the vocabulary)
         # Request preparation (chat templates, tokenization, validation) runs here, not on the
         # event loop: a 100k-character prompt takes ~100 ms to tokenize, and every stream waits.
         self.prepare_pool = concurrent.futures.ThreadPoolExecutor(

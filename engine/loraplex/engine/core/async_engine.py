@@ -5,7 +5,8 @@
   to the output thread.
 - The output thread alone touches the `OutputProcessor` (detokenization, stop strings, deltas)
   and delivers RequestOutputs to the callers' asyncio queues, one `call_soon_threadsafe` per
-  event loop per step. Requests that end on the text side (a stop string) go back to the step
+  event loop per step. A caller's `OutputStream` says how many are delivered and not yet taken,
+  so a caller that fell behind can answer them together. Requests that end on the text side (a stop string) go back to the step
   loop as aborts, so they stop generating.
 
 Validation and tokenization run in the caller (so a bad request fails before it is queued);
@@ -41,6 +42,30 @@ ACCEPTED = "accepted"  # the first item of every request's queue once the step l
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | Exception]]) -> None:
     for q, item in items:
         q.put_nowait(item)
+
+
+class OutputStream:
+    """A request's outputs as `submit` returns them: an async iterator (closing it before the
+    request finished aborts it), and `ready()`: how many outputs were delivered and not taken
+    yet. A consumer that fell behind the step loop takes those without waiting and can answer
+    them together (the HTTP layer writes them as one SSE write instead of one per output)."""
+
+    __slots__ = ("_outputs", "_queue")
+
+    def __init__(self, outputs: AsyncIterator[RequestOutput], queue: asyncio.Queue):
+        self._outputs, self._queue = outputs, queue
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    def __anext__(self):
+        return self._outputs.__anext__()
+
+    def aclose(self):
+        return self._outputs.aclose()
+
+    def ready(self) -> int:
+        return self._queue.qsize()
 
 
 class AsyncEngine:
@@ -169,7 +194,7 @@ class AsyncEngine:
         return self.engine.make_sequence(request_id or uuid.uuid4().hex, prompt, params, adapter,
                                          validated_ids=validated_ids)
 
-    async def submit(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+    async def submit(self, seq: Sequence) -> OutputStream:
         """Queue a validated sequence; return once the step loop took it (its outputs follow in
         the returned stream), or raise what refused it (QueueFullError: the queue is full).
         Closing the stream before it finishes aborts the request."""
@@ -183,7 +208,7 @@ class AsyncEngine:
             raise
         if isinstance(first, Exception):
             raise first
-        return self._outputs(seq, q)
+        return OutputStream(self._outputs(seq, q), q)
 
     async def _outputs(self, seq: Sequence, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
