@@ -420,14 +420,15 @@ class EnginePod:
             for src, dst in mounts.items():
                 if a.startswith(src + "/"):
                     args[i] = dst + a[len(src):]
-        return c["command"] + args
+        return c["command"] + without_unknown_flags(args)
 
     def start(self) -> None:
         self.starts += 1
         log = open(self.dir / f"engine-{self.starts}.log", "wb")
         cmd = self.argv()
         cmd[0] = str(BIN / cmd[0])
-        env = dict(os.environ, NO_PROXY="*", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        # POD_NAME as the downward API sets it (render._engine_env).
+        env = dict(os.environ, NO_PROXY="*", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", POD_NAME=self.name)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
@@ -445,6 +446,29 @@ class EnginePod:
 
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.dir.glob("engine-*.log")))
+
+
+# Flags the operator renders ahead of the engine it runs against in a checkout where the engine's
+# side has not landed yet (issue 24: --warm-start-budget-seconds, the engine's warm start): left
+# out of the engine's command line only while `loraplex-engine --help`'s source does not know them.
+AHEAD_FLAGS = ("--warm-start-budget-seconds",)
+
+
+def without_unknown_flags(args: list[str]) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("loraplex.engine.api.cli")
+    known = Path(spec.origin).read_text() if spec and spec.origin else ""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in AHEAD_FLAGS and a not in known:
+            skip = True
+            continue
+        out.append(a)
+    return out
 
 
 class Kubelet:
