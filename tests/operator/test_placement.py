@@ -135,3 +135,17 @@ def test_all_and_more_replicas_than_pods():
     out = P.place([P.Want("a", "all"), P.Want("b", 5)], ["p0", "p1", "p2"])
     assert out == {"a": ["p0", "p1", "p2"], "b": ["p0", "p1", "p2"]}
     assert P.place([P.Want("a", 2)], []) == {"a": []}
+
+
+def test_candidates_from_the_api_objects_alone():
+    """Where no pass ran (a standby), `placed_on`'s input comes from the LoraAdapters themselves."""
+    objs = [{"metadata": {"name": "auto-a"}, "spec": {"placement": {"replicas": "auto", "max": 4}},
+             "status": {"placement": ["p0", "p1"]}},
+            {"name": "fixed", "spec": {}, "status": {}},
+            {"name": "pre", "spec": {"preload": True}},
+            {"name": "broken", "spec": {"placement": {"replicas": "most"}}}]
+    got = {c.want.name: c for c in P.candidates(objs, {"placement": {"replicas": 1}}, {"auto-a": 2.5})}
+    assert set(got) == {"auto-a", "fixed", "pre"}
+    assert got["auto-a"] == P.Candidate(P.Want("auto-a", 2, "spread"), 2.5, ("p0", "p1"))
+    assert got["fixed"].want == P.Want("fixed", 1, "spread") and got["pre"].want.replicas == "all"
+    assert P.placed_on("p9", ["p0", "p1"], got.values())[0] in ("auto-a", "pre")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from . import demand
+from . import render
 from .adapters import SpecProblem
 from .constants import Key
 
@@ -201,6 +202,26 @@ def placed_on(pod_name: str, pods: Iterable[str], adapters: Iterable[Candidate])
     where = place([a.want for a in adapters], set(pods) | {pod_name}, {a.want.name: a.where for a in adapters})
     mine = [a for a in adapters if pod_name in where.get(a.want.name, ())]
     return [a.want.name for a in sorted(mine, key=lambda a: (-a.rate, a.want.name))]
+
+
+def candidates(adapters: Iterable[Mapping], base_spec: Mapping | None, rates: Mapping[str, float]) -> list[Candidate]:
+    """`placed_on`'s input from the API's objects alone (where no pass ran, e.g. a standby):
+    LoraAdapters as {name, spec, status} (a LoraAdapter's metadata.name also does), an auto one at
+    the count it has now (its status.placement), hottest first by `rates`. Adapters whose
+    placement cannot be used are left out, as the pass leaves them out."""
+    default = render.with_defaults(dict(base_spec or {}))["placement"]
+    out = []
+    for a in adapters:
+        name = a.get("name") or (a.get("metadata") or {}).get("name")
+        spec, status = a.get("spec") or {}, a.get("status") or {}
+        try:
+            resolved = resolve(spec.get("placement"), default, bool(spec.get("preload")))
+        except SpecProblem:
+            continue
+        where = tuple(status.get("placement") or ())
+        want, _ = want_of(name, resolved, None, len(where))
+        out.append(Candidate(want, float(rates.get(name, 0.0)), where))
+    return out
 
 
 @dataclass(frozen=True)
