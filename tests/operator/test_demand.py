@@ -58,7 +58,7 @@ def test_up_at_once_down_only_after_the_delay_and_below_the_band():
     w = D.decide(4, 5.0, p, w, now=10)                     # ceil(5/2)=3 but ceil(5/1.4)=4: inside the band
     assert w.count == 4 and w.low_since is None
     w = D.decide(4, 2.5, p, w, now=20)                     # ceil(2.5/1.4)=2 < 4: the cool-down starts
-    assert w.count == 4 and w.low_since == 20 and "2 after 30 s" in w.reason
+    assert w.count == 4 and w.low_since == 20 and "; 2 once below 0.7 x target for 30 s" in w.reason
     w = D.decide(4, 2.5, p, w, now=49)
     assert w.count == 4
     w = D.decide(4, 2.5, p, w, now=50)                     # low for the whole delay
@@ -109,3 +109,45 @@ def test_state_records_samples_forgets_gone_pods_and_reads_by_base():
     assert rates.of_base("other", "b") == {} and rates.warmth("ns", "b", "a") is None
     rates.forget("ns", "b")
     assert rates.of_base("ns", "b") == {}
+
+
+class _Rt:
+    def __init__(self) -> None:
+        self.adapter_rates = D.AdapterRates()
+
+
+def _metrics(**counts: float) -> str:
+    return "".join(f'loraplex_requests_total{{adapter="{a}",status="200"}} {n}\n' for a, n in counts.items())
+
+
+def _hot(status: dict | None = None) -> dict:
+    return {"name": "hot", "spec": {"placement": {"replicas": "auto", "max": 3, "rateWindowSeconds": 10,
+                                                  "scaleDownDelaySeconds": 0}}, "status": status or {}}
+
+
+def test_the_timer_decides_and_keeps_the_reason_while_the_count_stays():
+    """scaling.follow_demand: the counters of every pod into the rates, the decision per auto
+    adapter, and a reason rewritten only when the count (or the measurement) changes it."""
+    from loraplex.operator.scaling import follow_demand
+
+    rt, base = _Rt(), {"metadata": {"namespace": "ns", "name": "b"}, "spec": {}}
+    assert follow_demand(rt, base, [_hot()], {"p0": _metrics(hot=0)}, ["p0"], now=0), "a first decision"
+    w0 = rt.adapter_rates.warmth("ns", "b", "hot")
+    assert w0.count == 1 and not w0.measured
+    assert follow_demand(rt, base, [_hot()], {"p0": _metrics(hot=25)}, ["p0"], now=10), "2.5 req/s: 3 pods"
+    w1 = rt.adapter_rates.warmth("ns", "b", "hot")
+    assert w1.count == 3 and w1.reason == "3 pods: 2.5 req/s over 10 s, target 1/pod"
+    assert not follow_demand(rt, base, [_hot()], {"p0": _metrics(hot=52)}, ["p0"], now=20)
+    assert rt.adapter_rates.warmth("ns", "b", "hot").reason == w1.reason, "same count: the reason stays"
+    assert rt.adapter_rates.rate("ns", "b", "hot") > 2
+    # A fresh operator keeps the reason its status gives while the count stays.
+    said = {"placement": ["p0", "p1", "p2"], "placementReason": w1.reason}
+    fresh = _Rt()
+    follow_demand(fresh, base, [_hot(said)], {"p0": _metrics(hot=0)}, ["p0"], now=0)
+    assert fresh.adapter_rates.warmth("ns", "b", "hot").reason == w1.reason
+    follow_demand(fresh, base, [_hot(said)], {"p0": _metrics(hot=30)}, ["p0"], now=10)
+    assert fresh.adapter_rates.warmth("ns", "b", "hot").reason == w1.reason
+    # A bad placement is the pass's to report: the timer leaves it out.
+    bad = {"name": "bad", "spec": {"placement": {"replicas": "auto", "min": 4, "max": 2}}}
+    follow_demand(rt, base, [_hot(), bad], {"p0": _metrics(hot=52)}, ["p0"], now=30)
+    assert rt.adapter_rates.warmth("ns", "b", "bad") is None

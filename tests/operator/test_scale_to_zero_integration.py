@@ -135,6 +135,8 @@ def test_with_the_add_on_keda_owns_the_replicas(cluster: FakeCluster):
     st = wait_for(lambda: "lastScaleFromZeroSeconds" in (s := base_status(c)) and s, 20,
                   "status.lastScaleFromZeroSeconds", on_timeout=log)
     assert st["lastScaleFromZeroSeconds"] > 0 and st["readyReplicas"] == 1
+    wait_for(lambda: [e for e in c.list("v1", "events", NS) if e["reason"] == "ScaledFromZero"], 10,
+             "a ScaledFromZero Event", on_timeout=log)
     assert operator_requests(c, mark, "PATCH", "/deployments/") == []
 
 

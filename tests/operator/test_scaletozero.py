@@ -147,3 +147,7 @@ def test_base_status_carries_the_seconds():
     st = S.base_status(bmd=bmd(ZERO), pods=[], desired_replicas=0, adapters=0, endpoint="e", selector="s",
                        deployment=None, render_error=None, old=None)
     assert "lastScaleFromZeroSeconds" not in st, "not measured in this pass: the last one stays"
+    assert ("Normal", "ScaledFromZero", "first engine pod Ready 12.3 s after the scale-up from zero") in \
+        S.base_events({"phase": "Ready"}, {"phase": "Ready", "lastScaleFromZeroSeconds": 12.3})
+    assert not [e for e in S.base_events({"phase": "Ready", "lastScaleFromZeroSeconds": 12.3},
+                                         {"phase": "Ready", "lastScaleFromZeroSeconds": 12.3})]

@@ -41,6 +41,7 @@ DEFAULT_WINDOW = 60           # rateWindowSeconds: the rate is measured over thi
 DEFAULT_DOWN_DELAY = 120      # scaleDownDelaySeconds: fewer pods only after this long below the band
 DOWN_FRACTION = 0.7           # fewer pods only when each would carry at most 70 % of the target
 MAX_PODS = 1000
+UNMEASURED = "no request rate measured yet"
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([^\s]+)(\s+\d+)?\s*$")
 _ADAPTER = re.compile(r'(?:^|[{,])\s*adapter="((?:[^"\\]|\\.)*)"')
@@ -145,6 +146,13 @@ class Warmth:
     count: int
     reason: str
     low_since: float | None = None
+    measured: bool = True  # False: decided without a rate (none measured yet)
+
+    def keeps_reason_of(self, prev: "Warmth") -> bool:
+        """Whether `prev`'s reason still explains this decision (same count, same cooling state, and
+        not a first measured rate after an unmeasured one): then the status keeps it, unchurned."""
+        return (self.count == prev.count and (self.low_since is None) == (prev.low_since is None)
+                and (prev.measured or not self.measured))
 
 
 def clamp(n: int, policy: AutoPolicy) -> int:
@@ -165,8 +173,8 @@ def decide(current: int | None, rate: float | None, policy: AutoPolicy, previous
         current = policy.min
     held = clamp(current, policy)
     if rate is None:
-        return Warmth(held, f"{held} pod{'s' if held != 1 else ''}: no request rate measured yet "
-                            f"(bounds [{policy.min}, {policy.max}])")
+        return Warmth(held, f"{held} pod{'s' if held != 1 else ''}: {UNMEASURED} (bounds [{policy.min}, "
+                            f"{policy.max}])", measured=False)
     up = clamp(math.ceil(rate / policy.target), policy)
     down = clamp(math.ceil(rate / (policy.target * DOWN_FRACTION)), policy)
     if up > held:
@@ -175,9 +183,8 @@ def decide(current: int | None, rate: float | None, policy: AutoPolicy, previous
         since = low_since if low_since is not None else now
         if now - since >= policy.down_delay:
             return Warmth(down, describe(down, rate, policy))
-        return Warmth(held, describe(held, rate, policy) + f"; {down} after {policy.down_delay:g} s below "
-                                                           f"{DOWN_FRACTION:g} x target "
-                                                           f"({now - since:.0f} s so far)", since)
+        return Warmth(held, describe(held, rate, policy) + f"; {down} once below {DOWN_FRACTION:g} x target "
+                                                           f"for {policy.down_delay:g} s", since)
     return Warmth(held, describe(held, rate, policy))
 
 

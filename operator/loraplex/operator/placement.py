@@ -101,28 +101,37 @@ def resolve(spec_placement: Mapping | None, base_default: Mapping | None, preloa
     return Spec(ALL if preload else replicas, policy)
 
 
-def want_of(name: str, spec: Spec, warmth: demand.Warmth | None, placed_now: int) -> tuple[Want, str | None]:
+def want_of(name: str, spec: Spec, warmth: demand.Warmth | None, placed_now: int,
+            said: str | None = None) -> tuple[Want, str | None]:
     """The Want of one adapter, and for an auto one the reason of its count (status.placementReason).
-    `warmth`: demand.py's last decision (None before the first); `placed_now`: its pods now."""
+    `warmth`: demand.py's last decision (None before the first, e.g. after a restart); `placed_now`:
+    its pods now; `said`: the reason its status gives now (kept while the count stays)."""
     if spec.replicas != AUTO or spec.auto is None:
         return Want(name, spec.replicas, spec.policy), None
     if warmth is None:
         warmth = demand.decide(placed_now or None, None, spec.auto, None, 0.0)
+        if said and warmth.count == placed_now:
+            warmth = demand.Warmth(warmth.count, said, measured=demand.UNMEASURED not in said)
     count = demand.clamp(warmth.count, spec.auto)
     reason = warmth.reason if count == warmth.count else f"{count} pods: held inside [{spec.auto.min}, {spec.auto.max}]"
     return Want(name, count, spec.policy), reason
 
 
-def wants_of(specs: Mapping[str, Spec], adapters: Mapping[str, dict],
-             warm: Mapping[str, demand.Warmth]) -> tuple[dict[str, Want], dict[str, str]]:
+def wants_of(specs: Mapping[str, Spec], adapters: Mapping[str, dict], warm: Mapping[str, demand.Warmth],
+             n_pods: int | None = None) -> tuple[dict[str, Want], dict[str, str]]:
     """The Wants of a base's accepted adapters (`specs`: name -> Spec; `adapters`: name -> index
-    entry; `warm`: demand.py's decisions), and the reasons of the auto adapters' counts."""
+    entry; `warm`: demand.py's decisions), and the reasons of the auto adapters' counts (which say
+    so when the base has fewer pods than that: `n_pods`)."""
     wants: dict[str, Want] = {}
     reasons: dict[str, str] = {}
     for name, spec in specs.items():
-        now = len((adapters[name].get("status") or {}).get("placement") or [])
-        wants[name], reason = want_of(name, spec, warm.get(name), now)
+        status = adapters[name].get("status") or {}
+        now = len(status.get("placement") or [])
+        wants[name], reason = want_of(name, spec, warm.get(name), now, status.get("placementReason"))
         if reason is not None:
+            count = wants[name].replicas
+            if n_pods is not None and isinstance(count, int) and count > n_pods:
+                reason += f" (the base has {n_pods} pod{'s' if n_pods != 1 else ''})"
             reasons[name] = reason
     return wants, reasons
 

@@ -47,8 +47,10 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
         tenants_ready = await tenants.ensure_api_keys(rt, base, pods)
         applied = await owned.ensure_owned(rt, base, sync.preload_manifests(accepted, adapters))
         by_name = {a["name"]: a for a in adapters}
-        wants, reasons = P.wants_of(accepted.placements, by_name, rt.adapter_rates.base(ns, name).warm)
-        placed = P.place_adapters(rt.placements, ns, name, wants, by_name, [p.name for p in pods if p.candidate])
+        candidates = [p.name for p in pods if p.candidate]
+        wants, reasons = P.wants_of(accepted.placements, by_name, rt.adapter_rates.base(ns, name).warm,
+                                    len(candidates))
+        placed = P.place_adapters(rt.placements, ns, name, wants, by_name, candidates)
         pods_synced = await sync.sync_pods(rt, base, adapters, accepted, placed, pods)
         statuses = await publish.adapter_statuses(rt.kube, rt.status, rt.config, base, adapters, accepted.problems,
                                                   placed, pods_synced.records, pods_synced.took_part,

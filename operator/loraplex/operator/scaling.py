@@ -95,12 +95,17 @@ def follow_demand(rt: Runtime, base: dict, adapters: list[dict], texts: dict[str
     changed = False
     for name, (pol, a) in autos.items():
         prev = bd.warm.get(name)
-        current = prev.count if prev is not None else len((a.get("status") or {}).get("placement") or []) or None
+        status = a.get("status") or {}
+        current = prev.count if prev is not None else len(status.get("placement") or []) or None
+        said = status.get("placementReason")
+        if prev is None and current is not None and said:
+            # A fresh operator: the status says why it has its count; kept while the count stays
+            # (a restart writes nothing that is right).
+            prev = demand.Warmth(current, said, measured=demand.UNMEASURED not in said)
         w = demand.decide(current, bd.rate(name, pol.window, now), pol, prev, now)
-        if prev is not None and w.count == prev.count and (w.low_since is None) == (prev.low_since is None) \
-                and ("no request rate" in w.reason) == ("no request rate" in prev.reason):
-            w = dataclasses.replace(w, reason=prev.reason)  # the reason of the last change: no status churn
-        changed |= prev is None or w.count != prev.count
+        if prev is not None and w.keeps_reason_of(prev):
+            w = dataclasses.replace(w, reason=prev.reason, measured=prev.measured)  # no status churn
+        changed |= name not in bd.warm or (prev is not None and w.count != prev.count)
         if prev is not None and w.count != prev.count:
             log.info("adapter %s/%s: %d -> %d warm pods (%s)", meta["namespace"], name, prev.count, w.count, w.reason)
         bd.warm[name] = w

@@ -282,6 +282,9 @@ def base_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
         deg = get_condition(new, "Degraded") or {}
         prog = get_condition(new, "Progressing") or {}
         events.append((kind, new["phase"], deg.get("message") or prog.get("message") or ""))
+    woke = new.get("lastScaleFromZeroSeconds")
+    if woke is not None and woke != old.get("lastScaleFromZeroSeconds"):
+        events.append(("Normal", "ScaledFromZero", f"first engine pod Ready {woke:g} s after the scale-up from zero"))
     return events + condition_events(old, new, "TenantsReady") + condition_events(old, new, "ScaleToZero")
 
 
