@@ -267,7 +267,7 @@ def test_a_hot_adapter_gains_warm_pods_and_loses_them_when_it_cools(env: Env):
                      on_timeout=env.log)
         finally:
             traffic.stop()
-        assert traffic.ok >= 10, (traffic.sent, traffic.ok)
+        assert traffic.ok >= 3 and traffic.ok == traffic.sent, ("requests sent, served", traffic.sent, traffic.ok)
         st = wait_for(lambda: len((s := env.status("hot")).get("placement") or []) == 1 and s, SHRINK_BOUND_S,
                       "hot back on 1 pod once cool", on_timeout=env.log)
         assert st["placementReason"].startswith("1 pod: "), st["placementReason"]
