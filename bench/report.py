@@ -187,6 +187,10 @@ def markdown(result: dict) -> str:
         from bench.catalog import markdown as catalog_markdown
 
         lines += catalog_markdown(result["catalog"])
+    if result.get("fairness"):
+        from bench.fairness import markdown as fairness_markdown
+
+        lines += fairness_markdown(result["fairness"])
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)

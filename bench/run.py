@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--catalog-requests", type=int, default=None, help="requests of the catalog point (default: --num-requests)")
     c.add_argument("--skip-catalog", action="store_true")
     p.add_argument("--skip-decode-efficiency", action="store_true")
+    f = p.add_argument_group("fairness point (two tenants, one at 10x the other's rate; fcfs against vtc)")
+    f.add_argument("--skip-fairness", action="store_true")
+    f.add_argument("--fairness-window", type=int, default=48, help="steps with arrivals per replay")
+    f.add_argument("--fairness-rho", type=float, default=0.5, help="light tenant's rate as a share of capacity")
     p.add_argument("--skip-all-linear", action="store_true",
                    help="skip the decode-step measurement with adapters on all seven projections")
     p.add_argument("--log-level", default="info")
@@ -106,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.step_cycles = 4
         args.decode_batches = [1, 4]
         args.catalog_requests = 12
+        args.fairness_window = 16
     return args
 
 
@@ -308,6 +313,24 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         del eng
         gc.collect()
 
+    # 5. fairness across tenants: its own engine, on the run's model -----------------------------------
+    fairness_point = None
+    if not args.skip_fairness and "loraplex" in args.systems:
+        from bench import fairness
+
+        try:
+            fairness_point = fairness.run_fairness_point(
+                model.path, max_num_seqs=args.max_num_seqs, rho=args.fairness_rho, window=args.fairness_window,
+                drain=args.fairness_window // 3, warm=args.fairness_window // 3,
+                calibrate_steps=8 if args.quick else 12, seed=args.seed,
+                threads=args.threads)
+            v, f = fairness_point["vtc"], fairness_point["fcfs"]
+            log.info("fairness: light tenant's token share %.0f%% under vtc, %.0f%% under fcfs; TTFT p99 %.2fx of solo "
+                     "under vtc", 100 * v["share"]["light"], 100 * f["share"]["light"], v["light_ttft_p99_vs_solo"])
+        except Exception as exc:  # the report says what failed instead of losing the rest
+            log.exception("the fairness point failed")
+            notes.append(f"the fairness point failed: {type(exc).__name__}: {exc}"[:500])
+
     # ratios ----------------------------------------------------------------------------------------
     base = next((e for e in entries if e["system"] == "loraplex" and e["num_adapters"] == 0), None)
     base_tok_s = None
@@ -393,6 +416,7 @@ def _run(args, work: Path, out: Path, torch, assets, report, stepbench, systems,
         if multi_rows else None,
         "decode_efficiency": decode_eff,
         "catalog": catalog_point,
+        "fairness": fairness_point,
         "notes": notes,
     }
 

@@ -51,12 +51,15 @@ def test_bench_quick_writes_json_markdown_and_pngs(tmp_path):
         assert r["ratio_iqr"][0] <= r["ratio"] <= r["ratio_iqr"][1]
     assert result["overhead"]["all_linear_step_ratio_iqr"]
     assert result["decode_efficiency"]["rows"] and all("floor_ms" in r for r in result["decode_efficiency"]["rows"])
+    fair = result["fairness"]  # two tenants, fcfs against vtc on the same arrivals
+    assert fair["fcfs"]["requests"] == fair["vtc"]["requests"] and fair["solo"]["requests"]["heavy"] == 0
 
     md = (out / "results.md").read_text()
     assert "| system | adapters |" in md and "|---|" in md
     assert "## Decode efficiency" in md and "## Single-adapter overhead" in md
     assert "| loraplex (all-linear) | 1 |" in md and "ratio vs no adapter [IQR]" in md
     assert "## Catalog:" in md
+    assert "## Fairness across tenants" in md and "| vtc |" in md
 
     assert set(result["plots"]) >= {"throughput_vs_adapters.png", "ttft_cdf.png"}
     for name in result["plots"]:

@@ -434,7 +434,7 @@ class EnginePod:
             for src, dst in mounts.items():
                 if a.startswith(src + "/"):
                     args[i] = dst + a[len(src):]
-        return c["command"] + without_unknown_flags(args)
+        return c["command"] + args
 
     def start(self) -> None:
         self.starts += 1
@@ -460,29 +460,6 @@ class EnginePod:
 
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.dir.glob("engine-*.log")))
-
-
-# Flags the operator renders ahead of the engine it runs against in a checkout where the engine's
-# side has not landed yet (issue 24: --warm-start-budget-seconds, the engine's warm start): left
-# out of the engine's command line only while `loraplex-engine --help`'s source does not know them.
-AHEAD_FLAGS = ("--warm-start-budget-seconds",)
-
-
-def without_unknown_flags(args: list[str]) -> list[str]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("loraplex.engine.api.cli")
-    known = Path(spec.origin).read_text() if spec and spec.origin else ""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a in AHEAD_FLAGS and a not in known:
-            skip = True
-            continue
-        out.append(a)
-    return out
 
 
 class Kubelet:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from loraplex.manifest import hash_api_key
 
@@ -83,6 +84,26 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 
 def metric(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class InProcessServer:
+    """An app served by uvicorn on a thread of this process, on a free loopback port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "uvicorn to start")
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 class StallingS3:

@@ -18,25 +18,7 @@ from loraplex.engine.api.app import create_app
 from loraplex.engine.api.cli import build_parser, configs_from_args
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.core.config import EngineConfig
-from tests.engine.api.conftest import ENGINE_BIN, ROOT, assert_error, free_port, wait_until
-
-
-class InProcessServer:
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
+from tests.engine.api.conftest import ENGINE_BIN, ROOT, InProcessServer, assert_error, free_port, wait_until
 
 
 def _engine_factory(model_dir, gate: threading.Event | None = None, **overrides):
@@ -100,6 +82,7 @@ def test_cli_exits_1_when_the_engine_cannot_start(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--num-kv-blocks", "4", "--kv-cache-memory-fraction", "0.5"], "not allowed with"),
     (["--device", "tpu"], "invalid choice"),
+    (["--tenant-scheduling", "round-robin"], "invalid choice"),
     (["--max-num-seqs", "0"], "positive integer"),
     (["--kv-cache-memory-fraction", "1.5"], "must be in (0, 1]"),
     (["--unknown-flag"], "unrecognized arguments"),
@@ -116,11 +99,11 @@ def test_cli_maps_flags_onto_the_configs():
         "--model-id", "m", "--served-model-name", "s", "--num-kv-blocks", "12", "--max-waiting", "3",
         "--preload-adapters", "a, b,,c", "--adapter-source", "hub", "--max-lora-rank", "32",
         "--max-body-bytes", "100", "--max-adapter-metric-labels", "5", "--api-keys-file", "k.json",
-        "--num-threads", "3"])
+        "--num-threads", "3", "--tenant-scheduling", "fcfs"])
     config, settings = configs_from_args(args)
     assert (config.model_id, config.served_model_name, config.num_kv_blocks, config.max_waiting) == ("m", "s", 12, 3)
     assert config.preload_adapters == ["a", "b", "c"] and config.adapter_source == "hub" and config.max_lora_rank == 32
     assert (settings.max_body_bytes, settings.max_adapter_metric_labels, settings.api_keys_file) == (100, 5, "k.json")
-    assert config.num_threads == 3
+    assert config.num_threads == 3 and config.tenant_scheduling == "fcfs"
     defaults, _ = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
     assert defaults == EngineConfig(model_id="m")

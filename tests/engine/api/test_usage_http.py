@@ -6,36 +6,20 @@ file the caller's tenant is `default` or the one a gateway names."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
-import uvicorn
 
 from loraplex.engine.api.app import create_app
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.api.tenants import GATEWAY_TENANT_HEADER
-from tests.engine.api.conftest import assert_error, auth, free_port, metric, parse_metrics, wait_until
+from tests.engine.api.conftest import InProcessServer, assert_error, auth, metric, parse_metrics, wait_until
 
 ADMIN_TOKEN = "usage-admin-token"
 
 
-class Served:
-    def __init__(self, app):
-        self.app = app
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.server.started, 60, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
+class Served(InProcessServer):
+    """The app on uvicorn in this process, with helpers for these tests."""
 
     def complete(self, headers: dict, max_tokens: int = 3, prompt: str = "Hello there", **body) -> dict:
         """A completion; returns its `usage`."""

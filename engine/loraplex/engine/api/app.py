@@ -3,7 +3,8 @@
 Given a factory (what the CLI passes), the app answers /health at once and builds the engine on
 a worker thread; /ready and inference routes answer 503 until it is up. Given an AsyncEngine,
 it is set up before the first request. Set-up = start the step loop, register
---preload-adapters, reconcile the manifest file once; then a background task polls the
+--preload-adapters, reconcile the manifest file once, start the warm start (its own thread:
+/ready answers 503 until it ends, core/adapters/warm_start.py); then a background task polls the
 manifest file and the key/token files about once a second. Shutdown stops that task and the
 engine, and flushes the usage sinks.
 
@@ -34,6 +35,7 @@ from loraplex.engine.api.quotas import QuotaLimiter
 from loraplex.engine.api.state import ServerState
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.api.usage import create_usage_meter
+from loraplex.engine.core.adapters.warm_start import WarmStart
 from loraplex.engine.core.async_engine import AsyncEngine
 from loraplex.manifest import AdapterManifest
 
@@ -64,6 +66,9 @@ async def _bring_up(state: ServerState, source: EngineSource) -> None:
             state.watcher = ManifestWatcher(settings.adapter_manifest_file, mgr, settings.watch_interval_seconds)
             await asyncio.to_thread(state.watcher.poll)
         state.metrics.base_label = engine.served_model_name
+        # Before the engine is published: /ready must never see it up without its warm start.
+        state.warm_start = WarmStart(mgr, settings.pod_name, settings.warm_start_budget_seconds)
+        state.warm_start.start()
         state.engine = engine
         log.info("engine ready: %s on %s (boot %s)", engine.served_model_name, engine.device,
                  engine.boot_id)
@@ -135,6 +140,8 @@ def create_app(engine: EngineSource, settings: ServerSettings | None = None) -> 
         finally:
             for t in tasks:
                 t.cancel()
+            if state.warm_start is not None:
+                state.warm_start.cancel()
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--max-model-len", type=_positive_int, default=None)
     kv.add_argument("--max-waiting", type=_non_negative_int, default=e["max_waiting"],
                     help="bounded request queue: beyond it requests get 429")
+    kv.add_argument("--tenant-scheduling", default=e["tenant_scheduling"], choices=["vtc", "fcfs"],
+                    help="admission order across tenants: vtc (least weighted service first, no credit for idle "
+                         "time) or fcfs (arrival order)")
     kv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=e["enable_prefix_caching"],
                     help="share the KV blocks of equal prompt prefixes under the same adapter")
     a = p.add_argument_group("adapters")
@@ -113,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the operator's adapter catalog (http://<operator>:9091/catalog/v1/<namespace>/<base>): "
                         "unregistered names are looked up there (with the admin token) instead of the default "
                         "source, and served with their own source, sha256 and tenants; unknown there: 404")
+    a.add_argument("--warm-start-budget-seconds", type=_non_negative_float, default=s["warm_start_budget_seconds"],
+                   help="with --adapter-catalog-url and POD_NAME set: before reporting Ready, load the adapters the "
+                        "operator placed on this pod, hottest first, for at most this long (0: off); the rest load "
+                        "just in time")
     a.add_argument("--adapter-catalog-ttl-seconds", type=_non_negative_float,
                    default=e["adapter_catalog_ttl_seconds"],
                    help="how long an adapter fetched from the catalog is served before its manifest is checked again")
@@ -162,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="budget for compiled grammars, cached or held by running requests")
     sec.add_argument("--max-adapter-metric-labels", type=_non_negative_int, default=s["max_adapter_metric_labels"],
                      help="distinct per-adapter metric label values; beyond: 'other'")
+    sec.add_argument("--max-residency-metric-adapters", type=_non_negative_int,
+                     default=s["max_residency_metric_adapters"],
+                     help="loraplex_adapter_resident series (one per adapter in the device or host tier); beyond: "
+                          "the most recently used, and loraplex_adapter_resident_truncated counts the rest")
     ten = p.add_argument_group("tenants and usage")
     ten.add_argument("--max-tenants", type=_positive_int, default=s["max_tenants"],
                      help="per-tenant state is kept for at most N tenants: quota buckets (least recently used idle "
@@ -187,7 +198,7 @@ def configs_from_args(args: argparse.Namespace):
         device=args.device, dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting, adapter_source=args.adapter_source, adapter_dir=args.adapter_dir,
+        max_waiting=args.max_waiting, tenant_scheduling=args.tenant_scheduling, adapter_source=args.adapter_source, adapter_dir=args.adapter_dir,
         adapter_cache_dir=args.adapter_cache_dir, max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
         adapter_s3_prefix=args.adapter_s3_prefix, dynamic_adapters=args.dynamic_adapters,
@@ -214,7 +225,9 @@ def configs_from_args(args: argparse.Namespace):
         tool_call_parser=args.tool_call_parser, grammar_timeout_seconds=args.grammar_timeout,
         grammar_workers=args.grammar_workers, grammar_cache_bytes=args.grammar_cache_bytes,
         max_tenants=args.max_tenants, usage_log=args.usage_log, usage_log_max_bytes=args.usage_log_max_bytes,
-        usage_log_backups=args.usage_log_backups,
+        usage_log_backups=args.usage_log_backups, max_residency_metric_adapters=args.max_residency_metric_adapters,
+        warm_start_budget_seconds=args.warm_start_budget_seconds,
+        pod_name=os.environ.get("POD_NAME") or None,  # the downward API's metadata.name
     )
     return config, settings
 

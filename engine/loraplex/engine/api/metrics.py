@@ -2,12 +2,14 @@
 
 Request metrics are observed by the routes. Engine and adapter state is read at scrape time by
 a collector: `LLMEngine.stats()` (lengths of the scheduler's queues and the block free list:
-plain reads, no mutation) and the adapter manager's counters under its lock. Adapter load
+plain reads, no mutation), `Scheduler.tenant_stats()` (per tenant with work: queue counts and
+virtual counter, read from a copy) and the adapter manager's counters under its lock. Adapter load
 durations are drained from the manager into a histogram at each scrape.
 
 Beside them, the model-server metrics that inference-gateway endpoint pickers scrape (the
-Gateway API Inference Extension's model server protocol, with vLLM's names): see
-`_router_metrics` and docs/api.md "Router metrics".
+Gateway API Inference Extension's model server protocol, with vLLM's names), and what the
+adapter tiers hold (`loraplex_adapter_resident`, capped; `loraplex_lora_resident_info` in vLLM's
+label format): see `_router_metrics`, `_residency` and docs/api.md "Router metrics".
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 
 
 class _EngineCollector:
-    def __init__(self, engine_getter: Callable):
+    def __init__(self, engine_getter: Callable, max_resident: int = 256, warm_start_getter: Callable | None = None):
         self.engine_getter = engine_getter
+        self.max_resident = max_resident
+        self.warm_start_getter = warm_start_getter or (lambda: None)
 
     def describe(self):
         return []
@@ -45,9 +49,11 @@ class _EngineCollector:
         lookups, negative = 0, 0
         adapter_waits = {"load": 0, "slot": 0}
         catalog: dict[str, int] | None = None
+        tenants: dict[str, dict] = {}
         if async_engine is not None:
             engine = async_engine
             stats.update(engine.stats())
+            tenants = engine.tenant_stats()
             mgr = engine.adapters
             tiers = mgr.tier_counts()
             tier_bytes = mgr.tier_bytes()
@@ -59,12 +65,41 @@ class _EngineCollector:
             if mgr.catalog is not None:
                 catalog = mgr.catalog.counts()
             yield from _router_metrics(engine, stats)
+            yield from _residency(mgr, self.max_resident)
+        warm = self.warm_start_getter()
+        view = warm.view() if warm is not None else None
+        if view is not None and view["seconds"] is not None:  # only where a warm start ran (or runs)
+            yield GaugeMetricFamily(PREFIX + "warm_start_seconds", "Seconds the warm start took (so far, while it "
+                                    "runs): from the model being up to all placed adapters resident or the budget "
+                                    "spent", value=view["seconds"])
+            g = GaugeMetricFamily(PREFIX + "warm_start_adapters", "Adapters the warm start was given (listed) "
+                                  "and of those resident", labels=["state"])
+            g.add_metric(["listed"], view["listed"])
+            g.add_metric(["resident"], view["resident"])
+            yield g
+            yield GaugeMetricFamily(PREFIX + "warm_start_timed_out", "1 when the warm start's budget was spent "
+                                    "before every placed adapter was resident", value=int(view["timed_out"]))
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences in the running batch",
                                 value=stats["num_requests_running"])
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Sequences queued, not yet running",
                                 value=stats["num_requests_waiting"])
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1)",
                                 value=stats["kv_cache_usage_ratio"])
+        # Per tenant with work (the scheduler keeps no state for idle tenants, so the label set is
+        # bounded by the queue and the batch): docs/engine.md "Fairness across tenants".
+        families = [
+            (GaugeMetricFamily(PREFIX + "tenant_requests_waiting", "Sequences of the tenant queued, not yet running",
+                               labels=["tenant"]), "waiting"),
+            (GaugeMetricFamily(PREFIX + "tenant_requests_running", "Sequences of the tenant in the running batch",
+                               labels=["tenant"]), "running"),
+            (GaugeMetricFamily(PREFIX + "tenant_virtual_service", "The tenant's virtual token counter: service "
+                               "received / weight (prompt token 1, output token 2), lifted on return from idle",
+                               labels=["tenant"]), "virtual_service"),
+        ]
+        for family, key in families:
+            for tenant, row in sorted(tenants.items()):
+                family.add_metric([tenant], row[key])
+            yield family
         g = GaugeMetricFamily(PREFIX + "num_requests_waiting_for_adapter", "Queued sequences whose adapter is not "
                               "on the device yet, by reason: load (not loaded yet), slot (loaded, no free slot)",
                               labels=["reason"])
@@ -134,8 +169,32 @@ def _router_metrics(engine, stats: dict):
     yield g
 
 
+def _residency(mgr, cap: int):
+    """Which adapters each tier holds, for endpoint pickers that route by residency (vLLM's
+    lora_requests_info names adapters in flight, not resident): one series per adapter in a
+    device slot or the host tier, at most `cap` (the most recently used), the rest counted; and
+    the device tier in vLLM's label format, for an EPP pointed at it (docs/api.md)."""
+    rows, left_out = mgr.residency(cap)
+    g = GaugeMetricFamily(PREFIX + "adapter_resident", "1 for each adapter held in a tier (device: a slot; host: "
+                          "RAM), the most recently used first, capped by --max-residency-metric-adapters",
+                          labels=["adapter", "tier"])
+    for name, tier in rows:
+        g.add_metric([name, tier], 1)
+    yield g
+    yield GaugeMetricFamily(PREFIX + "adapter_resident_truncated", "Resident adapters left out of "
+                            "loraplex_adapter_resident by its cap", value=left_out)
+    _, waiting = mgr.router_view()
+    on_device = mgr.on_device()
+    g = GaugeMetricFamily(PREFIX + "lora_resident_info", "vllm:lora_requests_info's labels with running_lora_adapters "
+                          "= the adapters in device slots (resident, whether or not a request runs on them)",
+                          labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    g.add_metric([str(mgr.num_slots), ",".join(on_device), ",".join(waiting)], time.time())
+    yield g
+
+
 class Metrics:
-    def __init__(self, engine_getter: Callable, max_adapter_labels: int = 100):
+    def __init__(self, engine_getter: Callable, max_adapter_labels: int = 100, max_resident: int = 256,
+                 warm_start_getter: Callable | None = None):
         disable_created_metrics()  # no *_created series: they double the output and nothing reads them
         self.engine_getter = engine_getter
         self.max_adapter_labels = max_adapter_labels
@@ -154,7 +213,7 @@ class Metrics:
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.adapter_load_seconds = Histogram(PREFIX + "adapter_load_seconds", "Adapter fetch + parse time",
                                               buckets=LOAD_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine_getter))
+        r.register(_EngineCollector(engine_getter, max_resident, warm_start_getter))
 
     def adapter_label(self, name: str | None) -> str:
         """The `adapter` label for a model name, cardinality-capped. The base keeps its name."""

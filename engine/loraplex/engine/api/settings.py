@@ -22,6 +22,11 @@ class ServerSettings:
     metrics_token_file: str | None = None  # one line: a scraper's token; /metrics etc. then name restricted adapters
     adapter_manifest_file: str | None = None  # watched; reconciled into the adapter registry
     max_adapter_metric_labels: int = 100  # distinct per-adapter label values; beyond: "other"
+    max_residency_metric_adapters: int = 256  # loraplex_adapter_resident series; beyond: the most recently used
+    # The warm start (core/adapters/warm_start.py): before /ready answers 200, load the adapters the
+    # operator's catalog places on pod `pod_name` (POD_NAME), for at most this long; 0: off.
+    warm_start_budget_seconds: float = 0.0
+    pod_name: str | None = None
     max_body_bytes: int = 1 << 20  # request bodies above this get 413 before any parsing
     # Browser origins (scheme://host[:port]) whose cross-site requests are let through and get
     # CORS answers; "*": every origin. Empty: cross-site POST/PUT/DELETE get 403 (middleware.py).

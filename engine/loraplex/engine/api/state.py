@@ -14,6 +14,7 @@ from loraplex.engine.api.metrics import Metrics
 from loraplex.engine.api.quotas import QuotaLimiter
 from loraplex.engine.api.settings import ServerSettings
 from loraplex.engine.api.usage import UsageMeter
+from loraplex.engine.core.adapters.warm_start import WarmStart
 from loraplex.engine.core.async_engine import AsyncEngine
 
 
@@ -24,10 +25,12 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.started = time.time()
-        self.metrics = Metrics(lambda: self.engine, settings.max_adapter_metric_labels)
+        self.metrics = Metrics(lambda: self.engine, settings.max_adapter_metric_labels,
+                               settings.max_residency_metric_adapters, lambda: self.warm_start)
         self.quotas: QuotaLimiter | None = None  # set by create_app
         self.usage: UsageMeter | None = None  # set by create_app
         self.watcher = None  # ManifestWatcher, when --adapter-manifest-file is set
+        self.warm_start: WarmStart | None = None  # set at bring-up; /ready waits for it (app.py)
         # Request preparation (chat templates, tokenization, validation) runs here, not on the
         # event loop: a 100k-character prompt takes ~100 ms to tokenize, and every stream waits.
         self.prepare_pool = concurrent.futures.ThreadPoolExecutor(

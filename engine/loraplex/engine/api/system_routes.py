@@ -30,7 +30,8 @@ async def health(request: Request):
 
 @router.get("/ready")
 async def ready(request: Request):
-    """Readiness: 200 once the model is loaded and every preload adapter is on the device."""
+    """Readiness: 200 once the model is loaded, every preload adapter is on the device, and the
+    warm start (the adapters placed on this pod) has ended or spent its budget."""
     state = get_state(request)
     if state.engine is None or not state.engine.is_alive:
         reason = state.load_error or ("the model is still loading" if state.engine is None else "the step loop stopped")
@@ -52,6 +53,14 @@ async def ready(request: Request):
                         code="not_ready").body()
         body.update({"status": "not_ready", "model_loaded": True, "missing_preload_adapters": missing,
                      "adapters": details})
+        return JSONResponse(body, status_code=503)
+    warm = state.warm_start
+    if warm is not None and warm.holds_ready():
+        view = warm.view()
+        progress = (f"{view['resident']} of {view['listed']} placed adapters resident" if view["state"] == "loading"
+                    else "asking the adapter catalog which adapters are placed on this pod")
+        body = APIError(503, f"not ready: warm start in progress: {progress}", code="not_ready").body()
+        body.update({"status": "warming", "model_loaded": True, "missing_preload_adapters": [], "warm_start": view})
         return JSONResponse(body, status_code=503)
     return {"status": "ready", "model_loaded": True, "missing_preload_adapters": []}
 
@@ -96,6 +105,8 @@ async def info(request: Request):
         "version": state.settings.version,
         "boot_id": engine.boot_id,
         "manifest_file": manifest_file,
+        # budget_seconds, listed, resident, seconds (until Ready was allowed), timed_out, ...
+        "warm_start": state.warm_start.view() if state.warm_start is not None else None,
     }
 
 

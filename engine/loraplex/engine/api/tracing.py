@@ -34,12 +34,19 @@ DEFAULT_EXCLUDED_URLS = "/health,/ready,/metrics"
 _tracer = None  # an opentelemetry Tracer while tracing is on
 
 
-def enabled_by(env: Mapping[str, str]) -> bool:
+def otlp_enabled(env: Mapping[str, str], signal: str) -> bool:
+    """Whether the OTEL_* variables turn on OTLP export of `signal` ("traces" or "logs"): an
+    endpoint set (its own or the shared one), the SDK not disabled, that signal's exporter not
+    `none`."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+    if env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").strip().lower() == "none":
         return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return bool(env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def enabled_by(env: Mapping[str, str]) -> bool:
+    return otlp_enabled(env, "traces")
 
 
 def _resource(version: str):

@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping
 from logging.handlers import QueueListener, RotatingFileHandler
 
+from loraplex.engine.api.tracing import otlp_enabled
+
 log = logging.getLogger("loraplex.engine.api.usage")
 
 DEFAULT_MAX_BYTES = 100 << 20
@@ -118,11 +120,7 @@ class OTelUsageLogs:
 
 
 def otel_logs_enabled_by(env: Mapping[str, str]) -> bool:
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    if env.get("OTEL_LOGS_EXPORTER", "otlp").strip().lower() == "none":
-        return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return otlp_enabled(env, "logs")
 
 
 def otel_usage_logs_from_env(version: str, env: Mapping[str, str] = os.environ) -> OTelUsageLogs | None:

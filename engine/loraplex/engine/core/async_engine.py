@@ -134,6 +134,10 @@ class AsyncEngine:
         """Queue lengths and KV usage: plain reads for metrics, no mutation."""
         return self.engine.stats()
 
+    def tenant_stats(self) -> dict[str, dict]:
+        """Per tenant with work: waiting and running counts and the fair-share counter (plain reads)."""
+        return self.engine.scheduler.tenant_stats()
+
     def describe(self) -> dict:
         """What /info reports about the model and its memory."""
         engine, cfg = self.engine, self.engine.config

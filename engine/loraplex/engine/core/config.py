@@ -23,6 +23,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_waiting: int = 1024  # bounded queue: beyond it requests get 429
+    # Admission order across tenants (scheduler.py rule 4): "vtc", the tenant with the least
+    # weighted service first (docs/engine.md "Fairness across tenants"), or "fcfs", arrival order.
+    tenant_scheduling: str = "vtc"
     enable_prefix_caching: bool = True  # share full KV blocks of equal prefixes (per adapter)
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads; oversubscribed cores slow matmuls many-fold

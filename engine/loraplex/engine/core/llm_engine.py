@@ -58,7 +58,7 @@ class LLMEngine:
         self.block_manager = BlockManager(parts.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterManager(config, parts.model, self.model_config, parts.slots_factory)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.adapter_fairness_seconds),
+                                                   config.adapter_fairness_seconds, config.tenant_scheduling),
                                    self.block_manager, self.adapters)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0

@@ -21,6 +21,24 @@ Policy, in order:
    The running sequences drain, the first slot that frees goes to that oldest one, and so a
    cold adapter waits at most the aging time plus the time one slot's running sequences take
    to finish, however hot the resident adapters are.
+4. Fairness across tenants (`tenant_scheduling="vtc"`, the default; tenant_share.py): step 2
+   walks the waiting queue tenant by tenant, the tenant with the smallest virtual counter
+   (service received / weight; prompt tokens cost 1, sampled tokens 2, charged here as each
+   step is scheduled) first, ties to the tenant whose next sequence is older; within a tenant
+   the order above (preempted first, then oldest). The rules of 2 compose per candidate: one
+   skipped for its adapter keeps its place and its tenant's next sequence is tried; one that
+   cannot get blocks stops admission for every tenant, so it is not overtaken forever: its
+   tenant's counter does not grow while it waits (its tenant's running sequences aside), the
+   others' do, and it is first again within the bound below. A preempted sequence waits at its
+   tenant's front, not the queue's: readmitted out of tenant order it would break the bound.
+   The adapter rule 3 outranks tenant order: the tenant of the oldest sequence starved of a
+   slot goes first until that sequence has been tried, so the first slot that frees is its.
+   Bound: two tenants f, g with waiting work throughout an interval, and no waiting sequence
+   held back by its adapter, receive weighted services (service / weight) within
+   N U (1/w_f + 1/w_g) of each other, N = max_num_seqs and U the largest cost of one request
+   (prompt + 2 x max_tokens, at most 2 x max_model_len); proof in tenant_share.py. A tenant back
+   from idle starts level with the least-served waiting tenant: no credit for idle time.
+   With `tenant_scheduling="fcfs"` admission is step 2's queue order across tenants.
 """
 from __future__ import annotations
 
@@ -31,6 +49,9 @@ from typing import Protocol
 
 from loraplex.engine.core.block_manager import BlockManager
 from loraplex.engine.core.sequence import Sequence, SeqStatus
+from loraplex.engine.core.tenant_share import FifoOrder, TenantOrder, TenantShare
+
+TENANT_SCHEDULING = ("vtc", "fcfs")
 
 
 class AdapterGate(Protocol):
@@ -75,6 +96,11 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     adapter_fairness_seconds: float = 0.0  # see 3. above
+    tenant_scheduling: str = "vtc"  # see 4. above: vtc | fcfs
+
+    def __post_init__(self):
+        if self.tenant_scheduling not in TENANT_SCHEDULING:
+            raise ValueError(f"tenant_scheduling must be one of {TENANT_SCHEDULING}, not {self.tenant_scheduling!r}")
 
 
 class Scheduler:
@@ -85,9 +111,16 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.tenants = TenantShare()  # counted under fcfs too: the metrics show who gets what
 
     def add(self, seq: Sequence) -> None:
+        self.tenants.arrived(seq)
         self.waiting.append(seq)
+
+    def tenant_stats(self) -> dict[str, dict]:
+        """Per tenant with work: waiting, running, virtual_service (its counter), weight. Read at
+        scrape time from another thread (plain reads of a copy)."""
+        return self.tenants.stats()
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
@@ -107,23 +140,26 @@ class Scheduler:
                     break
             else:
                 self.blocks.grow(seq, seq.num_computed_tokens + n)
+                self.tenants.charge(seq, n)
                 batch.append(ScheduledSeq(seq, n))
                 budget -= n
 
-        # 2. waiting sequences, oldest first
-        skipped: list[Sequence] = []
+        # 2. waiting sequences, oldest first (4. tenant by tenant)
         starved = False  # 3. an older sequence waits for a slot: younger ones may not pin one
         now = time.monotonic()
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+        can_admit = self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
+        order = self._waiting_order(now) if can_admit else FifoOrder(self.waiting)  # built only when needed
+        while budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            seq = order.head()
+            if seq is None:
+                break
             # The adapter first: its identity is part of the prefix cache's hashes.
             if (starved and self.adapters.holds_a_free_slot_hostage(seq)) or not self.adapters.acquire(seq):
                 if seq.adapter_wait_time is None:
                     seq.adapter_wait_time = now
-                if (not starved and now - seq.arrival_time >= self.config.adapter_fairness_seconds
-                        and self.adapters.waiting_for_slot(seq)):
+                if not starved and self._aged_for_a_slot(seq, now):
                     starved = True
-                skipped.append(self.waiting.popleft())
+                order.pass_over(seq)
                 continue
             hits = self.blocks.cached_prefix(seq)  # a waiting sequence holds no blocks
             start = len(hits) * self.blocks.block_size
@@ -132,15 +168,31 @@ class Scheduler:
             if not self.blocks.can_admit(seq, hits, reserve):
                 self.adapters.release(seq)
                 break
-            self.waiting.popleft()
+            order.take(seq)
             self.blocks.admit(seq, hits)  # prefill starts after the cached prefix
             self.blocks.grow(seq, reserve)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            self.tenants.admitted(seq)
+            self.tenants.charge(seq, n)  # before the next pick: the counters order what follows
             batch.append(ScheduledSeq(seq, n))
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        order.done()
         return batch
+
+    def _aged_for_a_slot(self, seq: Sequence, now: float) -> bool:
+        return now - seq.arrival_time >= self.config.adapter_fairness_seconds and self.adapters.waiting_for_slot(seq)
+
+    def _waiting_order(self, now: float) -> FifoOrder | TenantOrder:
+        """The order step 2 walks the waiting queue in. With one tenant waiting, tenant order is
+        queue order; with more, a heap over the waiting tenants (their queues are kept by
+        TenantShare), plus one look along the queue for rule 3's oldest starved sequence."""
+        if self.config.tenant_scheduling == "fcfs" or self.tenants.num_queued < 2:
+            return FifoOrder(self.waiting)
+        # 3. outranks 4.: the oldest sequence starved of a slot (skipped before) goes first.
+        first = next((s for s in self.waiting if s.adapter_wait_time is not None and self._aged_for_a_slot(s, now)),
+                     None)
+        return TenantOrder(self.tenants, self.waiting, first)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's KV and requeue it at the front; its tokens are recomputed on readmission."""
@@ -151,6 +203,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.tenants.preempted(seq)
 
     def finish_step(self, batch: list[ScheduledSeq]) -> None:
         """Advance computed counts; retire finished sequences and release their resources."""
@@ -164,8 +217,10 @@ class Scheduler:
     def retire(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            self.tenants.left(seq, was_waiting=False)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self.tenants.left(seq, was_waiting=True)
         self.blocks.free(seq)
         self.adapters.release(seq)
         seq.status = SeqStatus.FINISHED

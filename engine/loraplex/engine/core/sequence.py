@@ -114,6 +114,12 @@ class Sequence:
         self.error: str | None = None
         self.error_code: str | None = None  # a RequestError code that says why it was aborted
         self.num_preemptions = 0
+        # Fair share across tenants (tenant_share.py): who is charged for this sequence's compute,
+        # with what weight (the HTTP layer sets both after make_sequence), and how many prompt
+        # tokens were charged already (recomputed ones, after a preemption, are not charged again).
+        self.tenant = "default"
+        self.tenant_weight = 1.0
+        self.prompt_tokens_charged = 0
         # Timestamps (time.monotonic()) for tracing and latency metrics; None until it happens.
         self.arrival_time = time.monotonic()
         self.cached_prompt_tokens = 0  # prompt tokens found in the prefix cache at first admission
@@ -134,6 +140,18 @@ class Sequence:
         self.pending_logprobs: list[TokenLogprob] = []  # the sampler appends here
         self.prompt_logprobs: list[float | None] | None = [None] if params.prompt_logprobs else None
         self.prompt_logprobs_sent = False
+
+    @property
+    def tenant_weight(self) -> float:
+        return self._tenant_weight
+
+    @tenant_weight.setter
+    def tenant_weight(self, weight: float) -> None:
+        # Refused where it is set, before the sequence is queued: a counter divided by zero,
+        # a negative or a NaN weight would break every other tenant's order.
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(f"tenant_weight must be a finite number > 0, not {weight!r}")
+        self._tenant_weight = float(weight)
 
     @property
     def num_tokens(self) -> int:

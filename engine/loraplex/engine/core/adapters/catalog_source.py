@@ -14,6 +14,9 @@ its in-flight sharing, concurrency cap and negative cache. What the catalog answ
 - 409: CatalogRefusedError (424, negative-cached): it exists but cannot be served (Failed, deleting);
 - anything else (unreachable, timeout, 5xx, 401/403 for a token the operator does not know):
   CatalogUnavailableError (503 with Retry-After), never cached: the next request asks again.
+
+`placement(pod, limit, timeout)` asks `GET <url>/placement/<pod>` for the manifests placed on
+this pod, hottest first: what a warm start loads before the pod reports Ready (warm_start.py).
 """
 from __future__ import annotations
 
@@ -45,6 +48,11 @@ class CatalogRefusedError(AdapterUnavailableError):
     """The catalog knows the adapter but will not have it served now (Failed, being deleted)."""
 
     negative_cache = True
+
+
+class PlacementRefusedError(ValueError):
+    """The catalog will not answer a placement (400, 404: an operator without the route): asking
+    again will not help."""
 
 
 class CatalogSource:
@@ -125,6 +133,44 @@ class CatalogSource:
                                           f"for {name!r}", param="model")
         # preload is the placed pods' business: a just-in-time copy is evictable like any other.
         return manifest.model_copy(update={"preload": False})
+
+    def placement(self, pod: str, limit: int, timeout: float) -> list[AdapterManifest]:
+        """The manifests placed on `pod`, hottest first, at most `limit`. One call of at most
+        `timeout` s, on a connection closed afterwards (a retry may then reach another operator
+        replica: a standby answers 503). Raises CatalogUnavailableError (ask again after its
+        `retry_after`) or PlacementRefusedError."""
+        token = self._token()
+        headers = {"Connection": "close", **({"Authorization": f"Bearer {token}"} if token else {})}
+        try:
+            r = self.client.get(f"{self.url}/placement/{quote(pod, safe='')}", params={"limit": str(limit)},
+                                headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)))
+        except httpx.HTTPError as exc:
+            raise CatalogUnavailableError(f"the adapter catalog is unreachable ({type(exc).__name__})") from None
+        if r.status_code in (400, 404):
+            raise PlacementRefusedError(f"the adapter catalog answered {r.status_code}: {_message(r)}")
+        if r.status_code != 200:
+            error = CatalogUnavailableError(f"the adapter catalog answered {r.status_code}: {_message(r)}")
+            try:
+                error.retry_after = max(0.1, min(float(r.headers.get("Retry-After", RETRY_AFTER_SECONDS)), 30.0))
+            except ValueError:
+                pass
+            raise error
+        try:
+            items = r.json().get("adapters")
+        except (ValueError, AttributeError):
+            items = None
+        if not isinstance(items, list):
+            raise PlacementRefusedError("the adapter catalog's placement answer holds no adapter list")
+        out: dict[str, AdapterManifest] = {}
+        for item in items[:limit]:
+            try:
+                manifest = AdapterManifest.model_validate(item)
+            except (ValueError, ValidationError) as exc:
+                log.warning("adapter catalog placement: a manifest was left out: %s", exc)
+                continue
+            # A warm start registers, never preloads: the ConfigMap carries the preload adapters.
+            out.setdefault(manifest.name, manifest.model_copy(update={"preload": False}))
+        return list(out.values())
 
     def close(self) -> None:
         self.client.close()

@@ -31,6 +31,7 @@ class DeviceGate:
                 if not self._place(entry):
                     return False
             self.slots.pin(entry.slot)
+            entry.used_at = time.monotonic()
             self.host.touch(entry)
             self.merged.touch(entry)
             entry.waiters.discard(seq.request_id)
@@ -84,8 +85,8 @@ class DeviceGate:
                 self._forget_if_done(entry)
 
     def on_step(self) -> None:
-        """Start loads that waited for room; place loaded preload adapters; once a second, forget
-        dynamic entries that hold nothing (step thread)."""
+        """Start loads that waited for room; place loaded preload adapters, and those of a warm
+        start in free slots; once a second, forget dynamic entries that hold nothing (step thread)."""
         with self.lock:
             self._pump()
             now = time.monotonic()
@@ -97,6 +98,8 @@ class DeviceGate:
                 entry = self.registry.get(name)
                 if entry is None or entry.weights is None or entry.slot is not None or self._place(entry):
                     self.pending_placement.discard(name)
+            if self.warming:
+                self._place_warm()
 
     def _place(self, entry: AdapterEntry) -> bool:
         taken = self.slots.take()

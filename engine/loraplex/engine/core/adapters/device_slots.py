@@ -45,6 +45,10 @@ class DeviceSlots:
                 return slot, owner
         return None
 
+    def take_free(self) -> int | None:
+        """A slot nobody holds, or None: what a warm start may fill without evicting anything."""
+        return next((slot for slot in self.lru if self.owner[slot] is None), None)
+
     def assign(self, slot: int, entry: AdapterEntry) -> None:
         self.owner[slot], entry.slot = entry, slot
         self.lru.move_to_end(slot)

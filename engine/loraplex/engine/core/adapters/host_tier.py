@@ -1,7 +1,8 @@
 """The host-RAM tier: parsed, scaled adapter weights, bounded in bytes (and in count).
 
 An entry's host copy is *pinned* while it is loading into a slot soon: a request waits for it
-(`waiters`) and it has no slot yet, or it is a preload not yet placed. Every other copy may be
+(`waiters`) and it has no slot yet, or it is a preload not yet placed, or a warm start lists it
+and it has no slot (warming.py: a warm start never evicts what it warmed). Every other copy may be
 dropped, least recently used first: an adapter that has a device slot keeps serving from the
 slot, and one that has neither goes back to disk (a later request reloads it). Merged adapters,
 which have no file to go back to, are not here: merged_cache.py holds them under a budget of
@@ -17,7 +18,7 @@ from loraplex.engine.core.adapters.registry import AdapterEntry
 
 
 def pinned_in_host(entry: AdapterEntry) -> bool:
-    return entry.slot is None and (bool(entry.waiters) or entry.manifest.preload)
+    return entry.slot is None and (bool(entry.waiters) or entry.manifest.preload or entry.warming)
 
 
 class HostTier:

@@ -10,6 +10,7 @@
 - device_slots.py: the model's slot buffers, LRU, pinned by running sequences
 - disk_tier.py: Hub/S3 downloads, bounded in bytes, LRU
 - merged_cache.py: merged adapters (merge.py), RAM only, their own budget beside the host tier
+- warming.py (a mixin): a warm start's loads, hottest first, and the tiers' residency for routers
 
 Loads start in request order (oldest first), at most --adapter-load-workers at a time, and only
 when the host tier has room for one more adapter after evicting unpinned copies; so host RAM
@@ -38,6 +39,7 @@ from loraplex.engine.core.adapters.merged_cache import MergedCache
 from loraplex.engine.core.adapters.registry import AdapterEntry, Registry
 from loraplex.engine.core.adapters.resolver import NameResolver, NegativeCache
 from loraplex.engine.core.adapters.sources import AdapterSourceError, DefaultSource, location_key
+from loraplex.engine.core.adapters.warming import Warming
 from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.errors import AdapterUnavailableError, InvalidAdapterError, RequestError, UnknownAdapterError
 from loraplex.engine.model.config import ModelConfig
@@ -61,7 +63,7 @@ class AdapterCounters:
         self.evictions[tier] = self.evictions.get(tier, 0) + 1
 
 
-class AdapterManager(DynamicNames, DeviceGate):
+class AdapterManager(DynamicNames, DeviceGate, Warming):
     def __init__(self, config: EngineConfig, model, model_config: ModelConfig, slots_factory=DeviceSlots):
         self.config = config
         self.model_config = model_config
@@ -82,6 +84,7 @@ class AdapterManager(DynamicNames, DeviceGate):
         self.num_loading = 0
         self.mean_bytes = 0  # running mean adapter size: what the next load will likely need
         self.pending_placement: set[str] = set()  # preloads waiting for the step thread
+        self.warming: list[str] = []  # a warm start's adapters, hottest first, while it lasts (warming.py)
         self.locations: dict[tuple, str] = {}  # where a registered adapter's files are -> its name
         self.preloads: set[str] = set()  # names registered with preload: true (each holds a device slot)
         self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
@@ -313,6 +316,7 @@ class AdapterManager(DynamicNames, DeviceGate):
                 return
             self._set_weights(entry, weights)
             entry.load_seconds = seconds
+            entry.used_at = time.monotonic()
             self.mean_bytes = weights.nbytes if not self.mean_bytes else (7 * self.mean_bytes + weights.nbytes) // 8
             self.counters.load_seconds.append(seconds)
             self.host.add(entry)

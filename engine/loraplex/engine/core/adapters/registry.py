@@ -47,6 +47,8 @@ class AdapterEntry:
     catalog_checked_at: float | None = None  # a dynamic entry from the operator's catalog: when fetched
     location: tuple | None = None  # where its files are (sources.location_key): the manager's `locations` key
     # for a registered entry, the registry's `dynamic_at` key for a dynamic one
+    warming: bool = False  # listed by a warm start still in progress: its host copy is pinned (warming.py)
+    used_at: float = 0.0  # time.monotonic() it was last given a slot or loaded: the residency metric's recency
     _digest_of: AdapterManifest | None = field(default=None, repr=False)
     _manifest_digest: str = field(default="", repr=False)
 
