@@ -171,3 +171,32 @@ def admit(crd_name: str, obj: dict, old: dict | None = None) -> tuple[dict, list
     if not errors:  # the API server evaluates CEL only on a schema-valid object
         errors = cel_errors(obj, schema, old)
     return obj, errors
+
+
+def strict(schema: Any) -> Any:
+    """The schema with unknown fields refused (`additionalProperties: false` wherever an object
+    lists its properties and does not preserve unknown fields): what the API server would
+    silently prune, a test reports."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) if k in ("items", "additionalProperties") else v for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in schema:
+            out[key] = [strict(s) for s in schema[key]]
+    return out
+
+
+def admit_foreign(crd: dict, obj: dict) -> tuple[dict, list[str]]:
+    """Another project's CRD (e.g. the KEDA HTTP add-on's, vendored in tests/operator/data/): the
+    object defaulted, validated strictly against the served version's schema, then its CEL rules."""
+    version = obj["apiVersion"].rsplit("/", 1)[-1]
+    schema = schema_of(crd, version)
+    obj = apply_defaults(obj, schema)
+    errors = openapi_errors(obj, strict(schema)) + list_map_errors(obj, schema)
+    if not errors:
+        errors = cel_errors(obj, schema)
+    return obj, errors

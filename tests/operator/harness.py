@@ -116,6 +116,10 @@ class FakeCluster:
     # The Gateway API Inference Extension's pool, for clusters that have its CRD installed.
     INFERENCE_POOL = {"inference.networking.k8s.io/v1/inferencepools": dict(
         namespaced=True, kind="InferencePool", singular="inferencepool", subresources={"status"})}
+    # The KEDA HTTP add-on's HTTPScaledObject, for clusters that have it installed.
+    KEDA_HTTP = {"http.keda.sh/v1alpha1/httpscaledobjects": dict(
+        namespaced=True, kind="HTTPScaledObject", singular="httpscaledobject", shortnames={"httpso"},
+        subresources={"status"})}
 
     def __init__(self, extra_resources: dict[str, dict[str, Any]] | None = None, keep_log: bool = False) -> None:
         self.extra_resources = dict(extra_resources or {})
@@ -168,6 +172,16 @@ class FakeCluster:
         except BaseException as e:  # noqa: BLE001 - surfaced to the test thread
             self._error = e
             self._ready.set()
+
+    def install(self, resources: dict[str, dict[str, Any]]) -> None:
+        """Serve more resources from now on (a CRD installed while the operator runs)."""
+        import kmock
+
+        async def add() -> None:
+            for key, info in resources.items():
+                self.emulator.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(add(), self._loop).result(10)
 
     # --- the API, as a client would use it ----------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
@@ -242,7 +256,7 @@ PLURALS = {
     "Namespace": "namespaces", "Pod": "pods", "ConfigMap": "configmaps", "Service": "services",
     "Secret": "secrets", "Event": "events", "Deployment": "deployments", "Ingress": "ingresses",
     "BaseModelDeployment": "basemodeldeployments", "LoraAdapter": "loraadapters", "Lease": "leases",
-    "InferencePool": "inferencepools",
+    "InferencePool": "inferencepools", "HTTPScaledObject": "httpscaledobjects",
 }
 
 
@@ -427,7 +441,8 @@ class EnginePod:
         log = open(self.dir / f"engine-{self.starts}.log", "wb")
         cmd = self.argv()
         cmd[0] = str(BIN / cmd[0])
-        env = dict(os.environ, NO_PROXY="*", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        # POD_NAME as the downward API sets it (render._engine_env).
+        env = dict(os.environ, NO_PROXY="*", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", POD_NAME=self.name)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 

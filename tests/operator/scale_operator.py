@@ -8,7 +8,8 @@ until every LoraAdapter of the base is Ready, then one settled pass. Between pas
 are listed from the API, as kopf's index would hold them; those lists are not counted as the
 pass's requests (kopf gets them from its watch). Prints one JSON line: seconds to Ready, per pass
 the engine calls, API requests (by method) and seconds, and the process's RSS (before the first
-pass, after the last, and its peak).
+pass, after the last, and its peak). The base is read again between passes too (kopf's daemon
+body follows the object).
 """
 from __future__ import annotations
 
@@ -72,9 +73,16 @@ async def main(url: str, token: str, ns: str, base_name: str, port: int, ips: li
             passes.append({"engine_calls": rt.sync.last_pass[Key(ns, base_name)].engine_calls,
                            "api_requests": dict(kube.counts - before), "seconds": round(time.monotonic() - t, 2)})
 
+        async def refresh_base() -> dict:
+            # kopf hands the daemon a live body: the base's own status writes are in it.
+            body = await kube.get(Ref(C.API_VERSION, C.BMD_PLURAL, ns, base_name))
+            kube.counts["GET"] -= 1
+            return body
+
         while True:
             await one_pass()
             adapters = await index()
+            base = await refresh_base()
             if all(a["status"].get("phase") == "Ready" for a in adapters):
                 break
             if time.monotonic() - t0 > limit_s:

@@ -77,8 +77,9 @@ async def _after_a_pass(rt: Runtime, bodies: dict, adapters: dict) -> None:
         pods = [f"{name}-{i}" for i in range(3)]
         accepted = await sync.accept_adapters(rt, body, adapters[name])
         assert not accepted.problems, accepted.problems
-        P.place_adapters(rt.placements, NS, body["spec"], {a["name"]: a for a in adapters[name]},
-                         accepted.manifests, pods)
+        by_name = {a["name"]: a for a in adapters[name]}
+        wants, _ = P.wants_of(accepted.placements, by_name, {}, len(pods))
+        P.place_adapters(rt.placements, NS, name, wants, by_name, pods)
         rt.sync.pods[Key(NS, name)] = {p: PodMemory() for p in pods}
 
 
@@ -209,10 +210,13 @@ def test_placed_on_pod_is_what_place_plans_for_the_pods_plus_the_asking_one():
                                      "policy": "least-loaded" if seed % 3 == 0 and rng.random() < 0.5 else "spread"}
             adapters.append({"name": f"a{i}", "uid": f"u{i}", "spec": spec, "deleting": False, "status": {}})
         accepted = await sync.accept_adapters(rt, base, adapters)
-        P.place_adapters(rt.placements, NS, base["spec"], {a["name"]: a for a in adapters}, accepted.manifests, pods)
+        by_name = {a["name"]: a for a in adapters}
+        P.place_adapters(rt.placements, NS, "b", P.wants_of(accepted.placements, by_name, {}, len(pods))[0],
+                         by_name, pods)
         rt.sync.pods[Key(NS, "b")] = {p: PodMemory() for p in pods}
-        wants = [P.Want(a["name"], *P.resolve(a["spec"].get("placement"), base["spec"]["placement"],
-                                              a["spec"]["preload"])) for a in adapters]
+        resolved = {a["name"]: P.resolve(a["spec"].get("placement"), base["spec"]["placement"], a["spec"]["preload"])
+                    for a in adapters}
+        wants = [P.Want(name, r.replicas, r.policy) for name, r in resolved.items()]
         previous = {name: rt.placements.where[Key(NS, name)] for name in accepted.manifests}
         out = []
         for pod in [*pods, f"p-{seed}-new"]:
@@ -227,3 +231,40 @@ def test_placed_on_pod_is_what_place_plans_for_the_pods_plus_the_asking_one():
     for seed in range(40):
         for pod, got, want in asyncio.run(run(seed)):
             assert got == want, (seed, pod)
+
+
+def test_auto_adapters_are_planned_at_their_count_and_bad_placements_left_out():
+    """Issue 24, the operator's side: an auto adapter is planned at the count the last pass placed
+    it at (demand.py's decision), hottest first by the runtime's rates (the catalog's `rates` is
+    `rt.adapter_rates.of_base` in `serve`); an adapter whose placement cannot be used is not
+    planned (it used to make the answer fail)."""
+    from loraplex.operator import demand as D
+    from loraplex.operator.catalog import base_view, placed_on_pod
+
+    async def run() -> None:
+        rt = Runtime(OperatorConfig())
+        pods = ["p0", "p1", "p2", "p3"]
+        base = {"metadata": {"name": "b", "namespace": NS}, "spec": {"placement": {"replicas": 1}}}
+        adapters = [{"name": n, "uid": n, "deleting": False, "status": {},
+                     "spec": {"baseModel": "b", "source": {"type": "hub", "uri": f"org/{n}"}, **extra}}
+                    for n, extra in (("hot", {"placement": {"replicas": "auto", "max": 4}}),
+                                     ("cold", {}), ("bad", {"placement": {"replicas": "most"}}))]
+        accepted = await sync.accept_adapters(rt, base, adapters)
+        assert set(accepted.problems) == {"bad"}
+        rt.adapter_rates.base(NS, "b").warm["hot"] = D.Warmth(3, "3 pods: ...")
+        by_name = {a["name"]: a for a in adapters}
+        wants, _ = P.wants_of(accepted.placements, by_name, rt.adapter_rates.base(NS, "b").warm, len(pods))
+        placed = P.place_adapters(rt.placements, NS, "b", wants, by_name, pods)
+        assert len(placed["hot"]) == 3
+        rt.sync.pods[Key(NS, "b")] = {p: PodMemory() for p in pods}
+        view = base_view(rt, NS, "b", base)
+        for pod in pods:
+            got, _ = placed_on_pod(pod, view, {"hot": 9.0})
+            assert [m.name for m in got] == [n for n in ("hot", "cold") if pod in placed[n]], pod
+        new_plan = P.place([P.Want("hot", 3), P.Want("cold", 1)], [*pods, "p-new"],
+                           {n: placed[n] for n in ("hot", "cold")})
+        got, _ = placed_on_pod("p-new", view, {"hot": 9.0})
+        assert [m.name for m in got] == [n for n in ("hot", "cold") if "p-new" in new_plan[n]]
+        await rt.aclose()
+
+    asyncio.run(run())

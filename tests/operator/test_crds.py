@@ -131,7 +131,12 @@ def test_example_manifests_are_admitted():
                                               "maxConcurrent": 16}},
                      {"name": "globex", "apiKeySecretRefs": [{"name": "globex-keys"}]}]}),
     bmd({"tenants": []}),
-], ids=["minimal", "min-eq-max", "kv-ratio", "ingress", "gpu", "tenants", "no-tenants"])
+    bmd({"autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 3,
+                         "scaleToZero": {"targetConcurrency": 4, "interceptor": {"namespace": "keda-system"}}}}),
+    bmd({"placement": {"replicas": "auto", "min": 2, "max": 6, "targetRequestsPerPod": 0.5},
+         "warmStart": {"budgetSeconds": 0}}),
+], ids=["minimal", "min-eq-max", "kv-ratio", "ingress", "gpu", "tenants", "no-tenants", "scale-to-zero",
+        "auto-placement"])
 def test_good_bmds(obj):
     defaulted, errors = admit(BMD, obj)
     assert errors == []
@@ -151,8 +156,11 @@ def test_good_bmds(obj):
     lora(name="a"),
     lora({"placement": {"replicas": "all"}}),
     lora({"placement": {"replicas": 3, "policy": "least-loaded"}}),
+    lora({"placement": {"replicas": "auto", "min": 1, "max": 8, "targetRequestsPerPod": 1.5,
+                        "rateWindowSeconds": 30, "scaleDownDelaySeconds": 0}}),
+    lora({"placement": {"replicas": "auto", "max": 2}}),
 ], ids=["hub", "s3", "local", "hub-full", "hub-pr-ref", "s3-trailing-slash", "s3-bucket-root", "tenants",
-        "one-char-name", "placement-all", "placement-3"])
+        "one-char-name", "placement-all", "placement-3", "placement-auto", "placement-auto-max-only"])
 def test_good_adapters(obj):
     defaulted, errors = admit(LORA, obj)
     assert errors == []
@@ -193,12 +201,19 @@ def test_good_adapters(obj):
     (BMD, bmd({"tenants": [tenant(name="a"), tenant(name="b"), tenant(name="a")]}), "Duplicate value: {'name': 'a'}"),
     (BMD, bmd({"tenants": [tenant(name=f"t{i}") for i in range(257)]}), "is too long"),
     (BMD, bmd({"tenants": [tenant(apiKeySecretRefs=[{"name": f"k{i}"} for i in range(17)])]}), "is too long"),
+    (BMD, bmd({"autoscaling": {"minReplicas": -1}}), "less than the minimum"),
+    (BMD, bmd({"warmStart": {"budgetSeconds": 601}}), "greater than the maximum"),
+    (BMD, bmd({"autoscaling": {"scaleToZero": {"interceptor": {"port": 0}}}}), "less than the minimum"),
+    (LORA, lora({"placement": {"replicas": "auto", "min": 0}}), "less than the minimum"),
+    (LORA, lora({"placement": {"replicas": "auto", "targetRequestsPerPod": 0}}), "less than or equal to the minimum"),
+    (LORA, lora({"placement": {"replicas": "auto", "rateWindowSeconds": 1}}), "less than the minimum"),
 ], ids=["no-model-id", "dtype", "replicas", "svc-type", "target-zero", "low-port", "source-type", "sha256",
         "config-sha256", "uri-percent", "uri-backslash", "uri-newline", "revision-percent",
         "base-name", "secret-ref", "placement-zero", "placement-word", "placement-policy", "epp-port", "tenant-negative-rpm",
         "tenant-zero-tpm", "tenant-negative-concurrency", "tenant-zero-weight", "tenant-fractional-weight",
         "tenant-name", "tenant-long-name", "tenant-no-refs", "tenant-refs-missing", "tenant-duplicate-names",
-        "tenants-over-cap", "tenant-refs-over-cap"])
+        "tenants-over-cap", "tenant-refs-over-cap", "min-replicas-negative", "warm-start-budget",
+        "interceptor-port", "placement-min-zero", "placement-target-zero", "placement-window"])
 def test_openapi_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors
@@ -230,10 +245,12 @@ def test_openapi_rejects(crd, obj, fragment):
     (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "../../x"}}), "revision may hold no"),
     (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "/etc"}}), "revision may hold no"),
     (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "refs//x"}}), "revision may hold no"),
+    (LORA, lora({"placement": {"replicas": "auto", "min": 5, "max": 2}}), "placement.min must be <= placement.max"),
+    (BMD, bmd({"placement": {"replicas": "auto", "min": 9}}), "placement.min must be <= placement.max"),
 ], ids=["min-gt-max", "kv-target", "ingress-host", "bmd-digit", "bmd-long", "upper", "dash", "long", "s3-uri",
         "s3-bucket", "hub-s3", "hub-3-parts", "revision", "local-url", "s3-dotdot", "s3-dot", "s3-empty",
         "s3-trailing-dotdot", "local-dotdot", "local-empty", "revision-dotdot", "revision-absolute",
-        "revision-empty"])
+        "revision-empty", "placement-min-gt-max", "base-placement-min-over-default-max"])
 def test_cel_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors

@@ -154,13 +154,14 @@ class FakeEngine:
         return httpx.Response(405)
 
 
-def run_pass(engine: FakeEngine, mem: PodMemory, placed: dict, records: dict, managed: set):
+def run_pass(engine: FakeEngine, mem: PodMemory, placed: dict, records: dict, managed: set, moving=frozenset()):
     client = EngineClient(transport=httpx.MockTransport(engine))
     pod = PodView(name="p0", uid="u", ip="10.0.0.1", port=8080, ready=True)
 
     async def go():
         try:
-            return await sync_pod(client, pod, mem, placed, records, managed, CFG, "tok", asyncio.Semaphore(4))
+            return await sync_pod(client, pod, mem, placed, records, managed, CFG, "tok", asyncio.Semaphore(4),
+                                  moving)
         finally:
             await client.aclose()
     return asyncio.run(go())
@@ -195,6 +196,21 @@ def test_sync_pod_pushes_only_the_difference(batch):
     engine.down = True
     fifth = run_pass(engine, mem, placed, fourth.records, set(placed))
     assert fifth.error and all(r.state == C.STATE_UNREACHABLE for r in fifth.records.values())
+
+
+def test_a_moving_adapter_stays_where_it_serves_until_its_new_placement_does():
+    """Make-before-break (placement.settled): an adapter placed elsewhere now, whose new pods do
+    not all serve it yet (`moving`), is not removed from a pod where it still serves; a failed
+    copy is, and so is every copy once the move is done."""
+    engine = FakeEngine()
+    engine.adapters["leaving"] = listed("leaving", "host")
+    engine.adapters["broken"] = listed("broken", "failed", SHA_MSG)
+    managed = {"leaving", "broken"}
+    mem = PodMemory()
+    held = run_pass(engine, mem, {}, {}, managed, moving={"leaving", "broken"})
+    assert held.removed == ["broken"] and "leaving" in engine.adapters
+    done = run_pass(engine, mem, {}, {}, managed, moving=set())
+    assert done.removed == ["leaving"] and not engine.adapters
 
 
 def test_a_first_push_costs_one_request_per_batch_and_a_refused_manifest_fails_alone():

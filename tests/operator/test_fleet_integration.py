@@ -298,8 +298,11 @@ def test_scaling_spreads_warm_adapters_and_moves_them_off(fleet: Fleet):
         fleet.kubelet.wait_ready(timeout=120)
         wait_for(fleet.all_ready_on_placement, 60 + N * 0.02, "placements spread over 4 pods", interval=2,
                  on_timeout=fleet.log)
-        counts = {p.name: len(fleet.listing(p)) for p in fleet.kubelet.pods.values()}
-        assert sum(counts.values()) == 2 * N and min(counts.values()) >= 1, counts  # 2 of 4 pods each
+        # Make-before-break: a moved adapter leaves its old pod in the pass after its new pods serve it.
+        counts = wait_for(lambda: (n := {p.name: len(fleet.listing(p)) for p in fleet.kubelet.pods.values()})
+                          and sum(n.values()) == 2 * N and n, 60, "the old copies of moved adapters removed",
+                          interval=1, on_timeout=fleet.log)
+        assert min(counts.values()) >= 1, counts  # 2 of 4 pods each
         # Scale down to 2: pods 0 and 1 go; their adapters move to pods 2 and 3.
         c.update_spec(API, "basemodeldeployments", NS, BASE, {"replicas": 2})
         for name in (f"{BASE}-0", f"{BASE}-1"):
@@ -308,8 +311,8 @@ def test_scaling_spreads_warm_adapters_and_moves_them_off(fleet: Fleet):
             pod.stop()
         wait_for(fleet.all_ready_on_placement, 60 + N * 0.02, "placements back on 2 pods", interval=2,
                  on_timeout=fleet.log)
-        assert {p.name: len(fleet.listing(p)) for p in fleet.kubelet.pods.values()} == {
-            f"{BASE}-2": N, f"{BASE}-3": N}
+        wait_for(lambda: {p.name: len(fleet.listing(p)) for p in fleet.kubelet.pods.values()} == {
+            f"{BASE}-2": N, f"{BASE}-3": N}, 60, "every adapter on pods 2 and 3", interval=1, on_timeout=fleet.log)
 
 
 def test_engine_timing_out_for_a_while_then_recovering(fleet: Fleet):

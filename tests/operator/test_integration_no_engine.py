@@ -159,3 +159,33 @@ def test_an_adapter_whose_uri_walks_up_is_failed_and_never_pushed(cluster: FakeC
     assert "'..' path segment" in accepted["message"], accepted
     cm = wait_for(lambda: c.get("v1", "configmaps", NS, "walker-adapters"), 10, "the ConfigMap", on_timeout=log)
     assert "walk-up" not in cm["data"]["adapters.json"], "a refused adapter is never pushed, even as a preload"
+
+
+def test_an_adapter_whose_placement_cannot_be_used_fails_alone(cluster: FakeCluster):
+    """Issue 24: `placement.replicas: auto` used to raise in the placement step and fail the whole
+    base's pass (no adapter of the base got a status). Now a placement the operator cannot use (kmock,
+    like an API server without CEL, checks no schema) is that adapter's problem: Failed,
+    Accepted=False InvalidPlacement, a Warning Event; the base's other adapters are accepted."""
+    c = cluster
+    log = c.operator.log  # type: ignore[attr-defined]
+    if c.get("v1", "namespaces", NS, NS) is None:
+        c.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "namespace": NS}})
+    c.create({"apiVersion": API, "kind": "BaseModelDeployment", "metadata": {"name": "mixed", "namespace": NS},
+              "spec": {"model": {"id": "org/model"}, "engine": {"port": free_port(["127.0.0.1"])}}})
+    for name, placement in (("fine", {"replicas": 1}), ("auto-fine", {"replicas": "auto", "max": 3}),
+                            ("nonsense", {"replicas": "most"}), ("upside-down", {"replicas": "auto", "min": 4, "max": 2})):
+        c.create({"apiVersion": API, "kind": "LoraAdapter", "metadata": {"name": name, "namespace": NS},
+                  "spec": {"baseModel": "mixed", "source": {"type": "hub", "uri": f"org/{name}"},
+                           "placement": placement}})
+    for name in ("nonsense", "upside-down"):
+        st = wait_for(lambda n=name: (s := status(c, "loraadapters", n)).get("phase") == "Failed" and s, 20,
+                      f"{name} Failed", on_timeout=log)
+        assert cond(st, "Accepted")["reason"] == "InvalidPlacement", st
+        wait_for(lambda n=name: [e for e in c.list("v1", "events", NS) if e["involvedObject"].get("name") == n
+                                 and e["reason"] == "InvalidPlacement"], 10, f"a Warning Event on {name}",
+                 on_timeout=log)
+    for name in ("fine", "auto-fine"):
+        st = wait_for(lambda n=name: cond(status(c, "loraadapters", n), "Accepted").get("status") == "True"
+                      and status(c, "loraadapters", n), 20, f"{name} accepted", on_timeout=log)
+        assert st["phase"] == "Pending" and cond(st, "Ready")["reason"] == "NoReadyPods"
+    assert "no request rate measured yet" in status(c, "loraadapters", "auto-fine")["placementReason"]

@@ -34,6 +34,21 @@ def test_engine_args_follow_the_engine_cli():
     assert args[-2:] == ["--max-num-seqs", "64"], "user args come last, so they can override"
 
 
+def test_engines_know_their_pod_name_and_their_warm_start_budget():
+    """Warm start (issue 24): the engine asks the catalog which adapters are placed on its own pod
+    (POD_NAME, from the downward API) and loads them for at most the budget before it is Ready."""
+    dep = render.render_deployment(bmd({"engine": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}), 1)
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}} \
+        in c["env"]
+    assert c["args"][c["args"].index("--warm-start-budget-seconds") + 1] == "60"
+    off = render.engine_args({"model": {"id": "m"}, "warmStart": {"budgetSeconds": 0}})
+    assert off[off.index("--warm-start-budget-seconds") + 1] == "0", "0 turns it off"
+    own = render.render_deployment(bmd({"engine": {"env": [{"name": "POD_NAME", "value": "fixed"}]}}), 1)
+    env = own["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "POD_NAME"] == [{"name": "POD_NAME", "value": "fixed"}], "the user's wins"
+
+
 def test_engine_args_leave_out_unset_limits():
     args = render.engine_args({"model": {"id": "m"}})
     assert "--revision" not in args and "--max-lora-rank" not in args
@@ -85,6 +100,9 @@ def test_deployment_replicas_and_autoscaling_bounds():
     assert render.deployment_replicas(auto, observed=None) == 2
     assert render.deployment_replicas(auto, observed=4) == 4
     assert render.deployment_replicas(auto, observed=9) == 5
+    zero = {"replicas": 1, "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 5}}
+    assert render.deployment_replicas(zero, observed=0) == 1, "nothing holds requests: at least 1"
+    assert render.deployment_replicas(zero, observed=0, floor=0) == 0, "KEDA's interceptor holds them"
     assert "replicas" not in render.render_deployment(bmd(auto), None)["spec"]
 
 
@@ -110,6 +128,11 @@ def test_ingress():
                                             "tls": {"secretName": "tls"}}})) == "https://llm.example.com"
     with pytest.raises(ValueError, match="host"):
         render.render_ingress(bmd({"ingress": {"enabled": True}}))
+    # Scaled to zero through KEDA: the Ingress goes to the interceptor's Service instead.
+    via = render.render_ingress(bmd({"ingress": {"enabled": True, "host": "llm.example.com"}}), ("llama-wake", 8080))
+    assert via["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == \
+        {"name": "llama-wake", "port": {"number": 8080}}
+    assert render.endpoint(bmd(), ("llama-wake", 8080)) == "http://llama-wake.team-a.svc:8080"
 
 
 def test_configmap_holds_the_canonical_manifest_list():

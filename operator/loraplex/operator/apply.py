@@ -141,7 +141,8 @@ def plan(observed: dict | None, desired: dict, on_create: dict | None = None,
 def ref_of(body: dict) -> Ref:
     api_version = body["apiVersion"]
     plural = {"ConfigMap": "configmaps", "Service": "services", "Deployment": "deployments",
-              "Ingress": "ingresses", "InferencePool": "inferencepools", "Secret": "secrets"}[body["kind"]]
+              "Ingress": "ingresses", "InferencePool": "inferencepools", "Secret": "secrets",
+              "HTTPScaledObject": "httpscaledobjects"}[body["kind"]]
     return Ref(api_version, plural, body["metadata"]["namespace"], body["metadata"]["name"])
 
 

@@ -203,8 +203,12 @@ def _wants(view: BaseView) -> tuple[list[P.Want], dict[str, AdapterManifest]]:
             continue
         if not isinstance(spec, dict) or spec.get("baseModel") != view.base:
             continue
-        replicas, policy = P.resolve(spec.get("placement"), view.base_spec.get("placement"), cached.result.preload)
-        wants.append(P.Want(name, replicas, policy))
+        try:
+            resolved = P.resolve(spec.get("placement"), view.base_spec.get("placement"), cached.result.preload)
+        except A.SpecProblem:
+            continue  # not placed anywhere (the pass reports it on the adapter)
+        # `replicas: auto`: at the count the last pass placed it at (demand.py decides it).
+        wants.append(P.want_of(name, resolved, None, len(view.previous.get(name) or []))[0])
         manifests[name] = cached.result
     return wants, manifests
 
@@ -354,7 +358,7 @@ async def serve(rt: Runtime) -> web.AppRunner | None:
     if port <= 0:
         return None
     addr = os.environ.get("LORAPLEX_CATALOG_ADDR", "0.0.0.0")
-    runner = web.AppRunner(make_app(rt), access_log=None)
+    runner = web.AppRunner(make_app(rt, rates=rt.adapter_rates.of_base), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, addr, port).start()
     log.info("adapter catalog on http://%s:%d%s", addr, port, PREFIX)

@@ -194,8 +194,9 @@ class EngineClient:
                                 ok404=True)
         return resp is not None
 
-    async def metrics(self, ip: str, port: int) -> str:
-        resp = await self._call("GET", f"{self.base_url(ip, port)}/metrics")
+    async def metrics(self, ip: str, port: int, token: str | None = None) -> str:
+        """The engine's /metrics; with its admin token, restricted adapters show under their names."""
+        resp = await self._call("GET", f"{self.base_url(ip, port)}/metrics", token=token)
         assert resp is not None
         return resp.text
 

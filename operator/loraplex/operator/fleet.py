@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 from loraplex.manifest import AdapterState
 
@@ -215,11 +215,13 @@ class PodMemory:
 
 async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: Mapping[str, Payload],
                    records: Mapping[str, PodRecord], managed: set[str], cfg: OperatorConfig,
-                   token: str | None, limit: asyncio.Semaphore, now: Callable[[], float] = time.monotonic) -> PodPass:
+                   token: str | None, limit: asyncio.Semaphore, moving: Collection[str] = frozenset(),
+                   now: Callable[[], float] = time.monotonic) -> PodPass:
     """One pass over one pod. `placed`: adapter -> Payload (manifest, digest) that should be on it;
     `records`: what we knew about them there; `managed`: every adapter name of the base (only
-    those are ever removed from a pod: names others registered, or loaded just in time, stay).
-    Never raises for engine trouble."""
+    those are ever removed from a pod: names others registered, or loaded just in time, stay);
+    `moving`: adapters not yet servable on all their placed pods, kept here while servable
+    (make-before-break, placement.settled). Never raises for engine trouble."""
     out = PodPass(pod=pod.name)
     if pod.ready and mem.streak and now() < mem.next_attempt:
         # Unreachable on the last pass and backing off: report what we had.
@@ -270,7 +272,9 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
     # Registrations of ours that are not placed here any more. An entry the engine loaded just in
     # time (`dynamic`, from the catalog) is the engine's own, even under a managed name:
     # its LRU forgets it, and removing it would only make the next request load it again.
-    extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")]
+    # A `moving` adapter stays where it still serves until its new placement serves it.
+    extra = [n for n, a in listing.items() if n in managed and n not in placed and not a.get("dynamic")
+             and not (n in moving and a.get("state") in SERVABLE_STATES)]
 
     async def unload_first(planned: Planned) -> bool:
         """RETRY and UNLOAD start with a DELETE; False when nothing is to be pushed after it."""

@@ -9,8 +9,8 @@ modules of each concern (owned.py, sync.py, placement.py, scaling.py, publish.py
   objects (when their inputs changed, after a Deployment event, once per resync interval),
   places the adapters, brings every pod to its placed set (one listing per pod, pushes only
   for the difference) and writes the statuses that changed. Spec changes (the create/update
-  handler), pod, Deployment and adapter events wake it; a timer autoscales when autoscaling
-  is enabled;
+  handler), pod, Deployment and adapter events wake it; a timer reads the engines' metrics for
+  the autoscaler and the adapters' request rates (load-following placement);
 - LoraAdapter: no daemon (10,000 of them would be 10,000 loops): an event wakes its base's
   loop; an adapter without a base is marked Pending at once; on deletion a finalizer handler
   unloads it from the pods (bounded retries, never stuck when the pods or the base are gone).
@@ -226,6 +226,7 @@ async def base_changed(event: Mapping, namespace: str, name: str, memo: kopf.Mem
     rt = runtime(memo)
     rt.wakers.wake(Wake("base", namespace, name))
     if event.get("type") == "DELETED":
+        rt.adapter_rates.forget(namespace, name)
         # Its adapters wait for a base again (GitOps may re-create it).
         for a in _store(lora_adapters, (namespace, name)):
             if not a.get("deleting"):
@@ -279,14 +280,16 @@ async def base_loop(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
         rt.wakers.unregister(ev)
 
 
-def _autoscaling_enabled(spec: Mapping, **_: Any) -> bool:
-    return bool((spec.get("autoscaling") or {}).get("enabled"))
-
-
-@kopf.timer(**BMD, id="autoscale", interval=CONFIG.autoscale_interval, when=_autoscaling_enabled)
-async def autoscale(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                    engine_pods: kopf.Index, **_: Any) -> None:
-    await scaling.autoscale_base(runtime(memo), plain(body), _store(engine_pods, (namespace, name)))
+@kopf.timer(**BMD, id="autoscale", interval=CONFIG.autoscale_interval)
+async def observe(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                  engine_pods: kopf.Index, lora_adapters: kopf.Index, **_: Any) -> None:
+    """Every base, each autoscale interval: the engines' /metrics read once, for the autoscaler
+    (when enabled and KEDA does not own the replicas) and the adapters' request rates; a changed
+    warm count of a `replicas: auto` adapter wakes the base's pass to place it (scaling.py)."""
+    rt = runtime(memo)
+    if await scaling.observe_base(rt, plain(body), _store(engine_pods, (namespace, name)),
+                                  _store(lora_adapters, (namespace, name))):
+        rt.wakers.wake(Wake("base", namespace, name))
 
 
 # --- LoraAdapter -------------------------------------------------------------------------------

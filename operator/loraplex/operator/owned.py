@@ -1,5 +1,6 @@
 """The objects a base owns: admin-token Secret, `<base>-adapters` ConfigMap, Deployment, Service,
-Ingress, InferencePool. Their only writer is the base's pass (reconcile.py), on the leader.
+Ingress, InferencePool, and when it scales to zero its HTTPScaledObject and `<base>-wake` Service
+(scaletozero.py). Their only writer is the base's pass (reconcile.py), on the leader.
 
 Applied when something they depend on changed (the base's spec, the preload set, an event on the
 Deployment) and once per resync interval to repair drift; a pass woken by adapter changes makes
@@ -19,6 +20,7 @@ from . import adapters as A
 from . import apply
 from . import constants as C
 from . import render
+from . import scaletozero as Z
 from . import status as S
 from .constants import Key
 from .kube import ApiError, Ref
@@ -39,11 +41,13 @@ class Applied:
     pool_condition: dict | None          # the InferencePool condition (None: not applied)
     deployment: dict | None              # the Deployment as read after it
     render_error: str | None             # the pod policy's refusal of the spec
+    zero_condition: dict | None = None   # the ScaleToZero condition (None: not asked for)
+    handed_over: bool = False            # KEDA owns the replicas (scaletozero.py)
 
 
 @dataclass(frozen=True)
 class Discovery:
-    """Whether the InferencePool CRD is installed, as API discovery said at `at`."""
+    """Whether a CRD is installed, as API discovery said at `at`."""
 
     at: float
     found: bool
@@ -53,7 +57,7 @@ class Discovery:
 class OwnedState:
     applied: dict[Key, Applied] = field(default_factory=dict)
     stale: set[Key] = field(default_factory=set)   # bases whose Deployment had an event since
-    pool: Discovery | None = None
+    discovered: dict[str, Discovery] = field(default_factory=dict)  # "<apiVersion>/<plural>" -> discovery
     deployment_locks: dict[Key, asyncio.Lock] = field(default_factory=lambda: collections.defaultdict(asyncio.Lock))
 
 
@@ -85,19 +89,25 @@ async def ensure_admin_secret(rt: Runtime, base: dict) -> str:
     return "created"
 
 
-async def inference_pool_available(rt: Runtime) -> bool:
-    """Whether the InferencePool CRD is installed (API discovery, cached for a resync interval)."""
+async def crd_available(rt: Runtime, api_version: str, plural: str) -> bool:
+    """Whether the cluster serves `plural` in `api_version` (API discovery, cached for a resync interval)."""
     now = time.monotonic()
-    known = rt.owned.pool
+    key = f"{api_version}/{plural}"
+    known = rt.owned.discovered.get(key)
     if known is not None and now - known.at < max(rt.config.resync_interval, 5.0):
         return known.found
     try:
-        found = await rt.kube.has_resource(render.INFERENCE_POOL_API, "inferencepools")
+        found = await rt.kube.has_resource(api_version, plural)
     except ApiError as e:
-        log.warning("API discovery of %s failed: %s", render.INFERENCE_POOL_API, e)
+        log.warning("API discovery of %s failed: %s", api_version, e)
         found = known.found if known else False
-    rt.owned.pool = Discovery(now, found)
+    rt.owned.discovered[key] = Discovery(now, found)
     return found
+
+
+async def handed_over(rt: Runtime, spec: dict | None) -> bool:
+    """Whether KEDA owns the base's replicas: it asks to scale to zero and the add-on is installed."""
+    return Z.requested(spec) and await crd_available(rt, Z.KEDA_HTTP_API, Z.PLURAL)
 
 
 async def ensure_inference_pool(rt: Runtime, base: dict) -> dict:
@@ -105,7 +115,7 @@ async def ensure_inference_pool(rt: Runtime, base: dict) -> dict:
     desired = render.render_inference_pool(base)
     if desired is None:
         return S.condition("InferencePool", False, "Disabled", "spec.inferencePool.enabled is false")
-    if not await inference_pool_available(rt):
+    if not await crd_available(rt, render.INFERENCE_POOL_API, "inferencepools"):
         return S.condition("InferencePool", False, "CRDNotInstalled",
                            f"{render.INFERENCE_POOL_API} InferencePool is not installed in the cluster: skipped "
                            "(install the Gateway API Inference Extension CRDs to route by LoRA affinity)")
@@ -125,13 +135,19 @@ async def ensure_configmap(rt: Runtime, base: dict, preload: list) -> str:
     return result
 
 
-async def ensure_deployment(rt: Runtime, base: dict) -> str:
+async def ensure_deployment(rt: Runtime, base: dict, handed: bool = False) -> str:
     meta = base["metadata"]
     spec = render.with_defaults(base.get("spec"))
     ref = Ref("apps/v1", "deployments", meta["namespace"], meta["name"])
     async with rt.owned.deployment_locks[Key(meta["namespace"], meta["name"])]:
         live = await rt.kube.get(ref)
-        if not spec["autoscaling"]["enabled"]:
+        if handed:
+            # KEDA owns the replica count (0 included): rendered only to create the Deployment.
+            desired = render.render_deployment(base, None, rt.catalog_url, rt.engine_images)
+            result = await apply.ensure(rt.kube, desired, live,
+                                        on_create={"spec": {"replicas": render.deployment_replicas(spec, None, 0)}},
+                                        keep=frozenset({("spec", "replicas")}))
+        elif not spec["autoscaling"]["enabled"]:
             desired = render.render_deployment(base, render.deployment_replicas(spec, None), rt.catalog_url,
                                                rt.engine_images)
             result = await apply.ensure(rt.kube, desired, live)
@@ -155,9 +171,28 @@ async def ensure_service(rt: Runtime, base: dict) -> str:
     return result
 
 
-async def ensure_ingress(rt: Runtime, base: dict) -> str:
+async def ensure_scale_to_zero(rt: Runtime, base: dict, handed: bool) -> dict | None:
+    """The HTTPScaledObject and the `<base>-wake` Service while KEDA holds the base's requests,
+    else neither (removed when an earlier pass made them); the ScaleToZero condition."""
     meta = base["metadata"]
-    desired = render.render_ingress(base)
+    ns, name = meta["namespace"], meta["name"]
+    wake_ref = Ref("v1", "services", ns, Z.wake_service_name(name))
+    hso_ref = Ref(Z.KEDA_HTTP_API, Z.PLURAL, ns, name)
+    if handed:
+        for desired in (Z.render_wake_service(base), Z.render_http_scaled_object(base)):
+            await announce(rt, base, desired, await apply.ensure(rt.kube, desired))
+        return Z.condition(base, True)
+    installed = await crd_available(rt, Z.KEDA_HTTP_API, Z.PLURAL)
+    gone = [(wake_ref, "Service")] + ([(hso_ref, Z.KIND)] if installed else [])
+    for ref, kind in gone:
+        if await apply.remove(rt.kube, ref, meta.get("uid")):
+            await announce(rt, base, {"kind": kind, "metadata": {"name": ref.name}}, "deleted")
+    return Z.condition(base, installed)
+
+
+async def ensure_ingress(rt: Runtime, base: dict, handed: bool = False) -> str:
+    meta = base["metadata"]
+    desired = render.render_ingress(base, Z.entry(base) if handed else None)
     if desired is None:
         ref = Ref("networking.k8s.io/v1", "ingresses", meta["namespace"], meta["name"])
         result = "deleted" if await apply.remove(rt.kube, ref, meta.get("uid")) else "unchanged"
@@ -181,17 +216,20 @@ async def ensure_owned(rt: Runtime, base: dict, preload: list) -> Applied:
         return last
     rt.owned.stale.discard(key)
     render_error = None
-    pool_condition = None
+    pool_condition = zero_condition = None
+    handed = False
     try:  # a spec the pod policy refuses gets nothing applied, and phase Failed
         render.check_spec(base.get("spec"), rt.engine_images)
+        handed = await handed_over(rt, base.get("spec"))
         await ensure_admin_secret(rt, base)
         await ensure_configmap(rt, base, preload)
-        await ensure_deployment(rt, base)
+        await ensure_deployment(rt, base, handed)
         await ensure_service(rt, base)
-        await ensure_ingress(rt, base)
+        zero_condition = await ensure_scale_to_zero(rt, base, handed)
+        await ensure_ingress(rt, base, handed)
         pool_condition = await ensure_inference_pool(rt, base)
     except ValueError as e:
         render_error = str(e)
     dep = await rt.kube.get(Ref("apps/v1", "deployments", key.namespace, key.name))
-    applied = rt.owned.applied[key] = Applied(stamp, now, pool_condition, dep, render_error)
+    applied = rt.owned.applied[key] = Applied(stamp, now, pool_condition, dep, render_error, zero_condition, handed)
     return applied

@@ -100,6 +100,7 @@ def problem_status(problem: A.SpecProblem, generation, old: dict, cfg: OperatorC
                            pods=[], digest=None, max_failures=cfg.max_failures, old=old, problem_phase=phase)
     new["manifestDigest"] = None
     new["placement"] = []
+    new["placementReason"] = None
     return new
 
 
@@ -123,9 +124,11 @@ class AdapterStatuses:
 async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: OperatorConfig, base: dict,
                            adapters: list[dict], problems: dict[str, A.SpecProblem], placed: dict[str, list[str]],
                            records: dict[str, dict[str, PodRecord]], took_part: set[str],
-                           digests: dict[str, str]) -> AdapterStatuses:
+                           digests: dict[str, str], reasons: dict[str, str] | None = None) -> AdapterStatuses:
     """Compute every adapter's status, write those that differ (cfg.status_concurrency at once);
-    aggregate the phase transitions into Events on the base."""
+    aggregate the phase transitions into Events on the base. `reasons`: why an auto adapter has
+    the warm pods it has (status.placementReason)."""
+    reasons = reasons or {}
     ns, bname = base["metadata"]["namespace"], base["metadata"]["name"]
     now_mono = time.monotonic()
     out = AdapterStatuses(delay=cfg.resync_interval)
@@ -149,6 +152,7 @@ async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: Operator
                                    pods=[r.entry() for r in recs] + waiting, digest=digests[name],
                                    max_failures=cfg.max_failures, old=old)
             new["placement"] = list(where)
+            new["placementReason"] = reasons.get(name)  # None (removed) unless placement.replicas is auto
             out.delay = min(out.delay, next_wakeup(recs, cfg, now_mono))
         if old.get("phase") != new["phase"]:
             transitions.setdefault(new["phase"], []).append(name)

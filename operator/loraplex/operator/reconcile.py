@@ -4,8 +4,9 @@ it with what should be, and writes only the difference.
 
   sync.accept_adapters    the adapters -> manifests (or the spec problem of each)
   tenants.ensure_api_keys the tenants -> the API keys Secret (limits divided over the ready pods)
-  owned.ensure_owned      admin Secret, ConfigMap, Deployment, Service, Ingress, InferencePool
-  placement.place_adapters which pods keep which adapter warm
+  owned.ensure_owned      admin Secret, ConfigMap, Deployment, Service, Ingress, InferencePool,
+                          and for scale to zero the HTTPScaledObject and the wake Service
+  placement.place_adapters which pods keep which adapter warm (auto: by demand.py's decisions)
   sync.sync_pods          every pod brought to its placed set
   publish.adapter_statuses the adapters' statuses and the Events on the base
   status.base_status      the base's own status
@@ -21,6 +22,7 @@ from . import owned
 from . import placement as P
 from . import publish
 from . import render
+from . import scaletozero as Z
 from . import status as S
 from . import sync
 from . import tenants
@@ -44,12 +46,15 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
         # Before the Deployment that mounts it: a new base's pods find their keys file.
         tenants_ready = await tenants.ensure_api_keys(rt, base, pods)
         applied = await owned.ensure_owned(rt, base, sync.preload_manifests(accepted, adapters))
-        placed = P.place_adapters(rt.placements, ns, base.get("spec") or {}, {a["name"]: a for a in adapters},
-                                  accepted.manifests, [p.name for p in pods if p.candidate])
+        by_name = {a["name"]: a for a in adapters}
+        candidates = [p.name for p in pods if p.candidate]
+        wants, reasons = P.wants_of(accepted.placements, by_name, rt.adapter_rates.base(ns, name).warm,
+                                    len(candidates))
+        placed = P.place_adapters(rt.placements, ns, name, wants, by_name, candidates)
         pods_synced = await sync.sync_pods(rt, base, adapters, accepted, placed, pods)
         statuses = await publish.adapter_statuses(rt.kube, rt.status, rt.config, base, adapters, accepted.problems,
                                                   placed, pods_synced.records, pods_synced.took_part,
-                                                  pods_synced.digests)
+                                                  pods_synced.digests, reasons)
         await publish.post_events(rt.kube, base, pods_synced.events + statuses.events)
     await write_base_status(rt, base, pods, adapters, applied, [tenants_ready] if tenants_ready else [])
     metrics.RECONCILE_SECONDS.labels(kind="BaseModelDeployment").observe(time.monotonic() - started)
@@ -59,18 +64,19 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
 async def write_base_status(rt: Runtime, base: dict, pods: list[S.PodView], adapters: list[dict],
                             applied: owned.Applied, conditions: list[dict]) -> None:
     ns, name = base["metadata"]["namespace"], base["metadata"]["name"]
-    desired = ((applied.deployment or {}).get("spec") or {}).get("replicas")
-    if desired is None:
-        desired = render.deployment_replicas(render.with_defaults(base.get("spec")), None)
+    observed = ((applied.deployment or {}).get("spec") or {}).get("replicas")
+    desired = observed if observed is not None else render.deployment_replicas(base.get("spec"), None)
+    # KEDA or the autoscaler took the base from zero: the seconds to its first Ready pod.
+    from_zero = rt.zero.observe(Key(ns, name), observed, sum(1 for p in pods if p.target), time.monotonic())
     ref = publish.bmd_ref(ns, name)
     new = S.base_status(
         bmd=base, pods=pods, desired_replicas=int(desired),
         adapters=sum(1 for a in adapters if not a.get("deleting")),
-        endpoint=render.endpoint(base), selector=C.selector_string(name),
-        deployment=applied.deployment, render_error=applied.render_error,
+        endpoint=render.endpoint(base, Z.entry(base) if applied.handed_over else None),
+        selector=C.selector_string(name), deployment=applied.deployment, render_error=applied.render_error,
         old=publish.current_status(rt.status, ref, base),
-        extra_conditions=([applied.pool_condition] if applied.pool_condition else []) + conditions,
-        admin_secret=A.admin_token_ref(base.get("spec"), name).name)
+        extra_conditions=[c for c in (applied.pool_condition, applied.zero_condition) if c] + conditions,
+        admin_secret=A.admin_token_ref(base.get("spec"), name).name, from_zero_seconds=from_zero)
     await publish.write_status(rt.kube, rt.status, ref, base, new, S.base_events)
 
 

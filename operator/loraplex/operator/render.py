@@ -38,10 +38,17 @@ BMD_DEFAULTS: dict[str, Any] = {
         "target": 8,
         "scaleUpStabilizationSeconds": 0,
         "scaleDownStabilizationSeconds": 300,
+        "scaleToZero": {
+            "targetConcurrency": 8,
+            "wakeTimeoutSeconds": 600,
+            "interceptor": {"namespace": "keda", "service": "keda-add-ons-http-interceptor-proxy", "port": 8080},
+        },
     },
     "service": {"type": "ClusterIP", "port": 80},
     "ingress": {"enabled": False, "path": "/"},
-    "placement": {"replicas": 2, "policy": "spread"},
+    "placement": {"replicas": 2, "policy": "spread", "min": 1, "max": 8, "targetRequestsPerPod": 1,
+                  "rateWindowSeconds": 60, "scaleDownDelaySeconds": 120},
+    "warmStart": {"budgetSeconds": 60},
     "inferencePool": {"enabled": True},
 }
 
@@ -157,6 +164,9 @@ def engine_args(spec: dict, catalog: str | None = None) -> list[str]:
     args += ["--adapter-manifest-file", C.MANIFEST_PATH,
              "--adapter-cache-dir", C.ADAPTER_CACHE_DIR, "--adapter-disk-bytes", str(int(engine["adapterDiskBytes"]))]
     args += ["--admin-token-file", C.ADMIN_TOKEN_PATH]  # always: the admin routes are never open
+    # A new pod loads the adapters placed on it (the catalog answers for its POD_NAME, hottest
+    # first) within this many seconds before it reports Ready; 0: off.
+    args += ["--warm-start-budget-seconds", str(int(spec["warmStart"]["budgetSeconds"]))]
     if has_tenants(spec):
         args += ["--api-keys-file", C.API_KEYS_PATH]  # the tenants' keys, weights and per-pod limits
     if catalog:
@@ -171,7 +181,9 @@ def _engine_env(engine: dict) -> list[dict]:
     # The root file system is read-only: every cache goes to the cache emptyDir.
     env = [{"name": "HF_HOME", "value": f"{C.CACHE_DIR}/hf"},
            {"name": "TRITON_CACHE_DIR", "value": f"{C.CACHE_DIR}/triton"},
-           {"name": "XDG_CACHE_HOME", "value": f"{C.CACHE_DIR}/xdg"}]
+           {"name": "XDG_CACHE_HOME", "value": f"{C.CACHE_DIR}/xdg"},
+           # The pod's own name (downward API): the engine asks the catalog what is placed on it.
+           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]
     user = list(engine.get("env") or [])
     names = {e.get("name") for e in user}
     return [e for e in env if e["name"] not in names] + user
@@ -268,14 +280,15 @@ def render_deployment(bmd: dict, replicas: int | None, catalog_base_url: str | N
     }
 
 
-def deployment_replicas(spec: dict, observed: int | None) -> int:
+def deployment_replicas(spec: dict, observed: int | None, floor: int = 1) -> int:
     """Replicas to render: the spec's, or under autoscaling the autoscaler's (the observed
-    Deployment's), held inside [minReplicas, maxReplicas]."""
+    Deployment's), held inside [max(minReplicas, floor), maxReplicas]. `floor` is 0 only where
+    KEDA holds requests while the base scales from zero (scaletozero.py)."""
     spec = with_defaults(spec)
     auto = spec["autoscaling"]
     if not auto["enabled"]:
         return int(spec["replicas"])
-    lo, hi = int(auto["minReplicas"]), int(auto["maxReplicas"])
+    lo, hi = max(int(auto["minReplicas"]), floor), int(auto["maxReplicas"])
     start = observed if observed is not None else int(spec["replicas"])
     return max(lo, min(hi, int(start)))
 
@@ -298,9 +311,12 @@ def render_service(bmd: dict) -> dict:
     }
 
 
-def render_ingress(bmd: dict) -> dict | None:
+def render_ingress(bmd: dict, backend: tuple[str, int] | None = None) -> dict | None:
+    """The Ingress to the base's Service, or to `backend` (service, port): the interceptor's
+    Service when the base scales to zero (scaletozero.py)."""
     name = bmd["metadata"]["name"]
     spec = with_defaults(bmd.get("spec"))
+    svc_name, svc_port = backend or (name, int(spec["service"]["port"]))
     ing = spec["ingress"]
     if not ing.get("enabled"):
         return None
@@ -316,7 +332,7 @@ def render_ingress(bmd: dict) -> dict | None:
                 "http": {"paths": [{
                     "path": ing.get("path") or "/",
                     "pathType": "Prefix",
-                    "backend": {"service": {"name": name, "port": {"number": int(spec["service"]["port"])}}},
+                    "backend": {"service": {"name": svc_name, "port": {"number": svc_port}}},
                 }]},
             }],
         },
@@ -360,15 +376,16 @@ def render_inference_pool(bmd: dict) -> dict | None:
     }
 
 
-def endpoint(bmd: dict) -> str:
-    """Where tenants reach the base: the Ingress host when there is one, else the Service."""
+def endpoint(bmd: dict, service: tuple[str, int] | None = None) -> str:
+    """Where tenants reach the base: the Ingress host when there is one, else the Service (or
+    `service` (name, port): the interceptor's when the base scales to zero)."""
     meta = bmd["metadata"]
     spec = with_defaults(bmd.get("spec"))
     ing = spec["ingress"]
     if ing.get("enabled") and ing.get("host"):
         scheme = "https" if (ing.get("tls") or {}).get("secretName") else "http"
         return f"{scheme}://{ing['host']}"
-    port = int(spec["service"]["port"])
-    host = f"{meta['name']}.{meta['namespace']}.svc"
+    name, port = service or (meta["name"], int(spec["service"]["port"]))
+    host = f"{name}.{meta['namespace']}.svc"
     return f"http://{host}" if port == 80 else f"http://{host}:{port}"
 

@@ -1,6 +1,6 @@
 """The operator's in-memory state, kept in kopf's `memo`: clients, wake-ups, the Secret cache, and
-the typed state of each concern (owned.py, sync.py, placement.py, scaling.py, publish.py,
-tenants.py).
+the typed state of each concern (owned.py, sync.py, placement.py, scaling.py, demand.py,
+scaletozero.py, publish.py, tenants.py).
 
 Nothing here is the source of truth: after a restart everything is rebuilt from the API (kopf's
 indexes) and from the custom resources' status, so memory only saves calls.
@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .config import OperatorConfig, catalog_url_from_env, engine_image_prefixes_from_env
+from .demand import AdapterRates
 from .engine_client import EngineClient
 from .constants import Key
 from .kube import KubeClient, Ref
 from .owned import OwnedState
 from .placement import PlacementMemory
 from .publish import StatusMemory
+from .scaletozero import ZeroState
 from .scaling import ScaleMemory
 from .sync import SyncState
 from .tenants import TenantState
@@ -92,6 +94,10 @@ class Runtime:
         self.sync = SyncState()               # sync.py: manifests, per-pod records, unloads, last pass
         self.placements = PlacementMemory()   # placement.py: where each adapter was placed
         self.scaling = ScaleMemory()          # scaling.py: the autoscaler's history per base
+        # demand.py: per base the adapters' request rates (req/s over all pods) and the warm
+        # counts of the `replicas: auto` adapters; the adapter catalog reads it (of_base, rate).
+        self.adapter_rates = AdapterRates()
+        self.zero = ZeroState()               # scaletozero.py: each base's way back from zero
         self.status = StatusMemory()          # publish.py: this operator's own last status writes
         self.tenants = TenantState()          # tenants.py: the last rendering of each base's API keys
         self._secrets: dict[Key, CachedSecret] = {}

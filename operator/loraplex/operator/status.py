@@ -202,7 +202,7 @@ def adapter_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
 def base_status(*, bmd: dict, pods: list[PodView], desired_replicas: int, adapters: int,
                 endpoint: str, selector: str, deployment: dict | None, render_error: str | None,
                 old: dict | None, now: str | None = None, extra_conditions: Iterable[dict] = (),
-                admin_secret: str | None = None) -> dict:
+                admin_secret: str | None = None, from_zero_seconds: float | None = None) -> dict:
     generation = bmd.get("metadata", {}).get("generation")
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.target)
@@ -254,6 +254,8 @@ def base_status(*, bmd: dict, pods: list[PodView], desired_replicas: int, adapte
     }
     if admin_secret:
         out["adminTokenSecret"] = admin_secret
+    if from_zero_seconds is not None:  # else the last one stays
+        out["lastScaleFromZeroSeconds"] = round(from_zero_seconds, 1)
     return out
 
 
@@ -280,7 +282,10 @@ def base_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
         deg = get_condition(new, "Degraded") or {}
         prog = get_condition(new, "Progressing") or {}
         events.append((kind, new["phase"], deg.get("message") or prog.get("message") or ""))
-    return events + condition_events(old, new, "TenantsReady")
+    woke = new.get("lastScaleFromZeroSeconds")
+    if woke is not None and woke != old.get("lastScaleFromZeroSeconds"):
+        events.append(("Normal", "ScaledFromZero", f"first engine pod Ready {woke:g} s after the scale-up from zero"))
+    return events + condition_events(old, new, "TenantsReady") + condition_events(old, new, "ScaleToZero")
 
 
 def _engine_port(spec: dict) -> int:

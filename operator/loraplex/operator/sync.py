@@ -19,6 +19,7 @@ from . import adapters as A
 from . import apply
 from . import metrics
 from . import placement as P
+from . import render
 from . import status as S
 from .constants import Key
 from .engine_client import EngineError, EngineUnreachable
@@ -81,6 +82,7 @@ class Accepted:
     """The adapters of a base, sorted out for one pass."""
 
     manifests: dict[str, Any] = field(default_factory=dict)       # name -> AdapterManifest
+    placements: dict[str, P.Spec] = field(default_factory=dict)   # name -> its placement, resolved
     problems: dict[str, A.SpecProblem] = field(default_factory=dict)
     managed: set[str] = field(default_factory=set)                 # every adapter name of the base
 
@@ -110,11 +112,13 @@ async def engine_token(rt: Runtime, namespace: str, base: dict | None) -> str | 
 
 
 async def accept_adapters(rt: Runtime, base: dict, adapters: list[dict]) -> Accepted:
-    """Validate each adapter of the base and build its manifest. A manifest is rebuilt only
-    when the adapter's spec changed or its Secrets' cache entries expired."""
+    """Validate each adapter of the base, build its manifest and resolve its placement. A manifest
+    is rebuilt only when the adapter's spec changed or its Secrets' cache entries expired. An
+    adapter the operator cannot use is a problem of its own (its status says why); the others go on."""
     ns = base["metadata"]["namespace"]
     out = Accepted()
     base_spec = base.get("spec") or {}
+    default_placement = render.with_defaults(base_spec)["placement"]
     for a in adapters:
         out.managed.add(a["name"])
         # `unloaded`: deleted by its finalizer handler while this pass's snapshot still had it
@@ -129,9 +133,18 @@ async def accept_adapters(rt: Runtime, base: dict, adapters: list[dict]) -> Acce
                 hit = CachedManifest(stamp, await desired_manifest(rt, ns, a["name"], a["spec"], base_spec))
             except A.SpecProblem as problem:
                 hit = CachedManifest(stamp, problem)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # a spec no schema check caught
+                hit = CachedManifest(stamp, A.SpecProblem("InvalidSpec", f"the spec cannot be used: {e}"))
             rt.sync.manifests[key] = hit
-        if isinstance(hit.result, A.SpecProblem):
-            out.problems[a["name"]] = hit.result
+        problem = hit.result if isinstance(hit.result, A.SpecProblem) else None
+        if problem is None:
+            try:
+                out.placements[a["name"]] = P.resolve(a["spec"].get("placement"), default_placement,
+                                                      hit.result.preload)
+            except A.SpecProblem as e:
+                problem = e
+        if problem is not None:
+            out.problems[a["name"]] = problem
             # Not accepted: placed nowhere, and its records start afresh once it is.
             rt.sync.records.pop(key, None)
             rt.placements.forget(key)
@@ -177,6 +190,10 @@ async def sync_pods(rt: Runtime, base: dict, adapters: list[dict], accepted: Acc
     payload = {name: Payload(A.manifest_json(m), A.manifest_digest(m)) for name, m in accepted.manifests.items()}
     records = {name: rt.sync.seed(Key(ns, name), by_name[name].get("status") or {}) for name in accepted.manifests}
     memory = rt.sync.pods.setdefault(bkey, {})
+    # Make-before-break: an adapter not yet servable on every pod of its placement stays on the
+    # pods it is leaving (this pass pushes it to the new ones; a later pass removes the old copies).
+    settled = P.settled(placed, lambda name, pod: pod in records[name] and records[name][pod].servable)
+    moving = {name for name in accepted.manifests if name not in settled}
 
     push_limit = asyncio.Semaphore(cfg.push_concurrency)
     pod_limit = asyncio.Semaphore(cfg.pod_concurrency)
@@ -187,7 +204,7 @@ async def sync_pods(rt: Runtime, base: dict, adapters: list[dict], accepted: Acc
             return await sync_pod(rt.engine, pod, memory.setdefault(pod.name, PodMemory()),
                                   {n: payload[n] for n in mine},
                                   {n: records[n][pod.name] for n in mine if pod.name in records[n]},
-                                  accepted.managed, cfg, token, push_limit)
+                                  accepted.managed, cfg, token, push_limit, moving)
 
     passes = await asyncio.gather(*(one(p) for p in pods if p.candidate))
     calls = sum(p.calls for p in passes)
@@ -198,7 +215,10 @@ async def sync_pods(rt: Runtime, base: dict, adapters: list[dict], accepted: Acc
             records[name][p.pod] = rec
     live = {p.name for p in pods if not p.deleting}
     for name in records:
-        records[name] = {pod: r for pod, r in records[name].items() if pod in live}
+        # Records of the placed pods only: a pod an adapter left and comes back to starts afresh
+        # (its old record would claim it servable there before the push).
+        where = set(placed.get(name, ()))
+        records[name] = {pod: r for pod, r in records[name].items() if pod in live and pod in where}
         rt.sync.records[Key(ns, name)] = records[name]
     for pod in [p for p in memory if p not in live]:
         memory.pop(pod, None)
