@@ -11,7 +11,9 @@ torch thread, as each real replica runs here) through randomized trials:
   adapters) and its wall time, read from the scheduler's own batch;
 - a step that copied an adapter into a device slot is timed but kept out of the step-cost
   samples: that copy is measured on its own (host -> device), as is the disk -> host load
-  (`AdapterManager` fetch + parse, which runs on its loader pool).
+  (`AdapterManager` fetch + parse, which runs on its loader pool);
+- the engine's start (`LLMEngine(config)`: the model read from disk, its slots and KV cache
+  allocated) is timed too: the model-load part of a replica's cold start.
 
 The random weights do not change any timing: requests use `ignore_eos` and fixed lengths.
 The machine is shared, so the load average is recorded next to the samples.
@@ -65,7 +67,9 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
     model, adapters, adapter_dir = assets(cache_dir, 48)
     settings = EngineSettings(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=512, max_active_adapters=16,
                               max_cpu_adapters=64, max_lora_rank=RANK)
+    t_engine = time.perf_counter()
     engine = make_engine(model, settings, adapter_dir)
+    engine_start = time.perf_counter() - t_engine
     mgr = engine.adapters
 
     # disk -> host: the manager's own load timing (fetch + parse on its loader pool), one at a time
@@ -84,14 +88,14 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
 
     # host -> device: time each slot write; a step that wrote a slot is left out of the step samples
     writes: list[float] = []
-    original_write = mgr._write_slot
+    original_write = mgr.slots.write  # DeviceSlots.write: the copy into a slot, on the step thread
 
     def timed_write(slot, weights):
         t = time.perf_counter()
         original_write(slot, weights)
         writes.append(time.perf_counter() - t)
 
-    mgr._write_slot = timed_write
+    mgr.slots.write = timed_write
     captured: list = []
     original_schedule = engine.scheduler.schedule
 
@@ -138,7 +142,8 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
     elapsed = time.perf_counter() - t_start
     # more host -> device samples: rewrite slots with host copies (no sequence is running now)
     with mgr.lock:
-        hosted = [mgr.entries[a.name].weights for a in adapters[16:] if mgr.entries[a.name].weights is not None]
+        entries = [mgr.registry.get(a.name) for a in adapters[16:]]
+        hosted = [e.weights for e in entries if e is not None and e.weights is not None]
         for i, weights in enumerate(hosted):
             t = time.perf_counter()
             original_write(i % mgr.num_slots, weights)
@@ -149,6 +154,7 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
         "step_samples": samples,
         "disk_to_host_seconds": [round(s, 6) for s in disk_s],
         "host_to_device_seconds": [round(s, 6) for s in writes],
+        "engine_start_seconds": round(engine_start, 3),
         "meta": {
             "model": model.label, "shape": model.shape, "adapter_rank": RANK, "adapter_targets": TARGETS,
             "adapter_bytes": adapters[0].nbytes, "torch_threads": 1, "dtype": "float32",
