@@ -16,7 +16,10 @@ torch thread, as each real replica runs here) through randomized trials:
   allocated) is timed too: the model-load part of a replica's cold start.
 
 The random weights do not change any timing: requests use `ignore_eos` and fixed lengths.
-The machine is shared, so the load average is recorded next to the samples.
+The machine is shared, so the load average is recorded next to the samples. Other jobs only
+ever slow a step down, so one run on a busy machine can fit nonsense (a negative cost per
+adapter); `--append` pools another run of the same engine into the file (`meta.runs` lists
+each run) and the fit then uses every sample.
 """
 from __future__ import annotations
 
@@ -180,16 +183,39 @@ def _git_rev() -> str:
         return "unknown"
 
 
+def merge(old: dict, new: dict) -> dict:
+    """Pool two runs of the same engine commit: their samples together, each run's meta kept."""
+    if old["meta"].get("git") != new["meta"].get("git") or old["meta"].get("shape") != new["meta"].get("shape"):
+        raise SystemExit(f"--append: the file was measured on {old['meta'].get('git')}, this run on "
+                         f"{new['meta'].get('git')}; measure the new engine afresh")
+    runs = old["meta"].get("runs") or [{**old["meta"], "engine_start_seconds": old.get("engine_start_seconds")}]
+    runs = runs + [{**new["meta"], "engine_start_seconds": new.get("engine_start_seconds")}]
+    out = dict(new)
+    for key in ("step_samples", "disk_to_host_seconds", "host_to_device_seconds"):
+        out[key] = old[key] + new[key]
+    starts = sorted(r["engine_start_seconds"] for r in runs if r.get("engine_start_seconds") is not None)
+    out["engine_start_seconds"] = starts[len(starts) // 2] if starts else None  # the median run's
+    keep = ("load_average_before", "load_average_after", "trials", "seed", "measure_seconds", "when", "engine_start_seconds")
+    out["meta"] = {**new["meta"], "runs": [{k: r.get(k) for k in keep} for r in runs],
+                   "trials": sum(r["trials"] for r in runs), "measure_seconds": sum(r["measure_seconds"] for r in runs),
+                   "load_average_before": min(r["load_average_before"] for r in runs),
+                   "load_average_after": max(r["load_average_after"] for r in runs)}
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.fleet_sim.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loraplex")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--trials", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--append", action="store_true", help="pool this run with the runs already in --out (same engine)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = measure(args.cache_dir, args.trials, args.seed)
+    if args.append and args.out.is_file():
+        result = merge(json.loads(args.out.read_text()), result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     log.info("%d step samples, %d disk loads, %d slot writes in %.0fs -> %s", len(result["step_samples"]),
