@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                              m["pods_created"], m["scale_from_zero"], m["sim_wall_s"])
     scale, _ = rules(args, max(args.replicas), "zero", "auto", model_load)
     result = {
-        "meta": {"command": "python -m bench.fleet_sim.elastic " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "meta": {"command": " ".join(["python -m bench.fleet_sim.elastic", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
                  "seed": args.seed, "wall_s": time.perf_counter() - t0, "rate_per_replica": args.rate_per_replica,
                  "warmup_s": args.warmup, "replica": rcfg.__dict__, "quick": args.quick, "strict": args.strict,
                  "disk_load_scale": args.disk_load_scale, "cold_start_s": scale.cold_start_s,

@@ -142,8 +142,24 @@ def plot(result: dict, out: Path) -> list[str]:
     return ["p99_vs_gpu_hours.png", "pods_over_day.png"]
 
 
+def dumps(result: dict) -> str:
+    """Indented JSON, but each run's pod timeline on one line (one number per line would triple it)."""
+    timelines = {}
+    runs = []
+    for i, r in enumerate(result["runs"]):
+        r = dict(r)
+        if "pods" in r:
+            timelines[f"@pods{i}@"] = json.dumps(r["pods"], separators=(",", ":"))
+            r["pods"] = f"@pods{i}@"
+        runs.append(r)
+    text = json.dumps({**result, "runs": runs}, indent=1, sort_keys=True, default=float)
+    for token, compact in timelines.items():
+        text = text.replace(f'"{token}"', compact)
+    return text + "\n"
+
+
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(result, out)
-    (out / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float) + "\n")
+    (out / "results.json").write_text(dumps(result))
     (out / "results.md").write_text(markdown(result))
