@@ -36,6 +36,10 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
+def fairness(text: str) -> float | None:
+    return None if text == "off" else float(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.fleet_sim", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-slots", type=int, default=8)
     p.add_argument("--host-slots", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--adapter-fairness-seconds", type=float, default=None,
-                   help="model the engine's slot-fairness rule with this aging time (default: off, as main's engine)")
+    p.add_argument("--adapter-fairness-seconds", type=fairness, default=0.0,
+                   help="the engine's slot-fairness aging time (its default: 0); 'off': the engine before that rule")
     p.add_argument("--scrape-interval", type=float, default=0.05,
                    help="seconds between the router's scrapes (the EPP's --refresh-metrics-interval default: 50 ms)")
     p.add_argument("--gie-weights", type=_floats, default=(2.0, 2.0, 1.0), help="queue,kv,lora-affinity scorer weights")

@@ -75,6 +75,7 @@ def fit(data: dict) -> StepCost:
         "median_rel_error": float(np.median(rel)), "p90_rel_error": float(np.quantile(rel, 0.9)),
         "disk_load_median_s": float(np.median(disk)), "disk_load_p90_s": float(np.quantile(disk, 0.9)),
         "h2d_median_s": h2d, "meta": data.get("meta", {}),
+        "engine_start_s": data.get("engine_start_seconds"),  # the model-load part of a cold start
     }
     return StepCost(*(float(c) for c in coef), disk_load_s=disk, h2d_s=h2d, fit=quality)
 

@@ -11,10 +11,15 @@ torch thread, as each real replica runs here) through randomized trials:
   adapters) and its wall time, read from the scheduler's own batch;
 - a step that copied an adapter into a device slot is timed but kept out of the step-cost
   samples: that copy is measured on its own (host -> device), as is the disk -> host load
-  (`AdapterManager` fetch + parse, which runs on its loader pool).
+  (`AdapterManager` fetch + parse, which runs on its loader pool);
+- the engine's start (`LLMEngine(config)`: the model read from disk, its slots and KV cache
+  allocated) is timed too: the model-load part of a replica's cold start.
 
 The random weights do not change any timing: requests use `ignore_eos` and fixed lengths.
-The machine is shared, so the load average is recorded next to the samples.
+The machine is shared, so the load average is recorded next to the samples. Other jobs only
+ever slow a step down, so one run on a busy machine can fit nonsense (a negative cost per
+adapter); `--append` pools another run of the same engine into the file (`meta.runs` lists
+each run) and the fit then uses every sample.
 """
 from __future__ import annotations
 
@@ -65,7 +70,9 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
     model, adapters, adapter_dir = assets(cache_dir, 48)
     settings = EngineSettings(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=512, max_active_adapters=16,
                               max_cpu_adapters=64, max_lora_rank=RANK)
+    t_engine = time.perf_counter()
     engine = make_engine(model, settings, adapter_dir)
+    engine_start = time.perf_counter() - t_engine
     mgr = engine.adapters
 
     # disk -> host: the manager's own load timing (fetch + parse on its loader pool), one at a time
@@ -84,14 +91,14 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
 
     # host -> device: time each slot write; a step that wrote a slot is left out of the step samples
     writes: list[float] = []
-    original_write = mgr._write_slot
+    original_write = mgr.slots.write  # DeviceSlots.write: the copy into a slot, on the step thread
 
     def timed_write(slot, weights):
         t = time.perf_counter()
         original_write(slot, weights)
         writes.append(time.perf_counter() - t)
 
-    mgr._write_slot = timed_write
+    mgr.slots.write = timed_write
     captured: list = []
     original_schedule = engine.scheduler.schedule
 
@@ -138,7 +145,8 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
     elapsed = time.perf_counter() - t_start
     # more host -> device samples: rewrite slots with host copies (no sequence is running now)
     with mgr.lock:
-        hosted = [mgr.entries[a.name].weights for a in adapters[16:] if mgr.entries[a.name].weights is not None]
+        entries = [mgr.registry.get(a.name) for a in adapters[16:]]
+        hosted = [e.weights for e in entries if e is not None and e.weights is not None]
         for i, weights in enumerate(hosted):
             t = time.perf_counter()
             original_write(i % mgr.num_slots, weights)
@@ -149,6 +157,7 @@ def measure(cache_dir: Path, trials: int, seed: int) -> dict:
         "step_samples": samples,
         "disk_to_host_seconds": [round(s, 6) for s in disk_s],
         "host_to_device_seconds": [round(s, 6) for s in writes],
+        "engine_start_seconds": round(engine_start, 3),
         "meta": {
             "model": model.label, "shape": model.shape, "adapter_rank": RANK, "adapter_targets": TARGETS,
             "adapter_bytes": adapters[0].nbytes, "torch_threads": 1, "dtype": "float32",
@@ -174,16 +183,39 @@ def _git_rev() -> str:
         return "unknown"
 
 
+def merge(old: dict, new: dict) -> dict:
+    """Pool two runs of the same engine commit: their samples together, each run's meta kept."""
+    if old["meta"].get("git") != new["meta"].get("git") or old["meta"].get("shape") != new["meta"].get("shape"):
+        raise SystemExit(f"--append: the file was measured on {old['meta'].get('git')}, this run on "
+                         f"{new['meta'].get('git')}; measure the new engine afresh")
+    runs = old["meta"].get("runs") or [{**old["meta"], "engine_start_seconds": old.get("engine_start_seconds")}]
+    runs = runs + [{**new["meta"], "engine_start_seconds": new.get("engine_start_seconds")}]
+    out = dict(new)
+    for key in ("step_samples", "disk_to_host_seconds", "host_to_device_seconds"):
+        out[key] = old[key] + new[key]
+    starts = sorted(r["engine_start_seconds"] for r in runs if r.get("engine_start_seconds") is not None)
+    out["engine_start_seconds"] = starts[len(starts) // 2] if starts else None  # the median run's
+    keep = ("load_average_before", "load_average_after", "trials", "seed", "measure_seconds", "when", "engine_start_seconds")
+    out["meta"] = {**new["meta"], "runs": [{k: r.get(k) for k in keep} for r in runs],
+                   "trials": sum(r["trials"] for r in runs), "measure_seconds": sum(r["measure_seconds"] for r in runs),
+                   "load_average_before": min(r["load_average_before"] for r in runs),
+                   "load_average_after": max(r["load_average_after"] for r in runs)}
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.fleet_sim.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loraplex")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--trials", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--append", action="store_true", help="pool this run with the runs already in --out (same engine)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = measure(args.cache_dir, args.trials, args.seed)
+    if args.append and args.out.is_file():
+        result = merge(json.loads(args.out.read_text()), result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     log.info("%d step samples, %d disk loads, %d slot writes in %.0fs -> %s", len(result["step_samples"]),

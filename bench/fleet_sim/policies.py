@@ -35,6 +35,14 @@ Policies:
   the scheme of KubeAI's PrefixHash load balancer: the adapter name hashes onto a ring of
   `vnodes` points per replica; walking clockwise, the first replica whose in-flight count + 1
   is within ceil(load_factor * (total in flight + 1) / replicas) gets it.
+- `placed`: follows the operator's warm placement (placement.py): the adapter's placed pods
+  that are ready, the one with the fewest requests in flight, under the same load bound as
+  `chwbl`; past the bound, or with no placed pod ready, the adapter's rendezvous order over
+  the ready pods, first pod under the bound. What a placement-aware endpoint picker would do
+  (the EPP's lora-affinity scorer fed with the placement instead of the running adapters).
+
+The elastic fleet (fleet.py) routes over its ready pods only: a view's `pod_id` names the pod,
+so the hashing policies keep each pod's ring points while pods come and go.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ import random
 from dataclasses import dataclass, field
 
 POLICIES = ("random", "least-load", "gie", "gie-resident", "chwbl")
+ELASTIC_POLICIES = POLICIES + ("placed",)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class PodView:
     resident_adapters: frozenset = frozenset()  # scraped: adapters in device slots (loraplex only)
     max_lora: int = 8  # device slots
     in_flight: int = 0  # router-local: sent there, not finished
+    pod_id: int = -1  # the pod's identity when pods come and go (-1: its index in the list)
 
 
 class Policy:
@@ -137,15 +147,22 @@ class ChwblPolicy(Policy):
     load_factor: float = 1.25
     vnodes: int = 100
     name: str = "chwbl"
+    _ids: tuple = field(default=(), repr=False)
     _ring: list = field(default_factory=list, repr=False)
     _owners: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        points = sorted((_hash(f"replica-{r}#{v}"), r) for r in range(self.num_replicas) for v in range(self.vnodes))
-        self._ring = [p for p, _ in points]
-        self._owners = [r for _, r in points]
+        self._build(tuple(range(self.num_replicas)))
+
+    def _build(self, ids: tuple) -> None:
+        """Ring points of the pods `ids`; an owner is the pod's position in the views list."""
+        points = sorted((_hash(f"replica-{r}#{v}"), k) for k, r in enumerate(ids) for v in range(self.vnodes))
+        self._ids, self._ring, self._owners = ids, [p for p, _ in points], [k for _, k in points]
 
     def pick(self, adapter, views):
+        ids = tuple(v.pod_id if v.pod_id >= 0 else i for i, v in enumerate(views))
+        if ids != self._ids:
+            self._build(ids)
         total = sum(v.in_flight for v in views)
         bound = math.ceil(self.load_factor * (total + 1) / len(views))
         start = bisect.bisect(self._ring, _hash(adapter)) % len(self._ring)
@@ -154,6 +171,31 @@ class ChwblPolicy(Policy):
             if views[r].in_flight + 1 <= bound:
                 return r
         return self._owners[start]  # unreachable: some replica is always at or below the mean
+
+
+@dataclass
+class PlacedPolicy(Policy):
+    """Needs `placement` (placement.Placement) and `index` (adapter name -> id) set by the fleet."""
+
+    load_factor: float = 1.25
+    name: str = "placed"
+    placement: object = None
+    index: dict = field(default_factory=dict, repr=False)
+
+    def pick(self, adapter, views):
+        a = self.index[adapter]
+        total = sum(v.in_flight for v in views)
+        bound = math.ceil(self.load_factor * (total + 1) / len(views))
+        at = {v.pod_id: i for i, v in enumerate(views)}
+        placed = [at[p] for p in self.placement.placed[a] if p in at]
+        if placed:
+            best = min(placed, key=lambda i: views[i].in_flight)
+            if views[best].in_flight + 1 <= bound:
+                return best
+        for p in self.placement.ranking(a, list(at)):
+            if views[at[p]].in_flight + 1 <= bound:
+                return at[p]
+        return min(range(len(views)), key=lambda i: views[i].in_flight)
 
 
 def _hash(key: str) -> int:
@@ -171,4 +213,6 @@ def make_policy(name: str, num_replicas: int, seed: int, gie_weights: tuple[floa
         return GiePolicy(rng, q, kv, lora, resident=name == "gie-resident")
     if name == "chwbl":
         return ChwblPolicy(num_replicas)
-    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    if name == "placed":
+        return PlacedPolicy()
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(ELASTIC_POLICIES)}")

@@ -40,10 +40,10 @@ class ReplicaConfig:
     block_size: int = 16
     num_kv_blocks: int = 32 * 32  # max_num_seqs * (512 tokens / 16): no preemption
     idle_poll_s: float = 0.05
-    # The fairness rule of the engine issue (--adapter-fairness-seconds; not on main when this was
-    # written): once the oldest waiting request whose adapter is loaded but finds every slot
-    # pinned has waited this long, no younger adapter request may pin a slot. None: no such rule.
-    adapter_fairness_s: float | None = None
+    # The engine's slot-fairness rule (--adapter-fairness-seconds, default 0): once the oldest
+    # waiting request whose adapter is loaded but finds every slot pinned has waited this long,
+    # no younger adapter request may pin a slot. None: the engine before that rule.
+    adapter_fairness_s: float | None = 0.0
 
 
 class SimRequest:
@@ -108,6 +108,14 @@ class Replica:
         self.waiting.append(req)
         self._kick(now)
 
+    def prefetch(self, adapter: str, now: float) -> None:
+        """Load an adapter into host RAM ahead of any request (a warm placement): the same loader
+        queue, but nothing waits for it, so the host LRU may drop it again."""
+        self._start_load(adapter, now)
+
+    def warm(self, adapter: str) -> bool:
+        return adapter in self.host or adapter in self.slot_of
+
     def _start_load(self, adapter: str, now: float) -> None:
         if adapter in self.host or adapter in self.loading:
             return
@@ -129,6 +137,7 @@ class Replica:
         self.disk_loads += 1
         self.sim.count_load("disk", now)
         self._evict_host()
+        self.sim.on_loaded(self, adapter, now)
         if self.load_queue:
             self._run_load(self.load_queue.popleft(), now)
         if not self.busy and not self.wake_pending:  # the idle loop sees it at its next poll

@@ -66,6 +66,9 @@ class Simulation:
     def count_load(self, tier: str, now: float) -> None:
         self.loads[tier].append(now)
 
+    def on_loaded(self, replica: Replica, adapter: str, now: float) -> None:
+        """A disk -> host load finished on `replica` (the elastic fleet tracks warm-ups here)."""
+
     def finished(self, req: SimRequest, now: float) -> None:
         self.finish_count[req.idx] += 1
         self.views[req.replica].in_flight -= 1

@@ -295,9 +295,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loraplex")
     p.add_argument("--work", type=Path, default=Path("/tmp/loraplex-fleet-validate"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet_sim")
-    p.add_argument("--adapter-fairness-seconds", type=float, default=None,
-                   help="pass the engine's slot-fairness aging time to the engines and the model alike "
-                        "(default: the engines' own default, modelled as no rule)")
+    p.add_argument("--adapter-fairness-seconds", type=float, default=0.0,
+                   help="the engine's slot-fairness aging time, passed to the engines and the model alike "
+                        "(default: 0, the engine's own default)")
     p.add_argument("--tiny", action="store_true",
                    help="a smoke run of the pipeline on the tests' tiny model (the costs stay SmolLM2's: its errors mean nothing)")
     args = p.parse_args(argv)

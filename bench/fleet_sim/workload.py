@@ -8,13 +8,23 @@
   `rate`. Dwell times in each state are exponential. With burst_factor = 1 it is Poisson.
 - Lengths: prompt and output lengths uniform over ranges; outputs are generated to the full
   length (ignore_eos), as in bench/workload.py.
+- Shifting popularity (`shift_every_s`, off by default): the ranking drifts in epochs. At each
+  epoch boundary each of the `shift_top` hottest ranks swaps, with probability `shift_prob`,
+  with an adapter drawn uniformly from the other ranks: yesterday's hot adapters cool down and
+  cold ones (loaded nowhere) become hot. Its own random stream (seed, 2): every fleet size sees
+  the same shifts at the same moments.
+- Diurnal rate (`diurnal_period_s`, off by default): within each period a day of
+  `1 - night_share` of it, whose rate follows a half sine (zero at dawn and dusk, peak pi/2 over
+  the day's mean), then a quiet night with only a trickle of `night_rate` requests per second,
+  whatever the fleet size. The MMPP bursts ride on top (arrivals thinned by the day's shape),
+  and the long-run mean stays `rate` (plus the trickle).
 
 The same spec, scaled down (fewer adapters, replicas and seconds), drives the real loopback run,
 so the simulated and the real fleet see the same kind of traffic.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -31,6 +41,12 @@ class FleetWorkload:
     input_range: tuple[int, int] = (8, 32)
     output_range: tuple[int, int] = (8, 32)
     seed: int = 0
+    shift_every_s: float | None = None  # popularity epochs (None: one ranking for the whole run)
+    shift_top: int = 100
+    shift_prob: float = 0.5
+    diurnal_period_s: float | None = None  # None: a flat mean rate
+    night_share: float = 0.25
+    night_rate: float = 0.0  # requests per second during the night, whole fleet
 
     def describe(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -83,17 +99,68 @@ def mmpp_arrivals(rng: np.random.Generator, spec: FleetWorkload) -> np.ndarray:
     return np.concatenate(times) if times else np.zeros(0)
 
 
+def day_shape(t: np.ndarray, spec: FleetWorkload) -> np.ndarray:
+    """The diurnal rate multiplier at times t (mean 1 over a period; 0 at night)."""
+    day = 1.0 - spec.night_share
+    u = np.mod(t, spec.diurnal_period_s) / spec.diurnal_period_s
+    peak = np.pi / (2 * day)  # a half sine over the day has mean 2/pi of its peak
+    return np.where(u < day, peak * np.sin(np.pi * np.minimum(u / day, 1.0)), 0.0)
+
+
+def diurnal_arrivals(rng: np.random.Generator, spec: FleetWorkload) -> np.ndarray:
+    """MMPP arrivals at the day's peak rate, thinned by the day's shape, plus the night's trickle."""
+    if not 0 <= spec.night_share < 1:
+        raise ValueError("night_share must be in [0, 1)")
+    peak = np.pi / (2 * (1.0 - spec.night_share))
+    dense = mmpp_arrivals(rng, replace(spec, rate=spec.rate * peak))
+    kept = dense[rng.uniform(0, peak, size=len(dense)) < day_shape(dense, spec)]
+    night = np.zeros(0)
+    if spec.night_rate > 0:
+        trickle = rng.uniform(0, spec.duration_s, rng.poisson(spec.night_rate * spec.duration_s))
+        u = np.mod(trickle, spec.diurnal_period_s) / spec.diurnal_period_s
+        night = trickle[u >= 1.0 - spec.night_share]
+    return np.sort(np.concatenate([kept, night]))
+
+
+def rankings(spec: FleetWorkload, epochs: int) -> np.ndarray:
+    """(epochs, num_adapters): the adapter id of each popularity rank, epoch by epoch."""
+    n, top = spec.num_adapters, min(spec.shift_top, spec.num_adapters - 1)
+    drift = np.random.default_rng([spec.seed, 2])
+    out = np.empty((epochs, n), dtype=np.int64)
+    by_rank = np.random.default_rng([spec.seed, 3]).permutation(n)
+    for e in range(epochs):
+        if e:
+            for k in np.flatnonzero(drift.uniform(size=top) < spec.shift_prob):
+                j = int(drift.integers(top, n))
+                by_rank[k], by_rank[j] = by_rank[j], by_rank[k]
+        out[e] = by_rank
+    return out
+
+
+def epoch_of(t: np.ndarray, spec: FleetWorkload) -> np.ndarray:
+    if not spec.shift_every_s:
+        return np.zeros(len(t), dtype=np.int64)
+    return (np.asarray(t) // spec.shift_every_s).astype(np.int64)
+
+
 def generate(spec: FleetWorkload) -> Trace:
     rng = np.random.default_rng(spec.seed)
-    arrival = mmpp_arrivals(rng, spec)
+    arrival = diurnal_arrivals(rng, spec) if spec.diurnal_period_s else mmpp_arrivals(rng, spec)
     n = len(arrival)
-    by_rank = rng.permutation(spec.num_adapters)  # adapter id of popularity rank k
-    ranks = rng.choice(spec.num_adapters, size=n, p=zipf_probabilities(spec.num_adapters, spec.zipf_s))
+    if spec.shift_every_s or spec.diurnal_period_s:
+        ranks = rng.choice(spec.num_adapters, size=n, p=zipf_probabilities(spec.num_adapters, spec.zipf_s))
+        epoch = epoch_of(arrival, spec)
+        table = rankings(spec, int(epoch.max()) + 1 if n else 1)
+        adapter = table[epoch, ranks]
+    else:  # the original stream, draw for draw (the committed runs and the loopback validation)
+        by_rank = rng.permutation(spec.num_adapters)  # adapter id of popularity rank k
+        ranks = rng.choice(spec.num_adapters, size=n, p=zipf_probabilities(spec.num_adapters, spec.zipf_s))
+        adapter = by_rank[ranks]
     lo, hi = spec.input_range
     prompt = rng.integers(lo, hi, size=n, endpoint=True)
     lo, hi = spec.output_range
     output = rng.integers(lo, hi, size=n, endpoint=True)
-    return Trace(arrival, by_rank[ranks], prompt, output)
+    return Trace(arrival, adapter, prompt, output)
 
 
 def summary(trace: Trace, spec: FleetWorkload) -> dict:
@@ -107,4 +174,18 @@ def summary(trace: Trace, spec: FleetWorkload) -> dict:
         "interarrival_cv": float(gaps.std() / gaps.mean()) if len(gaps) > 1 else 0.0,
         "mean_prompt_len": float(trace.prompt_len.mean()) if len(trace) else 0.0,
         "mean_output_len": float(trace.output_len.mean()) if len(trace) else 0.0,
-    }
+    } | (shape_summary(trace, spec) if spec.shift_every_s or spec.diurnal_period_s else {})
+
+
+def shape_summary(trace: Trace, spec: FleetWorkload) -> dict:
+    """How much the hot set moves per epoch and how the rate swings over the day."""
+    epochs = int(epoch_of(np.array([max(0.0, spec.duration_s - 1e-9)]), spec)[0]) + 1
+    table = rankings(spec, epochs)
+    turnover = [len(set(table[e, :10]) - set(table[e - 1, :10])) / 10 for e in range(1, epochs)]
+    per_min = np.bincount((trace.arrival // 60).astype(np.int64), minlength=int(np.ceil(spec.duration_s / 60)))
+    out = {"epochs": epochs, "top10_turnover_per_epoch": float(np.mean(turnover)) if turnover else 0.0,
+           "peak_minute_rate": float(per_min.max() / 60) if len(per_min) else 0.0}
+    if spec.diurnal_period_s:
+        u = np.mod(trace.arrival, spec.diurnal_period_s) / spec.diurnal_period_s
+        out["night_requests"] = int((u >= 1.0 - spec.night_share).sum())
+    return out
