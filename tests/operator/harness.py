@@ -6,6 +6,7 @@ Pods from the operator's Deployment, the kubelet marking them Ready).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -598,3 +599,16 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
         self.client.close()
+
+
+@contextlib.contextmanager
+def operator_cluster(tmp: Path, env: dict[str, str]):
+    """A FakeCluster with the real operator running against it (`cluster.operator`), both stopped
+    on exit: what a module of kopf-against-the-API tests shares."""
+    with FakeCluster() as c:
+        op = OperatorProcess(c.write_kubeconfig(tmp / "kubeconfig"), tmp / "operator.log", env=env).start()
+        c.operator = op  # type: ignore[attr-defined]
+        try:
+            yield c
+        finally:
+            op.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import FakeCluster, OperatorProcess, free_port, pod_from_deployment, wait_for
+from .harness import FakeCluster, free_port, operator_cluster, pod_from_deployment, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +31,8 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("operator-no-engine")
-    with FakeCluster() as c:
-        op = OperatorProcess(c.write_kubeconfig(tmp / "kubeconfig"), tmp / "operator.log", env=ENV).start()
-        c.operator = op  # type: ignore[attr-defined]
-        try:
-            yield c
-        finally:
-            op.stop()
+    with operator_cluster(tmp_path_factory.mktemp("operator-no-engine"), ENV) as c:
+        yield c
 
 
 def status(c: FakeCluster, plural: str, name: str) -> dict:

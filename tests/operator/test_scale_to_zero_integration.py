@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from .crd_tools import admit_foreign
-from .harness import FakeCluster, OperatorProcess, from_operator, pod_from_deployment, pod_status, wait_for
+from .harness import FakeCluster, from_operator, operator_cluster, pod_from_deployment, pod_status, wait_for
 from .test_scaletozero import k8s_errors, keda_crd
 
 pytestmark = pytest.mark.slow
@@ -39,14 +39,8 @@ SPEC = {"model": {"id": "org/model"}, "engine": {"port": 18080},
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scale-to-zero")
-    with FakeCluster() as c:
-        op = OperatorProcess(c.write_kubeconfig(tmp / "kubeconfig"), tmp / "operator.log", env=ENV).start()
-        c.operator = op  # type: ignore[attr-defined]
-        try:
-            yield c
-        finally:
-            op.stop()
+    with operator_cluster(tmp_path_factory.mktemp("scale-to-zero"), ENV) as c:
+        yield c
 
 
 def base_status(c: FakeCluster) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from loraplex.manifest import salted_key_hash
 from loraplex.operator.adapters import tenant_salt
 
-from .harness import FakeCluster, OperatorProcess, free_port, pod_from_deployment, pod_status, wait_for
+from .harness import FakeCluster, free_port, operator_cluster, pod_from_deployment, pod_status, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +49,8 @@ def key_secret(name: str, data: dict[str, str]) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("operator-tenants")
-    with FakeCluster() as c:
-        op = OperatorProcess(c.write_kubeconfig(tmp / "kubeconfig"), tmp / "operator.log", env=ENV).start()
-        c.operator = op  # type: ignore[attr-defined]
-        try:
-            yield c
-        finally:
-            op.stop()
+    with operator_cluster(tmp_path_factory.mktemp("operator-tenants"), ENV) as c:
+        yield c
 
 
 def keys_file(c: FakeCluster) -> dict | None:
