@@ -64,29 +64,16 @@ class AdapterState(str, Enum):
     FAILED = "failed"  # load failed; `message` says why
 
 
-class AdapterManifest(BaseModel):
-    """One adapter, as tenants name it and as the engine fetches it."""
+class AdapterWeights(BaseModel):
+    """Where one set of adapter weights is fetched from, and the digests that pin it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="the model name tenants send; a DNS-1123 label")
     source: Literal["local", "hub", "s3"] = "local"
     uri: str = Field(min_length=1)
-    revision: str | None = None
+    revision: str | None = None  # a Hub revision (branch, tag, commit); not an adapter revision
     sha256: str | None = None  # of adapter_model.safetensors
     config_sha256: str | None = None  # of adapter_config.json
-    preload: bool = False
-    tenants: list[str] = Field(default_factory=list)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_dns_label(cls, v: str) -> str:
-        if len(v) > 63 or not DNS1123_LABEL.match(v):
-            raise ValueError(
-                f"adapter name {v!r} must be a DNS-1123 label: lowercase letters, digits and '-', "
-                "starting and ending with an alphanumeric, at most 63 characters"
-            )
-        return v
 
     @field_validator("sha256", "config_sha256")
     @classmethod
@@ -95,17 +82,8 @@ class AdapterManifest(BaseModel):
             raise ValueError(f"{info.field_name} must be 64 hexadecimal characters")
         return v.lower() if v else v
 
-    @field_validator("tenants")
-    @classmethod
-    def _tenants_are_hashes(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if not (SHA256_HEX.match(t) or _salted(t)):
-                raise ValueError("tenants must be hashes of API keys (pbkdf2_sha256$<iterations 1..1000000>$<salt: "
-                                 "8-64 of A-Za-z0-9._->$<64 hex>, or a sha256 hex digest), never raw keys")
-        return v
-
     @model_validator(mode="after")
-    def _uri_fits_source(self) -> "AdapterManifest":
+    def _uri_fits_source(self):
         if self.source == "s3" and not S3_URI.match(self.uri):
             raise ValueError(f"source s3 needs a uri like s3://bucket/prefix, got {self.uri!r}")
         if self.source == "hub" and not HUB_REPO.match(self.uri):
@@ -119,6 +97,102 @@ class AdapterManifest(BaseModel):
         if self.revision is not None and (problem := path_problem(self.revision)):
             raise ValueError(f"revision {self.revision!r} is refused: {problem}")
         return self
+
+    def weights(self) -> dict:
+        """The weight fields alone (source, uri, revision, sha256, config_sha256), Nones dropped."""
+        return {k: getattr(self, k) for k in AdapterWeights.model_fields if getattr(self, k) is not None}
+
+
+# ---- adapter revisions --------------------------------------------------------------------------
+#
+# A LoraAdapter's weights change by revisions: each change of its source is a new immutable
+# revision, numbered from 1 (LoraAdapter status.revisions). A manifest with `revisions` lists the
+# revisions in use on the engines and each one's share of the requests for the name (percent,
+# summing to 100; 0: loaded and pinnable as `<name>@<number>`, never picked). The engine serves
+# each revision as its own adapter under the key `<name>@<number>`, so weights, device slots,
+# prefix cache entries and metrics of two revisions never mix.
+
+MAX_SERVED_REVISIONS = 16  # revisions one manifest may list
+REVISION_SEPARATOR = "@"
+MODEL_REVISION = re.compile(r"^(?P<name>[a-z0-9]([-a-z0-9]*[a-z0-9])?)@(?P<number>[1-9][0-9]{0,9})$")
+
+
+class AdapterRevision(AdapterWeights):
+    """One immutable revision of an adapter's weights, and its share of the name's requests."""
+
+    number: int = Field(ge=1, le=2**31 - 1)
+    percent: int = Field(ge=0, le=100)
+
+
+def revision_key(name: str, number: int) -> str:
+    """The engine's key for one revision of an adapter, and the model name that pins it."""
+    return f"{name}{REVISION_SEPARATOR}{number}"
+
+
+def split_revision(model: str) -> tuple[str, int | None]:
+    """A requested model name as (adapter name, pinned revision number or None): `support@3`
+    pins revision 3 of `support`; anything else (no '@', a Hub id) is returned whole."""
+    m = MODEL_REVISION.match(model)
+    return (m["name"], int(m["number"])) if m else (model, None)
+
+
+class AdapterManifest(AdapterWeights):
+    """One adapter, as tenants name it and as the engine fetches it.
+
+    Without `revisions`, the weight fields are what the engine serves under the name. With
+    `revisions`, the engine serves only those (each under `<name>@<number>`, requests for the name
+    split by percent); the weight fields then describe the adapter's latest weights (the
+    LoraAdapter's spec.source), for tools that read a manifest without knowing revisions."""
+
+    name: str = Field(description="the model name tenants send; a DNS-1123 label")
+    preload: bool = False
+    tenants: list[str] = Field(default_factory=list)
+    revisions: list[AdapterRevision] | None = Field(default=None, max_length=MAX_SERVED_REVISIONS)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dns_label(cls, v: str) -> str:
+        if len(v) > 63 or not DNS1123_LABEL.match(v):
+            raise ValueError(
+                f"adapter name {v!r} must be a DNS-1123 label: lowercase letters, digits and '-', "
+                "starting and ending with an alphanumeric, at most 63 characters"
+            )
+        return v
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants_are_hashes(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not (SHA256_HEX.match(t) or _salted(t)):
+                raise ValueError("tenants must be hashes of API keys (pbkdf2_sha256$<iterations 1..1000000>$<salt: "
+                                 "8-64 of A-Za-z0-9._->$<64 hex>, or a sha256 hex digest), never raw keys")
+        return v
+
+    @field_validator("revisions")
+    @classmethod
+    def _revisions_split_the_name(cls, v: list[AdapterRevision] | None) -> list[AdapterRevision] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("revisions, when given, lists at least one revision")
+        numbers = [r.number for r in v]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"revision numbers must be unique, got {numbers}")
+        total = sum(r.percent for r in v)
+        if total != 100:
+            raise ValueError(f"the revisions' percents must sum to 100, got {total}")
+        return sorted(v, key=lambda r: r.number)
+
+    def revision_manifests(self) -> list[tuple[AdapterRevision, "AdapterManifest"]]:
+        """Each served revision with the single-weights manifest the engine registers for it
+        (named `<name>@<number>`, the adapter's preload and tenants); [] without revisions."""
+        out = []
+        for r in self.revisions or []:
+            m = AdapterManifest.model_construct(  # validated as AdapterRevision; the name holds '@' on purpose
+                name=revision_key(self.name, r.number), preload=self.preload, tenants=list(self.tenants),
+                revisions=None, **{k: getattr(r, k) for k in AdapterWeights.model_fields})
+            out.append((r, m))
+        return out
 
 
 def manifest_digest(manifest: AdapterManifest) -> str:
