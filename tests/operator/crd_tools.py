@@ -1,6 +1,7 @@
 """What an API server does with a custom resource before storing it, re-done for tests:
 defaulting from the OpenAPI schema, OpenAPI validation (jsonschema), and the CEL rules
-(x-kubernetes-validations) evaluated with a real CEL implementation (cel-python).
+(x-kubernetes-validations) evaluated with a real CEL implementation (cel-python), plus the
+Kubernetes CEL library functions the CRDs use (K8S_FUNCTIONS).
 
 The API server's structural checks of `x-kubernetes-list-type: map` lists (the map keys are
 unique: a duplicate is refused before any CEL rule runs) are re-done too.
@@ -106,9 +107,20 @@ _ENV = celpy.Environment()
 _PROGRAMS: dict[str, Any] = {}
 
 
+def _sum(items: Any) -> Any:
+    """Kubernetes' CEL list library `sum()` (cel-python has no such function)."""
+    total = celpy.celtypes.IntType(0)
+    for x in items:
+        total = total + x
+    return total
+
+
+K8S_FUNCTIONS = {"sum": _sum}
+
+
 def _program(rule: str) -> Any:
     if rule not in _PROGRAMS:
-        _PROGRAMS[rule] = _ENV.program(_ENV.compile(rule))
+        _PROGRAMS[rule] = _ENV.program(_ENV.compile(rule), functions=K8S_FUNCTIONS)
     return _PROGRAMS[rule]
 
 

@@ -26,6 +26,11 @@ def tenant(**fields) -> dict:
     return {"name": "acme", "apiKeySecretRefs": [{"name": "acme-keys"}], **fields}
 
 
+def revised(spec: dict | None = None, latest: int = 4) -> dict:
+    """A LoraAdapter whose status says `latest` revisions were made."""
+    return {**lora(spec), "status": {"latestRevision": latest}}
+
+
 def lora(spec: dict | None = None, name: str = "support-acme") -> dict:
     base = {"baseModel": "llama", "source": {"type": "hub", "uri": "acme/support-lora"}}
     base.update(spec or {})
@@ -159,12 +164,31 @@ def test_good_bmds(obj):
     lora({"placement": {"replicas": "auto", "min": 1, "max": 8, "targetRequestsPerPod": 1.5,
                         "rateWindowSeconds": 30, "scaleDownDelaySeconds": 0}}),
     lora({"placement": {"replicas": "auto", "max": 2}}),
+    lora({"traffic": [{"latestRevision": True, "percent": 100}]}),
+    lora({"traffic": [{"revision": 1, "percent": 100}]}),  # a create: revision 1 is the first one made
+    revised({"traffic": [{"revision": 3, "percent": 90}, {"latestRevision": True, "percent": 10}]}),
+    revised({"traffic": [{"revision": 1, "percent": 0}, {"revision": 2, "percent": 60},
+                         {"revision": 4, "percent": 40}]}),
+    lora({"rollout": {}, "revisionHistoryLimit": 10}),
+    lora({"rollout": {"steps": [5, 20, 60, 100], "stepSeconds": 3, "maxErrorRatio": 2, "maxTTFTRatio": 1.2,
+                      "minRequests": 5}}),
 ], ids=["hub", "s3", "local", "hub-full", "hub-pr-ref", "s3-trailing-slash", "s3-bucket-root", "tenants",
-        "one-char-name", "placement-all", "placement-3", "placement-auto", "placement-auto-max-only"])
+        "one-char-name", "placement-all", "placement-3", "placement-auto", "placement-auto-max-only",
+        "traffic-latest", "traffic-first-revision", "traffic-split", "traffic-zero-percent", "rollout-defaults",
+        "rollout-full"])
 def test_good_adapters(obj):
     defaulted, errors = admit(LORA, obj)
     assert errors == []
     assert defaulted["spec"]["preload"] is False
+    assert defaulted["spec"]["revisionHistoryLimit"] >= 1
+
+
+def test_rollout_defaults():
+    defaulted, errors = admit(LORA, lora({"rollout": {}}))
+    assert errors == []
+    assert defaulted["spec"]["rollout"] == {"steps": [10, 50, 100], "stepSeconds": 300, "maxErrorRatio": 1.5,
+                                            "maxTTFTRatio": 1.5, "minRequests": 20}
+    assert defaulted["spec"]["revisionHistoryLimit"] == 5
 
 
 # --- bad objects: OpenAPI ----------------------------------------------------------------------
@@ -207,13 +231,29 @@ def test_good_adapters(obj):
     (LORA, lora({"placement": {"replicas": "auto", "min": 0}}), "less than the minimum"),
     (LORA, lora({"placement": {"replicas": "auto", "targetRequestsPerPod": 0}}), "less than or equal to the minimum"),
     (LORA, lora({"placement": {"replicas": "auto", "rateWindowSeconds": 1}}), "less than the minimum"),
+    (LORA, lora({"traffic": [{"latestRevision": True, "percent": 101}]}), "greater than the maximum"),
+    (LORA, lora({"traffic": [{"revision": 0, "percent": 100}]}), "less than the minimum"),
+    (LORA, lora({"traffic": [{"revision": 1}]}), "'percent' is a required property"),
+    (LORA, lora({"traffic": [{"revision": 1, "percent": 6}] * 17}), "is too long"),
+    (LORA, lora({"rollout": {"steps": [0, 100]}}), "less than the minimum"),
+    (LORA, lora({"rollout": {"steps": [10, 110]}}), "greater than the maximum"),
+    (LORA, lora({"rollout": {"steps": list(range(1, 12))}}), "is too long"),
+    (LORA, lora({"rollout": {"steps": []}}), "should be non-empty"),
+    (LORA, lora({"rollout": {"stepSeconds": 0}}), "less than the minimum"),
+    (LORA, lora({"rollout": {"maxErrorRatio": 0.5}}), "less than the minimum"),
+    (LORA, lora({"rollout": {"minRequests": 0}}), "less than the minimum"),
+    (LORA, lora({"revisionHistoryLimit": 0}), "less than the minimum"),
+    (LORA, lora({"revisionHistoryLimit": 101}), "greater than the maximum"),
 ], ids=["no-model-id", "dtype", "replicas", "svc-type", "target-zero", "low-port", "source-type", "sha256",
         "config-sha256", "uri-percent", "uri-backslash", "uri-newline", "revision-percent",
         "base-name", "secret-ref", "placement-zero", "placement-word", "placement-policy", "epp-port", "tenant-negative-rpm",
         "tenant-zero-tpm", "tenant-negative-concurrency", "tenant-zero-weight", "tenant-fractional-weight",
         "tenant-name", "tenant-long-name", "tenant-no-refs", "tenant-refs-missing", "tenant-duplicate-names",
         "tenants-over-cap", "tenant-refs-over-cap", "min-replicas-negative", "warm-start-budget",
-        "interceptor-port", "placement-min-zero", "placement-target-zero", "placement-window"])
+        "interceptor-port", "placement-min-zero", "placement-target-zero", "placement-window",
+        "traffic-over-100", "traffic-revision-zero", "traffic-no-percent", "traffic-over-cap", "steps-zero",
+        "steps-over-100", "steps-over-cap", "steps-empty", "step-seconds", "error-ratio", "min-requests",
+        "history-zero", "history-over-cap"])
 def test_openapi_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors
@@ -247,10 +287,30 @@ def test_openapi_rejects(crd, obj, fragment):
     (LORA, lora({"source": {"type": "hub", "uri": "o/r", "revision": "refs//x"}}), "revision may hold no"),
     (LORA, lora({"placement": {"replicas": "auto", "min": 5, "max": 2}}), "placement.min must be <= placement.max"),
     (BMD, bmd({"placement": {"replicas": "auto", "min": 9}}), "placement.min must be <= placement.max"),
+    (LORA, revised({"traffic": [{"revision": 3, "percent": 90}, {"latestRevision": True, "percent": 20}]}),
+     "must sum to 100"),
+    (LORA, revised({"traffic": [{"revision": 3, "percent": 50}]}), "must sum to 100"),
+    (LORA, revised({"traffic": [{"latestRevision": True, "percent": 50}, {"latestRevision": True, "percent": 50}]}),
+     "at most one traffic entry may name latestRevision"),
+    (LORA, revised({"traffic": [{"revision": 2, "percent": 50}, {"revision": 2, "percent": 50}]}),
+     "a revision may appear in traffic only once"),
+    (LORA, revised({"traffic": [{"revision": 2, "latestRevision": True, "percent": 100}]}),
+     "exactly one of revision or latestRevision"),
+    (LORA, revised({"traffic": [{"percent": 100}]}), "exactly one of revision or latestRevision"),
+    (LORA, revised({"traffic": [{"revision": 2, "percent": 90}, {"latestRevision": False, "percent": 10}]}),
+     "latestRevision, when given, must be true"),
+    (LORA, revised({"traffic": [{"revision": 5, "percent": 100}]}), "greater than status.latestRevision"),
+    (LORA, lora({"traffic": [{"revision": 2, "percent": 100}]}), "greater than status.latestRevision"),
+    (LORA, lora({"traffic": [{"latestRevision": True, "percent": 100}], "rollout": {}}), "mutually exclusive"),
+    (LORA, lora({"rollout": {"steps": [10, 50, 50, 100]}}), "strictly increasing"),
+    (LORA, lora({"rollout": {"steps": [1, 2, 3, 4, 5, 6, 7, 8, 10, 9]}}), "strictly increasing"),
 ], ids=["min-gt-max", "kv-target", "ingress-host", "bmd-digit", "bmd-long", "upper", "dash", "long", "s3-uri",
         "s3-bucket", "hub-s3", "hub-3-parts", "revision", "local-url", "s3-dotdot", "s3-dot", "s3-empty",
         "s3-trailing-dotdot", "local-dotdot", "local-empty", "revision-dotdot", "revision-absolute",
-        "revision-empty", "placement-min-gt-max", "base-placement-min-over-default-max"])
+        "revision-empty", "placement-min-gt-max", "base-placement-min-over-default-max", "traffic-sum-over",
+        "traffic-sum-under", "traffic-two-latest", "traffic-revision-twice", "traffic-both-keys",
+        "traffic-no-key", "traffic-latest-false", "traffic-unknown-revision", "traffic-unknown-on-create",
+        "traffic-and-rollout", "steps-repeated", "steps-last-pair"])
 def test_cel_rejects(crd, obj, fragment):
     _, errors = admit(crd, obj)
     assert any(fragment in e for e in errors), errors
