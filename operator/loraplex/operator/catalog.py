@@ -51,6 +51,7 @@ operator renders `--adapter-catalog-url <it>/catalog/v1/<namespace>/<base>` into
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ from loraplex.manifest import DNS1123_LABEL, AdapterManifest
 from . import adapters as A
 from . import constants as C
 from . import placement as P
+from . import revisions as V
 from .catalog_auth import CallerLimits, TokenTable
 from . import config
 from .constants import Key
@@ -164,7 +166,8 @@ async def lookup(rt: Runtime, cache: ObjectCache, namespace: str, base_name: str
         manifest = await desired_manifest(rt, namespace, name, spec, base.get("spec") or {})
     except A.SpecProblem as problem:
         return 409, (problem.reason, f"LoraAdapter {name!r} is not accepted: {problem.message}")
-    return 200, A.manifest_json(manifest)
+    # Its revisions split as on its placed pods (status.traffic), so an unplaced pod splits alike.
+    return 200, A.manifest_json(V.served_from_status(manifest, spec, status))
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,10 @@ def base_view(rt: Runtime, namespace: str, base_name: str, base: dict) -> BaseVi
     pods = rt.sync.pods.get(Key(namespace, base_name))
     if pods is None:
         return None
-    built = tuple((k.name, c) for k, c in list(rt.sync.manifests.items())
+    # The served manifests (with revisions) where the pass made them, under the plain one's stamp.
+    served = rt.sync.served
+    built = tuple((k.name, dataclasses.replace(c, result=served[k].manifest) if k in served else c)
+                  for k, c in list(rt.sync.manifests.items())
                   if k.namespace == namespace and isinstance(c.result, AdapterManifest))
     previous = {k.name: list(v) for k, v in list(rt.placements.where.items()) if k.namespace == namespace}
     return BaseView(base_name, tuple(sorted(pods)), built, previous, base.get("spec") or {})

@@ -28,6 +28,7 @@ from .adapters import is_transient
 from .backoff import exponential
 from .config import OperatorConfig
 from .engine_client import EngineClient, EngineError, EngineUnreachable, boot_id_of
+from .revisions import listed_states
 from .status import PodView
 
 log = logging.getLogger("loraplex.operator.fleet")
@@ -48,6 +49,7 @@ class PodRecord:
     verified: bool = True           # False after a failure until a load succeeds again
     streak: int = 0                 # consecutive transport errors (unreachable engine)
     next_attempt: float = 0.0       # monotonic time before which the adapter is not retried here
+    revisions: tuple[tuple[int, str, str], ...] = ()  # (number, state, message) per revision there
 
     def entry(self) -> dict:
         """The pod's entry in LoraAdapter status.pods."""
@@ -266,6 +268,8 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
         elif rec.state == C.STATE_UNREACHABLE:
             rec = replace(rec, state=None, streak=0)
         op, rec = plan_adapter(rec, listing.get(name), manifest, now(), cfg, digest)
+        # Each revision's state there, whatever manifest the pod holds (revision_pass's readiness).
+        rec = replace(rec, revisions=listed_states(listing.get(name)))
         out.records[name] = rec
         if op is not Op.NONE and op is not Op.WAIT:
             ops.append(Planned(name, op, rec))
@@ -312,7 +316,10 @@ async def sync_pod(engine: EngineClient, pod: PodView, mem: PodMemory, placed: M
                 out.records[name] = fold_error(rec, report, now(), cfg)
             else:
                 (out.retried if p.op is Op.RETRY else out.pushed).append(name)
-                out.records[name] = fold_report(rec, report.state, report.message, now(), cfg, new_attempt=True)
+                rec = fold_report(rec, report.state, report.message, now(), cfg, new_attempt=True)
+                if "revisions" in report.raw:
+                    rec = replace(rec, revisions=listed_states(report.raw))
+                out.records[name] = rec
 
     async def run_all() -> None:
         deleted_first = [p for p in ops if p.op in (Op.RETRY, Op.UNLOAD)]

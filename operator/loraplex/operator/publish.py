@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from . import adapters as A
 from . import constants as C
@@ -19,6 +19,9 @@ from .config import OperatorConfig
 from .constants import Key
 from .fleet import PodRecord, next_wakeup
 from .kube import ApiError, KubeClient, Ref
+
+if TYPE_CHECKING:
+    from .revision_pass import RevisionStatus
 
 log = logging.getLogger("loraplex.operator")
 
@@ -111,6 +114,7 @@ class StatusWrite:
     adapter: dict
     old: dict
     new: dict
+    events: tuple[Event, ...] = ()  # the revisions' own (traffic shifts, rollout steps), posted with the write
 
 
 @dataclass
@@ -124,11 +128,14 @@ class AdapterStatuses:
 async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: OperatorConfig, base: dict,
                            adapters: list[dict], problems: dict[str, A.SpecProblem], placed: dict[str, list[str]],
                            records: dict[str, dict[str, PodRecord]], took_part: set[str],
-                           digests: dict[str, str], reasons: dict[str, str] | None = None) -> AdapterStatuses:
+                           digests: dict[str, str], reasons: dict[str, str] | None = None,
+                           revisions: Mapping[str, RevisionStatus] | None = None) -> AdapterStatuses:
     """Compute every adapter's status, write those that differ (cfg.status_concurrency at once);
     aggregate the phase transitions into Events on the base. `reasons`: why an auto adapter has
-    the warm pods it has (status.placementReason)."""
+    the warm pods it has (status.placementReason); `revisions`: each adapter's revision status
+    (revision_pass.status_of), its Events posted on the adapter with the write."""
     reasons = reasons or {}
+    revisions = revisions or {}
     ns, bname = base["metadata"]["namespace"], base["metadata"]["name"]
     now_mono = time.monotonic()
     out = AdapterStatuses(delay=cfg.resync_interval)
@@ -139,8 +146,10 @@ async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: Operator
         if a.get("deleting"):
             continue
         old = current_status(memory, lora_ref(ns, name), adapter_body(ns, a))
+        rev = revisions.get(name)
         if name in problems:
             new = problem_status(problems[name], a.get("generation"), old, cfg)
+            rev = None
         else:
             where = placed.get(name, [])
             recs = [records[name][pod] for pod in where if pod in took_part and pod in records[name]]
@@ -150,13 +159,18 @@ async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: Operator
                        for pod in where if pod not in took_part]
             new = S.adapter_status(generation=a.get("generation"), accepted=(True, "Accepted", ""),
                                    pods=[r.entry() for r in recs] + waiting, digest=digests[name],
-                                   max_failures=cfg.max_failures, old=old)
+                                   max_failures=cfg.max_failures, old=old,
+                                   extra_conditions=rev.conditions if rev else ())
             new["placement"] = list(where)
             new["placementReason"] = reasons.get(name)  # None (removed) unless placement.replicas is auto
             out.delay = min(out.delay, next_wakeup(recs, cfg, now_mono))
+            if rev is not None:
+                new.update(rev.fields)
+                if rev.requeue_after is not None:  # a rollout step's end, a warming revision
+                    out.delay = min(out.delay, max(rev.requeue_after, 0.05))
         if old.get("phase") != new["phase"]:
             transitions.setdefault(new["phase"], []).append(name)
-        writes.append(StatusWrite(a, old, new))
+        writes.append(StatusWrite(a, old, new, tuple(rev.events) if rev else ()))
 
     limit = asyncio.Semaphore(cfg.status_concurrency)
 
@@ -165,7 +179,7 @@ async def adapter_statuses(kube: KubeClient, memory: StatusMemory, cfg: Operator
         async with limit:
             try:
                 await write_status(kube, memory, lora_ref(ns, a["name"]), adapter_body(ns, a), w.new,
-                                   S.adapter_warnings, old=w.old)
+                                   lambda o, n: S.adapter_warnings(o, n) + list(w.events), old=w.old)
             except ApiError as e:
                 if e.status != 404:  # deleted meanwhile: nothing to report on
                     log.warning("status of adapter %s/%s not written: %s", ns, a["name"], e)

@@ -4,9 +4,10 @@ it with what should be, and writes only the difference.
 
   sync.accept_adapters    the adapters -> manifests (or the spec problem of each)
   tenants.ensure_api_keys the tenants -> the API keys Secret (limits divided over the ready pods)
+  placement.place_adapters which pods keep which adapter warm (auto: by demand.py's decisions)
+  revision_pass.plan_revisions each adapter's revisions and traffic split -> the served manifests
   owned.ensure_owned      admin Secret, ConfigMap, Deployment, Service, Ingress, InferencePool,
                           and for scale to zero the HTTPScaledObject and the wake Service
-  placement.place_adapters which pods keep which adapter warm (auto: by demand.py's decisions)
   sync.sync_pods          every pod brought to its placed set
   publish.adapter_statuses the adapters' statuses and the Events on the base
   status.base_status      the base's own status
@@ -22,6 +23,7 @@ from . import owned
 from . import placement as P
 from . import publish
 from . import render
+from . import revision_pass
 from . import scaletozero as Z
 from . import status as S
 from . import sync
@@ -45,16 +47,21 @@ async def reconcile_base(rt: Runtime, base: dict, pods: list[S.PodView], adapter
         accepted = await sync.accept_adapters(rt, base, adapters)
         # Before the Deployment that mounts it: a new base's pods find their keys file.
         tenants_ready = await tenants.ensure_api_keys(rt, base, pods)
-        applied = await owned.ensure_owned(rt, base, sync.preload_manifests(accepted, adapters))
         by_name = {a["name"]: a for a in adapters}
         candidates = [p.name for p in pods if p.candidate]
         wants, reasons = P.wants_of(accepted.placements, by_name, rt.adapter_rates.base(ns, name).warm,
                                     len(candidates))
         placed = P.place_adapters(rt.placements, ns, name, wants, by_name, candidates)
+        # The served manifests (with their revisions) before anything carries them: the ConfigMap, the pushes.
+        ready_pods = {p.name for p in pods if p.target}
+        revs = revision_pass.plan_revisions(rt, base, adapters, accepted, placed, ready_pods)
+        applied = await owned.ensure_owned(rt, base, sync.preload_manifests(accepted, adapters))
         pods_synced = await sync.sync_pods(rt, base, adapters, accepted, placed, pods)
+        revision_statuses = {n: revision_pass.status_of(rp, placed.get(n, []), ready_pods,
+                                                        pods_synced.records.get(n, {})) for n, rp in revs.items()}
         statuses = await publish.adapter_statuses(rt.kube, rt.status, rt.config, base, adapters, accepted.problems,
                                                   placed, pods_synced.records, pods_synced.took_part,
-                                                  pods_synced.digests, reasons)
+                                                  pods_synced.digests, reasons, revision_statuses)
         await publish.post_events(rt.kube, base, pods_synced.events + statuses.events)
     await write_base_status(rt, base, pods, adapters, applied, [tenants_ready] if tenants_ready else [])
     metrics.RECONCILE_SECONDS.labels(kind="BaseModelDeployment").observe(time.monotonic() - started)

@@ -133,9 +133,11 @@ def adapter_verdict(pods: list[dict], max_failures: int) -> AdapterVerdict:
 
 def adapter_status(*, generation: int | None, accepted: tuple[bool, str, str], pods: list[dict],
                    digest: str | None, max_failures: int, old: dict | None,
-                   problem_phase: str | None = None, now: str | None = None) -> dict:
+                   problem_phase: str | None = None, now: str | None = None,
+                   extra_conditions: Iterable[dict] = ()) -> dict:
     """The full status of a LoraAdapter. `accepted` = (ok, reason, message); when it is not ok,
-    `problem_phase` (Pending or Failed) is the phase and no pod is targeted."""
+    `problem_phase` (Pending or Failed) is the phase and no pod is targeted. `extra_conditions`
+    (the revisions' TrafficReady and Rollout) are added, replacing any of the same type."""
     ok, reason, message = accepted
     if ok:
         v = adapter_verdict(pods, max_failures)
@@ -146,6 +148,8 @@ def adapter_status(*, generation: int | None, accepted: tuple[bool, str, str], p
         ready_cond = condition("Ready", False, reason, message)
     conds = [condition("Accepted", ok, "Accepted" if ok else reason,
                        "manifest accepted" if ok else message), ready_cond]
+    extra = list(extra_conditions)
+    conds = [c for c in conds if c["type"] not in {e["type"] for e in extra}] + extra
     status = {
         "phase": phase,
         "readyReplicas": ready,

@@ -57,6 +57,7 @@ class SyncState:
     pods: dict[Key, dict[str, PodMemory]] = field(default_factory=dict)     # per base: pod -> memory
     unloaded: dict[str, float] = field(default_factory=dict)  # uid -> when its deletion handler unloaded it
     last_pass: dict[Key, PassSummary] = field(default_factory=dict)         # per base
+    served: dict[Key, Any] = field(default_factory=dict)  # per adapter: revision_pass.ServedManifest
     # Per base: held by a pass and by an adapter's unload (see reconcile_base and unload_adapter).
     locks: dict[Key, asyncio.Lock] = field(default_factory=lambda: collections.defaultdict(asyncio.Lock))
 
@@ -81,7 +82,7 @@ class SyncState:
 class Accepted:
     """The adapters of a base, sorted out for one pass."""
 
-    manifests: dict[str, Any] = field(default_factory=dict)       # name -> AdapterManifest
+    manifests: dict[str, Any] = field(default_factory=dict)       # name -> AdapterManifest (served: with revisions)
     placements: dict[str, P.Spec] = field(default_factory=dict)   # name -> its placement, resolved
     problems: dict[str, A.SpecProblem] = field(default_factory=dict)
     managed: set[str] = field(default_factory=set)                 # every adapter name of the base
@@ -261,5 +262,6 @@ async def unload_adapter(rt: Runtime, body: dict, base: dict | None, pods: list[
         rt.sync.records.pop(key, None)
         rt.placements.forget(key)
         rt.sync.manifests.pop(key, None)
+        rt.sync.served.pop(key, None)
         results = await asyncio.gather(*(one(p) for p in pods if p.ip and not p.deleting))
     return [r for r in results if r]
