@@ -227,6 +227,7 @@ async def base_changed(event: Mapping, namespace: str, name: str, memo: kopf.Mem
     rt.wakers.wake(Wake("base", namespace, name))
     if event.get("type") == "DELETED":
         rt.adapter_rates.forget(namespace, name)
+        rt.revision_counters.forget(namespace, name)
         # Its adapters wait for a base again (GitOps may re-create it).
         for a in _store(lora_adapters, (namespace, name)):
             if not a.get("deleting"):

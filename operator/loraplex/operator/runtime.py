@@ -1,6 +1,6 @@
 """The operator's in-memory state, kept in kopf's `memo`: clients, wake-ups, the Secret cache, and
 the typed state of each concern (owned.py, sync.py, placement.py, scaling.py, demand.py,
-scaletozero.py, publish.py, tenants.py).
+revisionhealth.py, scaletozero.py, publish.py, tenants.py).
 
 Nothing here is the source of truth: after a restart everything is rebuilt from the API (kopf's
 indexes) and from the custom resources' status, so memory only saves calls.
@@ -21,6 +21,7 @@ from .kube import KubeClient, Ref
 from .owned import OwnedState
 from .placement import PlacementMemory
 from .publish import StatusMemory
+from .revisionhealth import RevisionCounters
 from .scaletozero import ZeroState
 from .scaling import ScaleMemory
 from .sync import SyncState
@@ -97,6 +98,9 @@ class Runtime:
         # demand.py: per base the adapters' request rates (req/s over all pods) and the warm
         # counts of the `replicas: auto` adapters; the adapter catalog reads it (of_base, rate).
         self.adapter_rates = AdapterRates()
+        # revisionhealth.py: per base the revisioned adapters' counters per revision and Ready
+        # pod; a rollout's analysis reads them (revision_health).
+        self.revision_counters = RevisionCounters()
         self.zero = ZeroState()               # scaletozero.py: each base's way back from zero
         self.status = StatusMemory()          # publish.py: this operator's own last status writes
         self.tenants = TenantState()          # tenants.py: the last rendering of each base's API keys

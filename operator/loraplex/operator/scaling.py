@@ -3,7 +3,8 @@ decisions. Autoscaling of the base's Deployment: autoscale.decide (pure), then t
 replicas and the base's status patched when the decision differs (never while KEDA owns the
 replicas, scaletozero.py). Load-following placement: the adapters' request counters into
 `rt.adapter_rates` (demand.py), and demand.decide (pure) for every `replicas: auto` adapter; the
-base pass places by those decisions (placement.want_of). ScaleMemory keeps each base's
+base pass places by those decisions (placement.want_of). Rollouts: the revisions' counters into
+`rt.revision_counters` (revisionhealth.py), which the rollout analysis reads. ScaleMemory keeps each base's
 recommendation history between the timer's runs.
 """
 from __future__ import annotations
@@ -63,9 +64,11 @@ async def observe_base(rt: Runtime, base: dict, pods: list[S.PodView], adapters:
     if meta.get("deletionTimestamp"):
         rt.scaling.history.pop(key, None)
         rt.adapter_rates.forget(key.namespace, key.name)
+        rt.revision_counters.forget(key.namespace, key.name)
         return False
     now = time.monotonic() if now is None else now
     texts = await scrape(rt, pods, await engine_token(rt, key.namespace, base)) if any(p.target for p in pods) else {}
+    rt.revision_counters.record(key.namespace, key.name, texts, [p.name for p in pods if p.target])
     await autoscale_base(rt, base, texts, now)
     return follow_demand(rt, base, adapters, texts, [p.name for p in pods if not p.deleting], now)
 
