@@ -90,8 +90,10 @@ def test_catalog_answers_manifests_to_the_bases_engines_only(cluster: FakeCluste
 
     r = wait_for(lambda: (r := get(url, NS, "base", "keyed", tokens["base"])).status_code == 200 and r, 30,
                  "the manifest of keyed", on_timeout=op.log)
+    # Served by revisions, as on its placed pods (revision 1 here: no engine pod reported it yet).
     assert r.json() == {"name": "keyed", "source": "hub", "uri": "org/keyed", "preload": False,
-                        "tenants": [salted_key_hash("sk-raw-tenant-key", tenant_salt(NS, "base"))]}
+                        "tenants": [salted_key_hash("sk-raw-tenant-key", tenant_salt(NS, "base"))],
+                        "revisions": [{"number": 1, "percent": 100, "source": "hub", "uri": "org/keyed"}]}
     assert "sk-raw-tenant-key" not in r.text
     # A burst of lookups (pods asking at once) costs at most one read of each object: cached 2 s.
     def reads(path: str) -> int:
@@ -176,7 +178,8 @@ def test_lookup_refuses_deleting_and_failed_adapters():
     going, failed, fixed = asyncio.run(run())
     assert going == (409, ("adapter_deleting", "LoraAdapter 'going' is being deleted"))
     assert failed[0] == 409 and failed[1][0] == "adapter_failed" and "sha256 mismatch" in failed[1][1]
-    assert fixed == (200, {"name": "fixed", "source": "hub", "uri": "o/r", "preload": False, "tenants": []})
+    assert fixed == (200, {"name": "fixed", "source": "hub", "uri": "o/r", "preload": False, "tenants": [],
+                           "revisions": [{"number": 1, "percent": 100, "source": "hub", "uri": "o/r"}]})
     assert C.CATALOG_PREFIX == "/catalog/v1"
 
 

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from loraplex.operator import placement as P
 from loraplex.operator import sync
+from loraplex.operator import revision_pass
 from loraplex.operator.catalog import PLACEMENT_MAX, make_app
 from loraplex.operator.config import OperatorConfig
 from loraplex.operator.constants import Key
@@ -79,7 +80,8 @@ async def _after_a_pass(rt: Runtime, bodies: dict, adapters: dict) -> None:
         assert not accepted.problems, accepted.problems
         by_name = {a["name"]: a for a in adapters[name]}
         wants, _ = P.wants_of(accepted.placements, by_name, {}, len(pods))
-        P.place_adapters(rt.placements, NS, name, wants, by_name, pods)
+        placed = P.place_adapters(rt.placements, NS, name, wants, by_name, pods)
+        revision_pass.plan_revisions(rt, body, adapters[name], accepted, placed, set(pods))  # served manifests
         rt.sync.pods[Key(NS, name)] = {p: PodMemory() for p in pods}
 
 

@@ -66,7 +66,7 @@ def states_of(records: Mapping[str, PodRecord]) -> dict[str, dict[int, tuple[str
 
 
 def health_of(rt: Runtime, namespace: str, base: str, name: str) -> Mapping[int, RevisionHealth]:
-    return rt.revision_health(namespace, base, name)
+    return rt.revision_counters.revision_health(namespace, base, name)
 
 
 def plan_revisions(rt: Runtime, base: dict, adapters: list[dict], accepted: Accepted,
