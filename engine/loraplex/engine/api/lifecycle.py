@@ -8,7 +8,8 @@ its wire shapes and this lifecycle) and returns `await InferenceCall(state, requ
               quotas admit it (429 with Retry-After otherwise); its sequences carry the tenant
               and its weight, for the scheduler's fair share
     submit    every sequence taken by the step loop, or refused (429 queue full) before a byte
-              of the answer is sent; OpenAI's x-ratelimit-* headers go on every answer
+              of the answer is sent; OpenAI's x-ratelimit-* headers go on every answer, and
+              x-loraplex-adapter-revision on every answer of a revisioned adapter
     stream    the n sequences' outputs merged in arrival order, accumulated per choice, shaped
       or      by the wire format into SSE events (those of outputs already delivered together go
     collect   out in one write); or, not streamed, run to the end and answered in one body. A
@@ -32,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from loraplex.engine.api import tracing
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
-from loraplex.engine.api.model_resolution import ServedModel, aborted_error, resolve_model
+from loraplex.engine.api.model_resolution import SESSION_HEADER, ServedModel, aborted_error, resolve_model
 from loraplex.engine.api.quotas import Admission, RateLimited
 from loraplex.engine.api.sse import sse_response, until_disconnect
 from loraplex.engine.api.state import ServerState
@@ -42,6 +43,8 @@ from loraplex.engine.core.async_engine import AsyncEngine, OutputStream
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.sequence import RequestOutput, RequestResult, Sequence
+
+REVISION_HEADER = "x-loraplex-adapter-revision"
 
 
 class WireFormat:
@@ -57,6 +60,11 @@ class WireFormat:
     async def model_name(self, call: "InferenceCall") -> str | None:
         """The model (base or adapter name) to serve; LoRAX registers or merges adapters here."""
         raise NotImplementedError
+
+    def session(self, call: "InferenceCall") -> str | None:
+        """The body's session for a revisioned adapter's sticky split (OpenAI's `user`); the
+        x-session-id header comes first."""
+        return None
 
     def prepare(self, call: "InferenceCall"):
         """Checks that need the model, before tokenization; returns the structured-output
@@ -139,20 +147,22 @@ class InferenceCall:
         await self.prepare()
         await self.submit()
         if self.wire.stream:
-            return sse_response(self._stream(), self.quota_headers())
+            return sse_response(self._stream(), self.answer_headers())
         try:
             results = await until_disconnect(self.request, self.collect())
         except ClientGone:
             return Response(status_code=499)
-        return JSONResponse(self.wire.answer(self, results), headers=self.quota_headers())
+        return JSONResponse(self.wire.answer(self, results), headers=self.answer_headers())
 
     async def prepare(self) -> None:
         try:
             self.engine = self.state.require_engine()
             self.principal = self.state.auth.inference(self.request)
             name = await self.wire.model_name(self)
-            self.model = await resolve_model(self.engine, self.state.auth, self.principal, name)
-            self.timer.label = self.state.metrics.adapter_label(self.model.adapter or self.model.name)
+            session = self.request.headers.get(SESSION_HEADER) or self.wire.session(self)
+            self.model = await resolve_model(self.engine, self.state.auth, self.principal, name, session=session)
+            self.timer.label = self.state.metrics.adapter_label(self.model.adapter_name or self.model.name)
+            self.timer.revision = self.model.revision
             self.grammar = await compile_grammar(self.state, self.wire.prepare(self))
             self.seqs = await self.state.off_loop(self._make_sequences)
             n = self.wire.n  # each distinct prompt counts once, however many choices share it
@@ -177,6 +187,15 @@ class InferenceCall:
         if self.principal is None:
             return {}
         return self.state.quotas.headers(self.principal.tenant, self.principal.settings)
+
+    def revision_headers(self) -> dict[str, str]:
+        """Which revision of a revisioned adapter serves this request (none before resolution)."""
+        if self.model is None or self.model.revision is None:
+            return {}
+        return {REVISION_HEADER: str(self.model.revision)}
+
+    def answer_headers(self) -> dict[str, str]:
+        return {**self.quota_headers(), **self.revision_headers()}
 
     def _make_sequences(self) -> list[Sequence]:
         prompts = self.wire.prompts(self)
@@ -313,8 +332,9 @@ class InferenceCall:
         err.param = self.wire.error_param(err.param)
         if isinstance(err, RateLimited):
             self.rate_limit = err.limit
+            err.headers = {**self.revision_headers(), **(err.headers or {})}
         elif self.principal is not None:  # every answer says where the tenant's quota stands
-            err.headers = {**self.quota_headers(), **(err.headers or {})}
+            err.headers = {**self.answer_headers(), **(err.headers or {})}
         self.finish(err.status)
         return err
 
@@ -342,8 +362,9 @@ class InferenceCall:
         model = self.model
         return UsageRecord(
             tenant=self.principal.tenant, request_id=self.request_id, route=self.request.url.path, status=status,
-            adapter=None if model is None else (model.adapter or self.engine.served_model_name),
-            adapter_digest=None if model is None else model.revision,
+            adapter=None if model is None else (model.adapter_name or self.engine.served_model_name),
+            adapter_digest=None if model is None else model.digest,
+            adapter_revision=None if model is None else model.revision,
             prompt_tokens=self.timer.prompt_tokens,
             cached_prompt_tokens=sum(seqs[k].cached_prompt_tokens for k in range(0, len(seqs), self.wire.n)),
             completion_tokens=completion, received_at=self.received,

@@ -93,6 +93,9 @@ class LoraxWire(WireFormat):
             if manifest is None or not Authenticator.may_use(call.principal, manifest):
                 raise RequestError(f"merged_adapters: the adapter {adapter!r} does not exist",
                                    param="merged_adapters.ids")
+            if manifest.revisions is not None:  # a merge is made once: of fixed weights, not of a split
+                raise RequestError(f"merged_adapters: {adapter!r} is served by revisions; name one, as "
+                                   f"'{adapter}@<revision>'", param="merged_adapters.ids")
         return await wait_for_adapter(call.engine, asyncio.to_thread(ensure_merged, mgr, spec), spec.name,
                                       param="merged_adapters")
 
@@ -147,6 +150,11 @@ class LoraxWire(WireFormat):
             return "length"
         return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
 
+    @staticmethod
+    def revision(call: InferenceCall) -> dict:
+        """details.adapter_revision, for a revisioned adapter."""
+        return {} if call.model.revision is None else {"adapter_revision": call.model.revision}
+
     def full_text(self, text: str) -> str:
         return self.body.inputs + text if self.p.return_full_text else text
 
@@ -172,6 +180,7 @@ class LoraxWire(WireFormat):
                 "prefill": self.prefill(call, r),
                 "tokens": [self.token(call, t, lp) for t, lp in zip(r.token_ids, r.logprobs + [None] * len(r.token_ids))],
                 "best_of_sequences": None,
+                **self.revision(call),
             }
         return [answer] if self.as_list else answer
 
@@ -188,7 +197,7 @@ class LoraxWire(WireFormat):
                     event["details"] = {
                         "finish_reason": self.finish_reason(out.finish_reason, out.stop_reason),
                         "prompt_tokens": out.prompt_tokens, "generated_tokens": out.completion_tokens,
-                        "seed": self.seed if self.sampling_on else None}
+                        "seed": self.seed if self.sampling_on else None, **self.revision(call)}
             yield sse(event)
 
     def failure(self, call: InferenceCall, err: APIError) -> Iterable[str]:

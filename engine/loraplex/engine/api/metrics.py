@@ -14,12 +14,13 @@ label format): see `_router_metrics`, `_residency` and docs/api.md "Router metri
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from loraplex.manifest import AdapterState
+from loraplex.manifest import MAX_SERVED_REVISIONS, AdapterState
 
 PREFIX = "loraplex_"
 OTHER = "other"  # per-adapter label beyond the cap
@@ -211,6 +212,14 @@ class Metrics:
                               buckets=TOKEN_BUCKETS, registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        # Per revision of a revisioned adapter (rollout analysis compares them). `adapter` is capped
+        # as above; per adapter the MAX_SERVED_REVISIONS newest revisions seen keep their series.
+        self.revision_requests = Counter(PREFIX + "revision_requests", "Requests of a revisioned adapter by revision "
+                                         "and status", ["adapter", "revision", "status"], registry=r)
+        self.revision_ttft = Histogram(PREFIX + "revision_time_to_first_token_seconds", "Arrival to the first "
+                                       "generated token, successful requests of a revisioned adapter, by revision",
+                                       ["adapter", "revision"], buckets=LATENCY_BUCKETS, registry=r)
+        self._revision_series: dict[str, OrderedDict[int, set[str]]] = {}  # adapter -> revision -> statuses
         self.adapter_load_seconds = Histogram(PREFIX + "adapter_load_seconds", "Adapter fetch + parse time",
                                               buckets=LOAD_BUCKETS, registry=r)
         r.register(_EngineCollector(engine_getter, max_resident, warm_start_getter))
@@ -225,6 +234,30 @@ class Metrics:
             self._labels.add(name)
             return name
         return OTHER
+
+    def observe_revision(self, adapter: str, revision: int, status: str, ttft: float | None) -> None:
+        """One request of revision `revision` of `adapter` (a label from adapter_label, never
+        over the cap). Past MAX_SERVED_REVISIONS revisions of one adapter, the oldest's series go:
+        a manifest serves at most that many at once, so only retired revisions lose theirs."""
+        if adapter in (OTHER, UNKNOWN):
+            return
+        seen = self._revision_series.setdefault(adapter, OrderedDict())
+        if revision not in seen:
+            if len(seen) >= MAX_SERVED_REVISIONS and revision < min(seen):
+                return  # older than every revision kept: not recorded
+            seen[revision] = set()
+            if len(seen) > MAX_SERVED_REVISIONS:
+                old = min(seen)
+                for code in seen.pop(old):
+                    self.revision_requests.remove(adapter, str(old), code)
+                try:
+                    self.revision_ttft.remove(adapter, str(old))
+                except KeyError:  # it never answered 200
+                    pass
+        seen[revision].add(status)
+        self.revision_requests.labels(adapter, str(revision), status).inc()
+        if status == "200" and ttft is not None:
+            self.revision_ttft.labels(adapter, str(revision)).observe(ttft)
 
     def drain_adapter_loads(self) -> None:
         async_engine = self.engine_getter()
@@ -254,6 +287,7 @@ class RequestTimer:
         self.last_token: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.revision: int | None = None  # the revision of a revisioned adapter serving it
         self.done = False
 
     def tokens(self, n: int) -> None:
@@ -270,6 +304,9 @@ class RequestTimer:
         self.done = True
         m, label = self.metrics, self.label
         m.requests.labels(label, str(status)).inc()
+        if self.revision is not None:
+            ttft = None if self.first_token is None else self.first_token - self.start
+            m.observe_revision(label, self.revision, str(status), ttft)
         if self.prompt_tokens:
             m.prompt_tokens.labels(label).inc(self.prompt_tokens)
         if self.completion_tokens:

@@ -110,6 +110,9 @@ class _OpenAIWire(WireFormat):
     async def model_name(self, call: InferenceCall) -> str | None:
         return self.body.model
 
+    def session(self, call: InferenceCall) -> str | None:
+        return self.body.user
+
     def prepare(self, call: InferenceCall):
         self.bias = logit_bias(self.body)
         return openai_spec(self.body)

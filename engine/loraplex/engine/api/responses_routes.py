@@ -154,6 +154,9 @@ class ResponsesWire(WireFormat):
         self.chat = ChatWire(chat_request(self.body))
         return self.body.model
 
+    def session(self, call: InferenceCall) -> str | None:
+        return self.body.user
+
     def prepare(self, call: InferenceCall):
         return self.chat.prepare(call)
 

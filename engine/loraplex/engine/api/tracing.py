@@ -25,6 +25,8 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 
+from loraplex.manifest import split_revision
+
 log = logging.getLogger("loraplex.engine.api")
 
 DEFAULT_SERVICE_NAME = "loraplex-engine"
@@ -116,7 +118,10 @@ def _record(seq, model: str, offset_ns: int, now: float) -> None:
     end = seq.finish_time or now
     scheduled = seq.first_scheduled_time
     first_token = seq.first_token_time
-    common = {"gen_ai.request.model": seq.adapter or model, "loraplex.adapter": seq.adapter or ""}
+    adapter, revision = split_revision(seq.adapter or "")  # a revision's key `x@2`: adapter x, revision 2
+    common = {"gen_ai.request.model": seq.adapter or model, "loraplex.adapter": adapter}
+    if revision is not None:
+        common["loraplex.adapter_revision"] = revision
     attributes = {
         **common,
         "gen_ai.operation.name": "text_completion",

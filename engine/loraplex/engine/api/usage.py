@@ -64,7 +64,8 @@ class UsageRecord:
     route: str  # the HTTP route, e.g. /v1/chat/completions (it names the protocol)
     status: int  # the HTTP status it ended with (499: the client went away)
     adapter: str | None = None  # adapter name; the base model's served name; None: no model resolved
-    adapter_digest: str | None = None  # loraplex.manifest.manifest_digest of what served it (its revision)
+    adapter_digest: str | None = None  # loraplex.manifest.manifest_digest of what served it (a revision's own)
+    adapter_revision: int | None = None  # the adapter revision that served it (revisioned adapters only)
     prompt_tokens: int = 0  # each distinct prompt once
     cached_prompt_tokens: int = 0  # of those, found in the prefix cache
     completion_tokens: int = 0  # all choices

@@ -94,6 +94,7 @@ class DeviceGate:
                 self.last_sweep = now
                 for entry in self.registry.sweep():
                     self._remember_failure(entry)
+                self._sweep_revisions()
             for name in list(self.pending_placement):
                 entry = self.registry.get(name)
                 if entry is None or entry.weights is None or entry.slot is not None or self._place(entry):
@@ -116,11 +117,11 @@ class DeviceGate:
 
     def router_view(self) -> tuple[list[str], list[str]]:
         """(adapters of running sequences, adapters of waiting sequences not yet admitted): what
-        vllm:lora_requests_info reports. Dynamic adapters go by the name requests use."""
+        vllm:lora_requests_info reports. Dynamic adapters go by the name requests use, revisions by their adapter's."""
         with self.lock:
-            running = sorted(o.source_name or o.name for s, o in enumerate(self.slots.owner)
-                             if o is not None and self.slots.pins[s])
-            waiting = sorted(e.source_name or e.name for e in self.registry if e.waiters)
+            running = sorted({o.public_name for s, o in enumerate(self.slots.owner)
+                              if o is not None and self.slots.pins[s]})
+            waiting = sorted({e.public_name for e in self.registry if e.waiters})
             return running, waiting
 
     def waiting_counts(self) -> dict[str, int]:

@@ -43,6 +43,8 @@ class DynamicNames:
         """A Future of the registry name serving `name`, resolving an unregistered name through
         the default source. Its exception is a RequestError (400, 404, 422, 424)."""
         with self.lock:
+            if self._revision_set(name) is not None:
+                return done(name)
             entry = self._lookup(name)
             if entry is not None and not entry.removed:
                 self.registry.touch(entry)
@@ -55,8 +57,14 @@ class DynamicNames:
         return self.resolver.resolve(name)
 
     def manifest(self, name: str) -> AdapterManifest | None:
-        """The manifest serving `name`: a registered name, or a name resolved from the default source."""
+        """The manifest serving `name`: a registered name (the whole manifest of a revisioned
+        one), or a name resolved from the default source or the catalog."""
         with self.lock:
+            revisions = self._revision_set(name)
+            if revisions is not None:
+                return revisions.manifest
+            if name in self.revisions:
+                return None  # a catalog answer due for a new check
             entry = self._lookup(name)
             if entry is None:
                 return None
@@ -78,6 +86,9 @@ class DynamicNames:
         return entry
 
     def _register_dynamic(self, requested: str, manifest: AdapterManifest) -> str:
+        if manifest.revisions is not None:  # the catalog's LoraAdapters are served by revisions
+            self._register_revisions(manifest, dynamic=True)
+            return manifest.name
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
             # A catalog manifest is a LoraAdapter of its own: never served as another adapter
@@ -97,7 +108,8 @@ class DynamicNames:
                 self._alias(requested, name)
             return name
 
-    def _dynamic_entry(self, requested: str, manifest: AdapterManifest, key: tuple) -> AdapterEntry:
+    def _dynamic_entry(self, requested: str, manifest: AdapterManifest, key: tuple | None,
+                       load: bool = True) -> AdapterEntry:
         entry = self.registry.get(manifest.name)
         if entry is None or entry.removed or content(entry.manifest) != content(manifest):
             if entry is not None and not entry.dynamic:
@@ -113,7 +125,7 @@ class DynamicNames:
         entry.resolved_at = now
         if self.catalog is not None and entry.dynamic:
             entry.catalog_checked_at = now
-        if not manifest.tenants:
+        if load and not manifest.tenants:
             # Start loading now: the request follows at once. A tenant-restricted adapter waits
             # for a request that passed its tenant check (`want`), so that a caller without the
             # key cannot make the pod load it.

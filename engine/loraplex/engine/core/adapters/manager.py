@@ -11,6 +11,7 @@
 - disk_tier.py: Hub/S3 downloads, bounded in bytes, LRU
 - merged_cache.py: merged adapters (merge.py), RAM only, their own budget beside the host tier
 - warming.py (a mixin): a warm start's loads, hottest first, and the tiers' residency for routers
+- revisions.py (a mixin): a name served as several revisions (`<name>@<n>` entries) split by percent
 
 Loads start in request order (oldest first), at most --adapter-load-workers at a time, and only
 when the host tier has room for one more adapter after evicting unpinned copies; so host RAM
@@ -38,6 +39,7 @@ from loraplex.engine.core.adapters.loader import AdapterLoader
 from loraplex.engine.core.adapters.merged_cache import MergedCache
 from loraplex.engine.core.adapters.registry import AdapterEntry, Registry
 from loraplex.engine.core.adapters.resolver import NameResolver, NegativeCache
+from loraplex.engine.core.adapters.revisions import RevisionSet, Revisions, is_revision_key
 from loraplex.engine.core.adapters.sources import AdapterSourceError, DefaultSource, location_key
 from loraplex.engine.core.adapters.warming import Warming
 from loraplex.engine.core.config import EngineConfig
@@ -63,7 +65,7 @@ class AdapterCounters:
         self.evictions[tier] = self.evictions.get(tier, 0) + 1
 
 
-class AdapterManager(DynamicNames, DeviceGate, Warming):
+class AdapterManager(DynamicNames, DeviceGate, Warming, Revisions):
     def __init__(self, config: EngineConfig, model, model_config: ModelConfig, slots_factory=DeviceSlots):
         self.config = config
         self.model_config = model_config
@@ -88,6 +90,7 @@ class AdapterManager(DynamicNames, DeviceGate, Warming):
         self.locations: dict[tuple, str] = {}  # where a registered adapter's files are -> its name
         self.preloads: set[str] = set()  # names registered with preload: true (each holds a device slot)
         self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
+        self.revisions: dict[str, RevisionSet] = {}  # revisioned name -> its revisions (revisions.py)
         self.source = DefaultSource(config.adapter_source, self.adapter_dir, self.cache_dir, config.adapter_s3_prefix)
         # With a catalog, names unknown there are unknown here: the default source is not asked
         # (it would serve them without the LoraAdapter's tenants, sha256 and own source).
@@ -108,7 +111,15 @@ class AdapterManager(DynamicNames, DeviceGate, Warming):
         """Add or update an adapter. Idempotent: the same manifest again changes nothing,
         except that a failed adapter is retried. Nothing here grows with the number of adapters
         registered, and nothing is loaded unless the manifest asks for a preload (the load then
-        runs on the pool: the call never waits for weights)."""
+        runs on the pool: the call never waits for weights). A manifest with revisions registers
+        each revision (revisions.py)."""
+        if manifest.revisions is not None:
+            return self._register_revisions(manifest)
+        with self.lock:
+            self._unregister_revisions(manifest.name)  # revisioned before: plain from now on
+            return self._register_one(manifest)
+
+    def _register_one(self, manifest: AdapterManifest) -> dict:
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
             entry = self.registry.get(manifest.name)
@@ -144,7 +155,14 @@ class AdapterManager(DynamicNames, DeviceGate, Warming):
             return entry.describe()
 
     def unregister(self, name: str) -> bool:
+        """Remove an adapter (every revision of a revisioned one). A revision alone is never
+        removed here: the manifest says which revisions are served."""
         with self.lock:
+            if name in self.revisions:
+                self._unregister_revisions(name)
+                return True
+            if is_revision_key(name):
+                return False
             entry = self.registry.pop(name)
             if entry is None:
                 return False
@@ -199,14 +217,19 @@ class AdapterManager(DynamicNames, DeviceGate, Warming):
 
     def get(self, name: str) -> dict | None:
         with self.lock:
+            if name in self.revisions:
+                return self._revision_row(self.revisions[name], compact=False)
             entry = self.registry.get(name)
             return entry.describe() if entry else None
 
     def list(self, compact: bool = False) -> list[dict]:
-        """Every entry, by name: `describe()`, or `summary()` when compact."""
+        """Every adapter, by name: `describe()`, or `summary()` when compact; a revisioned name
+        is one row with its revisions inside (never a row per `<name>@<n>`)."""
         with self.lock:
-            entries = sorted(self.registry.entries.items())
-            return [e.summary() if compact else e.describe() for _, e in entries]
+            rows = {n: e.summary() if compact else e.describe() for n, e in self.registry.entries.items()
+                    if not is_revision_key(n)}
+            rows.update((n, self._revision_row(r, compact)) for n, r in self.revisions.items())
+            return [rows[n] for n in sorted(rows)]
 
     def check_servable(self, name: str) -> None:
         with self.lock:

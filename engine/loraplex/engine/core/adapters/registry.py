@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from loraplex.engine.core.adapters.checkpoint import AdapterWeights
-from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest
+from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest, split_revision
 
 # A dynamic entry is kept this long after its name was last resolved, even holding nothing: its
 # request is on its way from the HTTP layer to the step loop (which marks it wanted).
@@ -55,6 +55,12 @@ class AdapterEntry:
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def public_name(self) -> str:
+        """The name requests use: a dynamic entry's requested name; a revision's adapter name
+        (`x` for `x@2`): what router and residency metrics show."""
+        return split_revision(self.source_name or self.name)[0]
 
     @property
     def state(self) -> AdapterState:

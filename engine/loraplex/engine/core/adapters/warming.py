@@ -39,9 +39,10 @@ class WarmProgress:
 
 class Warming:
     def warm(self, names: list[str]) -> None:
-        """Load the registered adapters `names` ahead of requests, in this order."""
+        """Load the registered adapters `names` ahead of requests, in this order (a revisioned
+        name: its revisions that take traffic, newest first)."""
         with self.lock:
-            self.warming = [n for n in dict.fromkeys(names) if self.registry.get(n) is not None]
+            self.warming = [n for n in dict.fromkeys(self._warm_keys(names)) if self.registry.get(n) is not None]
             for name in self.warming:
                 entry = self.registry.get(name)
                 entry.warming = True
@@ -98,14 +99,16 @@ class Warming:
     def residency(self, cap: int) -> tuple[list[tuple[str, str]], int]:
         """([(name, tier)] of the adapters in a device slot or the host tier, the most recently
         used first, at most `cap`; how many more there are). A dynamic adapter goes by the name
-        requests use; merged adapters (per-request merges) are left out."""
+        requests use, a revision by its adapter's name (one row per name and tier: the most
+        recently used revision's); merged adapters (per-request merges) are left out."""
         with self.lock:
-            rows = [(e.used_at, e.source_name or e.name, e.state) for e in self.registry
+            rows = [(e.used_at, e.public_name, e.state) for e in self.registry
                     if not e.merged and not e.removed and e.state in (AdapterState.DEVICE, AdapterState.HOST)]
         rows.sort(key=lambda r: (-r[0], r[1]))
-        return [(name, state.value) for _, name, state in rows[:cap]], max(0, len(rows) - cap)
+        unique = list(dict.fromkeys((name, state.value) for _, name, state in rows))  # the first: most recent
+        return unique[:cap], max(0, len(unique) - cap)
 
     def on_device(self) -> list[str]:
         """The adapters in device slots (at most --max-active-adapters of them), by name."""
         with self.lock:
-            return sorted({o.source_name or o.name for o in self.slots.owner if o is not None and not o.merged})
+            return sorted({o.public_name for o in self.slots.owner if o is not None and not o.merged})
