@@ -110,3 +110,38 @@ def test_served_from_status_rebuilds_what_the_pass_serves():
     assert [(r.number, r.percent, r.uri) for r in m.revisions] == [(1, 90, "org/old"), (2, 10, "org/new")]
     fresh = R.served_from_status(_manifest(), spec("org/new"), {})
     assert [(r.number, r.percent, r.uri) for r in fresh.revisions] == [(1, 100, "org/new")]
+
+
+def test_sixteen_revisions_per_adapter_fit_the_configmap_and_the_status():
+    """The limits: a manifest serves at most 16 revisions; status.revisions keeps at most 100 +
+    16 named (+ the rollout's two) entries of at most 10 pod names each. At the longest uri the
+    schema allows, both fit the API server's limits."""
+    from loraplex.operator import apply, limits, render
+
+    from .sizes import assert_within_limits
+    from .test_render import bmd
+
+    uri = "/adapters/" + "u" * 1000
+    # The ConfigMap carries the preload adapters (at most maxActiveAdapters - 1): at 16 revisions of
+    # 1 KiB uris each, 45 of them fit; more is the base's render error (ObjectTooLarge, docs/operator.md).
+    PRELOADS = 45
+    book = R.Book(16, [{"revision": n, "source": {"type": "local", "uri": f"{uri}{n:04d}", "sha256": "a" * 64,
+                                                   "configSha256": "b" * 64}} for n in range(16, 0, -1)])
+    traffic = [{"revision": n, "percent": 100 // 16 + (1 if n <= 100 % 16 else 0)} for n in range(1, 17)]
+    preload = [R.served(AdapterManifest(name=f"a{i:03d}", source="local", uri=uri, preload=True,
+                                        tenants=[f"{i:064x}"] * 8), book, traffic, range(1, 17)) for i in range(PRELOADS)]
+    assert all(len(m.revisions) == 16 for m in preload)
+    created = apply.plan(None, render.render_configmap(bmd({"engine": {"maxActiveAdapters": PRELOADS + 1}}), preload))[1]
+    limits.check(created)
+    sizes = assert_within_limits(created)
+    status = {"latestRevision": 118, "revisions": R.with_readiness(
+        [{"revision": n, "manifestDigest": "f" * 16, "source": {"type": "local", "uri": uri, "sha256": "a" * 64,
+                                                              "configSha256": "b" * 64},
+          "createdAt": T0} for n in range(118, 0, -1)],
+        R.readiness(range(1, 119), [f"pod-{'p' * 50}-{i}" for i in range(1000)], {})),
+        "traffic": traffic, "pods": [{"name": f"pod-{'p' * 50}-{i}", "state": "host", "message": "",
+                                      "failures": 0} for i in range(1000)]}
+    lora = {"apiVersion": "loraplex.dev/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": "a"}, "status": status}
+    limits.check(lora)
+    print(f"\n16 revisions x {PRELOADS} preload adapters: ConfigMap data {sizes['data']} bytes; a status with 118 "
+          f"revisions over 1,000 pods: {limits.object_size(lora)} bytes")

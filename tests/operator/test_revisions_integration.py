@@ -258,7 +258,7 @@ def test_rollback_to_100_0_is_immediate_and_a_stream_in_flight_keeps_its_revisio
     with env.steps("rollback"):
         pod = env.pods()[0]
         user = next(u for u, rev in env.first.items() if rev == "2")
-        params = {"max_tokens": 400, "ignore_eos": True}
+        params = {"max_tokens": 480, "ignore_eos": True}
         pinned = env.complete(pod, f"{NAME}@2", **params).json()["choices"][0]["text"]
         other = env.complete(pod, f"{NAME}@1", **params).json()["choices"][0]["text"]
         assert pinned != other, "the two revisions' weights give the same greedy output: the check would prove nothing"
@@ -286,9 +286,9 @@ def test_rollback_to_100_0_is_immediate_and_a_stream_in_flight_keeps_its_revisio
             assert env.complete(env.pods()[i % 2], NAME, user=f"user-{i}").headers[REV] == "1"
         t.join(120)
         assert got["revision"] == "2" and got["text"] == pinned, "the stream did not finish on revision 2's weights"
-        spanned = got["end"] > held
         print(f"\nrevisions: a {params['max_tokens']}-token stream on revision 2 ended "
-              f"{got['end'] - held:+.2f} s after both pods held 100/0 (it spanned the change: {spanned})")
+              f"{got['end'] - held:+.2f} s after both pods held 100/0")
+        assert got["end"] > held, "the stream ended before the change reached the pods: it proved nothing"
         assert env.status()["traffic"] == [{"revision": 1, "percent": 100}]
         assert env.events("TrafficShifted")
 
@@ -344,6 +344,16 @@ def test_a_canary_that_fails_to_load_rolls_back(env: Env):
                  "a Warning Event CanaryFailedToLoad", on_timeout=env.log)
         assert env.status()["traffic"] == [{"revision": 3, "percent": 100}]
         assert load.by_revision.get("4", 0) == 0 and set(load.statuses) == {200}, (load.by_revision, load.statuses)
+
+
+def test_a_settled_adapter_writes_nothing(env: Env):
+    """Level-triggered and idempotent: passes over an unchanged adapter write no status, post no Event."""
+    with env.steps("settled"):
+        time.sleep(3)  # the last transitions written
+        since = len(env.cluster.requests())
+        time.sleep(5)  # several passes (resync 1 s, autoscale timer 0.5 s)
+        writes = [w for w in env.cluster.writes(since) if "/loraadapters/" in w or w.endswith("/events")]
+        assert writes == [], writes
 
 
 def test_printer_columns_read_the_status(env: Env):
