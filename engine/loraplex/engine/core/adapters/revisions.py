@@ -104,7 +104,7 @@ class Revisions:
             return revisions
         if time.monotonic() - revisions.checked_at >= self.config.adapter_catalog_ttl_seconds:
             return None  # the request resolves the name again, through the catalog
-        for r, m in revisions.manifest.revision_manifests():  # idle revisions were forgotten: made again
+        for _, m in revisions.manifest.revision_manifests():  # idle revisions were forgotten: made again
             entry = self.registry.get(m.name)
             if entry is None or entry.removed:
                 self._dynamic_entry(m.name, m, None, load=False)
