@@ -86,3 +86,25 @@ def test_residency_is_most_recent_first_and_capped(tiny_models, tiny_adapters):
     assert {t for _, t in everything} <= {"device", "host"} and tiers["all-r16-rslora"] == "registered"
     assert mgr.on_device() == sorted(n for n in names if tiers[n] == "device")
     assert mgr.residency(0) == ([], 3)
+
+
+def test_a_warm_start_warms_the_revisions_that_take_traffic_and_residency_names_the_adapter(tiny_models,
+                                                                                           tiny_adapters):
+    """The catalog's placement names adapters; a revisioned one warms its revisions with percent
+    > 0 (newest first), never a 0 % one, and routers see the adapter's name, once per tier."""
+    root = tiny_adapters["llama"]
+    engine = make_engine(tiny_models["llama"], adapter_dir=str(root), max_active_adapters=3)
+    mgr = engine.adapters
+    mgr.register(AdapterManifest.model_validate({"name": "rev", "uri": str(root / "qv-r4"), "revisions": [
+        {"number": 1, "uri": str(root / "qv-r4"), "percent": 60},
+        {"number": 2, "uri": str(root / "patterns-r8"), "percent": 40},
+        {"number": 3, "uri": str(root / "mlp-layer1-r2"), "percent": 0}]}))
+    mgr.warm(["rev"])
+    assert mgr.warming == ["rev@2", "rev@1"]
+    wait_for(lambda: mgr.warm_progress().done)
+    mgr.on_step()  # both into free slots
+    mgr.end_warm()
+    revisions = {r["number"]: r["state"] for r in mgr.get("rev")["revisions"]}
+    assert revisions == {1: "device", 2: "device", 3: "registered"} and mgr.get("rev")["state"] == "device"
+    assert mgr.residency(10) == ([("rev", "device")], 0) and mgr.on_device() == ["rev"]
+    assert [a["name"] for a in mgr.list()] == ["rev"]

@@ -229,3 +229,33 @@ def test_catalog_lookups_are_counted_by_result(engine, catalog):
               if name == "loraplex_adapter_catalog_requests_total"}
     assert set(counts) == {"ok", "not_found", "refused", "unavailable"}
     assert counts["ok"] >= 4 and counts["not_found"] >= 2 and counts["refused"] == 1 and counts["unavailable"] == 1, counts
+
+
+def test_an_unplaced_pod_splits_a_revisioned_adapter_like_a_placed_one(engine, catalog):
+    """A catalog answer with revisions (what the operator serves for a LoraAdapter) is split,
+    pinned and tenant-checked as a pushed one; the operator's PUT of it later keeps the weights."""
+    body = {"name": "revved", "source": "local", "uri": "a3", "tenants": [hash_api_key("key-a")],
+            "revisions": [{"number": 1, "source": "local", "uri": "a2", "percent": 70},
+                          {"number": 2, "source": "local", "uri": "a3", "percent": 30}]}
+    catalog.answers["revved"] = (200, body)
+    assert_error(complete(engine, "revved@2", "key-b"), 404, "model_not_found")  # another tenant: missing
+    pinned = complete(engine, "revved@2", "key-a")  # a pin resolves the name through the catalog too
+    assert pinned.status_code == 200 and pinned.headers["x-loraplex-adapter-revision"] == "2"
+
+    def served(user: str) -> str:
+        r = httpx.post(engine.url + "/v1/completions", headers={"Authorization": "Bearer key-a"}, timeout=120,
+                       json={"model": "revved", "prompt": "Hello", "max_tokens": 1, "user": user})
+        assert r.status_code == 200, r.text
+        return r.headers["x-loraplex-adapter-revision"]
+
+    got = {u: served(u) for u in (f"user-{i}" for i in range(30))}
+    assert set(got.values()) == {"1", "2"}
+    assert all(served(u) == got[u] for u in list(got)[:5])  # sticky
+    described = admin_get(engine, "revved").json()
+    assert described["dynamic"] is True and [r["number"] for r in described["revisions"]] == [2, 1]
+    loaded = {r["number"]: r["load_seconds"] for r in described["revisions"]}
+    r = httpx.put(engine.url + "/v1/adapters/revved", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, json=body)
+    assert r.status_code == 200, r.text
+    after = admin_get(engine, "revved").json()
+    assert after["dynamic"] is False
+    assert {r["number"]: r["load_seconds"] for r in after["revisions"]} == loaded  # adopted: not loaded again

@@ -28,7 +28,7 @@ import pytest
 
 from loraplex.manifest import AdapterManifest, hash_api_key, manifest_digest
 
-from .conftest import ADMIN, ADMIN_TOKEN, KEY_A, KEY_B, EngineProcess, assert_error, metric, parse_metrics, wait_until
+from .conftest import ADMIN, KEY_A, KEY_B, EngineProcess, assert_error, metric, parse_metrics, wait_until
 
 pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed (engine extra)")
 from .otlp_receiver import OTLPReceiver, children_of  # noqa: E402

@@ -91,6 +91,7 @@ class DynamicNames:
             return manifest.name
         key = location_key(manifest, self.adapter_dir)
         with self.lock:
+            self._unregister_revisions(manifest.name)  # a catalog answer with revisions before, plain now
             # A catalog manifest is a LoraAdapter of its own: never served as another adapter
             # that names the same files (that one's tenants are not this one's).
             registered = self.locations.get(key) if self.catalog is None else None

@@ -16,6 +16,10 @@ load queue, and `_register_one`/`_drop` (manager.py), `_dynamic_entry` (dynamic_
   alone (no reload), added ones are registered, and, when the name was registered already, start
   loading into host RAM at once (the load pool), so that the first request shifted to them is
   warm ("warm before shift").
+- A revision dropped while a request still needs it (running, or preempted and waiting to run
+  again) retires instead: no new request can pick or pin it, but the requests that hold it keep
+  its registry entry, and so its weights, through any preemption; the sweep forgets it once
+  nothing holds it. Requests in flight finish on the weights they started with (no drain).
 - A name goes from plain to revisioned and back; unregistering it removes every revision.
 - A catalog answer (catalog_source.py) with revisions makes a dynamic set: its revisions are
   dynamic entries, forgotten when idle like any other and made again when a request picks them.
@@ -104,7 +108,7 @@ class Revisions:
             return revisions
         if time.monotonic() - revisions.checked_at >= self.config.adapter_catalog_ttl_seconds:
             return None  # the request resolves the name again, through the catalog
-        for r, m in revisions.manifest.revision_manifests():  # idle revisions were forgotten: made again
+        for _, m in revisions.manifest.revision_manifests():  # idle revisions were forgotten: made again
             entry = self.registry.get(m.name)
             if entry is None or entry.removed:
                 self._dynamic_entry(m.name, m, None, load=False)
@@ -132,6 +136,7 @@ class Revisions:
             for key in set(old.keys if old else ()) - set(keys):
                 self._unregister_entry(key)
             for r, m in pairs:
+                self.retiring.discard(m.name)  # listed again: serves again
                 known = self.registry.get(m.name)
                 added = known is None or known.removed
                 if dynamic:
@@ -149,12 +154,26 @@ class Revisions:
             self._unregister_entry(key)
 
     def _unregister_entry(self, key: str) -> None:
+        """Forget a revision, or retire it while a request holds it (waiting or pinning its slot)."""
+        entry = self.registry.get(key)
+        if entry is not None and self._held(entry):
+            self.retiring.add(key)
+            return
         entry = self.registry.pop(key)
         if entry is not None:
             self._drop(entry)
 
+    def _held(self, entry) -> bool:
+        return bool(entry.waiters) or (entry.slot is not None and self.slots.pins[entry.slot] > 0)
+
     def _sweep_revisions(self) -> None:
-        """Forget dynamic sets none of whose revisions is held any more (with the registry's sweep)."""
+        """Forget retired revisions nothing holds any more, and dynamic sets none of whose
+        revisions is held (with the registry's sweep)."""
+        for key in list(self.retiring):
+            entry = self.registry.get(key)
+            if entry is None or not self._held(entry):
+                self.retiring.discard(key)
+                self._unregister_entry(key)
         for name, revisions in list(self.revisions.items()):
             if revisions.dynamic and all(self.registry.get(k) is None for k in revisions.keys):
                 del self.revisions[name]

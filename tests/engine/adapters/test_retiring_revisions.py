@@ -1,0 +1,53 @@
+"""A revision dropped from its name's set while a request still needs it (no drain): the request
+finishes on that revision's weights even when it is preempted after the drop and must get its
+device slot again; the revision is forgotten once nothing holds it, and no new request can pick
+or pin it in between. On a real engine (tiny model, real adapters), the test driving the steps."""
+from __future__ import annotations
+
+from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.manifest import AdapterManifest
+from tests.engine.adapters.conftest import make_engine
+from tests.engine.core.conftest import PROMPTS
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def revisioned(root, *revs: tuple[int, str, int]) -> AdapterManifest:
+    return AdapterManifest(name="x", uri=str(root / revs[-1][1]), revisions=[
+        {"number": n, "uri": str(root / folder), "percent": p} for n, folder, p in revs])
+
+
+def step(engine, tokens: dict[str, list[int]]) -> None:
+    for out in engine.step():
+        assert out.error is None, out.error
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+
+def test_a_request_preempted_after_its_revision_was_dropped_finishes_on_its_weights(tiny_models, tiny_adapters):
+    root = tiny_adapters["llama"]
+    engine = make_engine(tiny_models["llama"], adapter_dir=str(root))
+    mgr = engine.adapters
+    engine.adapters.register(AdapterManifest(name="reference", uri=str(root / "qv-r4")))
+    tokens: dict[str, list[int]] = {}
+    engine.add_request("ref", PROMPTS[1], GREEDY, "reference")
+    while engine.has_unfinished():
+        step(engine, tokens)
+
+    mgr.register(revisioned(root, (1, "qv-r4", 100)))
+    seq = engine.add_request("a", PROMPTS[1], GREEDY, "x@1")
+    while not tokens.get("a"):
+        step(engine, tokens)
+    engine.scheduler._preempt(seq)  # as KV pressure would: slot released, back to waiting
+    mgr.register(revisioned(root, (1, "qv-r4", 0), (2, "patterns-r8", 100)))
+    mgr.register(revisioned(root, (2, "patterns-r8", 100)))  # revision 1 is dropped while the request waits
+
+    assert mgr.revision_set("x").get(1) is None  # nothing new can pick or pin it
+    while engine.has_unfinished():
+        step(engine, tokens)
+    assert tokens["a"] == tokens["ref"]
+    assert seq.num_preemptions == 1
+    mgr.on_step()
+    mgr.last_sweep = 0.0
+    mgr.on_step()  # the sweep forgets it once nothing holds it
+    assert mgr.registry.get("x@1") is None
+    assert [r["number"] for r in mgr.get("x")["revisions"]] == [2]
