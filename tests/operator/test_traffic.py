@@ -27,15 +27,24 @@ def split(plan) -> dict[int, int]:
     return {e["revision"]: e["percent"] for e in plan.traffic}
 
 
-def status_of(plan, old: dict | None = None) -> dict:
-    """The status the operator writes from a plan (what the next pass reads)."""
-    out = dict(old or {})
-    out["traffic"], out["conditions"] = plan.traffic, plan.conditions
-    if plan.rollout is not None:
-        out["rollout"] = plan.rollout
-    else:
-        out.pop("rollout", None)
+def merge_patch(target, patch):
+    """RFC 7386, as the API server applies the operator's status patches: a key left out of an
+    object keeps its old value, None deletes it, lists are replaced."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
     return out
+
+
+def status_of(plan, old: dict | None = None) -> dict:
+    """The status after the operator's merge patch of a plan (what the next pass reads): stale
+    keys of an older status.rollout stay, so the decision must not depend on their absence."""
+    return merge_patch(old or {}, {"traffic": plan.traffic, "conditions": plan.conditions, "rollout": plan.rollout})
 
 
 def plan(spec, status, latest, known=None, readiness=None, health=None, now=T0):
@@ -305,6 +314,13 @@ def test_a_newer_revision_mid_rollout_restarts_from_step_zero_against_the_same_s
     assert p3.events == [("Normal", "RolloutStarted", "revision 3 is the canary against revision 1: steps "
                                                       "10 %, 50 %, 100 %; revision 2 superseded mid-rollout")]
     assert p3.serve == [1, 3]
+    # Its status merges over the superseded rollout's (a stale stepStartedAt and baseline stay):
+    # once revision 3 is ready it starts step 1 now, with a fresh baseline.
+    s3 = status_of(p3, s)
+    assert s3["rollout"]["stepStartedAt"] == s["rollout"]["stepStartedAt"]
+    go = plan(spec, s3, 3, readiness={1: READY, 3: READY}, health={1: h(5000), 3: h(0)}, now=at(500))
+    assert split(go) == {3: 10, 1: 90} and go.rollout["stepStartedAt"] == "2025-01-01T12:08:20Z"
+    assert go.rollout["baseline"]["1"] == h(5000).to_status() and go.requeue_after == 300
 
 
 def test_steps_short_of_100_promote_after_the_last_and_a_single_100_step_at_once():
