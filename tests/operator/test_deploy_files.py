@@ -747,6 +747,9 @@ def test_argocd_health_checks_read_only_fields_the_crds_have():
     bmd_status = schema_of(load_crd("basemodeldeployments"))["properties"]["status"]["properties"]
     lora_status = schema_of(load_crd("loraadapters"))["properties"]["status"]["properties"]
     assert read <= set(bmd_status) | set(lora_status), read - set(bmd_status) - set(lora_status)
+    rollout_read = set(re.findall(r"rollout\.(\w+)", text))
+    assert rollout_read and rollout_read <= set(lora_status["rollout"]["properties"]), rollout_read
+    assert {"Progressing", "RolledBack"} <= set(lora_status["rollout"]["properties"]["phase"]["enum"])
     for name, status in (("basemodeldeployments", bmd_status), ("loraadapters", lora_status)):
         phases = set(status["phase"].get("enum") or [])
         if phases:

@@ -364,3 +364,25 @@ def test_removing_the_rollout_hands_over_to_the_default_mode():
     after = plan({}, s, 2, readiness={1: READY, 2: READY}, now=at(400))
     assert after.rollout is None and split(after) == {2: 100}
     assert [c["type"] for c in after.conditions] == ["TrafficReady"]
+
+
+def test_every_status_the_plan_writes_fits_the_crd():
+    """status.traffic, status.rollout (baseline included) and the conditions of each stage of a
+    rollout and a rollback pass the LoraAdapter CRD's status schema."""
+    from .crd_tools import load_crd, openapi_errors, schema_of
+
+    schema = schema_of(load_crd("loraadapters"))["properties"]["status"]
+    spec = {"rollout": ROLLOUT}
+    statuses = [stable_on(1)]
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: LOADING}), statuses[-1]))
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: READY}, health={1: h(10), 2: h(0)}),
+                              statuses[-1]))
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: READY}, health={1: h(900), 2: h(100)},
+                                   now=at(300)), statuses[-1]))
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: READY}, health={1: h(900), 2: h(200, 50)},
+                                   now=at(600)), statuses[-1]))
+    assert statuses[-1]["rollout"]["phase"] == "RolledBack"
+    statuses.append(status_of(plan({"traffic": [{"revision": 1, "percent": 70}, {"latestRevision": True, "percent": 30}]},
+                                   statuses[-1], 2, readiness={1: READY, 2: READY}), statuses[-1]))
+    for st in statuses:
+        assert openapi_errors(st, schema) == [], st
