@@ -386,3 +386,15 @@ def test_every_status_the_plan_writes_fits_the_crd():
                                    statuses[-1], 2, readiness={1: READY, 2: READY}), statuses[-1]))
     for st in statuses:
         assert openapi_errors(st, schema) == [], st
+
+
+def test_a_rollout_from_a_split_compares_with_the_revision_holding_most_traffic():
+    s = status_of(plan({"traffic": [{"revision": 1, "percent": 50}, {"revision": 2, "percent": 50}]}, {}, 2,
+                       readiness={1: READY, 2: READY}))
+    p = plan({"rollout": ROLLOUT}, s, 2, readiness={1: READY, 2: READY})
+    assert (p.rollout["revision"], p.rollout["stableRevision"]) == (2, 1), "a tie: the older is the stable"
+    assert split(p) == {2: 10, 1: 90}, "the canary was warm already: step 1 at once"
+    # A naive `now` is UTC.
+    again = plan({"rollout": ROLLOUT}, status_of(p, s), 2, readiness={1: READY, 2: READY},
+                 now=dt.datetime(2025, 1, 1, 12, 1, 0))
+    assert again.requeue_after == 240

@@ -97,7 +97,7 @@ def stable_of(old: Mapping | None, before: Split | None, latest: int, known: set
         if n in known and n != latest:
             return n
     if before:
-        n = max(before, key=lambda r: (before[r], r))
+        n = max(before, key=lambda r: (before[r], -r))  # a tie: the older one, a stable is older
         if n != latest:
             return n
     return None
