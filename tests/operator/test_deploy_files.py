@@ -712,6 +712,20 @@ def test_argocd_health_checks_follow_the_operators_status():
                          conditions=[{"type": "Ready", "status": "False", "message": "DoRA is not supported"}]))
     assert failed == {"status": "Degraded", "message": "Failed (0/2 pods): DoRA is not supported"}
     assert health(lora("Degraded", readyReplicas=1, totalReplicas=2))["status"] == "Degraded"
+    # A rollout moving through its steps is Progressing (a split on purpose, not a degradation);
+    # a rolled-back one is Degraded with its reason; a promoted one is the phase's health.
+    rolling = {"revision": 3, "phase": "Progressing", "step": "2/3 50%", "reason": "Progressing",
+               "message": "step 2/3: revision 3 at 50 % against revision 2"}
+    assert health(lora("Ready", readyReplicas=2, totalReplicas=2, rollout=rolling)) == {
+        "status": "Progressing", "message": "Rollout of revision 3 at step 2/3 50%: step 2/3: revision 3 at 50 % "
+                                            "against revision 2"}
+    rolled = {"revision": 3, "phase": "RolledBack", "step": "1/3 rolled back", "reason": "CanaryTTFTRatio",
+              "message": "revision 3 rolled back to revision 2: step 1/3 (10 %): revision 3 mean TTFT 0.500 s"}
+    assert health(lora("Ready", readyReplicas=2, totalReplicas=2, rollout=rolled)) == {
+        "status": "Degraded", "message": "Rollout of revision 3 rolled back: " + rolled["message"]}
+    promoted = {"revision": 3, "phase": "Succeeded", "step": "3/3 100%", "message": "revision 3 promoted"}
+    assert health(lora("Ready", readyReplicas=2, totalReplicas=2, rollout=promoted))["status"] == "Healthy"
+    assert health(lora("Failed", rollout=rolling))["status"] == "Degraded", "a failed adapter is no progress"
 
     app = argocd_health("argoproj.io_Application", {"status": {"health": {"status": "Healthy"}}})
     assert app["status"] == "Healthy"
@@ -733,6 +747,9 @@ def test_argocd_health_checks_read_only_fields_the_crds_have():
     bmd_status = schema_of(load_crd("basemodeldeployments"))["properties"]["status"]["properties"]
     lora_status = schema_of(load_crd("loraadapters"))["properties"]["status"]["properties"]
     assert read <= set(bmd_status) | set(lora_status), read - set(bmd_status) - set(lora_status)
+    rollout_read = set(re.findall(r"rollout\.(\w+)", text))
+    assert rollout_read and rollout_read <= set(lora_status["rollout"]["properties"]), rollout_read
+    assert {"Progressing", "RolledBack"} <= set(lora_status["rollout"]["properties"]["phase"]["enum"])
     for name, status in (("basemodeldeployments", bmd_status), ("loraadapters", lora_status)):
         phases = set(status["phase"].get("enum") or [])
         if phases:

@@ -27,15 +27,24 @@ def split(plan) -> dict[int, int]:
     return {e["revision"]: e["percent"] for e in plan.traffic}
 
 
-def status_of(plan, old: dict | None = None) -> dict:
-    """The status the operator writes from a plan (what the next pass reads)."""
-    out = dict(old or {})
-    out["traffic"], out["conditions"] = plan.traffic, plan.conditions
-    if plan.rollout is not None:
-        out["rollout"] = plan.rollout
-    else:
-        out.pop("rollout", None)
+def merge_patch(target, patch):
+    """RFC 7386, as the API server applies the operator's status patches: a key left out of an
+    object keeps its old value, None deletes it, lists are replaced."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
     return out
+
+
+def status_of(plan, old: dict | None = None) -> dict:
+    """The status after the operator's merge patch of a plan (what the next pass reads): stale
+    keys of an older status.rollout stay, so the decision must not depend on their absence."""
+    return merge_patch(old or {}, {"traffic": plan.traffic, "conditions": plan.conditions, "rollout": plan.rollout})
 
 
 def plan(spec, status, latest, known=None, readiness=None, health=None, now=T0):
@@ -305,6 +314,13 @@ def test_a_newer_revision_mid_rollout_restarts_from_step_zero_against_the_same_s
     assert p3.events == [("Normal", "RolloutStarted", "revision 3 is the canary against revision 1: steps "
                                                       "10 %, 50 %, 100 %; revision 2 superseded mid-rollout")]
     assert p3.serve == [1, 3]
+    # Its status merges over the superseded rollout's (a stale stepStartedAt and baseline stay):
+    # once revision 3 is ready it starts step 1 now, with a fresh baseline.
+    s3 = status_of(p3, s)
+    assert s3["rollout"]["stepStartedAt"] == s["rollout"]["stepStartedAt"]
+    go = plan(spec, s3, 3, readiness={1: READY, 3: READY}, health={1: h(5000), 3: h(0)}, now=at(500))
+    assert split(go) == {3: 10, 1: 90} and go.rollout["stepStartedAt"] == "2025-01-01T12:08:20Z"
+    assert go.rollout["baseline"]["1"] == h(5000).to_status() and go.requeue_after == 300
 
 
 def test_steps_short_of_100_promote_after_the_last_and_a_single_100_step_at_once():
@@ -348,3 +364,37 @@ def test_removing_the_rollout_hands_over_to_the_default_mode():
     after = plan({}, s, 2, readiness={1: READY, 2: READY}, now=at(400))
     assert after.rollout is None and split(after) == {2: 100}
     assert [c["type"] for c in after.conditions] == ["TrafficReady"]
+
+
+def test_every_status_the_plan_writes_fits_the_crd():
+    """status.traffic, status.rollout (baseline included) and the conditions of each stage of a
+    rollout and a rollback pass the LoraAdapter CRD's status schema."""
+    from .crd_tools import load_crd, openapi_errors, schema_of
+
+    schema = schema_of(load_crd("loraadapters"))["properties"]["status"]
+    spec = {"rollout": ROLLOUT}
+    statuses = [stable_on(1)]
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: LOADING}), statuses[-1]))
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: READY}, health={1: h(10), 2: h(0)}),
+                              statuses[-1]))
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: READY}, health={1: h(900), 2: h(100)},
+                                   now=at(300)), statuses[-1]))
+    statuses.append(status_of(plan(spec, statuses[-1], 2, readiness={2: READY}, health={1: h(900), 2: h(200, 50)},
+                                   now=at(600)), statuses[-1]))
+    assert statuses[-1]["rollout"]["phase"] == "RolledBack"
+    statuses.append(status_of(plan({"traffic": [{"revision": 1, "percent": 70}, {"latestRevision": True, "percent": 30}]},
+                                   statuses[-1], 2, readiness={1: READY, 2: READY}), statuses[-1]))
+    for st in statuses:
+        assert openapi_errors(st, schema) == [], st
+
+
+def test_a_rollout_from_a_split_compares_with_the_revision_holding_most_traffic():
+    s = status_of(plan({"traffic": [{"revision": 1, "percent": 50}, {"revision": 2, "percent": 50}]}, {}, 2,
+                       readiness={1: READY, 2: READY}))
+    p = plan({"rollout": ROLLOUT}, s, 2, readiness={1: READY, 2: READY})
+    assert (p.rollout["revision"], p.rollout["stableRevision"]) == (2, 1), "a tie: the older is the stable"
+    assert split(p) == {2: 10, 1: 90}, "the canary was warm already: step 1 at once"
+    # A naive `now` is UTC.
+    again = plan({"rollout": ROLLOUT}, status_of(p, s), 2, readiness={1: READY, 2: READY},
+                 now=dt.datetime(2025, 1, 1, 12, 1, 0))
+    assert again.requeue_after == 240

@@ -97,7 +97,7 @@ def stable_of(old: Mapping | None, before: Split | None, latest: int, known: set
         if n in known and n != latest:
             return n
     if before:
-        n = max(before, key=lambda r: (before[r], r))
+        n = max(before, key=lambda r: (before[r], -r))  # a tie: the older one, a stable is older
         if n != latest:
             return n
     return None
@@ -128,6 +128,7 @@ class Machine:
     def __init__(self, cfg: Config, ro: dict, events: list, ready: Callable[[int], Readiness],
                  health: Mapping[int, RevisionHealth], now: dt.datetime):
         self.cfg, self.ro, self.events, self.ready, self.health = cfg, ro, events, ready, health
+        now = now if now.tzinfo else now.replace(tzinfo=dt.timezone.utc)  # a naive `now` is UTC
         self.now = now.replace(microsecond=0)  # status times have whole seconds
         self.c, self.s, self.n = int(ro["revision"]), int(ro["stableRevision"]), len(cfg.steps)
 
@@ -141,7 +142,9 @@ class Machine:
         r = self.ready(c)
         if r.failed:
             return self.rollback("CanaryFailedToLoad", f"revision {c} failed to load: {r.failed}")
-        started = parse_time(ro.get("stepStartedAt"))
+        # Percent 0: no step started yet. Not the absence of stepStartedAt: the status is merge-
+        # patched, so a superseded rollout's stepStartedAt and baseline may still be there.
+        started = parse_time(ro.get("stepStartedAt")) if ro.get("percent") else None
         if started is None:
             if not r.ready:
                 return self.progress(0, 0, f"waiting for revision {c} to load on every pod it is placed on; "
@@ -201,7 +204,7 @@ class Machine:
 
     def rollback(self, reason: str, why: str) -> TrafficPlan:
         i = min(int(self.ro.get("stepIndex", 0)), self.n - 1)
-        at = f"{i + 1}/{self.n}" if self.ro.get("stepStartedAt") else f"0/{self.n}"
+        at = f"{i + 1}/{self.n}" if self.ro.get("percent") else f"0/{self.n}"
         self.ro.update(percent=0, phase=ROLLED_BACK, reason=reason, step=f"{at} rolled back",
                        message=f"revision {self.c} rolled back to revision {self.s}: {why}")
         self.events.append(("Warning", reason, self.ro["message"]))
