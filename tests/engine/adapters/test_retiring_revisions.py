@@ -1,9 +1,12 @@
 """A revision dropped from its name's set while a request still needs it (no drain): the request
 finishes on that revision's weights even when it is preempted after the drop and must get its
-device slot again; the revision is forgotten once nothing holds it, and no new request can pick
-or pin it in between. On a real engine (tiny model, real adapters), the test driving the steps."""
+device slot again, or when it chose the revision just before the drop and reaches the step loop
+just after; the revision is forgotten once nothing holds it and its grace period is over, and no
+new request can pick or pin it in between. On a real engine (tiny model, real adapters), the test
+driving the steps."""
 from __future__ import annotations
 
+from loraplex.engine.core.adapters import revisions
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.manifest import AdapterManifest
 from tests.engine.adapters.conftest import make_engine
@@ -23,15 +26,26 @@ def step(engine, tokens: dict[str, list[int]]) -> None:
         tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
 
 
-def test_a_request_preempted_after_its_revision_was_dropped_finishes_on_its_weights(tiny_models, tiny_adapters):
-    root = tiny_adapters["llama"]
-    engine = make_engine(tiny_models["llama"], adapter_dir=str(root))
-    mgr = engine.adapters
+def reference(engine, root, tokens: dict[str, list[int]]) -> None:
     engine.adapters.register(AdapterManifest(name="reference", uri=str(root / "qv-r4")))
-    tokens: dict[str, list[int]] = {}
     engine.add_request("ref", PROMPTS[1], GREEDY, "reference")
     while engine.has_unfinished():
         step(engine, tokens)
+
+
+def sweep(mgr) -> None:
+    mgr.last_sweep = 0.0
+    mgr.on_step()
+
+
+def test_a_request_preempted_after_its_revision_was_dropped_finishes_on_its_weights(tiny_models, tiny_adapters,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(revisions, "RETIRE_GRACE_SECONDS", 0.0)  # only what holds it keeps it
+    root = tiny_adapters["llama"]
+    engine = make_engine(tiny_models["llama"], adapter_dir=str(root))
+    mgr = engine.adapters
+    tokens: dict[str, list[int]] = {}
+    reference(engine, root, tokens)
 
     mgr.register(revisioned(root, (1, "qv-r4", 100)))
     seq = engine.add_request("a", PROMPTS[1], GREEDY, "x@1")
@@ -40,14 +54,32 @@ def test_a_request_preempted_after_its_revision_was_dropped_finishes_on_its_weig
     engine.scheduler._preempt(seq)  # as KV pressure would: slot released, back to waiting
     mgr.register(revisioned(root, (1, "qv-r4", 0), (2, "patterns-r8", 100)))
     mgr.register(revisioned(root, (2, "patterns-r8", 100)))  # revision 1 is dropped while the request waits
-
+    sweep(mgr)
+    assert mgr.registry.get("x@1") is not None  # held by the waiting request
     assert mgr.revision_set("x").get(1) is None  # nothing new can pick or pin it
     while engine.has_unfinished():
         step(engine, tokens)
     assert tokens["a"] == tokens["ref"]
     assert seq.num_preemptions == 1
-    mgr.on_step()
-    mgr.last_sweep = 0.0
-    mgr.on_step()  # the sweep forgets it once nothing holds it
+    sweep(mgr)  # forgotten once nothing holds it
     assert mgr.registry.get("x@1") is None
     assert [r["number"] for r in mgr.get("x")["revisions"]] == [2]
+
+
+def test_a_request_that_chose_a_revision_just_before_it_was_dropped_still_gets_it(tiny_models, tiny_adapters):
+    root = tiny_adapters["llama"]
+    engine = make_engine(tiny_models["llama"], adapter_dir=str(root))
+    mgr = engine.adapters
+    tokens: dict[str, list[int]] = {}
+    reference(engine, root, tokens)
+    mgr.register(revisioned(root, (1, "qv-r4", 100)))
+    chosen = mgr.revision_set("x").choose("a session")  # the HTTP side resolved the name...
+    mgr.register(revisioned(root, (2, "patterns-r8", 100)))  # ...then the operator shifted traffic
+    sweep(mgr)
+    engine.add_request("a", PROMPTS[1], GREEDY, chosen.key)  # ...then the request reached the step loop
+    while engine.has_unfinished():
+        step(engine, tokens)
+    assert chosen.number == 1 and tokens["a"] == tokens["ref"]
+    mgr.retiring[chosen.key] = 0.0  # the grace period is over
+    sweep(mgr)
+    assert mgr.registry.get("x@1") is None

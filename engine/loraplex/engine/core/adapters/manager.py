@@ -91,7 +91,7 @@ class AdapterManager(DynamicNames, DeviceGate, Warming, Revisions):
         self.preloads: set[str] = set()  # names registered with preload: true (each holds a device slot)
         self.aliases: OrderedDict[str, str] = OrderedDict()  # requested name -> registry name
         self.revisions: dict[str, RevisionSet] = {}  # revisioned name -> its revisions (revisions.py)
-        self.retiring: set[str] = set()  # revision keys dropped while requests hold them (revisions.py)
+        self.retiring: dict[str, float] = {}  # dropped revision key -> end of its grace period (revisions.py)
         self.source = DefaultSource(config.adapter_source, self.adapter_dir, self.cache_dir, config.adapter_s3_prefix)
         # With a catalog, names unknown there are unknown here: the default source is not asked
         # (it would serve them without the LoraAdapter's tenants, sha256 and own source).

@@ -16,10 +16,11 @@ load queue, and `_register_one`/`_drop` (manager.py), `_dynamic_entry` (dynamic_
   alone (no reload), added ones are registered, and, when the name was registered already, start
   loading into host RAM at once (the load pool), so that the first request shifted to them is
   warm ("warm before shift").
-- A revision dropped while a request still needs it (running, or preempted and waiting to run
-  again) retires instead: no new request can pick or pin it, but the requests that hold it keep
-  its registry entry, and so its weights, through any preemption; the sweep forgets it once
-  nothing holds it. Requests in flight finish on the weights they started with (no drain).
+- A dropped revision retires: no new request can pick or pin it, but its registry entry, and so
+  its weights, stay for the requests that hold it (running, or preempted and waiting to run
+  again) and for RETIRE_GRACE_SECONDS, so that a request that chose it just before the change and
+  has not reached the step loop yet finds it too; the sweep forgets it after that, once nothing
+  holds it. Requests in flight finish on the weights they started with (no drain).
 - A name goes from plain to revisioned and back; unregistering it removes every revision.
 - A catalog answer (catalog_source.py) with revisions makes a dynamic set: its revisions are
   dynamic entries, forgotten when idle like any other and made again when a request picks them.
@@ -34,6 +35,9 @@ from dataclasses import dataclass
 from loraplex.engine.core.errors import RequestError
 from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest, split_revision
 
+# How long a dropped revision stays for the requests that chose it before the change and are still
+# on their way to the step loop (tokenizing, waiting on a quota or the prepare pool).
+RETIRE_GRACE_SECONDS = 10.0
 BUCKETS = 10_000  # a session's place in the split: one bucket per 0.01 %
 # Least ready first: a name is as ready as its least ready revision that takes traffic.
 READINESS = (AdapterState.FAILED, AdapterState.REGISTERED, AdapterState.LOADING, AdapterState.HOST,
@@ -136,7 +140,7 @@ class Revisions:
             for key in set(old.keys if old else ()) - set(keys):
                 self._unregister_entry(key)
             for r, m in pairs:
-                self.retiring.discard(m.name)  # listed again: serves again
+                self.retiring.pop(m.name, None)  # listed again: serves again
                 known = self.registry.get(m.name)
                 added = known is None or known.removed
                 if dynamic:
@@ -154,11 +158,11 @@ class Revisions:
             self._unregister_entry(key)
 
     def _unregister_entry(self, key: str) -> None:
-        """Forget a revision, or retire it while a request holds it (waiting or pinning its slot)."""
-        entry = self.registry.get(key)
-        if entry is not None and self._held(entry):
-            self.retiring.add(key)
-            return
+        """Retire a revision: the sweep forgets it after the grace period, once nothing holds it."""
+        if key in self.registry.entries:
+            self.retiring.setdefault(key, time.monotonic() + RETIRE_GRACE_SECONDS)
+
+    def _forget_entry(self, key: str) -> None:
         entry = self.registry.pop(key)
         if entry is not None:
             self._drop(entry)
@@ -169,11 +173,12 @@ class Revisions:
     def _sweep_revisions(self) -> None:
         """Forget retired revisions nothing holds any more, and dynamic sets none of whose
         revisions is held (with the registry's sweep)."""
-        for key in list(self.retiring):
+        now = time.monotonic()
+        for key, deadline in list(self.retiring.items()):
             entry = self.registry.get(key)
-            if entry is None or not self._held(entry):
-                self.retiring.discard(key)
-                self._unregister_entry(key)
+            if entry is None or (now >= deadline and not self._held(entry)):
+                del self.retiring[key]
+                self._forget_entry(key)
         for name, revisions in list(self.revisions.items()):
             if revisions.dynamic and all(self.registry.get(k) is None for k in revisions.keys):
                 del self.revisions[name]
