@@ -313,3 +313,12 @@ def shutil_copy_adapter(assets: Assets, src: str, dst: str) -> Path:
     target = assets.adapter_dir / dst
     shutil.copytree(assets.adapter_dir / src, target, dirs_exist_ok=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """An OTLP/HTTP trace receiver for engines started with OTEL_EXPORTER_OTLP_ENDPOINT at it."""
+    from .otlp_receiver import OTLPReceiver
+    r = OTLPReceiver()
+    yield r
+    r.close()

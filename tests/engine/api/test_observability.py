@@ -20,7 +20,7 @@ import pytest
 from .conftest import engine_process, parse_metrics, wait_until, write_manifest_file
 
 pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed (engine extra)")
-from .otlp_receiver import OTLPReceiver, children_of  # noqa: E402
+from .otlp_receiver import children_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +28,6 @@ ADAPTER = "a2"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
 
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = OTLPReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")

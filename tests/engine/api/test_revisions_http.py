@@ -31,7 +31,7 @@ from loraplex.manifest import AdapterManifest, hash_api_key, manifest_digest
 from .conftest import ADMIN, KEY_A, KEY_B, EngineProcess, assert_error, metric, parse_metrics, wait_until
 
 pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed (engine extra)")
-from .otlp_receiver import OTLPReceiver, children_of  # noqa: E402
+from .otlp_receiver import children_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,6 @@ def revisioned(name: str, *revs: tuple[int, str, int], **extra) -> dict:
     return {"name": name, "source": "local", "uri": latest, **extra,
             "revisions": [{"number": n, "source": "local", "uri": uri, "percent": p} for n, uri, p in revs]}
 
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = OTLPReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from loraplex.manifest import hash_api_key
 from .conftest import ADMIN_TOKEN, METRICS_TOKEN, EngineProcess, free_port, metric, parse_metrics, wait_until
 
 pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed (engine extra)")
-from .otlp_receiver import OTLPReceiver, children_of  # noqa: E402
+from .otlp_receiver import children_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -98,12 +98,6 @@ def engine_args(assets, catalog: PlacementCatalog, budget: str) -> list[str]:
             "--metrics-token-file", str(assets.metrics_file), "--adapter-catalog-url", catalog.url,
             "--warm-start-budget-seconds", budget, "--max-residency-metric-adapters", "2"]
 
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = OTLPReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")
