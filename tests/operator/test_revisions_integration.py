@@ -11,7 +11,9 @@ processes as the pods (harness.py), requests sent to them as a gateway would.
   revision 2's greedy output, taken pinned beforehand);
 - spec.rollout: a healthy canary is promoted through its steps while requests flow; a canary
   whose weights fail to load (a sha256 that does not match) rolls back with condition Rollout
-  False CanaryFailedToLoad and a Warning Event;
+  False CanaryFailedToLoad and a Warning Event; a canary made slow on purpose (the engines'
+  --inject-delay on its revision, a rollout drill) rolls back with Rollout False CanaryTTFTRatio,
+  the measured means in the message, and a Warning Event;
 - the printer columns read the status, and the chart's RBAC covers every request made.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +54,9 @@ ENV = {
 }
 PROMPT = "the quick brown fox"
 REV = "x-loraplex-adapter-revision"
+# The slow canary's revision: the module's updates make revisions 1 to 4 before it (each test
+# asserts its number), so the engines are started with its delay already in their args.
+SLOW_REVISION, SLOW_DELAY = 5, 1.0
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("revisions-tiny")
     base = make_tiny_checkpoint(root / "base", family="llama")
-    for i, name in enumerate(("v1", "v2", "v3", "v4"), start=1):
+    for i, name in enumerate(("v1", "v2", "v3", "v4", "v5"), start=1):
         make_tiny_adapter(base, root / "adapters" / name, rank=4, seed=i, scale_b=2.0)
     return {"base": base, "adapters": root / "adapters"}
 
@@ -188,7 +194,8 @@ def test_an_update_makes_revision_2_warm_before_any_traffic(env: Env):
                            "engine": {"port": env.port, "maxLoraRank": 16, "maxActiveAdapters": 4,
                                       "adminTokenSecretRef": {"name": "admin"},
                                       "args": ["--adapter-dir", str(env.assets["adapters"]),
-                                               "--num-kv-blocks", "256", "--log-level", "warning"]}}})
+                                               "--num-kv-blocks", "256", "--log-level", "warning",
+                                               "--inject-delay", f"{NAME}@{SLOW_REVISION}={SLOW_DELAY:g}"]}}})
         wait_for(lambda: c.get("apps/v1", "deployments", NS, BASE), 30, "the Deployment", on_timeout=env.log)
         for i in range(2):
             env.kubelet.add_pod(f"{BASE}-{i}", IPS[i])
@@ -346,6 +353,39 @@ def test_a_canary_that_fails_to_load_rolls_back(env: Env):
         assert load.by_revision.get("4", 0) == 0 and set(load.statuses) == {200}, (load.by_revision, load.statuses)
 
 
+def test_a_slow_canary_rolls_back_on_its_ttft(env: Env):
+    with env.steps("slow canary"):
+        # Two senders: a request on the slow canary holds its sender for SLOW_DELAY, and the step
+        # needs minRequests on both revisions.
+        loads = [Load(env), Load(env)]
+        try:
+            env.cluster.update_spec(API, "loraadapters", NS, NAME, {
+                "source": {"type": "local", "uri": "v5", "sha256": None},  # the failed canary's sha256 goes
+                "rollout": {"steps": [50, 100], "stepSeconds": 4, "maxErrorRatio": 1.5, "maxTTFTRatio": 3,
+                            "minRequests": 3}})
+            ro = wait_for(lambda: (r := env.status().get("rollout") or {}).get("revision") == SLOW_REVISION
+                          and r.get("phase") == "RolledBack" and r, 90, "the slow canary rolled back",
+                          on_timeout=env.log)
+        finally:
+            for load in loads:
+                load.stop()
+        assert ro["stableRevision"] == 3 and ro["step"] == "1/2 rolled back", ro
+        cond = env.condition("Rollout")
+        assert (cond["status"], cond["reason"]) == ("False", "CanaryTTFTRatio"), cond
+        m = re.search(rf"revision {SLOW_REVISION} mean TTFT ([0-9.]+) s .*revision 3 ([0-9.]+) s", cond["message"])
+        assert m and float(m[1]) >= SLOW_DELAY and float(m[1]) > 3 * float(m[2]), cond["message"]
+        wait_for(lambda: [e for e in env.events("CanaryTTFTRatio") if e["type"] == "Warning"], 15,
+                 "a Warning Event CanaryTTFTRatio", on_timeout=env.log)
+        assert env.status()["traffic"] == [{"revision": 3, "percent": 100}]
+        wait_for(lambda: env.pods_hold({3: 100}), 30, "both pods back on revision 3", on_timeout=env.log)
+        for i in range(0, 40, 2):  # every session, the canary's included, is back on the stable revision
+            assert env.complete(env.pods()[i % 2], NAME, user=f"load-{i}").headers[REV] == "3"
+        by_revision = {k: sum(x.by_revision.get(k, 0) for x in loads) for k in ("3", "5")}
+        statuses = set().union(*(x.statuses for x in loads))
+        assert by_revision["5"] >= 3 and statuses == {200}, (by_revision, statuses)
+        print(f"\nrevisions: slow canary rolled back: {cond['message']}")
+
+
 def test_a_settled_adapter_writes_nothing(env: Env):
     """Level-triggered and idempotent: passes over an unchanged adapter write no status, post no Event."""
     with env.steps("settled"):
@@ -367,7 +407,7 @@ def test_printer_columns_read_the_status(env: Env):
         for part in path.strip(".").split("."):
             node = (node or {}).get(part) if isinstance(node, dict) else None
         return node
-    assert at(cols["Revision"]) == 4
+    assert at(cols["Revision"]) == SLOW_REVISION
     assert at(cols["Rollout"]) == obj["status"]["rollout"]["step"] and at(cols["Rollout"])
     assert at(cols["Traffic"]) == [{"revision": 3, "percent": 100}]
 

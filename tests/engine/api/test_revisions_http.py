@@ -14,12 +14,15 @@ a3's, so which weights answered is visible in the tokens.
   `adapter_load` phase in its OTLP trace, no disk load);
 - the listing's one row per name (aggregate state, per-revision digests), idempotent pushes,
   plain <-> revisioned, delete, invalid manifests;
-- prefix cache blocks are never shared between revisions.
+- prefix cache blocks are never shared between revisions;
+- --inject-delay (rollout drills): a delayed revision's requests wait, counted in its TTFT
+  histogram, while the other revision's do not; a plain name's key delays that adapter.
 """
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +40,7 @@ pytestmark = pytest.mark.slow
 
 HEADER = "x-loraplex-adapter-revision"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+DELAY = 0.6  # --inject-delay of the revision `slow@2` and of the plain adapter `lazy`
 
 
 def revisioned(name: str, *revs: tuple[int, str, int], **extra) -> dict:
@@ -57,7 +61,8 @@ def engine(assets, receiver, tmp_path_factory):
         "--served-model-name", "tiny-base", "--adapter-dir", str(assets.adapter_dir),
         "--api-keys-file", str(assets.keys_file), "--admin-token-file", str(assets.admin_file),
         "--adapter-manifest-file", str(manifest_file), "--usage-log", str(root / "usage.jsonl"),
-        "--max-num-seqs", "32", "--max-waiting", "256"], root / "engine.log", env={
+        "--max-num-seqs", "32", "--max-waiting", "256",
+        "--inject-delay", f"slow@2={DELAY}", "--inject-delay", f"lazy={DELAY}"], root / "engine.log", env={
         "OMP_NUM_THREADS": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_LOGS_EXPORTER": "none"})
     proc.manifest_file, proc.usage_log = manifest_file, root / "usage.jsonl"
@@ -322,3 +327,35 @@ def test_revisions_never_share_prefix_cache_blocks(engine):
     assert got.json()["choices"][0]["text"] == want != first
     again = complete(engine, "cached@2", **body)
     assert hits() - h >= 64 and again.json()["choices"][0]["text"] == want  # its own blocks, reused
+
+
+def test_inject_delay_slows_only_its_key_and_counts_in_its_ttft(engine):
+    assert "fault injection is on (--inject-delay)" in engine.log_path.read_text()
+    put(engine, revisioned("slow", (1, "a2", 50), (2, "a3", 50)))
+    put(engine, {"name": "lazy", "source": "local", "uri": "a1"})
+    for model in ("slow@1", "slow@2", "lazy"):  # loaded: what is timed below is the delay, not a load
+        assert complete(engine, model).status_code == 200
+
+    def timed(model: str, **body) -> tuple[float, httpx.Response]:
+        t0 = time.perf_counter()
+        r = complete(engine, model, **body)
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t0, r
+    before = samples(engine)
+    slow = [timed("slow@2")[0] for _ in range(3)]
+    fast = [timed("slow@1")[0] for _ in range(3)]
+    assert min(slow) >= DELAY, slow
+    assert max(fast) < DELAY, fast
+    # chosen by the split rather than pinned: the same key, the same delay
+    split = [timed("slow", user=f"u{i}") for i in range(8)]
+    assert all((t >= DELAY) == (r.headers[HEADER] == "2") for t, r in split), [(t, r.headers[HEADER]) for t, r in split]
+    assert timed("lazy")[0] >= DELAY  # a plain adapter's name as the key
+    after = samples(engine)
+
+    def mean_ttft(revision: str) -> float:
+        sums = [metric(s, "loraplex_revision_time_to_first_token_seconds_sum", adapter="slow", revision=revision)
+                for s in (before, after)]
+        counts = [metric(s, "loraplex_revision_time_to_first_token_seconds_count", adapter="slow",
+                         revision=revision) for s in (before, after)]
+        return (sums[1] - sums[0]) / (counts[1] - counts[0])
+    assert mean_ttft("2") >= DELAY > mean_ttft("1"), (mean_ttft("2"), mean_ttft("1"))

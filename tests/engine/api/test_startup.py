@@ -86,6 +86,14 @@ def test_cli_exits_1_when_the_engine_cannot_start(tmp_path):
     (["--max-num-seqs", "0"], "positive integer"),
     (["--kv-cache-memory-fraction", "1.5"], "must be in (0, 1]"),
     (["--unknown-flag"], "unrecognized arguments"),
+    (["--inject-delay", "support@3"], "must be KEY=SECONDS"),
+    (["--inject-delay", "Support=1"], "must be KEY=SECONDS"),
+    (["--inject-delay", "support@0=1"], "must be KEY=SECONDS"),
+    (["--inject-delay", "support=-1"], "SECONDS must be a number in [0, 60]"),
+    (["--inject-delay", "support=61"], "SECONDS must be a number in [0, 60]"),
+    (["--inject-delay", "support=soon"], "SECONDS must be a number in [0, 60]"),
+    (["--inject-delay", "support=nan"], "SECONDS must be a number in [0, 60]"),
+    (["--inject-delay", "s@2=1", "--inject-delay", "s@2=2"], "'s@2' is given twice"),
 ])
 def test_cli_rejects_bad_flags(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -105,5 +113,9 @@ def test_cli_maps_flags_onto_the_configs():
     assert config.preload_adapters == ["a", "b", "c"] and config.adapter_source == "hub" and config.max_lora_rank == 32
     assert (settings.max_body_bytes, settings.max_adapter_metric_labels, settings.api_keys_file) == (100, 5, "k.json")
     assert config.num_threads == 3 and config.tenant_scheduling == "fcfs"
-    defaults, _ = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
+    defaults, default_settings = configs_from_args(build_parser().parse_args(["--model-id", "m"]))
     assert defaults == EngineConfig(model_id="m")
+    assert default_settings.inject_delay == {}  # fault injection is off unless asked for
+    _, drill = configs_from_args(build_parser().parse_args([
+        "--model-id", "m", "--inject-delay", "support@3=1.5", "--inject-delay", "other=0.25"]))
+    assert drill.inject_delay == {"support@3": 1.5, "other": 0.25}

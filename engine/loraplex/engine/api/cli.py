@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from loraplex.engine.api.fault_injection import DelayAction, parse_delay, warn_if_set
 from loraplex.engine.api.settings import ServerSettings
 
 log = logging.getLogger("loraplex.engine.api")
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-lora-rank", type=_positive_int, default=e["max_lora_rank"])
     a.add_argument("--preload-adapters", default="", help="comma-separated adapters resident before /ready")
     a.add_argument("--adapter-manifest-file", default=None, help="JSON manifest list, watched and reconciled")
+    a.add_argument("--inject-delay", type=parse_delay, action=DelayAction, default={}, metavar="KEY=SECONDS",
+                   help="fault injection for rollout drills (repeatable): each request served by adapter KEY "
+                        "(a revision, support@3, or a name) waits SECONDS (0 to 60) before it is scheduled, "
+                        "counted in its TTFT; a warning is logged at start-up")
     sec = p.add_argument_group("security and limits")
     sec.add_argument("--api-keys-file", default=None,
                      help='JSON {"tenant": ["key", "pbkdf2_sha256$..."]} or {"tenant": {"keys": [...], "weight": 1, '
@@ -226,7 +231,7 @@ def configs_from_args(args: argparse.Namespace):
         grammar_workers=args.grammar_workers, grammar_cache_bytes=args.grammar_cache_bytes,
         max_tenants=args.max_tenants, usage_log=args.usage_log, usage_log_max_bytes=args.usage_log_max_bytes,
         usage_log_backups=args.usage_log_backups, max_residency_metric_adapters=args.max_residency_metric_adapters,
-        warm_start_budget_seconds=args.warm_start_budget_seconds,
+        warm_start_budget_seconds=args.warm_start_budget_seconds, inject_delay=dict(args.inject_delay),
         pod_name=os.environ.get("POD_NAME") or None,  # the downward API's metadata.name
     )
     return config, settings
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraplex.engine.core.llm_engine import LLMEngine
 
     config, settings = configs_from_args(args)
+    warn_if_set(settings.inject_delay)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 

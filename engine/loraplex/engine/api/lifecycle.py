@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from loraplex.engine.api import tracing
 from loraplex.engine.api.errors import APIError, ClientGone, as_api_error
+from loraplex.engine.api.fault_injection import delay_for
 from loraplex.engine.api.metrics import UNKNOWN, RequestTimer
 from loraplex.engine.api.model_resolution import SESSION_HEADER, ServedModel, aborted_error, resolve_model
 from loraplex.engine.api.quotas import Admission, RateLimited
@@ -163,6 +164,8 @@ class InferenceCall:
             self.model = await resolve_model(self.engine, self.state.auth, self.principal, name, session=session)
             self.timer.label = self.state.metrics.adapter_label(self.model.adapter_name or self.model.name)
             self.timer.revision = self.model.revision
+            if delay := delay_for(self.state.settings.inject_delay, self.model.adapter, self.model.adapter_name):
+                await asyncio.sleep(delay)  # --inject-delay (a rollout drill): before admission, so nothing leaks
             self.grammar = await compile_grammar(self.state, self.wire.prepare(self))
             self.seqs = await self.state.off_loop(self._make_sequences)
             n = self.wire.n  # each distinct prompt counts once, however many choices share it

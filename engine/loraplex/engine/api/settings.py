@@ -27,6 +27,9 @@ class ServerSettings:
     # operator's catalog places on pod `pod_name` (POD_NAME), for at most this long; 0: off.
     warm_start_budget_seconds: float = 0.0
     pod_name: str | None = None
+    # --inject-delay: adapter key (`x@n` or `x`) -> seconds each of its requests waits before
+    # the step loop (fault_injection.py; rollout drills). Empty: off.
+    inject_delay: dict[str, float] = field(default_factory=dict)
     max_body_bytes: int = 1 << 20  # request bodies above this get 413 before any parsing
     # Browser origins (scheme://host[:port]) whose cross-site requests are let through and get
     # CORS answers; "*": every origin. Empty: cross-site POST/PUT/DELETE get 403 (middleware.py).
