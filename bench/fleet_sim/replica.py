@@ -208,15 +208,13 @@ class Replica:
         self.retiring.add(adapter)
         self._free_if_unused(adapter)
 
-    def replace(self, old: str, new: str, now: float) -> int:
+    def replace(self, old: str, new: str, now: float) -> list[SimRequest]:
         """New weights under the same name, in place (loraplex before adapter revisions): queued
         requests for `old` will run on `new` (loaded for them now), running ones finish on `old`,
-        which then goes. Returns how many queued requests changed weights."""
-        moved = 0
-        for seq in self.waiting:
-            if seq.adapter == old:
-                seq.adapter = new
-                moved += 1
+        which then goes. Returns the queued requests that changed weights."""
+        moved = [seq for seq in self.waiting if seq.adapter == old]
+        for seq in moved:
+            seq.adapter = new
         if moved:
             self.wanted.add(new)
             self._start_load(new, now, "request")

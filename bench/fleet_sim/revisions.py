@@ -140,7 +140,11 @@ class RolloutSimulation(ElasticSimulation):
         if self.rule.mode == "in-place":
             self.revs[a] = [(2, 100.0)]
             for pod in self._live():
-                self.rekeyed += pod.replica.replace(old, new, now)
+                moved = pod.replica.replace(old, new, now)
+                self.rekeyed += len(moved)
+                if moved:  # the first requests the new weights serve there: they wait for its load
+                    self.first[(pod.id, a)] = (moved[0], "cold", pod.id in self.placement.placed[a],
+                                               pod.id in self.was_warm[a])
             return
         self.revs[a] = [(2, 0.0), (1, 100.0)]  # in the manifest, loaded, not yet picked
         self.pending[a] = now
