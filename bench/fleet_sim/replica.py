@@ -13,7 +13,8 @@ It mirrors, rule for rule, what engine/loraplex/engine/core/scheduler.py and eng
   request is dropped.
 - Disk -> host loads start when a request arrives (`add_sequence` calls `request_load`) and
   run on a pool of `loader_workers` threads, off the step; their durations are drawn from
-  the measured loads.
+  the measured loads. One FIFO queue, as the engine's; `request_loads_first` (a what-if) lets a
+  load that a request waits for pass the queued prefetches.
 - A step's time comes from the fitted cost model; the first token of a request is out at
   the end of its prefill step, then one token per step.
 - An idle engine (nothing running) notices a finished load at its next idle poll (the async
@@ -46,6 +47,9 @@ class ReplicaConfig:
     # waiting request whose adapter is loaded but finds every slot pinned has waited this long,
     # no younger adapter request may pin a slot. None: the engine before that rule.
     adapter_fairness_s: float | None = 0.0
+    # False: one FIFO load queue, as the engine's (manager.py's load_queue, oldest first). True: a
+    # load a request waits for goes ahead of queued prefetches (a what-if for the rollout scenario).
+    request_loads_first: bool = False
 
 
 class SimRequest:
@@ -77,6 +81,7 @@ class Replica:
         self.host: OrderedDict[str, None] = OrderedDict()
         self.loading: set[str] = set()
         self.load_queue: deque[str] = deque()
+        self.prefetch_queue: deque[str] = deque()  # request_loads_first: prefetches wait here
         self.busy_loaders = 0
         self.wanted: set[str] = set()
         self.retiring: set[str] = set()  # unregistered; freed when its last request here finishes
@@ -120,12 +125,19 @@ class Replica:
         return adapter in self.host or adapter in self.slot_of
 
     def _start_load(self, adapter: str, now: float, cause: str) -> None:
-        if adapter in self.host or adapter in self.loading:
+        if adapter in self.host:
+            return
+        if adapter in self.loading:
+            if cause == "request" and adapter in self.prefetch_queue:  # now a request waits for it
+                self.prefetch_queue.remove(adapter)
+                self.load_queue.append(adapter)
             return
         self.loading.add(adapter)
         self.sim.load_started(self, adapter, cause, now)
         if self.busy_loaders < self.cfg.loader_workers:
             self._run_load(adapter, now)
+        elif cause == "prefetch" and self.cfg.request_loads_first:
+            self.prefetch_queue.append(adapter)
         else:
             self.load_queue.append(adapter)
 
@@ -143,8 +155,8 @@ class Replica:
             self.host.move_to_end(adapter)
             self._evict_host()
         self.sim.on_loaded(self, adapter, now)
-        if self.load_queue:
-            self._run_load(self.load_queue.popleft(), now)
+        if self.load_queue or self.prefetch_queue:
+            self._run_load((self.load_queue or self.prefetch_queue).popleft(), now)
         if not self.busy and not self.wake_pending:  # the idle loop sees it at its next poll
             self.wake_pending = True
             self.sim.at(now + self.rng.uniform(0, self.cfg.idle_poll_s), self._wake, None)

@@ -15,10 +15,10 @@ and it is rolled out in one of these modes:
   every `check_s`, moves 100 % to it once every placed pod lists it host or device (and asks a
   pod that dropped it again to reload it); then revision 1 leaves the manifest and each pod
   drops it once the requests that chose it have finished;
-- `warm-resident`: a variant of `warm` that loads the new revision ahead only on the placed pods
-  where the previous one is resident (host or slot) when it appears, and shifts once it is
-  resident there: elsewhere the old weights were cold anyway, so loading ahead only adds loads
-  and host-RAM pressure;
+- `warm-resident`: a variant of `warm` that loads the new revision ahead on the pods where the
+  previous one is resident (host or slot) when it appears, placed or not, and shifts once it is
+  resident on all of them: elsewhere the old weights were cold anyway, so loading ahead there
+  only adds loads and host-RAM pressure;
 - `canary`: the `warm` warm-up, then the split moves through `steps` (10/50/100 %), `step_s`
   apart; revision 1 leaves at 100 %.
 
@@ -153,8 +153,9 @@ class RolloutSimulation(ElasticSimulation):
 
     def _warm_on(self, a: int) -> list[int]:
         """The pods that load a new revision ahead, and that the shift waits for."""
-        pods = self._placed_ready(a)
-        return [p for p in pods if p in self.was_warm[a]] if self.rule.mode == "warm-resident" else pods
+        if self.rule.mode == "warm-resident":
+            return [p for p in self.ready if p in self.was_warm[a]]
+        return self._placed_ready(a)
 
     def _check(self, now: float, _) -> None:
         """The operator's pass: shift each warming revision that is resident on all its placed pods."""
@@ -319,6 +320,7 @@ class RolloutSimulation(ElasticSimulation):
             "first_was_warm_ttft_mean_s": float(hot_ttft.mean()) if len(hot_ttft) else float("nan"),
             "shift_delay_p50_s": _q(np.array(self.shift_delay), 0.5),
             "shift_delay_max_s": max(self.shift_delay, default=float("nan")),
+            "revisions_never_shifted": len(self.pending),
             "rewarms": self.rewarms, "rekeyed_requests": self.rekeyed,
             "sessions_switched": self.switched, "sessions_flipped_back": self.flips_back,
             "overlap_peak_adapters": int(peak[1]), "overlap_peak_t_s": float(peak[0]),

@@ -76,8 +76,10 @@ def markdown(result: dict) -> str:
         f"- Command: `{meta['command']}`; seeds {', '.join(map(str, meta['seeds']))} (tables: means over seeds); "
         f"simulated in {meta['wall_s']:.0f} s of wall time.",
         f"- Fleet: {meta['replicas']} replicas, each {meta['replica']['device_slots']} device slots, "
-        f"{meta['replica']['host_slots']} host slots, max {meta['replica']['max_num_seqs']} sequences; placement "
-        f"{meta['placement']}.",
+        f"{meta['replica']['host_slots']} host slots, max {meta['replica']['max_num_seqs']} sequences, "
+        f"{meta['replica']['loader_workers']} loader threads, "
+        + ("request loads ahead of prefetches (a what-if)" if meta['replica'].get('request_loads_first')
+           else "one FIFO load queue (the engine's)") + f"; placement {meta['placement']}.",
         f"- Workload: {wl['num_adapters']} adapters, Zipf s = {wl['zipf_s']}; MMPP bursts of {wl['burst_factor']}x, "
         f"{wl['burst_share']:.0%} of the time; {meta['rate_per_replica']} req/s per replica; {wl['duration_s']:.0f} s, "
         f"the first {meta['warmup_s']:.0f} s not measured; {meta['sessions']} sessions (OpenAI `user`) per adapter.",

@@ -6,6 +6,7 @@ shift never does on a placed pod; the old weights leave every pod; sessions neve
 an older revision; the engine contract's sticky buckets split as the percents say.
 """
 import hashlib
+import heapq
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from loraplex.manifest import revision_key, split_revision
 from bench.fleet_sim import cost as cost_model
 from bench.fleet_sim.placement import PlacementRule
 from bench.fleet_sim.policies import make_policy
-from bench.fleet_sim.replica import ReplicaConfig
+from bench.fleet_sim.replica import Replica, ReplicaConfig, SimRequest
 from bench.fleet_sim.revisions import RolloutRule, bucket, choose, simulate_rollout
 from bench.fleet_sim.workload import FleetWorkload, generate
 
@@ -129,3 +130,52 @@ def test_quick_cli_writes_results_and_compares_against_the_control(tmp_path):
             assert r["metrics"]["first_cold_was_warm_vs_none"] == 0
     md = (out / "results.md").read_text()
     assert "## Findings" in md and "| policy | mode |" in md and "replace in place" in md
+
+
+class Loop:
+    """Just enough of a Simulation for one Replica: an event heap and the load hooks."""
+
+    strict = False
+
+    def __init__(self):
+        self.events, self.seq, self.loaded = [], 0, []
+
+    def at(self, t, fn, arg):
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, fn, arg))
+
+    def count_load(self, tier, now):
+        pass
+
+    def load_started(self, replica, adapter, cause, now):
+        pass
+
+    def on_loaded(self, replica, adapter, now):
+        self.loaded.append(adapter)
+
+    def finished(self, req, now):
+        pass
+
+    def run(self):
+        while self.events:
+            t, _, fn, arg = heapq.heappop(self.events)
+            fn(t, arg)
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_request_loads_first_passes_queued_prefetches_and_fifo_does_not(first, costs):
+    loop = Loop()
+    r = Replica(0, ReplicaConfig(loader_workers=1, request_loads_first=first), costs, np.random.default_rng(0), loop)
+    for name in ("p1", "p2", "p3"):
+        r.prefetch(name, 0.0)  # p1 loads, p2 and p3 queue
+    r.add(SimRequest(0, "q", 8, 2, 0.0), 0.0)  # a request for an adapter nobody loaded
+    r.add(SimRequest(1, "p3", 8, 2, 0.0), 0.0)  # a request for a queued prefetch
+    loop.run()
+    assert loop.loaded == (["p1", "q", "p3", "p2"] if first else ["p1", "p2", "p3", "q"])
+
+
+def test_warm_where_resident_loads_ahead_exactly_where_the_old_weights_were(costs):
+    m, sim = run("warm-resident", costs)
+    ahead = {(p, k) for _, p, k, c in sim.new_loads if c == "prefetch"}
+    assert ahead == {(p, revision_key(sim.names[a], 2)) for a, pods in sim.was_warm.items() for p in pods}
+    assert m["first_cold_was_warm"] == 0  # no pod where the adapter was warm met it cold
