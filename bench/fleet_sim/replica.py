@@ -13,11 +13,14 @@ It mirrors, rule for rule, what engine/loraplex/engine/core/scheduler.py and eng
   request is dropped.
 - Disk -> host loads start when a request arrives (`add_sequence` calls `request_load`) and
   run on a pool of `loader_workers` threads, off the step; their durations are drawn from
-  the measured loads.
+  the measured loads. One FIFO queue, as the engine's; `request_loads_first` (a what-if) lets a
+  load that a request waits for pass the queued prefetches.
 - A step's time comes from the fitted cost model; the first token of a request is out at
   the end of its prefill step, then one token per step.
 - An idle engine (nothing running) notices a finished load at its next idle poll (the async
   engine polls every 50 ms when nothing runs).
+- Retiring an adapter (a revision leaves the manifest, rollout.py) frees its host entry and its
+  slot once no request on the replica still uses it: requests in flight finish on their weights.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ class ReplicaConfig:
     # waiting request whose adapter is loaded but finds every slot pinned has waited this long,
     # no younger adapter request may pin a slot. None: the engine before that rule.
     adapter_fairness_s: float | None = 0.0
+    # False: one FIFO load queue, as the engine's (manager.py's load_queue, oldest first). True: a
+    # load a request waits for goes ahead of queued prefetches (a what-if for the rollout scenario).
+    request_loads_first: bool = False
 
 
 class SimRequest:
@@ -75,8 +81,10 @@ class Replica:
         self.host: OrderedDict[str, None] = OrderedDict()
         self.loading: set[str] = set()
         self.load_queue: deque[str] = deque()
+        self.prefetch_queue: deque[str] = deque()  # request_loads_first: prefetches wait here
         self.busy_loaders = 0
         self.wanted: set[str] = set()
+        self.retiring: set[str] = set()  # unregistered; freed when its last request here finishes
         self.busy = False  # a step is in flight
         self.wake_pending = False
         self.placements_this_step = 0
@@ -104,24 +112,32 @@ class Replica:
     def add(self, req: SimRequest, now: float) -> None:
         req.replica = self.index
         self.wanted.add(req.adapter)  # request_load marks it wanted and starts a load if needed
-        self._start_load(req.adapter, now)
+        self._start_load(req.adapter, now, "request")
         self.waiting.append(req)
         self._kick(now)
 
     def prefetch(self, adapter: str, now: float) -> None:
         """Load an adapter into host RAM ahead of any request (a warm placement): the same loader
         queue, but nothing waits for it, so the host LRU may drop it again."""
-        self._start_load(adapter, now)
+        self._start_load(adapter, now, "prefetch")
 
     def warm(self, adapter: str) -> bool:
         return adapter in self.host or adapter in self.slot_of
 
-    def _start_load(self, adapter: str, now: float) -> None:
-        if adapter in self.host or adapter in self.loading:
+    def _start_load(self, adapter: str, now: float, cause: str) -> None:
+        if adapter in self.host:
+            return
+        if adapter in self.loading:
+            if cause == "request" and adapter in self.prefetch_queue:  # now a request waits for it
+                self.prefetch_queue.remove(adapter)
+                self.load_queue.append(adapter)
             return
         self.loading.add(adapter)
+        self.sim.load_started(self, adapter, cause, now)
         if self.busy_loaders < self.cfg.loader_workers:
             self._run_load(adapter, now)
+        elif cause == "prefetch" and self.cfg.request_loads_first:
+            self.prefetch_queue.append(adapter)
         else:
             self.load_queue.append(adapter)
 
@@ -132,14 +148,15 @@ class Replica:
     def _load_done(self, now: float, adapter: str) -> None:
         self.busy_loaders -= 1
         self.loading.discard(adapter)
-        self.host[adapter] = None
-        self.host.move_to_end(adapter)
         self.disk_loads += 1
         self.sim.count_load("disk", now)
-        self._evict_host()
+        if adapter not in self.retiring or self._in_use(adapter):  # unregistered and unused: dropped
+            self.host[adapter] = None
+            self.host.move_to_end(adapter)
+            self._evict_host()
         self.sim.on_loaded(self, adapter, now)
-        if self.load_queue:
-            self._run_load(self.load_queue.popleft(), now)
+        if self.load_queue or self.prefetch_queue:
+            self._run_load((self.load_queue or self.prefetch_queue).popleft(), now)
         if not self.busy and not self.wake_pending:  # the idle loop sees it at its next poll
             self.wake_pending = True
             self.sim.at(now + self.rng.uniform(0, self.cfg.idle_poll_s), self._wake, None)
@@ -165,7 +182,7 @@ class Replica:
         if slot is None:
             self.wanted.add(a)
             if a not in self.host:
-                self._start_load(a, now)
+                self._start_load(a, now, "request")
                 return False
             slot = self._free_or_evictable_slot()
             if slot is None:
@@ -194,6 +211,39 @@ class Replica:
 
     def _release(self, req: SimRequest) -> None:
         self.slot_pins[self.slot_of[req.adapter]] -= 1
+        if req.adapter in self.retiring:
+            self._free_if_unused(req.adapter)
+
+    def retire(self, adapter: str) -> None:
+        """The adapter left the manifest: no new request will name it. Its weights go once no
+        running or waiting request here uses it (at once if none does)."""
+        self.retiring.add(adapter)
+        self._free_if_unused(adapter)
+
+    def replace(self, old: str, new: str, now: float) -> list[SimRequest]:
+        """New weights under the same name, in place (loraplex before adapter revisions): queued
+        requests for `old` will run on `new` (loaded for them now), running ones finish on `old`,
+        which then goes. Returns the queued requests that changed weights."""
+        moved = [seq for seq in self.waiting if seq.adapter == old]
+        for seq in moved:
+            seq.adapter = new
+        if moved:
+            self.wanted.add(new)
+            self._start_load(new, now, "request")
+        self.retire(old)
+        return moved
+
+    def _in_use(self, adapter: str) -> bool:
+        return any(s.adapter == adapter for s in self.running) or any(s.adapter == adapter for s in self.waiting)
+
+    def _free_if_unused(self, adapter: str) -> None:
+        if self._in_use(adapter):
+            return
+        self.wanted.discard(adapter)
+        self.host.pop(adapter, None)
+        slot = self.slot_of.pop(adapter, None)
+        if slot is not None:
+            self.slot_owner[slot] = None
 
     # ---- the step -------------------------------------------------------------------------
 

@@ -66,6 +66,10 @@ class Simulation:
     def count_load(self, tier: str, now: float) -> None:
         self.loads[tier].append(now)
 
+    def load_started(self, replica: Replica, adapter: str, cause: str, now: float) -> None:
+        """A disk -> host load of `adapter` starts on `replica`; cause: "request" (a request needs
+        it) or "prefetch" (loaded ahead of any request). The rollout scenario counts them here."""
+
     def on_loaded(self, replica: Replica, adapter: str, now: float) -> None:
         """A disk -> host load finished on `replica` (the elastic fleet tracks warm-ups here)."""
 
