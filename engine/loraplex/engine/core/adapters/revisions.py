@@ -21,7 +21,8 @@ load queue, and `_register_one`/`_drop` (manager.py), `_dynamic_entry` (dynamic_
   again) and for RETIRE_GRACE_SECONDS, so that a request that chose it just before the change and
   has not reached the step loop yet finds it too; the sweep forgets it after that, once nothing
   holds it. Requests in flight finish on the weights they started with (no drain).
-- A name goes from plain to revisioned and back; unregistering it removes every revision.
+- A name goes from plain to revisioned and back; a plain adapter whose files become one of its
+  revisions hands that revision its weights and device slot (no reload); unregistering it removes every revision.
 - A catalog answer (catalog_source.py) with revisions makes a dynamic set: its revisions are
   dynamic entries, forgotten when idle like any other and made again when a request picks them.
 """
@@ -32,6 +33,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from loraplex.engine.core.adapters.dynamic_names import content
 from loraplex.engine.core.errors import RequestError
 from loraplex.manifest import AdapterManifest, AdapterState, manifest_digest, split_revision
 
@@ -136,7 +138,7 @@ class Revisions:
             warm = old is not None or (plain is not None and not plain.removed)
             if plain is not None:
                 self.registry.pop(name)
-                self._drop(plain)
+            carried = plain if plain is not None and not plain.removed and not plain.merged else None
             for key in set(old.keys if old else ()) - set(keys):
                 self._unregister_entry(key)
             for r, m in pairs:
@@ -145,12 +147,34 @@ class Revisions:
                 added = known is None or known.removed
                 if dynamic:
                     self._dynamic_entry(m.name, m, None, load=r.percent > 0)
-                else:
-                    self._register_one(m)
-                    if warm and added:
-                        self.request_load(m.name)
+                    continue
+                if added and carried is not None and content(carried.manifest) == content(m):
+                    self._carry_over(carried, m)
+                    carried, added = None, False
+                self._register_one(m)
+                if warm and added:
+                    self.request_load(m.name)
+            if plain is not None:
+                self._drop(plain)
             self.revisions[name] = RevisionSet.of(manifest, dynamic)
             return self._revision_row(self.revisions[name], compact=False)
+
+    def _carry_over(self, plain, manifest: AdapterManifest) -> None:
+        """A plain adapter becomes a revision of the same files (a LoraAdapter from before
+        revisions becomes revision 1): the revision's entry takes over its weights and device
+        slot, pins included, so nothing loads again and the requests running on it keep their
+        slot."""
+        entry = self.registry.add(manifest)
+        entry.rank, entry.target_modules, entry.nbytes, entry.digest = (plain.rank, plain.target_modules,
+                                                                        plain.nbytes, plain.digest)
+        entry.load_seconds, entry.used_at = plain.load_seconds, plain.used_at
+        if plain.weights is not None:
+            entry.weights = plain.weights
+            self.host.drop(plain)
+            self.host.add(entry)
+        if plain.slot is not None:
+            slot, plain.slot = plain.slot, None
+            self.slots.assign(slot, entry)
 
     def _unregister_revisions(self, name: str) -> None:
         revisions = self.revisions.pop(name, None)

@@ -1,4 +1,6 @@
-"""A revision dropped from its name's set while a request still needs it (no drain): the request
+"""How a revision comes and goes in one engine. A plain adapter that becomes a revision of the same
+files keeps its weights and slot. A revision dropped from its name's set while a request still
+needs it (no drain): the request
 finishes on that revision's weights even when it is preempted after the drop and must get its
 device slot again, or when it chose the revision just before the drop and reaches the step loop
 just after; the revision is forgotten once nothing holds it and its grace period is over, and no
@@ -83,3 +85,28 @@ def test_a_request_that_chose_a_revision_just_before_it_was_dropped_still_gets_i
     mgr.retiring[chosen.key] = 0.0  # the grace period is over
     sweep(mgr)
     assert mgr.registry.get("x@1") is None
+
+
+def test_a_plain_adapter_becoming_revision_1_keeps_its_weights_slot_and_running_requests(tiny_models, tiny_adapters):
+    """A LoraAdapter from before revisions: the operator's first revisioned push names its files
+    revision 1. Nothing loads again, and a request running on the plain name finishes."""
+    root = tiny_adapters["llama"]
+    engine = make_engine(tiny_models["llama"], adapter_dir=str(root))
+    mgr = engine.adapters
+    tokens: dict[str, list[int]] = {}
+    reference(engine, root, tokens)
+    mgr.register(AdapterManifest(name="x", uri=str(root / "qv-r4")))
+    engine.add_request("a", PROMPTS[1], GREEDY, "x")
+    while not tokens.get("a"):
+        step(engine, tokens)
+    loads = dict(mgr.counters.loads)
+    slot = mgr.registry.get("x").slot
+
+    mgr.register(revisioned(root, (1, "qv-r4", 100)))
+    assert mgr.registry.get("x") is None and mgr.registry.get("x@1").slot == slot
+    engine.add_request("b", PROMPTS[1], GREEDY, "x@1")
+    while engine.has_unfinished():
+        step(engine, tokens)
+    assert tokens["a"] == tokens["b"] == tokens["ref"]
+    assert mgr.counters.loads == loads  # not from disk, not into another slot
+    assert mgr.get("x")["revisions"][0]["state"] == "device"
