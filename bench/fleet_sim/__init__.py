@@ -6,5 +6,7 @@ workload.py (Zipf adapters, bursty arrivals; optionally a shifting ranking and a
 cost.py (the fitted step cost); policies.py is shared with validate.py, which replays the same
 workload on real engines over loopback. The elastic fleet (elastic.py, the CLI) adds pods that
 come and go under the operator's autoscaler and scale to zero (fleet.py) and the operator's
-warm placement, fixed or automatic (placement.py).
+warm placement, fixed or automatic (placement.py). The rollout scenario (rollout.py, the CLI)
+gives adapters new revisions while the fleet serves (revisions.py): replace in place against
+warm before shift.
 """

@@ -121,7 +121,9 @@ class RolloutSimulation(ElasticSimulation):
                                                            "prefetch": [], "request": []}
         self.was_warm: dict[int, set[int]] = {}  # adapter -> pods where it was resident when revision 2 appeared
         self.new_loads: list[tuple[float, int, str, str]] = []  # (t, pod, key, cause) of revisions > 1
-        self.first: dict[tuple[int, int], tuple[SimRequest, str, bool, bool]] = {}  # (pod, adapter) -> (req, state, placed, was warm)
+        # (pod, adapter) -> (its first request after the revision time, "resident" | "loading" | "cold"
+        # when it arrived, the pod is placed, the adapter was resident there at the revision time)
+        self.first: dict[tuple[int, int], tuple[SimRequest, str, bool, bool]] = {}
         self.overlap: list[tuple[float, int, int]] = []  # (t, adapters with both revisions resident, max per pod)
 
     # ---- revisions --------------------------------------------------------------------------
