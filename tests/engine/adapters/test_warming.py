@@ -62,7 +62,7 @@ def test_a_full_host_tier_stops_the_warm_start_without_evicting_what_it_warmed(t
     assert mgr.counters.evictions.get("host", 0) == 0  # none of them pushed out for a colder one
     mgr.end_warm()
     left = names[progress.resident:]
-    assert not set(left) & set(mgr.load_queue) and mgr.num_loading == 0  # the rest: just in time
+    assert not set(left) & set(mgr.prefetch_queue) and mgr.num_loading == 0  # the rest: just in time
     assert all(states(engine)[n] == "registered" for n in left)
     # Just in time works as ever: a request loads what the warm start left out.
     engine.generate([PROMPTS[1]], SHORT, [left[-1]])
@@ -108,3 +108,29 @@ def test_a_warm_start_warms_the_revisions_that_take_traffic_and_residency_names_
     assert revisions == {1: "device", 2: "device", 3: "registered"} and mgr.get("rev")["state"] == "device"
     assert mgr.residency(10) == ([("rev", "device")], 0) and mgr.on_device() == ["rev"]
     assert [a["name"] for a in mgr.list()] == ["rev"]
+
+
+def test_a_load_a_request_waits_for_goes_ahead_of_every_prefetch(tiny_models, tiny_adapters):
+    """A wave of prefetches (revisions warmed before a shift, a warm start, preloads) never queues a
+    request's load behind it: with one loader busy, the request's adapter is the next to load."""
+    import threading
+
+    root = tiny_adapters["llama"]
+    engine = make_engine(tiny_models["llama"], adapter_dir=str(root), adapter_load_workers=1)
+    mgr = engine.adapters
+    prefetched, requested = HOTTEST_FIRST, "qv-r4"
+    register(engine, root, [*prefetched, requested])
+    started, gate, load = [], threading.Event(), mgr._load
+
+    def recorded(entry):
+        started.append(entry.name)
+        gate.wait(30)  # the first load holds the only loader until the queue is set up
+        return load(entry)
+    mgr._load = recorded
+    for name in prefetched:
+        mgr.request_load(name)
+    engine.add_request("r", PROMPTS[0], SHORT, requested)
+    engine.step()  # the scheduler asks for the request's adapter
+    gate.set()
+    wait_for(lambda: all(states(engine)[n] in ("host", "device") for n in [*prefetched, requested]))
+    assert started == [prefetched[0], requested, *prefetched[1:]]

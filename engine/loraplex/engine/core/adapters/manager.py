@@ -13,7 +13,9 @@
 - warming.py (a mixin): a warm start's loads, hottest first, and the tiers' residency for routers
 - revisions.py (a mixin): a name served as several revisions (`<name>@<n>` entries) split by percent
 
-Loads start in request order (oldest first), at most --adapter-load-workers at a time, and only
+Loads a request waits for start in request order (oldest first), ahead of every prefetch (a
+preload, a warm start, a revision warmed before traffic shifts to it: `prefetch=True`), so a wave
+of prefetches never queues a request behind it; at most --adapter-load-workers at a time, and only
 when the host tier has room for one more adapter after evicting unpinned copies; so host RAM
 stays within its budget while thousands of adapters cycle through. Copies into a device slot run
 on the step thread (inside `acquire`/`on_step`), so they never race a forward pass.
@@ -82,7 +84,8 @@ class AdapterManager(DynamicNames, DeviceGate, Warming, Revisions):
         self.loader = AdapterLoader(config, model_config, self.dtype, self.adapter_dir, self.cache_dir, self.disk)
         self.counters = AdapterCounters()
         self.pool = ThreadPoolExecutor(max_workers=config.adapter_load_workers, thread_name_prefix="adapter-load")
-        self.load_queue: OrderedDict[str, None] = OrderedDict()  # names to load, in request order
+        self.load_queue: OrderedDict[str, None] = OrderedDict()  # names requests wait for, in request order
+        self.prefetch_queue: OrderedDict[str, None] = OrderedDict()  # names to load ahead of requests, after those
         self.num_loading = 0
         self.mean_bytes = 0  # running mean adapter size: what the next load will likely need
         self.pending_placement: set[str] = set()  # preloads waiting for the step thread
@@ -148,7 +151,7 @@ class AdapterManager(DynamicNames, DeviceGate, Warming, Revisions):
             entry.location = key
             if manifest.preload:
                 self.preloads.add(manifest.name)
-                self._enqueue(entry)
+                self._enqueue(entry, prefetch=True)
                 if entry.weights is not None and entry.slot is None:
                     self.pending_placement.add(manifest.name)
             else:
@@ -210,6 +213,7 @@ class AdapterManager(DynamicNames, DeviceGate, Warming, Revisions):
         self.host.drop(entry)
         self.pending_placement.discard(entry.name)
         self.load_queue.pop(entry.name, None)
+        self.prefetch_queue.pop(entry.name, None)
         self.preloads.discard(entry.name)  # register() adds it back when the new manifest preloads
         if entry.location is not None and self.locations.get(entry.location) == entry.name:
             del self.locations[entry.location]
@@ -284,31 +288,37 @@ class AdapterManager(DynamicNames, DeviceGate, Warming, Revisions):
                 self._enqueue(entry)
 
     def request_load(self, name: str) -> None:
+        """Load an adapter ahead of its requests (after every load a request waits for)."""
         with self.lock:
             entry = self.registry.get(name)
             if entry is not None:
-                self._enqueue(entry)
+                self._enqueue(entry, prefetch=True)
 
-    def _enqueue(self, entry: AdapterEntry) -> None:
+    def _enqueue(self, entry: AdapterEntry, prefetch: bool = False) -> None:
         if entry.weights is None and entry.slot is None and not entry.loading and entry.message is None:
-            self.load_queue[entry.name] = None
+            if not prefetch:
+                self.prefetch_queue.pop(entry.name, None)  # a request waits for it now
+                self.load_queue[entry.name] = None
+            elif entry.name not in self.load_queue:
+                self.prefetch_queue[entry.name] = None
         self._pump()
 
     def _pump(self) -> None:
         """Start queued loads, oldest first, while a loader is free and the host tier has room for
         one more adapter. When it has none, loads wait for staged copies to reach a slot, except
         when nothing is staged (then one load always goes, so the engine never stalls)."""
-        while self.load_queue and self.num_loading < self.config.adapter_load_workers:
-            name = next(iter(self.load_queue))
+        while (queue := self.load_queue or self.prefetch_queue) and \
+                self.num_loading < self.config.adapter_load_workers:
+            name = next(iter(queue))
             entry = self.registry.get(name)
             if entry is None or entry.removed or entry.weights is not None or entry.slot is not None \
                     or entry.loading or entry.message is not None:
-                del self.load_queue[name]
+                del queue[name]
                 continue
             self._evict_host(self.mean_bytes)
             if self.host.over(self.mean_bytes) and (self.host.staged() or self.num_loading):
                 return
-            del self.load_queue[name]
+            del queue[name]
             entry.loading = True
             self.num_loading += 1
             self.pool.submit(self._load, entry)

@@ -46,7 +46,7 @@ class Warming:
             for name in self.warming:
                 entry = self.registry.get(name)
                 entry.warming = True
-                self._enqueue(entry)
+                self._enqueue(entry, prefetch=True)
 
     def warm_progress(self) -> WarmProgress:
         with self.lock:
@@ -77,7 +77,7 @@ class Warming:
                     continue
                 entry.warming = False
                 if not entry.waiters and not entry.manifest.preload:
-                    self.load_queue.pop(name, None)
+                    self.prefetch_queue.pop(name, None)
                 if entry.slot is not None:
                     self.slots.lru.move_to_end(entry.slot)
                 self.host.touch(entry)
