@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--host-slots", type=int, default=64)
     r.add_argument("--max-num-seqs", type=int, default=32)
     r.add_argument("--adapter-fairness-seconds", type=float, default=0.0)
+    r.add_argument("--fifo-loads", action="store_true",
+                   help="what-if: one FIFO load queue, warm-up loads and request loads alike (the engine before "
+                        "request loads went first; the committed elastic results)")
     r.add_argument("--disk-load-scale", type=float, default=1.0)
     r.add_argument("--costs", type=Path, default=cost_model.DEFAULT_DATA)
     pl = p.add_argument_group("placement")
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
         costs = costs.with_disk_loads_scaled(args.disk_load_scale)
     model_load = args.model_load if args.model_load is not None else costs.fit.get("engine_start_s") or 2.0
     rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs,
-                         adapter_fairness_s=args.adapter_fairness_seconds)
+                         adapter_fairness_s=args.adapter_fairness_seconds, fifo_loads=args.fifo_loads)
     t0 = time.perf_counter()
     runs, summaries = [], {}
     for n in args.replicas:

@@ -58,7 +58,8 @@ def markdown(result: dict) -> str:
         f"{meta['warmup_s']:.0f} s not measured; prompts {wl['input_range'][0]}-{wl['input_range'][1]} tokens, outputs "
         f"{wl['output_range'][0]}-{wl['output_range'][1]}.",
         f"- Replica: {meta['replica']['device_slots']} device slots, {meta['replica']['host_slots']} host slots, max "
-        f"{meta['replica']['max_num_seqs']} sequences, slot-fairness {meta['replica']['adapter_fairness_s']} s. Step = "
+        f"{meta['replica']['max_num_seqs']} sequences, slot-fairness {meta['replica']['adapter_fairness_s']} s, "
+        f"{'one FIFO load queue' if meta['replica'].get('fifo_loads', True) else 'request loads ahead of prefetches'}. Step = "
         f"{fit['c0_s'] * 1e3:.1f} ms + {fit['c_row_s'] * 1e3:.2f} ms/row + {fit['c_token_s'] * 1e3:.3f} ms/prefill token "
         f"+ {fit['c_adapter_s'] * 1e3:.2f} ms/distinct adapter (R² {fit['r2']:.3f}); disk -> host load median "
         f"{fit['disk_load_median_s'] * 1e3:.0f} ms" + (f" x{meta['disk_load_scale']:g}" if meta['disk_load_scale'] != 1 else "")

@@ -13,8 +13,10 @@ It mirrors, rule for rule, what engine/loraplex/engine/core/scheduler.py and eng
   request is dropped.
 - Disk -> host loads start when a request arrives (`add_sequence` calls `request_load`) and
   run on a pool of `loader_workers` threads, off the step; their durations are drawn from
-  the measured loads. One FIFO queue, as the engine's; `request_loads_first` (a what-if) lets a
-  load that a request waits for pass the queued prefetches.
+  the measured loads. As the engine's two queues: a load a request waits for starts ahead of
+  every queued prefetch (a warm start, a placement, a revision warmed before its shift), oldest
+  first within each; a queued prefetch that a request then waits for joins the request loads.
+  `fifo_loads` (a what-if: the engine before it split the queue) keeps one FIFO queue.
 - A step's time comes from the fitted cost model; the first token of a request is out at
   the end of its prefill step, then one token per step.
 - An idle engine (nothing running) notices a finished load at its next idle poll (the async
@@ -47,9 +49,10 @@ class ReplicaConfig:
     # waiting request whose adapter is loaded but finds every slot pinned has waited this long,
     # no younger adapter request may pin a slot. None: the engine before that rule.
     adapter_fairness_s: float | None = 0.0
-    # False: one FIFO load queue, as the engine's (manager.py's load_queue, oldest first). True: a
-    # load a request waits for goes ahead of queued prefetches (a what-if for the rollout scenario).
-    request_loads_first: bool = False
+    # False: as the engine (manager.py's load_queue, then prefetch_queue): a load a request waits
+    # for goes ahead of queued prefetches. True: one FIFO queue for both, the engine before that
+    # (a what-if: the rollout scenario's wave of prefetches showed why it changed).
+    fifo_loads: bool = False
 
 
 class SimRequest:
@@ -81,7 +84,7 @@ class Replica:
         self.host: OrderedDict[str, None] = OrderedDict()
         self.loading: set[str] = set()
         self.load_queue: deque[str] = deque()
-        self.prefetch_queue: deque[str] = deque()  # request_loads_first: prefetches wait here
+        self.prefetch_queue: deque[str] = deque()  # after load_queue; unused with fifo_loads
         self.busy_loaders = 0
         self.wanted: set[str] = set()
         self.retiring: set[str] = set()  # unregistered; freed when its last request here finishes
@@ -136,7 +139,7 @@ class Replica:
         self.sim.load_started(self, adapter, cause, now)
         if self.busy_loaders < self.cfg.loader_workers:
             self._run_load(adapter, now)
-        elif cause == "prefetch" and self.cfg.request_loads_first:
+        elif cause == "prefetch" and not self.cfg.fifo_loads:
             self.prefetch_queue.append(adapter)
         else:
             self.load_queue.append(adapter)

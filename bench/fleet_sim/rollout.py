@@ -74,8 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--max-num-seqs", type=int, default=32)
     f.add_argument("--disk-load-scales", type=_nums(float), default=[1.0, 25.0],
                    help="disk -> host load time multipliers, one scenario each (25: ~1 s, an object store)")
-    f.add_argument("--request-loads-first", action="store_true",
-                   help="what-if: a load a request waits for passes queued prefetches (the engine: one FIFO)")
+    f.add_argument("--fifo-loads", action="store_true",
+                   help="what-if: one FIFO load queue, prefetches and request loads alike (the engine before "
+                        "request loads went first)")
     f.add_argument("--costs", type=Path, default=cost_model.DEFAULT_DATA)
     p.add_argument("--strict", action="store_true", help="check the invariants while running")
     p.add_argument("--quick", action="store_true", help="a small fleet for seconds; implies --strict")
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base_costs = cost_model.load(args.costs)
     rcfg = ReplicaConfig(device_slots=args.device_slots, host_slots=args.host_slots, max_num_seqs=args.max_num_seqs,
-                         request_loads_first=args.request_loads_first)
+                         fifo_loads=args.fifo_loads)
     prule = PlacementRule(mode=args.placement, replicas=args.fixed_replicas, min=args.fixed_replicas)
     adapter_bytes = int(base_costs.fit["meta"].get("adapter_bytes", RolloutRule.adapter_bytes))
     t0 = time.perf_counter()

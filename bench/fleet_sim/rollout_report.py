@@ -78,8 +78,9 @@ def markdown(result: dict) -> str:
         f"- Fleet: {meta['replicas']} replicas, each {meta['replica']['device_slots']} device slots, "
         f"{meta['replica']['host_slots']} host slots, max {meta['replica']['max_num_seqs']} sequences, "
         f"{meta['replica']['loader_workers']} loader threads, "
-        + ("request loads ahead of prefetches (a what-if)" if meta['replica'].get('request_loads_first')
-           else "one FIFO load queue (the engine's)") + f"; placement {meta['placement']}.",
+        + ("one FIFO load queue (a what-if: the engine before request loads went first)"
+           if meta['replica'].get('fifo_loads') else "request loads ahead of prefetches (the engine's)")
+        + f"; placement {meta['placement']}.",
         f"- Workload: {wl['num_adapters']} adapters, Zipf s = {wl['zipf_s']}; MMPP bursts of {wl['burst_factor']}x, "
         f"{wl['burst_share']:.0%} of the time; {meta['rate_per_replica']} req/s per replica; {wl['duration_s']:.0f} s, "
         f"the first {meta['warmup_s']:.0f} s not measured; {meta['sessions']} sessions (OpenAI `user`) per adapter.",

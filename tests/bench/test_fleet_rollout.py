@@ -162,16 +162,16 @@ class Loop:
             fn(t, arg)
 
 
-@pytest.mark.parametrize("first", [False, True])
-def test_request_loads_first_passes_queued_prefetches_and_fifo_does_not(first, costs):
+@pytest.mark.parametrize("fifo", [False, True])
+def test_request_loads_pass_queued_prefetches_as_the_engine_and_fifo_loads_does_not(fifo, costs):
     loop = Loop()
-    r = Replica(0, ReplicaConfig(loader_workers=1, request_loads_first=first), costs, np.random.default_rng(0), loop)
+    r = Replica(0, ReplicaConfig(loader_workers=1, fifo_loads=fifo), costs, np.random.default_rng(0), loop)
     for name in ("p1", "p2", "p3"):
         r.prefetch(name, 0.0)  # p1 loads, p2 and p3 queue
     r.add(SimRequest(0, "q", 8, 2, 0.0), 0.0)  # a request for an adapter nobody loaded
     r.add(SimRequest(1, "p3", 8, 2, 0.0), 0.0)  # a request for a queued prefetch
     loop.run()
-    assert loop.loaded == (["p1", "q", "p3", "p2"] if first else ["p1", "p2", "p3", "q"])
+    assert loop.loaded == (["p1", "p2", "p3", "q"] if fifo else ["p1", "q", "p3", "p2"])
 
 
 def test_warm_where_resident_loads_ahead_exactly_where_the_old_weights_were(costs):
