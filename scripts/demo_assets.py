@@ -119,11 +119,21 @@ def ensure_adapters(specs, base, adapters_dir: Path, data_dir: Path, force: bool
     return stamps
 
 
+# The demo's adapter served by revisions (docs/api.md "Adapter revisions"): as if `pirate` were a
+# retrained `french`, revision 2 takes 20 % of the requests for the name; `assistant@1` and
+# `assistant@2` pin one, and every answer says which served it (x-loraplex-adapter-revision).
+REVISIONED = ("assistant", (("french", 80), ("pirate", 20)))
+
+
 def write_manifest(specs, stamps: dict[str, dict], adapters_dir: Path) -> tuple[Path, bool]:
     from loraplex.manifest import AdapterManifest, dump_manifest_list
 
-    manifests = [AdapterManifest(name=s.name, source="local", uri=str((adapters_dir / s.name).resolve()),
-                                 sha256=stamps[s.name]["sha256"], preload=s.preload) for s in specs]
+    def weights(name: str) -> dict:
+        return {"source": "local", "uri": str((adapters_dir / name).resolve()), "sha256": stamps[name]["sha256"]}
+    manifests = [AdapterManifest(name=s.name, preload=s.preload, **weights(s.name)) for s in specs]
+    name, revisions = REVISIONED
+    manifests.append(AdapterManifest(name=name, **weights(revisions[-1][0]), revisions=[
+        {"number": n, "percent": percent, **weights(folder)} for n, (folder, percent) in enumerate(revisions, 1)]))
     path = adapters_dir / MANIFEST_NAME
     return path, write_text_if_changed(path, dump_manifest_list(manifests))
 

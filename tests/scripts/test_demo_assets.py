@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.manifest import load_manifest_file
-from scripts import demo_base, demo_lora
+from scripts import demo_assets, demo_base, demo_lora
 from scripts.demo_cache import STAMP_NAME, atomic_dir, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +110,12 @@ def test_manifest_lists_the_adapters(quick_cache):
     cache, _ = quick_cache
     adapters = cache / "adapters"
     manifests = {m.name: m for m in load_manifest_file(adapters / "manifest.json")}
-    assert sorted(manifests) == sorted(s.name for s in demo_lora.SPECS)
+    name, revisions = demo_assets.REVISIONED
+    assert sorted(manifests) == sorted([*(s.name for s in demo_lora.SPECS), name])
+    assistant = manifests.pop(name)  # one name served by two of the demo's adapters as revisions 1 and 2
+    assert [(r.number, Path(r.uri).name, r.percent) for r in assistant.revisions] == [
+        (n, folder, percent) for n, (folder, percent) in enumerate(revisions, 1)]
+    assert [r.sha256 for r in assistant.revisions] == [manifests[f].sha256 for f, _ in revisions]
     for spec in demo_lora.SPECS:
         m = manifests[spec.name]
         assert m.source == "local"
