@@ -58,6 +58,7 @@ class SyncState:
     unloaded: dict[str, float] = field(default_factory=dict)  # uid -> when its deletion handler unloaded it
     last_pass: dict[Key, PassSummary] = field(default_factory=dict)         # per base
     served: dict[Key, Any] = field(default_factory=dict)  # per adapter: revision_pass.ServedManifest
+    planned: dict[Key, Any] = field(default_factory=dict)  # per adapter: revision_pass.Planned
     # Per base: held by a pass and by an adapter's unload (see reconcile_base and unload_adapter).
     locks: dict[Key, asyncio.Lock] = field(default_factory=lambda: collections.defaultdict(asyncio.Lock))
 

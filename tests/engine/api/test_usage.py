@@ -133,7 +133,7 @@ def test_jsonl_log_is_written_and_rotated(tmp_path):
     assert sorted(int(d["request_id"].split("-")[1]) for d in lines) == list(range(40))
     first = next(d for d in lines if d["request_id"] == "req-0")
     assert first == {"tenant": "team-a", "request_id": "req-0", "route": "/v1/chat/completions", "status": 200,
-                     "adapter": "a1", "adapter_digest": "sha256:" + "0" * 64, "prompt_tokens": 10,
+                     "adapter": "a1", "adapter_digest": "sha256:" + "0" * 64, "adapter_revision": None, "prompt_tokens": 10,
                      "cached_prompt_tokens": 4, "completion_tokens": 3, "received_at": 100.0, "started_at": 100.5,
                      "first_token_at": 101.25, "finished_at": 102.0, "outcome": "success", "rate_limit": None,
                      "queue_seconds": 0.5, "time_to_first_token_seconds": 1.25, "duration_seconds": 2.0}
